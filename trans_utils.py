@@ -1,0 +1,541 @@
+"""ECMT conversion: placeholders, multi-threshold neurons, expectation compensation, surgery.
+
+The semantics are those of ``ECMT_SPEC.md`` (the published ECMT scripts, with their quirks fixed):
+
+* ``MyTestPlace``   identity placeholder at every activation hand-off (``ann`` mode);
+* ``TestNeuron``    the placeholder while calibrating (``for_v``): running mean of exact quantiles;
+* ``TwoSideNeuron`` the multi-threshold (MT) neuron of ``snn`` mode;
+* ``exp_comp_neuron`` expectation compensation (EC) of a nonlinear module (softmax, GELU, LayerNorm);
+* ``MyAt`` / ``AtNeuron`` the product of two time-varying operands, plain and EC.
+
+Public names are the published ones so that researchers' scripts keep working. Every module that
+keeps state across time steps derives from :class:`StatefulModule`; :func:`reset_net` resets them.
+
+Fast path (see the README's benchmark table): the neuron's fire rule is computed in closed form in
+one pass over the membrane (optionally fused by ``torch.compile``), each EC module evaluates its
+function once per step, each EC product computes one product of running sums per step, and the
+calibration takes exact order statistics from a small candidate set instead of a full selection.
+Running state is float32 whatever the autocast dtype, and is freed on ``reset()``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    'PLACES', 'ConversionError', 'StatefulModule', 'MyTestPlace', 'TestNeuron', 'TwoSideNeuron',
+    'exp_comp_neuron', 'MyAt', 'AtNeuron', 'mt_fire', 'kth_smallest', 'tail_quantiles',
+    'replace_test_by_testneuron', 'replace_testneuron_by_twosideneuron',
+    'replace_nonlinear_by_neuron', 'replace_at_by_neuron', 'convert_to_snn', 'get_modules',
+    'reset_net', 'set_fast_neuron', 'threshold_config', 'EC_MODULE_TYPES', 'register_snn_modules',
+    'check_fully_converted',
+]
+
+#: Placeholder kinds, in the order they appear in a transformer block (ECMT_SPEC section 2).
+PLACES = ('fc_qkv', 'q', 'k', 'v', 's', 'fc_out', 'fc1', 'fc2')
+#: Places whose thresholds are not calibrated (``s`` uses ``softmax_p``).
+UNCALIBRATED_PLACES = ('s',)
+
+
+class ConversionError(ValueError):
+    """The model or its thresholds cannot be converted as asked; the message names the modules."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Stateful base
+# ---------------------------------------------------------------------------------------------
+class StatefulModule(nn.Module):
+    """Base of every module that keeps state across time steps (neurons, EC modules)."""
+
+    def reset(self) -> None:  # pragma: no cover - every subclass overrides it
+        raise NotImplementedError
+
+
+def reset_net(model: nn.Module) -> None:
+    """Reset every stateful module of ``model`` (call between samples/batches)."""
+    for module in model.modules():
+        if isinstance(module, StatefulModule):
+            module.reset()
+
+
+def get_modules(model: nn.Module, types: Tuple[type, ...] = ()) -> List[Tuple[str, nn.Module]]:
+    """List ``(name, module)`` of the ECMT modules of ``model`` (or of ``types`` if given)."""
+    types = types or (MyTestPlace, TestNeuron, TwoSideNeuron, exp_comp_neuron, MyAt, AtNeuron)
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, types)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Placeholders and calibration
+# ---------------------------------------------------------------------------------------------
+class MyTestPlace(nn.Module):
+    """Identity placeholder marking an activation hand-off of kind ``place`` (ECMT_SPEC 2)."""
+
+    def __init__(self, place: str) -> None:
+        super().__init__()
+        if place not in PLACES:
+            raise ValueError(f'unknown place {place!r}; expected one of {PLACES}')
+        self.place = place
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return f'place={self.place}'
+
+
+def kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact k-th smallest element (1-based) of ``x`` flattened, as a 0-dim float32 tensor."""
+    flat = x.reshape(-1)
+    return torch.kthvalue(flat.float(), k).values
+
+
+# Tensors up to this size take the plain selection; larger ones the candidate-set path.
+_DIRECT_SELECT_MAX = 1 << 16
+_SAMPLE_SIZE = 1 << 15
+
+
+def tail_quantiles(x: torch.Tensor, percent: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The exact ``percent`` and ``1 - percent`` order statistics of ``x`` (ECMT_SPEC 3).
+
+    With n elements, the upper statistic is the k-th smallest with ``k = int(percent * n)`` and the
+    lower one the k-th smallest with ``k = int((1 - percent) * n)`` (1-based, at least 1). Works for
+    any size (``torch.quantile`` refuses more than 2^24 elements). For large tensors a strided
+    sample gives bounds just outside both quantiles; the elements beyond the bounds are gathered in
+    one pass and the statistics are selected among them. The counts prove the bounds right;
+    otherwise (a pathological sample) the full selection is used, so the result is always exact.
+    """
+    flat = x.detach().reshape(-1)
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    n = flat.numel()
+    if n == 0:
+        raise ValueError('cannot calibrate on an empty tensor')
+    k_hi = min(n, max(1, int(percent * n)))
+    k_lo = min(n, max(1, int((1 - percent) * n)))
+    if n <= _DIRECT_SELECT_MAX:
+        return torch.kthvalue(flat, k_hi).values, torch.kthvalue(flat, k_lo).values
+
+    stride = n // _SAMPLE_SIZE
+    sample = flat[::stride]
+    m = sample.numel()
+    # Bounds a little looser than the quantiles, so the true ones lie beyond them.
+    margin = max(0.002, 4.0 / math.sqrt(m))
+    hb = torch.kthvalue(sample, max(1, min(m, int((percent - margin) * m)))).values
+    lb = torch.kthvalue(sample, max(1, min(m, int((1 - percent + margin) * m) + 1))).values
+    need_hi = n - k_hi + 1  # elements >= the upper statistic
+    if not bool(lb < hb):
+        return torch.kthvalue(flat, k_hi).values, torch.kthvalue(flat, k_lo).values
+    cand = flat[(flat >= hb) | (flat <= lb)]
+    upper = cand[cand >= hb]
+    lower = cand[cand <= lb]
+    if upper.numel() >= need_hi:
+        q_hi = torch.kthvalue(upper, upper.numel() - need_hi + 1).values
+    else:
+        q_hi = torch.kthvalue(flat, k_hi).values
+    if lower.numel() >= k_lo:
+        q_lo = torch.kthvalue(lower, k_lo).values
+    else:
+        q_lo = torch.kthvalue(flat, k_lo).values
+    return q_hi, q_lo
+
+
+class TestNeuron(nn.Module):
+    """Calibrating placeholder (``for_v``): identity that records thresholds (ECMT_SPEC 3).
+
+    ``scale_p`` is the running mean over batches of the ``percent`` quantile of the input,
+    ``scale_n`` that of the negated ``1 - percent`` quantile; each batch weighs the same.
+    Both are buffers of shape [1] and travel in the state_dict under the placeholder's path.
+    """
+
+    def __init__(self, place: str, percent: float = 0.99) -> None:
+        super().__init__()
+        if not 0.0 < percent <= 1.0:
+            raise ValueError(f'percent must be in (0, 1], got {percent}')
+        self.place = place
+        self.percent = percent
+        self.calibrate = place not in UNCALIBRATED_PLACES
+        self.register_buffer('scale_p', torch.zeros(1))
+        self.register_buffer('scale_n', torch.zeros(1))
+        # float64 sums of the per-batch values; the count is a Python int (no host sync).
+        self.register_buffer('sum_p', torch.zeros(1, dtype=torch.float64), persistent=False)
+        self.register_buffer('sum_n', torch.zeros(1, dtype=torch.float64), persistent=False)
+        self.num_batches = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrate:
+            q_hi, q_lo = tail_quantiles(x, self.percent)
+            self.sum_p += q_hi.double()
+            self.sum_n -= q_lo.double()
+            self.num_batches += 1
+            self.scale_p.copy_(self.sum_p / self.num_batches)
+            self.scale_n.copy_(self.sum_n / self.num_batches)
+        return x
+
+    def extra_repr(self) -> str:
+        return f'place={self.place}, percent={self.percent}, batches={self.num_batches}'
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-threshold neuron
+# ---------------------------------------------------------------------------------------------
+def _level_threshold(theta: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    # theta * 2^j - theta / 2, evaluated exactly as the rule states it (same float rounding).
+    return theta * torch.exp2(level) - theta * 0.5
+
+
+def mt_fire(membrane: torch.Tensor, theta_p: torch.Tensor, theta_n: torch.Tensor,
+            levels: int) -> torch.Tensor:
+    """The spike of the MT fire rule (ECMT_SPEC 4) for a membrane that already holds ``v + x``.
+
+    The reference tries levels j = N-1..0, positive side first, and emits the first that fires.
+    Thresholds grow with j, and with positive base thresholds the two sides cannot both fire (the
+    positive side needs v > 0, the negative one v < 0), so the spike is the largest level j < N with
+    |v| >= theta * 2^j - theta / 2 on the side of v's sign: j = floor(log2(|v|/theta + 1/2)),
+    checked one level down and up against the exact threshold to absorb rounding of the log.
+    A side whose threshold is not positive (or NaN) never fires.
+    """
+    positive = membrane > 0
+    theta = torch.where(positive, theta_p, theta_n)
+    usable = theta > 0
+    theta = torch.where(usable, theta, torch.ones_like(theta))
+    magnitude = membrane.abs()
+    level = torch.floor(torch.log2((magnitude / theta + 0.5).clamp_min(1.0))).clamp_(max=levels - 1)
+    level = torch.where(magnitude >= _level_threshold(theta, level), level, level - 1).clamp_(min=0)
+    up = (level + 1).clamp_(max=levels - 1)
+    level = torch.where(magnitude >= _level_threshold(theta, up), up, level)
+    fire = usable & (magnitude >= _level_threshold(theta, level))
+    spike = torch.where(fire, theta * torch.exp2(level), torch.zeros_like(theta))
+    return torch.where(positive, spike, -spike)
+
+
+def _mt_step_eager(membrane: torch.Tensor, x: torch.Tensor, theta_p: torch.Tensor,
+                   theta_n: torch.Tensor, levels: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    membrane = membrane + x
+    spike = mt_fire(membrane, theta_p, theta_n, levels)
+    return spike, membrane - spike
+
+
+_mt_step_compiled: Optional[Callable] = None
+_FAST_NEURON = os.environ.get('ECMT_COMPILE', '1') != '0'
+
+
+def set_fast_neuron(enabled: bool) -> None:
+    """Use (``True``) or not the ``torch.compile``-fused neuron step; both give the same spikes."""
+    global _FAST_NEURON
+    _FAST_NEURON = bool(enabled)
+
+
+def _mt_step(membrane, x, theta_p, theta_n, levels):
+    global _mt_step_compiled, _FAST_NEURON
+    if _FAST_NEURON and not torch.jit.is_scripting():
+        if _mt_step_compiled is None:
+            _mt_step_compiled = torch.compile(_mt_step_eager, dynamic=True, fullgraph=True)
+        try:
+            return _mt_step_compiled(membrane, x, theta_p, theta_n, levels)
+        except Exception as exc:  # no compiler toolchain, unsupported backend: stay correct
+            import warnings
+            warnings.warn(f'torch.compile of the MT neuron failed ({type(exc).__name__}: {exc}); '
+                          'using the eager neuron (same spikes, slower)')
+            _FAST_NEURON = False
+    return _mt_step_eager(membrane, x, theta_p, theta_n, levels)
+
+
+class TwoSideNeuron(StatefulModule):
+    """Multi-threshold neuron of ``snn`` mode (ECMT_SPEC 4).
+
+    Each step: ``v += x``; emit at most one spike of ``+scale_p * 2^j`` or ``-scale_n * 2^j``
+    (``j < levels``); ``v -= spike``. The output is the spike (float32, the shape of ``x``).
+    """
+
+    def __init__(self, place: str, scale_p: float | torch.Tensor, scale_n: float | torch.Tensor,
+                 levels: int) -> None:
+        super().__init__()
+        if levels < 1:
+            raise ValueError(f'levels must be >= 1, got {levels}')
+        self.place = place
+        self.levels = int(levels)
+        self.register_buffer('scale_p', torch.as_tensor(scale_p, dtype=torch.float32).reshape(1).clone())
+        self.register_buffer('scale_n', torch.as_tensor(scale_n, dtype=torch.float32).reshape(1).clone())
+        self.membrane: Optional[torch.Tensor] = None
+        # Spike counts per level (positive and negative side), filled only when asked for.
+        self.count_levels = False
+        self.level_counts: Optional[torch.Tensor] = None
+
+    def reset(self) -> None:
+        self.membrane = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        membrane = self.membrane if self.membrane is not None else torch.zeros_like(x)
+        spike, self.membrane = _mt_step(membrane, x, self.scale_p, self.scale_n, self.levels)
+        if self.count_levels:
+            self._count(spike)
+        return spike
+
+    @torch.no_grad()
+    def _count(self, spike: torch.Tensor) -> None:
+        if self.level_counts is None:
+            self.level_counts = torch.zeros(2, self.levels, dtype=torch.int64, device=spike.device)
+        for row, (sign, theta) in enumerate(((spike > 0, self.scale_p), (spike < 0, self.scale_n))):
+            magnitude = spike.abs()[sign]
+            if magnitude.numel():
+                level = torch.round(torch.log2(magnitude / theta)).long().clamp_(0, self.levels - 1)
+                self.level_counts[row] += torch.bincount(level, minlength=self.levels)
+
+    def extra_repr(self) -> str:
+        return (f'place={self.place}, levels={self.levels}, '
+                f'scale_p={self.scale_p.item():.6g}, scale_n={self.scale_n.item():.6g}')
+
+
+# ---------------------------------------------------------------------------------------------
+# Expectation compensation
+# ---------------------------------------------------------------------------------------------
+class exp_comp_neuron(StatefulModule):
+    """Expectation compensation of a nonlinear module f (ECMT_SPEC 5).
+
+    With A the running sum of inputs after step t, the output is ``t*f(A/t) - (t-1)*f(A'/(t-1))``,
+    so the outputs summed over steps 1..t are ``t * f(mean input)``. f is evaluated once per step:
+    the previous ``(t-1)*f(A'/(t-1))`` is remembered. The wrapped module is ``self.module``.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.cum_input: Optional[torch.Tensor] = None
+        self.prev_total: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        self.steps += 1
+        self.cum_input = x.clone() if self.cum_input is None else self.cum_input.add_(x)
+        total = self.module(self.cum_input / self.steps).float() * self.steps
+        out = total if self.prev_total is None else total - self.prev_total
+        self.prev_total = total
+        return out
+
+    def extra_repr(self) -> str:
+        return f'steps={self.steps}'
+
+
+class MyAt(nn.Module):
+    """Product of two operands, ``a @ b`` (plain; becomes :class:`AtNeuron` in ``snn`` mode)."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a @ b
+
+
+class AtNeuron(StatefulModule):
+    """Expectation compensation of a product of two time-varying operands (ECMT_SPEC 6).
+
+    With running sums A and B, the output at step t is ``A_t B_t / t - A_{t-1} B_{t-1} / (t-1)``;
+    one product of running sums per step, the previous cumulative result remembered.
+    ``cum_a``/``cum_b`` (after this step) stay readable for the energy monitor.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.cum_a: Optional[torch.Tensor] = None
+        self.cum_b: Optional[torch.Tensor] = None
+        self.prev_total: Optional[torch.Tensor] = None
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = a.float(), b.float()
+        self.steps += 1
+        self.cum_a = a.clone() if self.cum_a is None else self.cum_a.add_(a)
+        self.cum_b = b.clone() if self.cum_b is None else self.cum_b.add_(b)
+        total = (self.cum_a @ self.cum_b).float()
+        if self.steps > 1:
+            total = total / self.steps
+        out = total if self.prev_total is None else total - self.prev_total
+        self.prev_total = total
+        return out
+
+    def extra_repr(self) -> str:
+        return f'steps={self.steps}'
+
+
+# ---------------------------------------------------------------------------------------------
+# Module surgery
+# ---------------------------------------------------------------------------------------------
+def _norm_types() -> Tuple[type, ...]:
+    types: List[type] = [nn.LayerNorm, nn.GroupNorm]
+    try:
+        from timm.layers import RmsNorm
+        types.append(RmsNorm)
+    except ImportError:  # pragma: no cover - older timm
+        pass
+    if hasattr(nn, 'RMSNorm'):
+        types.append(nn.RMSNorm)
+    return tuple(types)
+
+
+#: Nonlinear modules of one input that expectation compensation converts exactly.
+EC_MODULE_TYPES: Tuple[type, ...] = _norm_types() + (
+    nn.GELU, nn.Softmax, nn.SiLU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Mish, nn.ELU)
+
+
+def _named_children_recursive(module: nn.Module, prefix: str = '') -> Iterator[Tuple[nn.Module, str, str, nn.Module]]:
+    """Yield (parent, attribute, full name, child) for every submodule, parents first."""
+    for attr, child in module.named_children():
+        full = f'{prefix}.{attr}' if prefix else attr
+        yield module, attr, full, child
+        yield from _named_children_recursive(child, full)
+
+
+def _skip_prefixes(model: nn.Module) -> Tuple[str, ...]:
+    # Modules that only ever see the constant input (direct coding) are outside the converted region.
+    return tuple(getattr(model, 'ecmt_input_modules', ('patch_embed',)))
+
+
+def _in_region(name: str, skip: Tuple[str, ...]) -> bool:
+    return not any(name == p or name.startswith(p + '.') for p in skip)
+
+
+def replace_test_by_testneuron(model: nn.Module, percent: float = 0.99) -> nn.Module:
+    """Replace every :class:`MyTestPlace` by a calibrating :class:`TestNeuron` (``for_v``, and
+    before loading a threshold checkpoint for ``snn``)."""
+    for parent, attr, _, child in list(_named_children_recursive(model)):
+        if type(child) is MyTestPlace:
+            setattr(parent, attr, TestNeuron(child.place, percent))
+    return model
+
+
+def threshold_config(place: str, *, linear_num: int = 8, qkv_num: int = 8, softmax_num: int = 8,
+                     softmax_p: float = 0.0125,
+                     fc2_thresholds: Optional[Tuple[float, float]] = None
+                     ) -> Tuple[int, Optional[Tuple[float, float]]]:
+    """(levels, fixed thresholds or None for the calibrated ones) of a place (ECMT_SPEC 4)."""
+    if place == 's':
+        return softmax_num, (softmax_p, softmax_p)
+    if place in ('q', 'k', 'v'):
+        return qkv_num, None
+    if place == 'fc2' and fc2_thresholds is not None:
+        return linear_num, tuple(fc2_thresholds)
+    return linear_num, None
+
+
+def replace_testneuron_by_twosideneuron(model: nn.Module, linear_num: int = 8, qkv_num: int = 8,
+                                        softmax_num: int = 8, softmax_p: float = 0.0125,
+                                        fc2_thresholds: Optional[Tuple[float, float]] = None
+                                        ) -> nn.Module:
+    """Replace every calibrated :class:`TestNeuron` by an MT :class:`TwoSideNeuron`.
+
+    Levels and thresholds per place follow ECMT_SPEC 4; ``fc2_thresholds`` (θp, θn) overrides the
+    calibrated fc2 thresholds (the ViT default is (0.25, 0.08)). Raises :class:`ConversionError`
+    naming the places whose calibrated thresholds are all zero or not finite.
+    """
+    for name, value in (('linear_num', linear_num), ('qkv_num', qkv_num), ('softmax_num', softmax_num)):
+        if int(value) < 1:
+            raise ConversionError(f'{name} must be >= 1, got {value}')
+    if not softmax_p > 0:
+        raise ConversionError(f'softmax_p must be > 0, got {softmax_p}')
+    cfg = dict(linear_num=linear_num, qkv_num=qkv_num, softmax_num=softmax_num,
+               softmax_p=softmax_p, fc2_thresholds=fc2_thresholds)
+    targets = [(p, a, n, c) for p, a, n, c in _named_children_recursive(model) if type(c) is TestNeuron]
+    if any(type(c) is MyTestPlace for _, _, _, c in _named_children_recursive(model)):
+        raise ConversionError('the model still has plain placeholders (MyTestPlace): call '
+                              'replace_test_by_testneuron and load calibrated thresholds first')
+    uncalibrated = []
+    for _, _, name, neuron in targets:
+        _, fixed = threshold_config(neuron.place, **cfg)
+        if fixed is None:
+            p, n = neuron.scale_p, neuron.scale_n
+            if not (torch.isfinite(p).all() and torch.isfinite(n).all()) or (p == 0).all() and (n == 0).all():
+                uncalibrated.append(name)
+    if uncalibrated:
+        shown = ', '.join(uncalibrated[:8]) + (f' ... ({len(uncalibrated)} in all)' if len(uncalibrated) > 8 else '')
+        raise ConversionError('these places have no calibrated thresholds (zero or not finite): '
+                              f'{shown}. Run --test_mode for_v first and pass its checkpoint.')
+    for parent, attr, _, neuron in targets:
+        levels, fixed = threshold_config(neuron.place, **cfg)
+        if fixed is None:
+            scale_p, scale_n = neuron.scale_p.detach(), neuron.scale_n.detach()
+        else:
+            scale_p, scale_n = fixed
+        new = TwoSideNeuron(neuron.place, scale_p, scale_n, levels).to(neuron.scale_p.device)
+        setattr(parent, attr, new)
+    return model
+
+
+def replace_nonlinear_by_neuron(model: nn.Module) -> nn.Module:
+    """Wrap every nonlinear module of the converted region in an :class:`exp_comp_neuron`."""
+    skip = _skip_prefixes(model)
+    for parent, attr, name, child in list(_named_children_recursive(model)):
+        if isinstance(parent, exp_comp_neuron) or not _in_region(name, skip):
+            continue
+        if isinstance(child, EC_MODULE_TYPES):
+            setattr(parent, attr, exp_comp_neuron(child))
+    return model
+
+
+def replace_at_by_neuron(model: nn.Module) -> nn.Module:
+    """Replace every product placeholder :class:`MyAt` by its EC version :class:`AtNeuron`."""
+    for parent, attr, _, child in list(_named_children_recursive(model)):
+        if type(child) is MyAt:
+            setattr(parent, attr, AtNeuron())
+    return model
+
+
+#: Modules that are linear (or identities at evaluation) and may stay as they are in an SNN.
+LINEAR_MODULE_TYPES: Tuple[type, ...] = (nn.Linear, nn.Identity, nn.Dropout)
+# Containers whose forward is a linear composition of their children (registered by the model files).
+_SNN_CONTAINERS: List[type] = [nn.Sequential, nn.ModuleList]
+_SNN_LEAVES: List[type] = []
+
+
+def register_snn_modules(containers: Iterable[type] = (), leaves: Iterable[type] = ()) -> None:
+    """Declare module classes that are safe in an SNN: ``containers`` whose own forward only
+    composes their children linearly (sums, reshapes, fixed scales), ``leaves`` that are linear."""
+    _SNN_CONTAINERS.extend(c for c in containers if c not in _SNN_CONTAINERS)
+    _SNN_LEAVES.extend(c for c in leaves if c not in _SNN_LEAVES)
+
+
+def check_fully_converted(model: nn.Module) -> None:
+    """Refuse a half-converted network: every module of the converted region must be an MT neuron,
+    an EC module, a known linear module, or a registered container. Raises ConversionError."""
+    skip = _skip_prefixes(model)
+    leaves = (TwoSideNeuron, exp_comp_neuron, AtNeuron) + LINEAR_MODULE_TYPES + tuple(_SNN_LEAVES)
+    bad = []
+    for _, _, name, child in _named_children_recursive(model):
+        if not _in_region(name, skip) or _inside_ec(model, name):
+            continue
+        if type(child) in _SNN_CONTAINERS or isinstance(child, leaves):
+            continue
+        bad.append(f'{name} ({type(child).__name__})')
+    if bad:
+        shown = ', '.join(bad[:8]) + (f' ... ({len(bad)} in all)' if len(bad) > 8 else '')
+        raise ConversionError(f'these modules cannot be converted to the SNN and would stay analog: {shown}')
+
+
+def _inside_ec(model: nn.Module, name: str) -> bool:
+    module = model
+    for part in name.split('.')[:-1]:
+        module = getattr(module, part)
+        if isinstance(module, exp_comp_neuron):
+            return True
+    return False
+
+
+def convert_to_snn(model: nn.Module, *, linear_num: int = 8, qkv_num: int = 8, softmax_num: int = 8,
+                   softmax_p: float = 0.0125, fc2_thresholds: Optional[Tuple[float, float]] = None
+                   ) -> nn.Module:
+    """All of ``snn`` mode's surgery on a model holding calibrated :class:`TestNeuron` s:
+    MT neurons, EC nonlinear modules, EC products, then the check that nothing stays analog."""
+    replace_testneuron_by_twosideneuron(model, linear_num, qkv_num, softmax_num, softmax_p, fc2_thresholds)
+    replace_nonlinear_by_neuron(model)
+    replace_at_by_neuron(model)
+    check_fully_converted(model)
+    reset_net(model)
+    return model
