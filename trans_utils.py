@@ -32,7 +32,7 @@ __all__ = [
     'replace_test_by_testneuron', 'replace_testneuron_by_twosideneuron',
     'replace_nonlinear_by_neuron', 'replace_at_by_neuron', 'convert_to_snn', 'get_modules',
     'reset_net', 'set_fast_neuron', 'threshold_config', 'EC_MODULE_TYPES', 'register_snn_modules',
-    'check_fully_converted',
+    'check_fully_converted', 'BaseMonitor', 'SOPMonitor', 'product_nonzero_macs',
 ]
 
 #: Placeholder kinds, in the order they appear in a transformer block (ECMT_SPEC section 2).
@@ -539,3 +539,152 @@ def convert_to_snn(model: nn.Module, *, linear_num: int = 8, qkv_num: int = 8, s
     check_fully_converted(model)
     reset_net(model)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Energy monitor
+# ---------------------------------------------------------------------------------------------
+#: Energy of one accumulate (AC) and one multiply-accumulate (MAC), in pJ (45 nm, ECMT_SPEC 8).
+E_AC, E_MAC = 0.9, 4.6
+
+
+def product_nonzero_macs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Multiply-adds of ``a @ b`` whose two factors are both non-zero, without a product:
+    for each inner index k, (non-zeros of a's column k) x (non-zeros of b's row k), summed."""
+    cols = (a != 0).sum(dim=-2, dtype=torch.float32)   # [..., K]
+    rows = (b != 0).sum(dim=-1, dtype=torch.float32)   # [..., K]
+    return (cols * rows).sum(dtype=torch.float64)
+
+
+class BaseMonitor:
+    """Forward hooks on chosen modules, removed by :meth:`remove` (or on leaving a ``with``)."""
+
+    def __init__(self) -> None:
+        self.handles: List = []
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class SOPMonitor(BaseMonitor):
+    """Synaptic operations (SOPs) of every ``nn.Linear`` and both EC products, per time step.
+
+    Linear layer: SOPs = non-zero input elements x out_features; dense = all input elements x
+    out_features. EC product at step t (operands a, b; running sums A, B including step t):
+    SOPs = nz(a)·nz(b) + nz(a)·nz(B) + nz(A)·nz(b), each the multiply-adds whose two factors are
+    non-zero; dense = the product's multiply-adds. Firing rate after t steps
+    r_t = SOPs(1..t) / dense(1..t) over all layers and images; energy relative to the ANN
+    E_t = t · (0.9/4.6) · r_t (ECMT_SPEC 8). Counts stay on the device (no host sync per step).
+
+    The evaluation loop sets ``monitor.step`` (0-based) before each step.
+    ``count_levels=True`` also counts the MT neurons' spikes per level.
+    """
+
+    def __init__(self, model: nn.Module, count_levels: bool = False) -> None:
+        super().__init__()
+        self.step = 0
+        self.names: List[str] = []
+        self.kinds: List[str] = []
+        self.sops: Optional[torch.Tensor] = None    # [layers, steps] float64
+        self.dense: Optional[torch.Tensor] = None   # [layers, steps] float64
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear):
+                self._watch(name, module, 'linear', self._linear_hook)
+            elif isinstance(module, AtNeuron):
+                self._watch(name, module, 'product', self._product_hook)
+        self.neurons = [(n, m) for n, m in model.named_modules() if isinstance(m, TwoSideNeuron)]
+        for _, neuron in self.neurons:
+            neuron.count_levels = count_levels
+            neuron.level_counts = None
+
+    def _watch(self, name: str, module: nn.Module, kind: str, hook: Callable) -> None:
+        index = len(self.names)
+        self.names.append(name)
+        self.kinds.append(kind)
+        self.handles.append(module.register_forward_hook(
+            lambda mod, inputs, output, index=index: hook(index, mod, inputs, output)))
+
+    def new_batch(self) -> None:
+        """Nothing to do between batches: the counts add up over all of them."""
+
+    def _add(self, index: int, sops: torch.Tensor, dense: float, device) -> None:
+        steps = self.step + 1
+        if self.sops is None or self.sops.shape[1] < steps or self.sops.device != device:
+            grown = torch.zeros(len(self.names), max(steps, 1), dtype=torch.float64, device=device)
+            grown_dense = torch.zeros_like(grown)
+            if self.sops is not None:
+                grown[:, :self.sops.shape[1]] = self.sops.to(device)
+                grown_dense[:, :self.dense.shape[1]] = self.dense.to(device)
+            self.sops, self.dense = grown, grown_dense
+        self.sops[index, self.step] += sops
+        self.dense[index, self.step] += dense
+
+    def _linear_hook(self, index, module, inputs, output) -> None:
+        x = inputs[0]
+        nonzero = torch.count_nonzero(x).to(torch.float64)
+        self._add(index, nonzero * module.out_features, float(x.numel()) * module.out_features, x.device)
+
+    def _product_hook(self, index, module, inputs, output) -> None:
+        a, b = inputs
+        cum_a, cum_b = module.cum_a, module.cum_b
+        sops = (product_nonzero_macs(a, b) + product_nonzero_macs(a, cum_b)
+                + product_nonzero_macs(cum_a, b))
+        dense = float(output.numel()) * a.shape[-1]
+        self._add(index, sops, dense, a.device)
+
+    def totals(self, reduce: Optional[Callable] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-layer, per-step SOPs and dense counts ([layers, steps], summed over processes)."""
+        if self.sops is None:
+            raise RuntimeError('the monitor has counted nothing yet')
+        sops, dense = self.sops, self.dense
+        if reduce is not None:
+            sops, dense = reduce(sops.clone()), reduce(dense.clone())
+        return sops, dense
+
+    def summary(self, reduce: Optional[Callable] = None) -> Dict[str, List[float]]:
+        """``fire_rate`` r_t and ``energy_ratio`` E_t for t = 1..T (ECMT_SPEC 8)."""
+        sops, dense = self.totals(reduce)
+        cum_sops = sops.sum(0).cumsum(0)
+        cum_dense = dense.sum(0).cumsum(0)
+        rate = (cum_sops / cum_dense.clamp_min(1)).cpu()
+        steps = torch.arange(1, rate.numel() + 1, dtype=torch.float64)
+        energy = steps * (E_AC / E_MAC) * rate
+        return {'fire_rate': rate.tolist(), 'energy_ratio': energy.tolist()}
+
+    def layer_records(self, reduce: Optional[Callable] = None) -> List[Dict]:
+        """One record per monitored layer and step: name, kind, step, sops, dense, firing rate."""
+        sops, dense = (t.cpu() for t in self.totals(reduce))
+        records = []
+        for index, (name, kind) in enumerate(zip(self.names, self.kinds)):
+            for step in range(sops.shape[1]):
+                d = float(dense[index, step])
+                records.append({'layer': name, 'kind': kind, 'step': step + 1,
+                                'sops': float(sops[index, step]), 'dense': d,
+                                'fire_rate': float(sops[index, step]) / d if d else 0.0})
+        return records
+
+    def level_counts(self, reduce: Optional[Callable] = None) -> List[Dict]:
+        """Spikes per level of every MT neuron (``count_levels=True``): positive and negative."""
+        out = []
+        for name, neuron in self.neurons:
+            counts = neuron.level_counts
+            if counts is None:
+                continue
+            counts = reduce(counts.clone()) if reduce is not None else counts
+            counts = counts.cpu()
+            out.append({'neuron': name, 'place': neuron.place, 'levels': neuron.levels,
+                        'positive': counts[0].tolist(), 'negative': counts[1].tolist()})
+        return out
+
+    def remove(self) -> None:
+        super().remove()
+        for _, neuron in self.neurons:
+            neuron.count_levels = False

@@ -1,0 +1,152 @@
+"""Evaluation loops: ``evaluate`` (ann / for_v) and ``evaluate_snn`` (snn, T time steps).
+
+Both return a dict of plain Python results. Accuracy is accumulated as tensor counts (one host
+sync per batch, for the progress bar and the log), and every per-batch running figure is appended,
+in English, to the log file (``log_ann.txt`` / ``log_snn.txt``), as the published scripts did.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Dict, Iterable, Optional
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import utils
+from trans_utils import reset_net
+
+__all__ = ['evaluate', 'evaluate_snn', 'autocast_context']
+
+
+def autocast_context(device: torch.device, amp: Optional[str]):
+    """``torch.autocast`` for ``amp`` in {'fp16', 'bf16'}, or a null context for None/'none'."""
+    if amp in (None, 'none'):
+        return contextlib.nullcontext()
+    dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}[amp]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _percent(count: torch.Tensor, n: int) -> float:
+    return 100.0 * float(count) / max(n, 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data_loader: Iterable, device: torch.device, *,
+             log_path: Optional[str] = None, amp: Optional[str] = None,
+             max_batches: Optional[int] = None, desc: str = 'ann',
+             reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+             show_progress: bool = True) -> Dict:
+    """Plain evaluation (``ann``), or calibration (``for_v``: the model holds TestNeurons).
+
+    Returns ``{'acc1', 'acc5', 'loss', 'n', 'seconds'}`` (accuracies in percent; ``seconds`` is the
+    wall time of this loop alone). ``max_batches`` stops after that many batches.
+    ``reduce`` sums a tensor over processes (distributed runs); identity when None.
+    """
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction='sum')
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss, n
+    total_batches = len(data_loader) if max_batches is None else min(max_batches, len(data_loader))
+    bar = tqdm(total=total_batches, desc=desc, unit='batch', disable=not show_progress, dynamic_ncols=True)
+    _sync(device)
+    start = time.perf_counter()
+    for index, (images, target) in enumerate(data_loader):
+        if max_batches is not None and index >= max_batches:
+            break
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with autocast_context(device, amp):
+            output = model(images)
+        output = output.float()
+        correct1, correct5 = utils.accuracy(output, target, topk=(1, 5))
+        batch = torch.stack([correct1.double(), correct5.double(), criterion(output, target).double(),
+                             torch.tensor(float(target.numel()), dtype=torch.float64, device=device)])
+        totals += reduce(batch) if reduce is not None else batch
+        c1, c5, loss, n = totals.tolist()
+        n = int(n)
+        bar.set_postfix(acc1=f'{_percent(c1, n):.2f}', acc5=f'{_percent(c5, n):.2f}')
+        bar.update(1)
+        if log_path is not None:
+            utils.append_log(log_path, f'{desc} batch {index + 1}/{total_batches}: images {n}, '
+                                       f'top-1 {_percent(c1, n):.3f}%, top-5 {_percent(c5, n):.3f}%, '
+                                       f'loss {loss / max(n, 1):.4f}')
+    _sync(device)
+    seconds = time.perf_counter() - start
+    bar.close()
+    c1, c5, loss, n = totals.tolist()
+    n = int(n)
+    return {'acc1': _percent(c1, n), 'acc5': _percent(c5, n), 'loss': loss / max(n, 1), 'n': n,
+            'seconds': seconds}
+
+
+@torch.no_grad()
+def evaluate_snn(model: nn.Module, data_loader: Iterable, device: torch.device, T: int, *,
+                 log_path: Optional[str] = None, amp: Optional[str] = None, monitor=None,
+                 max_batches: Optional[int] = None,
+                 reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 show_progress: bool = True) -> Dict:
+    """Run the converted SNN for ``T`` steps per batch (ECMT_SPEC 7).
+
+    The prediction after step t is the argmax of the head's outputs summed over steps 1..t.
+    Returns ``{'T', 'acc1': [T values], 'acc5': [T values], 'n', 'seconds'}``; with a ``monitor``
+    (``trans_utils.SOPMonitor``) also its per-step ``fire_rate`` and ``energy_ratio``.
+    """
+    if T < 1:
+        raise utils.UserError(f'--test_T must be >= 1, got {T}')
+    model.eval()
+    totals = torch.zeros(T, 2, dtype=torch.float64, device=device)  # per step: correct1, correct5
+    count = torch.zeros(1, dtype=torch.float64, device=device)
+    total_batches = len(data_loader) if max_batches is None else min(max_batches, len(data_loader))
+    bar = tqdm(total=total_batches, desc=f'snn T={T}', unit='batch', disable=not show_progress,
+               dynamic_ncols=True)
+    _sync(device)
+    start = time.perf_counter()
+    for index, (images, target) in enumerate(data_loader):
+        if max_batches is not None and index >= max_batches:
+            break
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        reset_net(model)
+        if monitor is not None:
+            monitor.new_batch()
+        logits = None
+        batch = torch.zeros(T, 2, dtype=torch.float64, device=device)
+        for t in range(T):
+            if monitor is not None:
+                monitor.step = t
+            with autocast_context(device, amp):
+                output = model(images)
+            logits = output.float() if logits is None else logits + output.float()
+            correct1, correct5 = utils.accuracy(logits, target, topk=(1, 5))
+            batch[t, 0] = correct1
+            batch[t, 1] = correct5
+        reset_net(model)  # free the running state before the next batch is loaded
+        size = torch.tensor([float(target.numel())], dtype=torch.float64, device=device)
+        if reduce is not None:
+            batch, size = reduce(batch), reduce(size)
+        totals += batch
+        count += size
+        n = int(count.item())
+        acc = (100.0 * totals / max(n, 1)).tolist()
+        bar.set_postfix(acc1=f'{acc[-1][0]:.2f}', acc1_t1=f'{acc[0][0]:.2f}')
+        bar.update(1)
+        if log_path is not None:
+            steps = ', '.join(f't={t + 1}: {a[0]:.3f}' for t, a in enumerate(acc))
+            utils.append_log(log_path, f'snn batch {index + 1}/{total_batches}: images {n}, '
+                                       f'top-1 % per step [{steps}], top-5 at T={T}: {acc[-1][1]:.3f}%')
+    _sync(device)
+    seconds = time.perf_counter() - start
+    bar.close()
+    n = int(count.item())
+    acc = (100.0 * totals / max(n, 1)).tolist()
+    results = {'T': T, 'acc1': [a[0] for a in acc], 'acc5': [a[1] for a in acc], 'n': n,
+               'seconds': seconds}
+    if monitor is not None:
+        results.update(monitor.summary(reduce=reduce))
+    return results

@@ -1,0 +1,242 @@
+"""Evaluate a ViT/EVA as an ANN, calibrate its SNN thresholds, or simulate the converted SNN.
+
+    python run_class_finetuning.py --test_mode ann   --model M --model_path W.pth ...
+    python run_class_finetuning.py --test_mode for_v --model M --model_path W.pth --savename S ...
+    python run_class_finetuning.py --test_mode snn   --model M --model_path OUT/S.pth --test_T 8 ...
+
+The command line is the published one (ECMT, ACM MM 2024), plus ``--device``, ``--model_kwargs``,
+``--results`` and a few switches; see the README for every flag.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+import utils
+from datasets import DATA_SETS, build_dataset
+from engine_for_finetuning import evaluate, evaluate_snn
+from model_vit import create_model, default_fc2_thresholds
+from trans_utils import (ConversionError, TestNeuron, convert_to_snn, get_modules,
+                         replace_test_by_testneuron)
+
+THRESHOLD_KEYS = ('scale_p', 'scale_n')
+
+
+def _default_workers() -> int:
+    return min(8, max(0, (os.cpu_count() or 2) // 2))
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser('ECMT: ANN evaluation, threshold calibration and SNN simulation',
+                                     add_help=True)
+    g = parser.add_argument_group('model')
+    g.add_argument('--model', default='vit_small_patch16_224', type=str,
+                   help='timm model name or published alias (e.g. vit_small_patch16_224_cifar10, eva_g_patch14)')
+    g.add_argument('--model_path', default=None, type=str,
+                   help='checkpoint: timm state_dict (optionally under model/module), a for_v output, '
+                        "or BAAI's EVA-01 file")
+    g.add_argument('--model_kwargs', nargs='*', default=[], metavar='KEY=VALUE',
+                   help='architecture overrides for timm.create_model, e.g. patch_size=4 depth=4')
+    g.add_argument('--input_size', default=224, type=int, help='image size (img_size of the model)')
+    g.add_argument('--nb_classes', default=1000, type=int, help='number of classes')
+
+    g = parser.add_argument_group('data')
+    g.add_argument('--data_set', default='image_folder', choices=DATA_SETS, type=str,
+                   help='CIFAR10 | CIFAR100 | IMNET | image_folder | DIGITS (bundled, no download)')
+    g.add_argument('--eval_data_path', default=None, type=str, help='evaluation data folder')
+    g.add_argument('--download', action='store_true', help='download CIFAR if it is missing')
+    g.add_argument('--imagenet_default_mean_and_std', action='store_true',
+                   help='normalize with ImageNet mean/std instead of CLIP mean/std')
+    g.add_argument('--num_workers', default=_default_workers(), type=int)
+    g.add_argument('--batch_size', default=64, type=int)
+
+    g = parser.add_argument_group('conversion')
+    g.add_argument('--test_mode', default='ann', choices=('ann', 'for_v', 'snn'),
+                   help='ann: evaluate the ANN; for_v: calibrate thresholds; snn: simulate the SNN')
+    g.add_argument('--test_T', default=8, type=int, help='time steps of the SNN simulation')
+    g.add_argument('--percent', default=0.99, type=float, help='calibration quantile')
+    g.add_argument('--calib_batches', default=None, type=int,
+                   help='for_v: calibrate on the first N batches only (default: all)')
+    g.add_argument('--linear_num', default=8, type=int, help='levels N of the neurons before linear layers')
+    g.add_argument('--qkv_num', default=8, type=int, help='levels N of the q, k, v neurons')
+    g.add_argument('--softmax_num', default=8, type=int, help='levels N of the neurons after softmax')
+    g.add_argument('--softmax_p', default=0.0125, type=float, help='threshold of the neurons after softmax')
+    g.add_argument('--fc2_thresholds', nargs=2, type=float, default=None, metavar=('THETA_P', 'THETA_N'),
+                   help='fixed fc2 thresholds (default for ViT models: 0.25 0.08, as published)')
+    g.add_argument('--fc2_calibrated', action='store_true',
+                   help='use the calibrated fc2 thresholds, also for ViT models')
+    g.add_argument('--monitor', default=True, action=argparse.BooleanOptionalAction,
+                   help='snn: count synaptic operations, report firing rate and energy (default on)')
+
+    g = parser.add_argument_group('run and outputs')
+    g.add_argument('--device', default=None, type=str, help='cuda or cpu (default: cuda if available)')
+    g.add_argument('--amp', default='none', choices=('none', 'fp16', 'bf16'),
+                   help='autocast dtype (neuron membranes and running sums stay float32)')
+    g.add_argument('--seed', default=0, type=int)
+    g.add_argument('--output_dir', default='output', type=str, help='where for_v writes its checkpoint')
+    g.add_argument('--savename', default=None, type=str,
+                   help='for_v checkpoint name (default: <model>_for_v); written as <output_dir>/<savename>.pth')
+    g.add_argument('--log_dir', default='.', type=str, help='folder of log_ann.txt / log_snn.txt')
+    g.add_argument('--results', default=None, type=str, help='write the run\'s figures as JSON to this file')
+    g.add_argument('--no_progress', action='store_true', help='no progress bars')
+    return parser
+
+
+def check_args(args) -> None:
+    """Refuse bad arguments before any work is done."""
+    if args.test_T < 1:
+        raise utils.UserError(f'--test_T must be >= 1, got {args.test_T}')
+    if args.batch_size < 1:
+        raise utils.UserError(f'--batch_size must be >= 1, got {args.batch_size}')
+    if not 0.0 < args.percent <= 1.0:
+        raise utils.UserError(f'--percent must be in (0, 1], got {args.percent}')
+    for name in ('linear_num', 'qkv_num', 'softmax_num'):
+        if getattr(args, name) < 1:
+            raise utils.UserError(f'--{name} must be >= 1, got {getattr(args, name)}')
+    if args.softmax_p <= 0:
+        raise utils.UserError(f'--softmax_p must be > 0, got {args.softmax_p}')
+    if args.calib_batches is not None and args.calib_batches < 1:
+        raise utils.UserError(f'--calib_batches must be >= 1, got {args.calib_batches}')
+    if args.fc2_thresholds is not None and args.fc2_calibrated:
+        raise utils.UserError('--fc2_thresholds and --fc2_calibrated contradict each other')
+    if args.test_mode == 'snn' and not args.model_path:
+        raise utils.UserError('--test_mode snn needs --model_path: the checkpoint written by --test_mode for_v')
+
+
+def build_model(args) -> torch.nn.Module:
+    """The convertible model, with TestNeurons in for_v/snn mode, and its weights loaded."""
+    kwargs = utils.parse_model_kwargs(args.model_kwargs)
+    for key in ('num_classes', 'img_size'):
+        if key in kwargs:
+            raise utils.UserError(f'--model_kwargs {key}=... is set by --nb_classes/--input_size')
+    try:
+        model = create_model(args.model, num_classes=args.nb_classes, img_size=args.input_size, **kwargs)
+    except ConversionError as exc:
+        raise utils.UserError(str(exc)) from None
+    if args.test_mode in ('for_v', 'snn'):
+        replace_test_by_testneuron(model, args.percent)
+    if not args.model_path:
+        print('warning: no --model_path given: the model has RANDOM weights', file=sys.stderr)
+        return model
+    state_dict = utils.load_checkpoint(args.model_path)
+    if getattr(model, 'ecmt_family', None) == 'eva':
+        from model_eva import convert_baai_eva01
+        state_dict = convert_baai_eva01(state_dict, model)
+    if args.test_mode == 'snn':
+        _check_thresholds_present(model, state_dict, args)
+        utils.load_model_weights(model, state_dict)
+    else:  # ann ignores thresholds; for_v computes them afresh
+        utils.load_model_weights(model, state_dict, ignore=THRESHOLD_KEYS)
+    return model
+
+
+def _check_thresholds_present(model, state_dict, args) -> None:
+    path = args.model_path
+    places = [name for name, _ in get_modules(model, (TestNeuron,))]
+    missing = [p for p in places if f'{p}.scale_p' not in state_dict or f'{p}.scale_n' not in state_dict]
+    if len(missing) == len(places):
+        raise utils.UserError(f'{path} holds no thresholds: run --test_mode for_v on it first and '
+                              'pass the checkpoint it writes')
+    known = set(places)
+    stray = sorted({k.rsplit('.', 1)[0] for k in state_dict if k.endswith(THRESHOLD_KEYS)} - known)
+    if missing or stray:
+        parts = []
+        if missing:
+            parts.append(f'{len(missing)} places of the model have no thresholds: '
+                         + ', '.join(missing[:6]) + (' ...' if len(missing) > 6 else ''))
+        if stray:
+            parts.append(f'{len(stray)} threshold entries match no place of the model: '
+                         + ', '.join(stray[:6]) + (' ...' if len(stray) > 6 else ''))
+        raise utils.UserError(f'the thresholds in {path} do not match --model {args.model}: '
+                              + '; '.join(parts))
+
+
+def fc2_thresholds(args, model):
+    if args.fc2_calibrated:
+        return None
+    if args.fc2_thresholds is not None:
+        return tuple(args.fc2_thresholds)
+    return default_fc2_thresholds(model)
+
+
+def main(args) -> dict:
+    check_args(args)
+    utils.seed_everything(args.seed)
+    device = utils.resolve_device(args.device)
+    dataset, _ = build_dataset(False, args)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                        pin_memory=device.type == 'cuda', drop_last=False)
+    model = build_model(args).to(device).eval()
+    show = not args.no_progress
+    log_dir = Path(args.log_dir)
+    record = {'test_mode': args.test_mode, 'model': args.model, 'data_set': args.data_set}
+
+    if args.test_mode == 'snn':
+        from trans_utils import SOPMonitor
+        try:
+            convert_to_snn(model, linear_num=args.linear_num, qkv_num=args.qkv_num,
+                           softmax_num=args.softmax_num, softmax_p=args.softmax_p,
+                           fc2_thresholds=fc2_thresholds(args, model))
+        except ConversionError as exc:
+            raise utils.UserError(str(exc)) from None
+        monitor = SOPMonitor(model) if args.monitor else None
+        log_path = log_dir / 'log_snn.txt'
+        utils.append_log(log_path, _header(args))
+        try:
+            results = evaluate_snn(model, loader, device, args.test_T, log_path=log_path, amp=args.amp,
+                                   monitor=monitor, show_progress=show)
+        finally:
+            if monitor is not None:
+                monitor.remove()
+        record.update(results)
+        _report_snn(results, log_path)
+    else:
+        log_path = log_dir / 'log_ann.txt'
+        utils.append_log(log_path, _header(args))
+        max_batches = args.calib_batches if args.test_mode == 'for_v' else None
+        results = evaluate(model, loader, device, log_path=log_path, amp=args.amp,
+                           max_batches=max_batches, desc=args.test_mode, show_progress=show)
+        record.update(results)
+        line = (f'{args.test_mode}: {results["n"]} images, top-1 {results["acc1"]:.2f}%, '
+                f'top-5 {results["acc5"]:.2f}%, loss {results["loss"]:.4f}, {results["seconds"]:.1f} s')
+        print(line)
+        utils.append_log(log_path, line)
+        if args.test_mode == 'for_v':
+            savename = args.savename or f'{args.model}_for_v'
+            path = Path(args.output_dir) / f'{savename}.pth'
+            utils.save_checkpoint({'model': {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
+            record['checkpoint'] = str(path)
+            print(f'thresholds of {len(get_modules(model, (TestNeuron,)))} places saved with the weights '
+                  f'to {path}')
+    if args.results:
+        utils.write_json(record, args.results)
+        print(f'results written to {args.results}')
+    return record
+
+
+def _header(args) -> str:
+    return (f'=== {time.strftime("%Y-%m-%d %H:%M:%S")} {args.test_mode} model={args.model} '
+            f'data_set={args.data_set} model_path={args.model_path} T={args.test_T} '
+            f'batch_size={args.batch_size} ===')
+
+
+def _report_snn(results: dict, log_path: Path) -> None:
+    lines = [f'snn: {results["n"]} images, T={results["T"]}, {results["seconds"]:.1f} s']
+    for t, (a1, a5) in enumerate(zip(results['acc1'], results['acc5']), start=1):
+        line = f'  t={t}: top-1 {a1:.2f}%  top-5 {a5:.2f}%'
+        if 'energy_ratio' in results:
+            line += f'  firing rate {results["fire_rate"][t - 1]:.4f}  energy vs ANN {results["energy_ratio"][t - 1]:.4f}'
+        lines.append(line)
+    for line in lines:
+        print(line)
+        utils.append_log(log_path, line)
+
+
+if __name__ == '__main__':
+    utils.run_cli(main, get_args_parser())
