@@ -1,0 +1,254 @@
+"""Fine-tune a timm model on a classification data set, to get the ANN that ECMT converts.
+
+Replaces the published script's hard-coded paths with options. Example (CIFAR-10 from an
+ImageNet ViT-S/16, as in the published README):
+
+    python fintune_model.py --model vit_small_patch16_224_cifar10 \
+        --model_path ../models/vit_small_patch16_224.pth --data_set CIFAR10 \
+        --data_path ../datasets --nb_classes 10 --input_size 224 --output_dir ../models
+
+Writes `<output_dir>/<savename>_<epoch>.pth` after every epoch (epochs count from 0),
+`<savename>_best.pth` for the best top-1 on the evaluation split, and
+`<savename>_finetune.json` with the per-epoch record. Checkpoints are {'model': state_dict}
+with timm's keys, for `run_class_finetuning.py --model_path`.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from datasets import DATA_SETS, build_dataset
+from model_vit import create_model
+from trans_utils import ConversionError
+from utils import (UserError, accuracy, load_checkpoint, load_model_weights,
+                   parse_model_kwargs, resolve_device, run_cli, save_checkpoint,
+                   seed_everything, write_json)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Fine-tune a timm model for ECMT conversion",
+                                     add_help=True)
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", required=True,
+                       help="timm model name or published alias, e.g. "
+                            "vit_small_patch16_224_cifar10")
+    model.add_argument("--model_path", default=None,
+                       help="timm-format checkpoint to start from; a head with another class "
+                            "count is replaced by a new one")
+    model.add_argument("--model_kwargs", nargs="*", default=[], metavar="K=V",
+                       help="extra model arguments, e.g. depth=2 global_pool=avg")
+    model.add_argument("--input_size", type=int, default=224, help="image size in pixels")
+    model.add_argument("--nb_classes", type=int, default=None,
+                       help="number of classes (default: taken from the data)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data_set", default="CIFAR10", help=" | ".join(DATA_SETS))
+    data.add_argument("--data_path", "--eval_data_path", dest="eval_data_path",
+                      default="../datasets", help="folder holding the data set")
+    data.add_argument("--download", action="store_true",
+                      help="download CIFAR if it is missing")
+    data.add_argument("--imagenet_default_mean_and_std", action="store_true",
+                      help="normalize with ImageNet mean/std instead of CLIP's")
+    data.add_argument("--batch_size", type=int, default=64)
+    data.add_argument("--num_workers", type=int, default=0)
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
+    train.add_argument("--weight_decay", type=float, default=0.05)
+    train.add_argument("--warmup_epochs", type=float, default=1.0,
+                       help="linear warmup length before the cosine decay (may be fractional)")
+    train.add_argument("--smoothing", type=float, default=0.0,
+                       help="label smoothing, e.g. 0.1 (default: none)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... "
+                                                      "(default: cuda if available)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output_dir", default="output")
+    output.add_argument("--savename", default=None, help="checkpoint name prefix "
+                                                         "(default: the model name)")
+    output.add_argument("--save_every_epoch", action=argparse.BooleanOptionalAction,
+                        default=True, help="keep <savename>_<epoch>.pth for every epoch")
+    return parser
+
+
+def _check_args(args) -> None:
+    for name in ("epochs", "batch_size", "input_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.num_workers < 0:
+        raise UserError(f"--num_workers must be >= 0, got {args.num_workers}")
+    if args.nb_classes is not None and args.nb_classes < 1:
+        raise UserError(f"--nb_classes must be at least 1, got {args.nb_classes}")
+    if not 0.0 <= args.smoothing < 1.0:
+        raise UserError(f"--smoothing must be in [0, 1), got {args.smoothing}")
+    if args.lr <= 0 or args.weight_decay < 0 or args.warmup_epochs < 0:
+        raise UserError("--lr must be positive, --weight_decay and --warmup_epochs >= 0")
+
+
+def build_model(args, model_kwargs: dict, checkpoint: dict | None) -> torch.nn.Module:
+    """Create the model and load `checkpoint`, replacing its head if the class count differs."""
+    clash = sorted({"num_classes", "img_size"} & model_kwargs.keys())
+    if clash:
+        raise UserError(f"--model_kwargs may not set {', '.join(clash)}; "
+                        "use --nb_classes and --input_size")
+    try:
+        model = create_model(args.model, num_classes=args.nb_classes, img_size=args.input_size,
+                             **model_kwargs)
+    except ConversionError as err:  # model_vit's own refusals are complete sentences
+        raise UserError(str(err)) from None
+    except (RuntimeError, TypeError) as err:  # e.g. an unknown keyword in --model_kwargs
+        raise UserError(f"cannot create model {args.model!r}: {err}") from None
+    if checkpoint is None:
+        return model
+
+    ignore = ()
+    head = checkpoint.get("head.weight")
+    if head is not None and head.ndim == 2 and head.shape[0] != args.nb_classes:
+        print(f"checkpoint head has {head.shape[0]} classes, --nb_classes is "
+              f"{args.nb_classes}: dropping head.* and training a new head")
+        ignore = lambda key: key.startswith("head.")  # noqa: E731
+    load_model_weights(model, checkpoint, ignore=ignore)
+    return model
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int):
+    """LR multiplier per optimizer step: linear ramp to 1, then cosine decay to 0."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, epoch: int,
+                    epochs: int, print_freq: int = 10) -> dict:
+    """One pass over `loader`; returns the mean loss and top-1 accuracy (%) on it."""
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    bar = tqdm(loader, desc=f"train {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+    for step, (images, targets) in enumerate(bar):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        logits = model(images)
+        loss = criterion(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+
+        loss_sum += loss.detach() * len(targets)
+        correct += accuracy(logits.detach(), targets)[0]
+        seen += len(targets)
+        if step % print_freq == 0 or step == len(loader) - 1:  # syncs only every few steps
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
+                            acc1=f"{100.0 * correct.item() / seen:.2f}",
+                            lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    return {"loss": loss_sum.item() / seen, "acc1": 100.0 * correct.item() / seen}
+
+
+@torch.no_grad()
+def evaluate(model, loader, criterion, device) -> dict:
+    """Mean loss and top-1 accuracy (%) of `model` on `loader`."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    for images, targets in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        logits = model(images)
+        loss_sum += criterion(logits, targets) * len(targets)
+        correct += accuracy(logits, targets)[0]
+        seen += len(targets)
+    return {"loss": loss_sum.item() / seen, "acc1": 100.0 * correct.item() / seen}
+
+
+def main(args) -> dict:
+    """Fine-tune as configured by `args`; returns the record also written as JSON."""
+    _check_args(args)
+    started = time.perf_counter()
+    model_kwargs = parse_model_kwargs(args.model_kwargs)
+    device = resolve_device(args.device)
+    # Read the checkpoint before scanning the data, so a wrong path fails at once.
+    checkpoint = load_checkpoint(args.model_path) if args.model_path else None
+    output_dir = Path(args.output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create --output_dir {output_dir}: {err.strerror}") from None
+    seed_everything(args.seed)
+
+    dataset_train, nb_classes = build_dataset(True, args)
+    args.nb_classes = nb_classes
+    dataset_val, _ = build_dataset(False, args)
+    print(f"{args.data_set}: {len(dataset_train)} training / {len(dataset_val)} evaluation "
+          f"images, {nb_classes} classes")
+
+    model = build_model(args, model_kwargs, checkpoint).to(device)
+    del checkpoint
+
+    loader_kwargs = dict(batch_size=args.batch_size, num_workers=args.num_workers,
+                         pin_memory=device.type == "cuda",
+                         persistent_workers=args.num_workers > 0)
+    loader_train = DataLoader(dataset_train, shuffle=True, drop_last=False, **loader_kwargs)
+    loader_val = DataLoader(dataset_val, shuffle=False, **loader_kwargs)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    total_steps = args.epochs * len(loader_train)
+    warmup_steps = int(args.warmup_epochs * len(loader_train))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(total_steps, warmup_steps))
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing)
+
+    savename = args.savename or args.model
+    record = {"model": args.model, "model_kwargs": model_kwargs, "model_path": args.model_path,
+              "data_set": args.data_set, "nb_classes": nb_classes,
+              "input_size": args.input_size, "epochs": args.epochs, "lr": args.lr,
+              "batch_size": args.batch_size, "seed": args.seed, "device": str(device),
+              "best_acc1": None, "best_epoch": None, "history": [], "seconds": None}
+
+    for epoch in range(args.epochs):
+        epoch_start = time.perf_counter()
+        train_stats = train_one_epoch(model, loader_train, criterion, optimizer, scheduler,
+                                      device, epoch, args.epochs)
+        val_stats = evaluate(model, loader_val, criterion, device)
+        # Plain CPU tensors with timm's keys: loadable anywhere with weights_only=True.
+        state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+        if args.save_every_epoch:
+            save_checkpoint(state, output_dir / f"{savename}_{epoch}.pth")
+        improved = record["best_acc1"] is None or val_stats["acc1"] > record["best_acc1"]
+        if improved:
+            record["best_acc1"], record["best_epoch"] = val_stats["acc1"], epoch
+            save_checkpoint(state, output_dir / f"{savename}_best.pth")
+
+        seconds = time.perf_counter() - epoch_start
+        record["history"].append({"epoch": epoch, "train_loss": train_stats["loss"],
+                                  "train_acc1": train_stats["acc1"],
+                                  "val_loss": val_stats["loss"], "val_acc1": val_stats["acc1"],
+                                  "seconds": round(seconds, 2)})
+        record["seconds"] = round(time.perf_counter() - started, 2)
+        write_json(record, output_dir / f"{savename}_finetune.json")
+        print(f"epoch {epoch}: train loss {train_stats['loss']:.4f}, "
+              f"val loss {val_stats['loss']:.4f}, val acc1 {val_stats['acc1']:.2f}% "
+              f"(best {record['best_acc1']:.2f}% at epoch {record['best_epoch']}), "
+              f"{seconds:.1f}s" + (" *" if improved else ""))
+
+    print(f"best val acc1 {record['best_acc1']:.2f}% -> "
+          f"{output_dir / f'{savename}_best.pth'}")
+    return record
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

@@ -1,0 +1,315 @@
+"""Small helpers shared by the scripts: user errors, checkpoints, logs, metrics, devices.
+
+Every mistake a user can make on the command line (a wrong path, a checkpoint that does not
+fit the model, a malformed option) is raised as `UserError`; the entry scripts catch it with
+`run_cli` and print one line, `error: ...`, with exit code 2 instead of a traceback.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import pickle
+import random
+import tempfile
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "UserError", "run_cli",
+    "load_checkpoint", "load_model_weights", "save_checkpoint",
+    "write_json", "append_log",
+    "accuracy", "seed_everything", "resolve_device", "parse_model_kwargs",
+]
+
+
+class UserError(ValueError):
+    """A problem the user can fix (bad path, option or checkpoint); shown as one line."""
+
+
+def run_cli(main: Callable, parser) -> None:
+    """Parse the command line, call `main(args)`, and report a UserError as `error: ...`, exit 2."""
+    args = parser.parse_args()
+    try:
+        main(args)
+    except UserError as err:
+        parser.exit(2, f"error: {err}\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+_WRAPPER_KEYS = ("model", "module", "state_dict")
+
+
+def _is_state_dict(obj) -> bool:
+    return (isinstance(obj, Mapping) and len(obj) > 0
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
+
+
+def load_checkpoint(path) -> dict[str, torch.Tensor]:
+    """Load a state dict saved with torch.save, safely (weights_only=True) and onto the CPU.
+
+    Accepts a bare state dict or one wrapped as {'model': sd}, {'module': sd} or
+    {'state_dict': sd} (other entries next to it, such as 'epoch', are ignored), and strips
+    the 'module.' prefix that DistributedDataParallel adds when every key carries it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise UserError(f"checkpoint path is not a file: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower():
+            raise UserError(
+                f"checkpoint {path} contains pickled Python objects besides tensors "
+                "(e.g. an argparse.Namespace) and cannot be loaded safely; re-save only its "
+                "state dict with torch.save(model.state_dict(), path)") from None
+        raise UserError(f"{path} is not a PyTorch checkpoint ({_first_line(err)})") from None
+    except Exception as err:  # torch reports truncated/foreign files with many exception types
+        raise UserError(f"{path} is not a readable PyTorch checkpoint, or it is truncated "
+                        f"({type(err).__name__}: {_first_line(err)})") from None
+
+    # Unwrap training checkpoints; a wrapper may itself be wrapped ({'model': {'module': sd}}).
+    for _ in range(3):
+        if _is_state_dict(obj) or not isinstance(obj, Mapping):
+            break
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not _is_state_dict(obj):
+        raise UserError(f"checkpoint {path} does not hold a state dict (name -> tensor); "
+                        f"found {_describe(obj)}")
+
+    state_dict = dict(obj)
+    if all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "no details"
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, Mapping):
+        keys = list(obj)
+        shown = ", ".join(repr(k) for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
+        return f"a {type(obj).__name__} with keys [{shown}]" if keys else "an empty dict"
+    return f"a {type(obj).__name__}"
+
+
+def _ignore_predicate(ignore) -> Callable[[str], bool]:
+    if callable(ignore):
+        return ignore
+    if isinstance(ignore, str):  # a lone suffix, not a collection of characters
+        ignore = (ignore,)
+    suffixes = tuple(ignore)
+    return lambda key: key.endswith(suffixes) if suffixes else False
+
+
+def _listing(title: str, items: list[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return f"{len(items)} {title}: {shown}{more}"
+
+
+def load_model_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *,
+                       ignore: Callable[[str], bool] | Collection[str] = ()) -> None:
+    """Load `state_dict` into `model` strictly, explaining any mismatch in one UserError.
+
+    `ignore` is a predicate on key names, or a collection of key suffixes (e.g.
+    ('scale_p', 'scale_n')). Matching keys are dropped from the checkpoint, and matching keys
+    of the model are not required: they keep the values the model already has.
+    """
+    skip = _ignore_predicate(ignore)
+    checkpoint = {k: v for k, v in state_dict.items() if not skip(k)}
+    expected = {k: v for k, v in model.state_dict().items() if not skip(k)}
+
+    missing = [k for k in expected if k not in checkpoint]
+    unexpected = [k for k in checkpoint if k not in expected]
+    mismatched = [k for k in checkpoint
+                  if k in expected and checkpoint[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        problems = []
+        head = _classifier_name(model) + ".weight"
+        if head in mismatched and checkpoint[head].ndim == expected[head].ndim == 2:
+            problems.append(f"checkpoint has {checkpoint[head].shape[0]} classes, "
+                            f"--nb_classes is {expected[head].shape[0]}")
+        if "pos_embed" in mismatched:
+            problems.append("pos_embed differs (was the checkpoint trained at another "
+                            "--input_size or patch size?)")
+        if missing:
+            problems.append(_listing("missing keys", missing))
+        if unexpected:
+            problems.append(_listing("unexpected keys", unexpected))
+        if mismatched:
+            shapes = [f"{k}: checkpoint {tuple(checkpoint[k].shape)} vs model "
+                      f"{tuple(expected[k].shape)}" for k in mismatched]
+            problems.append(_listing("shape mismatches", shapes))
+        raise UserError("checkpoint does not match the model: " + "; ".join(problems))
+    # Keys the model has but `ignore` excused are the only ones allowed to stay missing.
+    model.load_state_dict(checkpoint, strict=False)
+
+
+def _classifier_name(model: torch.nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("classifier", "head") if isinstance(cfg, Mapping) else "head"
+    return name if isinstance(name, str) else "head"
+
+
+_PLAIN_TYPES = (torch.Tensor, str, int, float, bool, bytes, type(None))
+
+
+def _check_plain(obj, where: str) -> None:
+    if isinstance(obj, _PLAIN_TYPES):
+        return
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"checkpoint key {where}[{k!r}] is a {type(k).__name__}")
+            _check_plain(v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+    else:
+        raise TypeError(f"checkpoint entry {where} is a {type(obj).__name__}; only tensors and "
+                        "plain Python values can be loaded with weights_only=True")
+
+
+def _current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _atomic_write(path, write: Callable, mode: str) -> None:
+    """Write through a temporary file in the target directory, then rename it over `path`,
+    so a crash never leaves a half-written file under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp makes files private (0600)
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(obj, path) -> None:
+    """torch.save `obj` atomically, creating parent directories.
+
+    `obj` may hold only tensors and plain Python values (dict, list, tuple, str, numbers,
+    None) so that it loads with torch.load(..., weights_only=True); anything else is a
+    TypeError before anything is written.
+    """
+    _check_plain(obj, "obj")
+    _atomic_write(path, lambda fh: torch.save(obj, fh), "wb")
+
+
+# --------------------------------------------------------------------------------------------
+# Logs and records
+# --------------------------------------------------------------------------------------------
+
+def write_json(obj, path) -> None:
+    """Write `obj` as indented JSON (with a final newline), atomically."""
+    text = json.dumps(obj, indent=2) + "\n"
+    _atomic_write(path, lambda fh: fh.write(text), "w")
+
+
+def append_log(path, line: str) -> None:
+    """Append one line of text to a log file, creating its directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(line.rstrip("\n") + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+def accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1,)) -> list[torch.Tensor]:
+    """Number of samples whose target is among the top-k logits, for each k in `topk`.
+
+    Unlike timm's `accuracy`, this returns counts (0-dim int64 tensors on output's device),
+    not percentages: sum them over batches without a device sync, and divide by the
+    number of samples at the end. `output` is (batch, classes), `target` class indices.
+    """
+    maxk = min(max(topk), output.size(1))
+    pred = output.topk(maxk, dim=1).indices.t()          # (maxk, batch)
+    correct = pred.eq(target.reshape(1, -1))
+    return [correct[:min(k, maxk)].sum() for k in topk]
+
+
+# --------------------------------------------------------------------------------------------
+# Runtime setup
+# --------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """The torch.device for `--device`; None means 'cuda' if available, else 'cpu'."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device name (try cpu, cuda or cuda:0)") \
+            from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} was requested but CUDA is not available here; "
+                            "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name} does not exist: this machine has "
+                            f"{torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name} was requested but MPS is not available here")
+    return device
+
+
+def parse_model_kwargs(items) -> dict:
+    """Turn ['k=v', ...] into keyword arguments for model creation.
+
+    A value that is a Python literal becomes that literal (`depth=2` -> 2, `qk_norm=True`
+    -> True, `img_size=(32,32)` -> (32, 32)); anything else stays a string
+    (`global_pool=avg` -> 'avg').
+    """
+    kwargs = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise UserError(f"--model_kwargs expects items like name=value, got {item!r}")
+        if key in kwargs:
+            raise UserError(f"--model_kwargs sets {key!r} twice")
+        try:
+            kwargs[key] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            kwargs[key] = text
+    return kwargs
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed helpers
+# --------------------------------------------------------------------------------------------
+# (init_distributed_mode, is_main_process, get_rank, get_world_size, ... are added here later.)
