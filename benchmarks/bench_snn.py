@@ -1,0 +1,184 @@
+"""Benchmark: the cost of simulating T SNN steps, and of calibration, against plain forward passes.
+
+    python benchmarks/bench_snn.py                       # ViT-S/16, 224 px, batch 8, T=4, 96 images
+    python benchmarks/bench_snn.py --model vit_tiny_patch16_224 --input_size 32 \
+        --model_kwargs patch_size=4 embed_dim=96 depth=4 num_heads=3 --batch_size 64 --T 8 --images 448
+
+Random weights, thresholds calibrated on random images (the cost does not depend on the values
+much; the fire rates do, a little). Prints the ANN pass time over all images, the calibration pass
+time, the SNN time for T steps (cold: the first pass, which includes one-time costs such as kernel
+compilation; warm: the median of the later passes), the ratios SNN/(T x ANN) and calibration/ANN,
+the peak memory of the ANN pass and of the SNN run, and how often SNN and ANN agree on top-1.
+``--json`` prints one machine-readable line instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import utils  # noqa: E402
+from model_vit import create_model  # noqa: E402
+from trans_utils import (convert_to_snn, fast_neuron_enabled, replace_test_by_testneuron,  # noqa: E402
+                         reset_net, set_fast_neuron)
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA allocator statistics, or on the CPU the
+    process's resident set size sampled every millisecond by a thread."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes = 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+    def __enter__(self):
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.base = self._rss()
+            self.max_rss = self.base
+            self.running = True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.max_rss = max(self.max_rss, self._rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak_bytes = max(self.max_rss, self._rss()) - self.base
+
+
+def sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def timed_pass(fn, batches, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    for images in batches:
+        fn(images)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main(args) -> dict:
+    device = utils.resolve_device(args.device)
+    set_fast_neuron(not args.no_compile)
+    torch.manual_seed(args.seed)
+    kwargs = utils.parse_model_kwargs(args.model_kwargs)
+    model = create_model(args.model, img_size=args.input_size, num_classes=args.nb_classes, **kwargs)
+    model = model.to(device).eval()
+    n_batches = max(1, args.images // args.batch_size)
+    batches = [torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+               for _ in range(n_batches)]
+    ctx = (torch.autocast(device.type, dtype={'fp16': torch.float16, 'bf16': torch.bfloat16}[args.amp])
+           if args.amp != 'none' else torch.autocast(device.type, enabled=False))
+
+    with torch.no_grad(), ctx:
+        model(batches[0])  # warm-up
+        ann_times = [timed_pass(model, batches, device) for _ in range(args.reps)]
+        with PeakMemory(device) as ann_mem:
+            ann_logits = [model(b).float() for b in batches[:1]]
+        ann_logits = [model(b).float() for b in batches]
+
+        replace_test_by_testneuron(model, 0.99)
+        calib_seconds = timed_pass(model, batches, device)
+        convert_to_snn(model, fc2_thresholds=None if args.fc2_calibrated else (0.25, 0.08))
+
+        agree = torch.zeros((), device=device)
+        snn_preds = []
+
+        def snn_batch(images):
+            reset_net(model)
+            logits = None
+            for _ in range(args.T):
+                out = model(images).float()
+                logits = out if logits is None else logits + out
+            reset_net(model)
+            return logits
+
+        cold = timed_pass(lambda b: snn_preds.append(snn_batch(b).argmax(-1)), batches, device)
+        for pred, ref in zip(snn_preds, ann_logits):
+            agree += (pred == ref.argmax(-1)).sum()
+        warm_times = [timed_pass(snn_batch, batches, device) for _ in range(args.reps)]
+        with PeakMemory(device) as snn_mem:
+            snn_batch(batches[0])
+
+    ann = statistics.median(ann_times)
+    warm = statistics.median(warm_times)
+    images = n_batches * args.batch_size
+    result = {
+        'model': args.model, 'model_kwargs': kwargs, 'input_size': args.input_size,
+        'batch_size': args.batch_size, 'T': args.T, 'images': images, 'device': str(device),
+        'threads': torch.get_num_threads(), 'fused': fast_neuron_enabled(), 'amp': args.amp,
+        'ann_seconds': ann, 'calibration_seconds': calib_seconds,
+        'snn_cold_seconds': cold, 'snn_warm_seconds': warm,
+        'snn_over_T_ann_cold': cold / (args.T * ann), 'snn_over_T_ann_warm': warm / (args.T * ann),
+        'calibration_over_ann': calib_seconds / ann,
+        'ann_peak_mib': ann_mem.peak_bytes / 2**20, 'snn_peak_mib': snn_mem.peak_bytes / 2**20,
+        'snn_ann_top1_agreement': float(agree) / images,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f'{args.model} {kwargs or ""} at {args.input_size}px, batch {args.batch_size}, T={args.T}, '
+              f'{images} images, {device} ({torch.get_num_threads()} threads), fused={result["fused"]}')
+        print(f'  ANN pass                {ann:8.2f} s')
+        print(f'  calibration pass        {calib_seconds:8.2f} s   x{result["calibration_over_ann"]:.2f} of ANN')
+        print(f'  SNN, T steps, cold      {cold:8.2f} s   x{result["snn_over_T_ann_cold"]:.2f} of T x ANN '
+              '(first pass: includes compilation)')
+        print(f'  SNN, T steps, warm      {warm:8.2f} s   x{result["snn_over_T_ann_warm"]:.2f} of T x ANN')
+        print(f'  peak memory, one batch  ANN {result["ann_peak_mib"]:.0f} MiB, SNN {result["snn_peak_mib"]:.0f} MiB')
+        print(f'  SNN/ANN top-1 agreement {100 * result["snn_ann_top1_agreement"]:.1f}% '
+              '(random weights and images)')
+    return result
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', default='vit_small_patch16_224')
+    p.add_argument('--model_kwargs', nargs='*', default=[], metavar='KEY=VALUE')
+    p.add_argument('--input_size', type=int, default=224)
+    p.add_argument('--nb_classes', type=int, default=1000)
+    p.add_argument('--batch_size', type=int, default=8)
+    p.add_argument('--T', type=int, default=4)
+    p.add_argument('--images', type=int, default=96, help='images per pass (whole batches)')
+    p.add_argument('--reps', type=int, default=3, help='timed repetitions (median) after the warm-up')
+    p.add_argument('--device', default=None, help='cpu or cuda (default: cuda if available)')
+    p.add_argument('--amp', default='none', choices=('none', 'fp16', 'bf16'))
+    p.add_argument('--no_compile', action='store_true', help='run the eager (unfused) neuron and EC steps')
+    p.add_argument('--fc2_calibrated', action='store_true', help='use calibrated fc2 thresholds')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--json', action='store_true', help='print one JSON line')
+    return p
+
+
+if __name__ == '__main__':
+    utils.run_cli(main, get_args_parser())
