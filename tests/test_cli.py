@@ -1,0 +1,195 @@
+"""End-to-end runs of run_class_finetuning.py (ann, for_v, snn) on DIGITS, and its bad-input errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import run_class_finetuning as cli
+from utils import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+ARCH = ['--model_kwargs', 'patch_size=4', 'embed_dim=32', 'depth=2', 'num_heads=2']
+COMMON = ['--model', 'vit_tiny_patch16_224', *ARCH, '--input_size', '16', '--nb_classes', '10',
+          '--data_set', 'DIGITS', '--num_workers', '0', '--batch_size', '150', '--device', 'cpu',
+          '--no_progress']
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_timm(**kwargs):
+    torch.manual_seed(0)
+    cfg = dict(num_classes=10, img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    cfg.update(kwargs)
+    return timm.create_model('vit_tiny_patch16_224', **cfg)
+
+
+@pytest.fixture(scope='module')
+def weights(tmp_path_factory):
+    """A timm-format checkpoint written by the test (random weights, wrapped as published)."""
+    path = tmp_path_factory.mktemp('ckpt') / 'tiny.pth'
+    torch.save({'model': tiny_timm().state_dict()}, path)
+    return path
+
+
+def run(tmp_path, *extra):
+    args = cli.get_args_parser().parse_args(COMMON + ['--log_dir', str(tmp_path),
+                                                      '--output_dir', str(tmp_path)] + list(extra))
+    return cli.main(args)
+
+
+@pytest.fixture(scope='module')
+def for_v_checkpoint(tmp_path_factory, weights):
+    out = tmp_path_factory.mktemp('forv')
+    record = run(out, '--test_mode', 'for_v', '--model_path', str(weights), '--savename', 'tiny_for_v',
+                 '--results', str(out / 'for_v.json'))
+    return Path(record['checkpoint'])
+
+
+def test_ann_matches_plain_timm_and_writes_results(tmp_path, weights):
+    record = run(tmp_path, '--test_mode', 'ann', '--model_path', str(weights),
+                 '--results', str(tmp_path / 'ann.json'))
+    saved = json.loads((tmp_path / 'ann.json').read_text())
+    assert saved == json.loads(json.dumps(record))
+    for key in ('test_mode', 'model', 'data_set', 'n', 'seconds', 'acc1', 'acc5', 'loss'):
+        assert key in saved
+    assert saved['n'] == 450 and saved['test_mode'] == 'ann'
+    # The same accuracy from a plain timm model on the same data.
+    import datasets
+    data, _ = datasets.build_dataset(False, cli.get_args_parser().parse_args(COMMON))
+    model = tiny_timm().eval()
+    loader = torch.utils.data.DataLoader(data, batch_size=150)
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(-1) == y).sum()) for x, y in loader)
+    assert saved['acc1'] == pytest.approx(100.0 * correct / 450)
+    log = (tmp_path / 'log_ann.txt').read_text()
+    assert 'ann batch 3/3' in log and 'top-1' in log
+
+
+def test_for_v_checkpoint_holds_weights_and_thresholds(for_v_checkpoint, weights):
+    state = torch.load(for_v_checkpoint, weights_only=True)['model']
+    places = [k[:-len('.scale_p')] for k in state if k.endswith('.scale_p')]
+    assert len(places) == 2 * 8  # 8 places per block, 2 blocks
+    assert all(f'{p}.scale_n' in state for p in places)
+    calibrated = [p for p in places if not p.endswith('place_s')]
+    assert all(float(state[f'{p}.scale_p']) > 0 for p in calibrated)
+    plain = torch.load(weights, weights_only=True)['model']
+    for key, value in plain.items():
+        assert torch.equal(state[key], value), key
+
+
+def test_snn_reports_every_step(tmp_path, for_v_checkpoint):
+    record = run(tmp_path, '--test_mode', 'snn', '--model_path', str(for_v_checkpoint), '--test_T', '3',
+                 '--results', str(tmp_path / 'snn.json'))
+    saved = json.loads((tmp_path / 'snn.json').read_text())
+    assert saved['T'] == 3 and saved['n'] == 450
+    for key in ('acc1', 'acc5', 'fire_rate', 'energy_ratio'):
+        assert len(saved[key]) == 3, key
+    assert all(0 <= a <= 100 for a in saved['acc1'] + saved['acc5'])
+    assert all(a1 <= a5 for a1, a5 in zip(saved['acc1'], saved['acc5']))
+    for t, (rate, energy) in enumerate(zip(saved['fire_rate'], saved['energy_ratio']), start=1):
+        assert 0 < rate <= 1.5
+        assert energy == pytest.approx(t * 0.9 / 4.6 * rate)
+    log = (tmp_path / 'log_snn.txt').read_text()
+    assert 'snn batch 3/3' in log and 't=3:' in log and 'energy vs ANN' in log
+    assert record['seconds'] > 0
+
+
+def test_snn_without_monitor_has_no_energy(tmp_path, for_v_checkpoint):
+    record = run(tmp_path, '--test_mode', 'snn', '--model_path', str(for_v_checkpoint), '--test_T', '1',
+                 '--no-monitor')
+    assert 'fire_rate' not in record and len(record['acc1']) == 1
+
+
+def test_fc2_override_is_default_for_vit_and_can_be_switched_off(tmp_path, for_v_checkpoint, monkeypatch):
+    seen = {}
+    real = cli.convert_to_snn
+
+    def spy(model, **kwargs):
+        seen.setdefault('fc2', []).append(kwargs['fc2_thresholds'])
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(cli, 'convert_to_snn', spy)
+    common = ['--test_mode', 'snn', '--model_path', str(for_v_checkpoint), '--test_T', '1', '--no-monitor']
+    run(tmp_path, *common)
+    run(tmp_path, *common, '--fc2_calibrated')
+    run(tmp_path, *common, '--fc2_thresholds', '0.5', '0.1')
+    assert seen['fc2'] == [(0.25, 0.08), None, (0.5, 0.1)]
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: one clear message, exit code 2
+# ------------------------------------------------------------------------------------------
+def cli_subprocess(*args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    return subprocess.run([sys.executable, str(REPO / 'run_class_finetuning.py'), *COMMON, *args],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_missing_checkpoint_exits_2_with_message(tmp_path):
+    proc = cli_subprocess('--test_mode', 'ann', '--model_path', str(tmp_path / 'nope.pth'), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert 'error:' in proc.stderr and 'nope.pth' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+
+
+def test_snn_zero_thresholds_exit_2_naming_places(tmp_path, for_v_checkpoint):
+    state = torch.load(for_v_checkpoint, weights_only=True)['model']
+    for key in state:
+        if key.endswith(('scale_p', 'scale_n')):
+            state[key] = torch.zeros(1)
+    path = tmp_path / 'zeros.pth'
+    torch.save({'model': state}, path)
+    proc = cli_subprocess('--test_mode', 'snn', '--model_path', str(path), '--test_T', '2', cwd=tmp_path)
+    assert proc.returncode == 2
+    assert 'no calibrated thresholds' in proc.stderr and 'blocks.0.attn.place_q' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--test_mode', 'ann', '--model_path', 'TEXT'], 'not a'),
+    (['--test_mode', 'snn', '--model_path', 'WEIGHTS'], 'holds no thresholds'),
+    (['--test_mode', 'snn', '--model_path', 'FORV', '--test_T', '0'], '--test_T must be >= 1'),
+    (['--test_mode', 'snn'], 'needs --model_path'),
+    (['--test_mode', 'ann', '--model_path', 'WEIGHTS', '--nb_classes', '7'], 'has 10 classes'),
+    (['--test_mode', 'ann', '--model', 'no_such_model'], 'unknown model'),
+    (['--test_mode', 'ann', *ARCH, 'global_pool=map'], 'attn_pool'),
+    (['--test_mode', 'ann', *ARCH, 'depth'], 'depth'),
+    (['--test_mode', 'ann', '--data_set', 'CIFAR10', '--eval_data_path', 'DIR'], 'cifar-10-batches-py'),
+    (['--test_mode', 'ann', '--percent', '1.5'], '--percent'),
+    (['--test_mode', 'ann', '--device', 'cuda:7'], 'cuda'),
+])
+def test_bad_input_is_a_user_error(tmp_path, weights, for_v_checkpoint, extra, message):
+    text = tmp_path / 'notes.pth'
+    text.write_text('not a checkpoint\n')
+    subst = {'TEXT': str(text), 'WEIGHTS': str(weights), 'FORV': str(for_v_checkpoint), 'DIR': str(tmp_path)}
+    # A repeated --model_kwargs replaces the earlier one.
+    extra = [subst.get(a, a) for a in extra]
+    parsed = cli.get_args_parser().parse_args(COMMON + extra + ['--log_dir', str(tmp_path),
+                                                                '--output_dir', str(tmp_path)])
+    with pytest.raises(UserError) as info:
+        cli.main(parsed)
+    assert message in str(info.value)
+
+
+def test_thresholds_of_another_model_are_refused(tmp_path, for_v_checkpoint):
+    """A for_v file of a 2-block model given to a 3-block model names the places that differ."""
+    state = torch.load(for_v_checkpoint, weights_only=True)['model']
+    args = list(COMMON)
+    args[args.index('depth=2')] = 'depth=3'
+    parsed = cli.get_args_parser().parse_args(
+        args + ['--test_mode', 'snn', '--model_path', str(for_v_checkpoint), '--log_dir', str(tmp_path)])
+    with pytest.raises(UserError) as info:
+        cli.main(parsed)
+    assert 'blocks.2.' in str(info.value) and 'no thresholds' in str(info.value)
+    assert len(state) > 0
