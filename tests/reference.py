@@ -1,0 +1,99 @@
+"""Plain, slow, literal reference implementations of the ECMT rules (ECMT_SPEC sections 3-6).
+
+Nothing here is meant to be fast: each function restates its section of the spec as directly as
+possible, so that the optimised code in ``trans_utils`` can be held to it.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Sequence, Tuple
+
+import torch
+
+
+def ref_mt_neuron(xs: Sequence[torch.Tensor], theta_p: float, theta_n: float, levels: int
+                  ) -> List[torch.Tensor]:
+    """ECMT_SPEC 4, literally: the spikes of one MT neuron fed ``xs`` (one tensor per step).
+
+    Each step: v += x; try levels j = N-1 .. 0, at each level the positive side first
+    (v >= θp·2^j − θp/2 emits +θp·2^j), then the negative side (−v >= θn·2^j − θn/2 emits
+    −θn·2^j); the first that fires wins; a side whose threshold is not positive (0, negative,
+    NaN) never fires; v -= spike. Thresholds are float32 numbers, as the neuron's buffers are.
+    """
+    theta_p = torch.tensor(float(theta_p), dtype=torch.float32)
+    theta_n = torch.tensor(float(theta_n), dtype=torch.float32)
+    p_usable = bool(theta_p > 0)
+    n_usable = bool(theta_n > 0)
+    membrane = None
+    spikes = []
+    for x in xs:
+        x = x.float()
+        membrane = x.clone() if membrane is None else membrane + x
+        spike = torch.zeros_like(membrane)
+        decided = torch.zeros_like(membrane, dtype=torch.bool)
+        for j in range(levels - 1, -1, -1):
+            if p_usable:
+                threshold = theta_p * 2 ** j - theta_p / 2
+                fire = ~decided & (membrane >= threshold)
+                spike[fire] = theta_p * 2 ** j
+                decided |= fire
+            if n_usable:
+                threshold = theta_n * 2 ** j - theta_n / 2
+                fire = ~decided & (-membrane >= threshold)
+                spike[fire] = -(theta_n * 2 ** j)
+                decided |= fire
+        membrane = membrane - spike
+        spikes.append(spike)
+    return spikes
+
+
+def ref_ec(f: Callable[[torch.Tensor], torch.Tensor], xs: Sequence[torch.Tensor]
+           ) -> List[torch.Tensor]:
+    """ECMT_SPEC 5, as the original computes it: f evaluated twice per step.
+
+    A_t = x_1 + ... + x_t; out_t = t·f(A_t/t) − (t−1)·f(A_{t−1}/(t−1)) (second term 0 at t = 1).
+    Computed in float64 so that it is a reference for the float32 code, not a copy of it.
+    """
+    outs = []
+    cum = None
+    for t, x in enumerate(xs, start=1):
+        prev = cum
+        cum = x.double().clone() if prev is None else prev + x.double()
+        out = t * f(cum / t)
+        if prev is not None:
+            out = out - (t - 1) * f(prev / (t - 1))
+        outs.append(out)
+    return outs
+
+
+def ref_ec_product(as_: Sequence[torch.Tensor], bs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """ECMT_SPEC 6 with the original's three products per step.
+
+    With A_t = A_{t−1} + a_t and B_t = B_{t−1} + b_t:
+        A_t B_t / t − A_{t−1} B_{t−1} / (t−1)
+      = (A_{t−1} b_t + a_t B_{t−1} + a_t b_t + A_{t−1} B_{t−1}) / t − A_{t−1} B_{t−1} / (t−1)
+      = (A_{t−1} b_t + a_t B_{t−1} + a_t b_t) / t − A_{t−1} B_{t−1} / (t (t−1)),
+    since 1/t − 1/(t−1) = −1/(t(t−1)). At t = 1 it is a_1 b_1. Float64.
+    """
+    outs = []
+    cum_a = cum_b = None
+    for t, (a, b) in enumerate(zip(as_, bs), start=1):
+        a, b = a.double(), b.double()
+        if t == 1:
+            out = a @ b
+            cum_a, cum_b = a.clone(), b.clone()
+        else:
+            out = (cum_a @ b + a @ cum_b + a @ b) / t - (cum_a @ cum_b) / (t * (t - 1))
+            cum_a, cum_b = cum_a + a, cum_b + b
+        outs.append(out)
+    return outs
+
+
+def ref_quantiles(x: torch.Tensor, percent: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ECMT_SPEC 3 by a full sort: (k_hi-th smallest, k_lo-th smallest), 1-based,
+    k_hi = int(percent·n), k_lo = int((1 − percent)·n), each at least 1."""
+    flat = x.detach().reshape(-1).float()
+    n = flat.numel()
+    ordered = torch.sort(flat).values
+    k_hi = max(1, int(percent * n))
+    k_lo = max(1, int((1 - percent) * n))
+    return ordered[k_hi - 1], ordered[k_lo - 1]
