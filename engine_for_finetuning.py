@@ -47,7 +47,9 @@ def evaluate(model: nn.Module, data_loader: Iterable, device: torch.device, *,
 
     Returns ``{'acc1', 'acc5', 'loss', 'n', 'seconds'}`` (accuracies in percent; ``seconds`` is the
     wall time of this loop alone). ``max_batches`` stops after that many batches.
-    ``reduce`` sums a tensor over processes (distributed runs); identity when None.
+    ``reduce`` sums a tensor over processes (distributed runs); identity when None. It is called
+    once, after the loop, so processes may have different numbers of batches (even none); the
+    progress bar and the per-batch log lines then show this process's share, the result the sum.
     """
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction='sum')
@@ -67,7 +69,7 @@ def evaluate(model: nn.Module, data_loader: Iterable, device: torch.device, *,
         correct1, correct5 = utils.accuracy(output, target, topk=(1, 5))
         batch = torch.stack([correct1.double(), correct5.double(), criterion(output, target).double(),
                              torch.tensor(float(target.numel()), dtype=torch.float64, device=device)])
-        totals += reduce(batch) if reduce is not None else batch
+        totals += batch
         c1, c5, loss, n = totals.tolist()
         n = int(n)
         bar.set_postfix(acc1=f'{_percent(c1, n):.2f}', acc5=f'{_percent(c5, n):.2f}')
@@ -79,6 +81,8 @@ def evaluate(model: nn.Module, data_loader: Iterable, device: torch.device, *,
     _sync(device)
     seconds = time.perf_counter() - start
     bar.close()
+    if reduce is not None:
+        totals = reduce(totals)
     c1, c5, loss, n = totals.tolist()
     n = int(n)
     return {'acc1': _percent(c1, n), 'acc5': _percent(c5, n), 'loss': loss / max(n, 1), 'n': n,
@@ -96,6 +100,7 @@ def evaluate_snn(model: nn.Module, data_loader: Iterable, device: torch.device, 
     The prediction after step t is the argmax of the head's outputs summed over steps 1..t.
     Returns ``{'T', 'acc1': [T values], 'acc5': [T values], 'n', 'seconds'}``; with a ``monitor``
     (``trans_utils.SOPMonitor``) also its per-step ``fire_rate`` and ``energy_ratio``.
+    ``reduce`` sums over processes once, after the loop, as in :func:`evaluate`.
     """
     if T < 1:
         raise utils.UserError(f'--test_T must be >= 1, got {T}')
@@ -127,11 +132,8 @@ def evaluate_snn(model: nn.Module, data_loader: Iterable, device: torch.device, 
             batch[t, 0] = correct1
             batch[t, 1] = correct5
         reset_net(model)  # free the running state before the next batch is loaded
-        size = torch.tensor([float(target.numel())], dtype=torch.float64, device=device)
-        if reduce is not None:
-            batch, size = reduce(batch), reduce(size)
         totals += batch
-        count += size
+        count += target.numel()
         n = int(count.item())
         acc = (100.0 * totals / max(n, 1)).tolist()
         bar.set_postfix(acc1=f'{acc[-1][0]:.2f}', acc1_t1=f'{acc[0][0]:.2f}')
@@ -143,6 +145,14 @@ def evaluate_snn(model: nn.Module, data_loader: Iterable, device: torch.device, 
     _sync(device)
     seconds = time.perf_counter() - start
     bar.close()
+    if reduce is not None:
+        summed = reduce(torch.cat([totals.reshape(-1), count]))
+        totals, count = summed[:-1].reshape(T, 2), summed[-1:]
+        if monitor is not None and monitor.sops is None:
+            # This process evaluated no image (fewer batches than processes): it adds zero
+            # counts, so that the monitor's reduction below still meets its partners.
+            monitor.sops = torch.zeros(len(monitor.names), T, dtype=torch.float64, device=device)
+            monitor.dense = torch.zeros_like(monitor.sops)
     n = int(count.item())
     acc = (100.0 * totals / max(n, 1)).tolist()
     results = {'T': T, 'acc1': [a[0] for a in acc], 'acc5': [a[1] for a in acc], 'n': n,

@@ -11,6 +11,11 @@ Writes `<output_dir>/<savename>_<epoch>.pth` after every epoch (epochs count fro
 `<savename>_best.pth` for the best top-1 on the evaluation split, and
 `<savename>_finetune.json` with the per-epoch record. Checkpoints are {'model': state_dict}
 with timm's keys, for `run_class_finetuning.py --model_path`.
+
+Under `torchrun --nproc_per_node=N fintune_model.py ...` it trains with DistributedDataParallel,
+one process per GPU (or CPU processes with gloo): --batch_size is per process, so the global
+batch is N times larger (the learning rate is not rescaled). Every process evaluates its share
+of the evaluation split, without padding; the figures are summed; process 0 writes the files.
 """
 from __future__ import annotations
 
@@ -20,15 +25,16 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from datasets import DATA_SETS, build_dataset
 from model_vit import create_model
 from trans_utils import ConversionError
-from utils import (UserError, accuracy, load_checkpoint, load_model_weights,
-                   parse_model_kwargs, resolve_device, run_cli, save_checkpoint,
-                   seed_everything, write_json)
+from utils import (ShardedBatchSampler, UserError, accuracy, all_reduce_sum, init_distributed,
+                   is_main_process, load_checkpoint, load_model_weights, parse_model_kwargs,
+                   run_cli, save_checkpoint, seed_everything, write_json)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -55,7 +61,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="download CIFAR if it is missing")
     data.add_argument("--imagenet_default_mean_and_std", action="store_true",
                       help="normalize with ImageNet mean/std instead of CLIP's")
-    data.add_argument("--batch_size", type=int, default=64)
+    data.add_argument("--batch_size", type=int, default=64,
+                      help="batch size per process (under torchrun the global batch is "
+                           "--nproc_per_node x nodes x this)")
     data.add_argument("--num_workers", type=int, default=0)
 
     train = parser.add_argument_group("training")
@@ -112,8 +120,9 @@ def build_model(args, model_kwargs: dict, checkpoint: dict | None) -> torch.nn.M
     ignore = ()
     head = checkpoint.get("head.weight")
     if head is not None and head.ndim == 2 and head.shape[0] != args.nb_classes:
-        print(f"checkpoint head has {head.shape[0]} classes, --nb_classes is "
-              f"{args.nb_classes}: dropping head.* and training a new head")
+        if is_main_process():
+            print(f"checkpoint head has {head.shape[0]} classes, --nb_classes is "
+                  f"{args.nb_classes}: dropping head.* and training a new head")
         ignore = lambda key: key.startswith("head.")  # noqa: E731
     load_model_weights(model, checkpoint, ignore=ignore)
     return model
@@ -130,13 +139,18 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, epoch: int,
-                    epochs: int, print_freq: int = 10) -> dict:
-    """One pass over `loader`; returns the mean loss and top-1 accuracy (%) on it."""
+                    epochs: int, print_freq: int = 10, reduce=None,
+                    show_progress: bool = True) -> dict:
+    """One pass over `loader`; returns the mean loss and top-1 accuracy (%) on it.
+
+    `reduce` (e.g. utils.all_reduce_sum) sums the figures over processes at the end.
+    """
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
-    bar = tqdm(loader, desc=f"train {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"train {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True,
+               disable=not show_progress)
     for step, (images, targets) in enumerate(bar):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -154,23 +168,40 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, epoc
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
                             acc1=f"{100.0 * correct.item() / seen:.2f}",
                             lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    if reduce is not None:
+        return _summed_stats(loss_sum, correct, seen, reduce)
     return {"loss": loss_sum.item() / seen, "acc1": 100.0 * correct.item() / seen}
 
 
+def _summed_stats(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, reduce) -> dict:
+    """Mean loss and top-1 accuracy (%) of the sums over all processes."""
+    totals = torch.stack([loss_sum.double(), correct.double(),
+                          torch.tensor(float(seen), dtype=torch.float64, device=loss_sum.device)])
+    loss_sum, correct, seen = reduce(totals).tolist()
+    return {"loss": loss_sum / max(seen, 1), "acc1": 100.0 * correct / max(seen, 1)}
+
+
 @torch.no_grad()
-def evaluate(model, loader, criterion, device) -> dict:
-    """Mean loss and top-1 accuracy (%) of `model` on `loader`."""
+def evaluate(model, loader, criterion, device, reduce=None, show_progress: bool = True) -> dict:
+    """Mean loss and top-1 accuracy (%) of `model` on `loader`.
+
+    `reduce` sums the figures over processes, once at the end, so processes may hold different
+    numbers of batches (even none).
+    """
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
-    for images, targets in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True):
+    for images, targets in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True,
+                                disable=not show_progress):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         logits = model(images)
         loss_sum += criterion(logits, targets) * len(targets)
         correct += accuracy(logits, targets)[0]
         seen += len(targets)
+    if reduce is not None:
+        return _summed_stats(loss_sum, correct, seen, reduce)
     return {"loss": loss_sum.item() / seen, "acc1": 100.0 * correct.item() / seen}
 
 
@@ -179,7 +210,10 @@ def main(args) -> dict:
     _check_args(args)
     started = time.perf_counter()
     model_kwargs = parse_model_kwargs(args.model_kwargs)
-    device = resolve_device(args.device)
+    # Under torchrun: one process per device, DDP; otherwise exactly a single process.
+    device, rank, world_size = init_distributed(args.device)
+    distributed, main_process = world_size > 1, rank == 0
+    log = print if main_process else (lambda *_, **__: None)
     # Read the checkpoint before scanning the data, so a wrong path fails at once.
     checkpoint = load_checkpoint(args.model_path) if args.model_path else None
     output_dir = Path(args.output_dir)
@@ -192,17 +226,33 @@ def main(args) -> dict:
     dataset_train, nb_classes = build_dataset(True, args)
     args.nb_classes = nb_classes
     dataset_val, _ = build_dataset(False, args)
-    print(f"{args.data_set}: {len(dataset_train)} training / {len(dataset_val)} evaluation "
-          f"images, {nb_classes} classes")
+    log(f"{args.data_set}: {len(dataset_train)} training / {len(dataset_val)} evaluation "
+        f"images, {nb_classes} classes")
 
     model = build_model(args, model_kwargs, checkpoint).to(device)
     del checkpoint
+    net = model  # the plain model: evaluated and saved (timm's keys, no 'module.' prefix)
 
     loader_kwargs = dict(batch_size=args.batch_size, num_workers=args.num_workers,
                          pin_memory=device.type == "cuda",
                          persistent_workers=args.num_workers > 0)
-    loader_train = DataLoader(dataset_train, shuffle=True, drop_last=False, **loader_kwargs)
-    loader_val = DataLoader(dataset_val, shuffle=False, **loader_kwargs)
+    train_sampler = None
+    if distributed:
+        model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        seed_everything(args.seed + rank)  # different augmentation draws on each process
+        # Training shards may repeat a few images to even out the processes (harmless);
+        # evaluation shards may not, so that every evaluation image counts exactly once.
+        train_sampler = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank,
+                                           shuffle=True, seed=args.seed)
+        loader_train = DataLoader(dataset_train, sampler=train_sampler, drop_last=False,
+                                  **loader_kwargs)
+        val_batches = ShardedBatchSampler(len(dataset_val), args.batch_size, rank, world_size)
+        loader_val = DataLoader(dataset_val, batch_sampler=val_batches,
+                                **{k: v for k, v in loader_kwargs.items() if k != "batch_size"})
+    else:
+        loader_train = DataLoader(dataset_train, shuffle=True, drop_last=False, **loader_kwargs)
+        loader_val = DataLoader(dataset_val, shuffle=False, **loader_kwargs)
+    reduce = all_reduce_sum if distributed else None
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr,
                                   weight_decay=args.weight_decay)
@@ -218,20 +268,28 @@ def main(args) -> dict:
               "input_size": args.input_size, "epochs": args.epochs, "lr": args.lr,
               "batch_size": args.batch_size, "seed": args.seed, "device": str(device),
               "best_acc1": None, "best_epoch": None, "history": [], "seconds": None}
+    if distributed:
+        record["world_size"] = world_size
 
     for epoch in range(args.epochs):
         epoch_start = time.perf_counter()
+        if train_sampler is not None:
+            train_sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on all processes
         train_stats = train_one_epoch(model, loader_train, criterion, optimizer, scheduler,
-                                      device, epoch, args.epochs)
-        val_stats = evaluate(model, loader_val, criterion, device)
+                                      device, epoch, args.epochs, reduce=reduce,
+                                      show_progress=main_process)
+        val_stats = evaluate(net, loader_val, criterion, device, reduce=reduce,
+                             show_progress=main_process)
         # Plain CPU tensors with timm's keys: loadable anywhere with weights_only=True.
-        state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-        if args.save_every_epoch:
+        state = ({"model": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
+                 if main_process else None)
+        if args.save_every_epoch and main_process:
             save_checkpoint(state, output_dir / f"{savename}_{epoch}.pth")
         improved = record["best_acc1"] is None or val_stats["acc1"] > record["best_acc1"]
         if improved:
             record["best_acc1"], record["best_epoch"] = val_stats["acc1"], epoch
-            save_checkpoint(state, output_dir / f"{savename}_best.pth")
+            if main_process:
+                save_checkpoint(state, output_dir / f"{savename}_best.pth")
 
         seconds = time.perf_counter() - epoch_start
         record["history"].append({"epoch": epoch, "train_loss": train_stats["loss"],
@@ -239,14 +297,15 @@ def main(args) -> dict:
                                   "val_loss": val_stats["loss"], "val_acc1": val_stats["acc1"],
                                   "seconds": round(seconds, 2)})
         record["seconds"] = round(time.perf_counter() - started, 2)
-        write_json(record, output_dir / f"{savename}_finetune.json")
-        print(f"epoch {epoch}: train loss {train_stats['loss']:.4f}, "
-              f"val loss {val_stats['loss']:.4f}, val acc1 {val_stats['acc1']:.2f}% "
-              f"(best {record['best_acc1']:.2f}% at epoch {record['best_epoch']}), "
-              f"{seconds:.1f}s" + (" *" if improved else ""))
+        if main_process:
+            write_json(record, output_dir / f"{savename}_finetune.json")
+        log(f"epoch {epoch}: train loss {train_stats['loss']:.4f}, "
+            f"val loss {val_stats['loss']:.4f}, val acc1 {val_stats['acc1']:.2f}% "
+            f"(best {record['best_acc1']:.2f}% at epoch {record['best_epoch']}), "
+            f"{seconds:.1f}s" + (" *" if improved else ""))
 
-    print(f"best val acc1 {record['best_acc1']:.2f}% -> "
-          f"{output_dir / f'{savename}_best.pth'}")
+    log(f"best val acc1 {record['best_acc1']:.2f}% -> "
+        f"{output_dir / f'{savename}_best.pth'}")
     return record
 
 

@@ -23,7 +23,7 @@ from datasets import DATA_SETS, build_dataset
 from engine_for_finetuning import evaluate, evaluate_snn
 from model_vit import create_model, default_fc2_thresholds
 from trans_utils import (ConversionError, TestNeuron, convert_to_snn, get_modules,
-                         replace_test_by_testneuron)
+                         replace_test_by_testneuron, sync_calibration)
 
 THRESHOLD_KEYS = ('scale_p', 'scale_n')
 
@@ -62,7 +62,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--test_T', default=8, type=int, help='time steps of the SNN simulation')
     g.add_argument('--percent', default=0.99, type=float, help='calibration quantile')
     g.add_argument('--calib_batches', default=None, type=int,
-                   help='for_v: calibrate on the first N batches only (default: all)')
+                   help='for_v: calibrate on the first N batches only (default: all); under torchrun '
+                        'N in total, the same N batches as one process, dealt across the processes')
     g.add_argument('--linear_num', default=8, type=int, help='levels N of the neurons before linear layers')
     g.add_argument('--qkv_num', default=8, type=int, help='levels N of the q, k, v neurons')
     g.add_argument('--softmax_num', default=8, type=int, help='levels N of the neurons after softmax')
@@ -168,14 +169,28 @@ def fc2_thresholds(args, model):
 def main(args) -> dict:
     check_args(args)
     utils.seed_everything(args.seed)
-    device = utils.resolve_device(args.device)
+    # Under torchrun: one process per device; otherwise (rank 0 of 1) exactly a single process.
+    device, rank, world_size = utils.init_distributed(args.device)
+    distributed, main_process = world_size > 1, rank == 0
     dataset, _ = build_dataset(False, args)
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-                        pin_memory=device.type == 'cuda', drop_last=False)
+    if distributed:
+        # The single-process batches, dealt round-robin with no padding: every image counts once.
+        # --calib_batches keeps the first N of them (N in total, not per process).
+        batches = utils.ShardedBatchSampler(
+            len(dataset), args.batch_size, rank, world_size,
+            max_batches=args.calib_batches if args.test_mode == 'for_v' else None)
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers,
+                            pin_memory=device.type == 'cuda')
+    else:
+        loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                            pin_memory=device.type == 'cuda', drop_last=False)
+    reduce = utils.all_reduce_sum if distributed else None  # figures summed over processes
     model = build_model(args).to(device).eval()
-    show = not args.no_progress
+    show = not args.no_progress and main_process
     log_dir = Path(args.log_dir)
     record = {'test_mode': args.test_mode, 'model': args.model, 'data_set': args.data_set}
+    if distributed:
+        record['world_size'] = world_size
 
     if args.test_mode == 'snn':
         from trans_utils import SOPMonitor
@@ -186,44 +201,58 @@ def main(args) -> dict:
         except ConversionError as exc:
             raise utils.UserError(str(exc)) from None
         monitor = SOPMonitor(model) if args.monitor else None
-        log_path = log_dir / 'log_snn.txt'
-        utils.append_log(log_path, _header(args))
+        log_path = log_dir / 'log_snn.txt' if main_process else None
+        if main_process:
+            utils.append_log(log_path, _header(args))
         try:
             results = evaluate_snn(model, loader, device, args.test_T, log_path=log_path, amp=args.amp,
-                                   monitor=monitor, show_progress=show)
+                                   monitor=monitor, reduce=reduce, show_progress=show)
         finally:
             if monitor is not None:
                 monitor.remove()
         record.update(results)
-        _report_snn(results, log_path)
+        if main_process:
+            _report_snn(results, log_path)
     else:
-        log_path = log_dir / 'log_ann.txt'
-        utils.append_log(log_path, _header(args))
-        max_batches = args.calib_batches if args.test_mode == 'for_v' else None
+        log_path = log_dir / 'log_ann.txt' if main_process else None
+        if main_process:
+            utils.append_log(log_path, _header(args))
+        # Distributed, the sampler already holds only the first --calib_batches batches.
+        max_batches = args.calib_batches if args.test_mode == 'for_v' and not distributed else None
         results = evaluate(model, loader, device, log_path=log_path, amp=args.amp,
-                           max_batches=max_batches, desc=args.test_mode, show_progress=show)
+                           max_batches=max_batches, desc=args.test_mode, reduce=reduce,
+                           show_progress=show)
         record.update(results)
         line = (f'{args.test_mode}: {results["n"]} images, top-1 {results["acc1"]:.2f}%, '
                 f'top-5 {results["acc5"]:.2f}%, loss {results["loss"]:.4f}, {results["seconds"]:.1f} s')
-        print(line)
-        utils.append_log(log_path, line)
-        if args.test_mode == 'for_v':
+        if main_process:
+            print(line)
+            utils.append_log(log_path, line)
+        if args.test_mode == 'for_v' and distributed:
+            # Pool all processes' batch statistics: every process now holds the same thresholds.
+            sync_calibration(model, reduce)
+        if args.test_mode == 'for_v' and main_process:
             savename = args.savename or f'{args.model}_for_v'
             path = Path(args.output_dir) / f'{savename}.pth'
             utils.save_checkpoint({'model': {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
             record['checkpoint'] = str(path)
             print(f'thresholds of {len(get_modules(model, (TestNeuron,)))} places saved with the weights '
                   f'to {path}')
-    if args.results:
+    if args.results and main_process:
         utils.write_json(record, args.results)
         print(f'results written to {args.results}')
     return record
 
 
 def _header(args) -> str:
-    return (f'=== {time.strftime("%Y-%m-%d %H:%M:%S")} {args.test_mode} model={args.model} '
-            f'data_set={args.data_set} model_path={args.model_path} T={args.test_T} '
-            f'batch_size={args.batch_size} ===')
+    header = (f'=== {time.strftime("%Y-%m-%d %H:%M:%S")} {args.test_mode} model={args.model} '
+              f'data_set={args.data_set} model_path={args.model_path} T={args.test_T} '
+              f'batch_size={args.batch_size} ===')
+    world_size = utils.get_world_size()
+    if world_size > 1:
+        header += (f'\n(torchrun, {world_size} processes: the batch lines count process 0\'s share '
+                   'of the images; the final figures are the totals over all processes)')
+    return header
 
 
 def _report_snn(results: dict, log_path: Path) -> None:

@@ -198,6 +198,32 @@ class TestNeuron(nn.Module):
         return f'place={self.place}, percent={self.percent}, batches={self.num_batches}'
 
 
+def sync_calibration(model: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor]) -> int:
+    """Pool the ``for_v`` statistics of all processes into every process's TestNeurons.
+
+    ``reduce`` sums a tensor over processes (``utils.all_reduce_sum``). The per-batch sums and the
+    batch counts of every TestNeuron are summed in one collective, and ``scale_p``/``scale_n``
+    become the mean over all processes' batches, each batch weighted equally, as one process
+    seeing all of them would compute; every process ends with the same thresholds. A process that
+    saw no batch contributes zeros. Call it once, after calibration (calling again double-counts).
+    Returns the number of batches calibrated on, over all processes.
+    """
+    neurons = [m for m in model.modules() if isinstance(m, TestNeuron)]
+    if not neurons:
+        return 0
+    stats = torch.stack([torch.cat([n.sum_p, n.sum_n, torch.full_like(n.sum_p, n.num_batches)])
+                         for n in neurons])
+    stats = reduce(stats)
+    for neuron, (sum_p, sum_n, count) in zip(neurons, stats.unbind(0)):
+        neuron.sum_p.copy_(sum_p.reshape(1))
+        neuron.sum_n.copy_(sum_n.reshape(1))
+        neuron.num_batches = int(round(float(count)))
+        if neuron.num_batches:
+            neuron.scale_p.copy_(neuron.sum_p / neuron.num_batches)
+            neuron.scale_n.copy_(neuron.sum_n / neuron.num_batches)
+    return max(n.num_batches for n in neurons)
+
+
 # ---------------------------------------------------------------------------------------------
 # Multi-threshold neuron
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ fit the model, a malformed option) is raised as `UserError`; the entry scripts c
 from __future__ import annotations
 
 import ast
+import atexit
 import json
 import os
 import pickle
@@ -23,6 +24,8 @@ __all__ = [
     "load_checkpoint", "load_model_weights", "save_checkpoint",
     "write_json", "append_log",
     "accuracy", "seed_everything", "resolve_device", "parse_model_kwargs",
+    "init_distributed", "is_distributed", "get_rank", "get_world_size", "is_main_process",
+    "all_reduce_sum", "cleanup", "ShardedBatchSampler",
 ]
 
 
@@ -312,4 +315,139 @@ def parse_model_kwargs(items) -> dict:
 # --------------------------------------------------------------------------------------------
 # Distributed helpers
 # --------------------------------------------------------------------------------------------
-# (init_distributed_mode, is_main_process, get_rank, get_world_size, ... are added here later.)
+# One process per device, started by `torchrun` (torch.distributed's own launcher), which sets
+# RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT. A plain `python script.py` sets none
+# of them and runs exactly as a single process, with no process group.
+
+_OWN_PROCESS_GROUP = False  # whether init_distributed created the group (and cleanup ends it)
+
+
+def _torchrun_world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise UserError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
+
+
+def init_distributed(device_arg: str | None = None) -> tuple[torch.device, int, int]:
+    """Join the process group that torchrun set up; return (device, rank, world_size).
+
+    Without torchrun (or with a single process) nothing is initialised and this is
+    `(resolve_device(device_arg), 0, 1)`. Under torchrun every process takes one device:
+    cuda:LOCAL_RANK with the NCCL backend, or the CPU with gloo. `--device cuda` (or no
+    --device on a CUDA machine) means "my local GPU"; naming one index (cuda:1) is refused,
+    since all processes would share that GPU. A process group the caller already initialised
+    is used as it is (and left for the caller to destroy). The group this function creates
+    lives until `cleanup()`, called at exit at the latest, so a script may call it repeatedly.
+    """
+    global _OWN_PROCESS_GROUP
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        device = resolve_device(device_arg)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return device, rank, world_size
+    world_size = _torchrun_world_size()
+    if world_size <= 1:
+        return resolve_device(device_arg), 0, 1
+    if not dist.is_available():
+        raise UserError("WORLD_SIZE > 1 (torchrun) but this PyTorch build has no "
+                        "torch.distributed")
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_arg)
+    if device.type == "cuda":
+        if device_arg is not None and device.index is not None:
+            raise UserError(f"--device {device_arg} names one GPU, but torchrun starts one "
+                            "process per GPU: pass --device cuda (process i uses cuda:LOCAL_RANK)")
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank} has no GPU: this node has "
+                            f"{torch.cuda.device_count()}; lower --nproc_per_node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    elif device.type == "cpu":
+        dist.init_process_group("gloo")
+    else:
+        raise UserError(f"--device {device_arg}: distributed runs support cuda (NCCL) and "
+                        "cpu (gloo)")
+    _OWN_PROCESS_GROUP = True
+    atexit.register(cleanup)  # also after an error, so that NCCL shuts down cleanly
+    return device, rank, world_size
+
+
+def is_distributed() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0, and in a single-process run: the process that writes files and prints."""
+    return get_rank() == 0
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of `tensor` over all processes (a new tensor; `tensor` is left as it is).
+
+    Identity without a process group. gloo reduces CPU tensors only, so under gloo a tensor
+    on another device makes a round trip through the CPU. Every process must call this the
+    same number of times with tensors of the same shape and dtype.
+    """
+    if not is_distributed():
+        return tensor
+    dist = torch.distributed
+    cpu_only = dist.get_backend() == "gloo" and tensor.device.type != "cpu"
+    out = tensor.detach().to("cpu", copy=True) if cpu_only else tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(tensor.device) if cpu_only else out
+
+
+def cleanup() -> None:
+    """Leave the process group, if init_distributed created it."""
+    global _OWN_PROCESS_GROUP
+    if _OWN_PROCESS_GROUP and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _OWN_PROCESS_GROUP = False
+
+
+class ShardedBatchSampler(torch.utils.data.Sampler):
+    """Batches of an evaluation set in order, dealt round-robin to the processes; no padding.
+
+    The set is cut into the batches a single process would see ([0, B), [B, 2B), ...; the
+    last one may be short), optionally only the first `max_batches` of them; process `rank`
+    takes batches rank, rank + world_size, ... Every image is seen exactly once over all
+    processes, and every batch is the single-process batch, so per-batch figures (calibration
+    quantiles included) are those of a single-process run. Processes may get one batch more
+    than others, or none at all when there are fewer batches than processes.
+    Use as `DataLoader(dataset, batch_sampler=ShardedBatchSampler(...))`.
+    """
+
+    def __init__(self, size: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 max_batches: int | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.size, self.batch_size = int(size), int(batch_size)
+        self.rank, self.world_size = rank, world_size
+        total = -(-self.size // self.batch_size)
+        self.total_batches = total if max_batches is None else min(total, max_batches)
+
+    def __iter__(self):
+        for index in range(self.rank, self.total_batches, self.world_size):
+            start = index * self.batch_size
+            yield list(range(start, min(start + self.batch_size, self.size)))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.total_batches, self.world_size))
