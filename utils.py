@@ -66,10 +66,16 @@ def load_checkpoint(path) -> dict[str, torch.Tensor]:
         raise UserError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise UserError(f"checkpoint path is not a file: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (protocol 2+: 0x80).
+    if not (magic.startswith(b"PK") or magic.startswith(b"\x80")):
+        raise UserError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive "
+                        "nor a legacy pickle)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only" in str(err).lower():
+        if "unsupported global" in str(err).lower():
             raise UserError(
                 f"checkpoint {path} contains pickled Python objects besides tensors "
                 "(e.g. an argparse.Namespace) and cannot be loaded safely; re-save only its "

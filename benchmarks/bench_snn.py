@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import threading
@@ -34,43 +33,93 @@ from trans_utils import (convert_to_snn, fast_neuron_enabled, replace_test_by_te
 
 class PeakMemory:
     """Peak memory above the level at entry: CUDA allocator statistics, or on the CPU the
-    process's resident set size sampled every millisecond by a thread."""
+    process's peak resident set size (Linux: VmHWM, reset at entry through /proc/self/clear_refs;
+    elsewhere a thread sampling the resident set size every millisecond)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak_bytes = 0
 
     @staticmethod
-    def _rss() -> int:
-        with open('/proc/self/statm') as f:
-            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+    def _status(field: str) -> int:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(field + ':'):
+                    return int(line.split()[1]) * 1024
+        raise KeyError(field)
 
     def __enter__(self):
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            self.base = self._rss()
-            self.max_rss = self.base
-            self.running = True
+            return self
+        self.base = self._status('VmRSS')
+        try:
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')  # reset the peak resident set size to the current one
+            self.thread = None
+        except OSError:
+            self.max_rss, self.running = self.base, True
             self.thread = threading.Thread(target=self._sample, daemon=True)
             self.thread.start()
         return self
 
     def _sample(self) -> None:
         while self.running:
-            self.max_rss = max(self.max_rss, self._rss())
+            self.max_rss = max(self.max_rss, self._status('VmRSS'))
             time.sleep(0.001)
 
     def __exit__(self, *exc) -> None:
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.base
+        elif self.thread is None:
+            self.peak_bytes = self._status('VmHWM') - self.base
         else:
             self.running = False
             self.thread.join()
-            self.peak_bytes = max(self.max_rss, self._rss()) - self.base
+            self.peak_bytes = max(self.max_rss, self._status('VmRSS')) - self.base
+
+
+def measure_peak_memory(args, device: torch.device):
+    """Peak memory of one ANN batch and of one SNN batch (T steps), in bytes above the weights and
+    the inputs. On the CPU this runs in a fresh process in which glibc serves every block of
+    64 KiB or more with mmap, so that freed memory leaves the resident set at once and the peak
+    resident set size is the peak of live tensors (in this process it would hide in freed blocks
+    and would slow the timed passes down)."""
+    if device.type == 'cuda':
+        return _peak_memory(args, device)
+    import subprocess
+    command = [sys.executable, __file__, '--memory_only', *sys.argv[1:]]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    peaks = json.loads(out.strip().splitlines()[-1])
+    return peaks['ann'], peaks['snn']
+
+
+@torch.no_grad()
+def _peak_memory(args, device: torch.device):
+    kwargs = utils.parse_model_kwargs(args.model_kwargs)
+    model = create_model(args.model, img_size=args.input_size, num_classes=args.nb_classes, **kwargs)
+    model = model.to(device).eval()
+    images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    model(images)
+    with PeakMemory(device) as ann:
+        model(images)
+    replace_test_by_testneuron(model, 0.99)
+    model(images)
+    convert_to_snn(model, fc2_thresholds=None if args.fc2_calibrated else (0.25, 0.08))
+
+    def snn_batch():
+        reset_net(model)
+        for _ in range(args.T):
+            model(images)
+        reset_net(model)
+
+    snn_batch()  # compile first
+    with PeakMemory(device) as snn:
+        snn_batch()
+    return ann.peak_bytes, snn.peak_bytes
 
 
 def sync(device: torch.device) -> None:
@@ -91,6 +140,15 @@ def timed_pass(fn, batches, device) -> float:
 def main(args) -> dict:
     device = utils.resolve_device(args.device)
     set_fast_neuron(not args.no_compile)
+    if args.memory_only:
+        try:
+            import ctypes
+            ctypes.CDLL('libc.so.6').mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: 64 KiB
+        except (OSError, AttributeError):
+            pass
+        ann, snn = _peak_memory(args, device)
+        print(json.dumps({'ann': ann, 'snn': snn}))
+        return {'ann': ann, 'snn': snn}
     torch.manual_seed(args.seed)
     kwargs = utils.parse_model_kwargs(args.model_kwargs)
     model = create_model(args.model, img_size=args.input_size, num_classes=args.nb_classes, **kwargs)
@@ -104,8 +162,6 @@ def main(args) -> dict:
     with torch.no_grad(), ctx:
         model(batches[0])  # warm-up
         ann_times = [timed_pass(model, batches, device) for _ in range(args.reps)]
-        with PeakMemory(device) as ann_mem:
-            ann_logits = [model(b).float() for b in batches[:1]]
         ann_logits = [model(b).float() for b in batches]
 
         replace_test_by_testneuron(model, 0.99)
@@ -128,8 +184,8 @@ def main(args) -> dict:
         for pred, ref in zip(snn_preds, ann_logits):
             agree += (pred == ref.argmax(-1)).sum()
         warm_times = [timed_pass(snn_batch, batches, device) for _ in range(args.reps)]
-        with PeakMemory(device) as snn_mem:
-            snn_batch(batches[0])
+        result_mem = measure_peak_memory(args, device)
+
 
     ann = statistics.median(ann_times)
     warm = statistics.median(warm_times)
@@ -142,7 +198,8 @@ def main(args) -> dict:
         'snn_cold_seconds': cold, 'snn_warm_seconds': warm,
         'snn_over_T_ann_cold': cold / (args.T * ann), 'snn_over_T_ann_warm': warm / (args.T * ann),
         'calibration_over_ann': calib_seconds / ann,
-        'ann_peak_mib': ann_mem.peak_bytes / 2**20, 'snn_peak_mib': snn_mem.peak_bytes / 2**20,
+        'ann_peak_mib': result_mem[0] / 2**20, 'snn_peak_mib': result_mem[1] / 2**20,
+        'snn_over_ann_peak_memory': result_mem[1] / max(result_mem[0], 1),
         'snn_ann_top1_agreement': float(agree) / images,
     }
     if args.json:
@@ -155,7 +212,8 @@ def main(args) -> dict:
         print(f'  SNN, T steps, cold      {cold:8.2f} s   x{result["snn_over_T_ann_cold"]:.2f} of T x ANN '
               '(first pass: includes compilation)')
         print(f'  SNN, T steps, warm      {warm:8.2f} s   x{result["snn_over_T_ann_warm"]:.2f} of T x ANN')
-        print(f'  peak memory, one batch  ANN {result["ann_peak_mib"]:.0f} MiB, SNN {result["snn_peak_mib"]:.0f} MiB')
+        print(f'  peak memory, one batch  ANN {result["ann_peak_mib"]:.0f} MiB, SNN {result["snn_peak_mib"]:.0f} MiB '
+              f'(x{result["snn_over_ann_peak_memory"]:.1f}; above the weights and inputs)')
         print(f'  SNN/ANN top-1 agreement {100 * result["snn_ann_top1_agreement"]:.1f}% '
               '(random weights and images)')
     return result
@@ -177,6 +235,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--fc2_calibrated', action='store_true', help='use calibrated fc2 thresholds')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--json', action='store_true', help='print one JSON line')
+    p.add_argument('--memory_only', action='store_true', help=argparse.SUPPRESS)
     return p
 
 
