@@ -82,11 +82,41 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--seed', default=0, type=int)
     g.add_argument('--output_dir', default='output', type=str, help='where for_v writes its checkpoint')
     g.add_argument('--savename', default=None, type=str,
-                   help='for_v checkpoint name (default: <model>_for_v); written as <output_dir>/<savename>.pth')
+                   help='for_v: checkpoint name (default: <model>_for_v), written as '
+                        '<output_dir>/<savename>.pth; snn: name of the reports (default: the --model_path '
+                        'file name without extension plus _snn, e.g. vit_for_v.pth -> vit_for_v_snn): '
+                        '<output_dir>/<savename>_layers.csv, with --level_batches _levels.json, with --plot '
+                        '_accuracy.png, _energy.png, _layer_rates.png')
     g.add_argument('--log_dir', default='.', type=str, help='folder of log_ann.txt / log_snn.txt')
     g.add_argument('--results', default=None, type=str, help='write the run\'s figures as JSON to this file')
     g.add_argument('--no_progress', action='store_true', help='no progress bars')
+
+    g = parser.add_argument_group('snn reports (with --monitor)')
+    g.add_argument('--level_batches', default=0, type=_level_batches, metavar='N|all',
+                   help="count the MT neurons' spikes per level on the first N batches (or all) and write "
+                        '<savename>_levels.json, which shows whether all N levels are used (default 0: not '
+                        'counted; per batch, the histograms cost about twice as much as all SOP counts, '
+                        'and 1 batch is usually enough)')
+    g.add_argument('--plot', action='store_true',
+                   help='snn: draw accuracy, energy and per-layer firing rate against the time step as PNG '
+                        'files in --output_dir (needs matplotlib)')
+    g.add_argument('--ann_results', default=None, type=str, metavar='PATH',
+                   help="snn: the --results JSON of a --test_mode ann run; its top-1 is drawn as the ANN's "
+                        'line in the accuracy figure (otherwise no ANN line is drawn)')
     return parser
+
+
+def _level_batches(text: str):
+    """--level_batches: a count >= 0, or 'all' (None)."""
+    if text == 'all':
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of batches or 'all', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be >= 0, got {value}')
+    return value
 
 
 def check_args(args) -> None:
@@ -193,14 +223,22 @@ def main(args) -> dict:
         record['world_size'] = world_size
 
     if args.test_mode == 'snn':
+        import report
         from trans_utils import SOPMonitor
+        savename = args.savename or f'{Path(args.model_path).stem}_snn'
+        # Refuse a missing matplotlib or a bad ANN record now, not after the long simulation.
+        ann_acc1 = report.read_ann_accuracy(args.ann_results) if args.ann_results else None
+        if args.plot:
+            report.require_matplotlib()
         try:
             convert_to_snn(model, linear_num=args.linear_num, qkv_num=args.qkv_num,
                            softmax_num=args.softmax_num, softmax_p=args.softmax_p,
                            fc2_thresholds=fc2_thresholds(args, model))
         except ConversionError as exc:
             raise utils.UserError(str(exc)) from None
-        monitor = SOPMonitor(model) if args.monitor else None
+        count_levels = args.level_batches != 0
+        monitor = (SOPMonitor(model, count_levels=count_levels, level_batches=args.level_batches or None)
+                   if args.monitor else None)
         log_path = log_dir / 'log_snn.txt' if main_process else None
         if main_process:
             utils.append_log(log_path, _header(args))
@@ -211,8 +249,18 @@ def main(args) -> dict:
             if monitor is not None:
                 monitor.remove()
         record.update(results)
+        if ann_acc1 is not None:
+            record['ann_acc1'] = ann_acc1
         if main_process:
             _report_snn(results, log_path)
+        # Every process takes part in the reductions; the first one writes the files.
+        entries, lines = report.write_snn_reports(
+            results, args.output_dir, savename, monitor, levels=count_levels, plot=args.plot,
+            ann_acc1=ann_acc1, reduce=reduce, write=main_process)
+        record.update(entries)
+        for line in lines:
+            print(line)
+            utils.append_log(log_path, line)
     else:
         log_path = log_dir / 'log_ann.txt' if main_process else None
         if main_process:

@@ -33,6 +33,7 @@ __all__ = [
     'replace_nonlinear_by_neuron', 'replace_at_by_neuron', 'convert_to_snn', 'get_modules',
     'reset_net', 'set_fast_neuron', 'threshold_config', 'EC_MODULE_TYPES', 'register_snn_modules',
     'check_fully_converted', 'BaseMonitor', 'SOPMonitor', 'product_nonzero_macs',
+    'spike_level_counts',
 ]
 
 #: Placeholder kinds, in the order they appear in a transformer block (ECMT_SPEC section 2).
@@ -126,6 +127,8 @@ def tail_quantiles(x: torch.Tensor, percent: float) -> Tuple[torch.Tensor, torch
     one pass and the statistics are selected among them. The counts prove the bounds right;
     otherwise (an unlucky sample) the full selection is used, so the result is always exact.
     """
+    if not 0.0 < percent <= 1.0:
+        raise ValueError(f'percent must be in (0, 1], got {percent}')
     x = x.detach()
     if x.dtype != torch.float32:
         x = x.float()
@@ -257,34 +260,49 @@ def mt_fire(membrane: torch.Tensor, theta_p: torch.Tensor, theta_n: torch.Tensor
     return torch.where(positive, spike, -spike)
 
 
-def _mt_fire_levels(membrane: torch.Tensor, theta_p: torch.Tensor, theta_n: torch.Tensor,
-                    levels: int) -> torch.Tensor:
-    """The same spike as :func:`mt_fire`, found by comparing |v| with every level's threshold.
-    More element-wise work than the closed form, but free of transcendental functions, so it
-    vectorises fully once fused into one kernel (the fused path); thresholds grow with j, so the
-    last level passed is the largest that fires."""
-    positive = membrane > 0
-    theta = torch.where(positive, theta_p, theta_n)
-    magnitude = membrane.abs()
-    spike = torch.zeros_like(membrane)
-    for j in range(levels):
-        scale = float(2 ** j)
-        spike = torch.where(magnitude >= theta * scale - theta * 0.5, theta * scale, spike)
-    spike = torch.where(theta > 0, spike, torch.zeros_like(spike))
-    return torch.where(positive, spike, -spike)
+def level_table(theta_p: torch.Tensor, theta_n: torch.Tensor, levels: int,
+                width: Optional[int] = None) -> torch.Tensor:
+    """[4, width] float32: per level j, the positive threshold θp·2^j − θp/2, the positive spike
+    θp·2^j, the negative threshold and spike (same with θn). Thresholds of levels j >= ``levels``
+    (padding up to ``width``) and of a side whose θ is not positive are NaN: never reached."""
+    width = width or _level_width(levels)
+    theta_p = torch.as_tensor(theta_p, dtype=torch.float32).reshape(())
+    theta_n = torch.as_tensor(theta_n, dtype=torch.float32).reshape(()).to(theta_p.device)
+    j = torch.arange(width, dtype=torch.float32, device=theta_p.device)
+    scale = torch.exp2(j)  # exact powers of two
+    rows = []
+    for theta in (theta_p, theta_n):
+        threshold = theta * scale - theta * 0.5  # the rule's own expression: same rounding
+        threshold = torch.where((theta > 0) & (j < levels), threshold, torch.full_like(threshold, math.nan))
+        rows += [threshold, theta * scale]
+    return torch.stack(rows)
+
+
+def _level_width(levels: int) -> int:
+    # Levels are padded to a power of two (at least 8) so that one fused kernel serves many N.
+    return max(8, 1 << (int(levels) - 1).bit_length())
+
+
+def _mt_step_table(membrane: torch.Tensor, x: torch.Tensor, table: torch.Tensor
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One MT step on flat tensors, by comparing v with every level's threshold in turn: more
+    element-wise work than the closed form, but only comparisons and selections, so it
+    vectorises fully once fused into one kernel. Thresholds grow with j, so the last level
+    passed is the largest that fires; NaN thresholds never pass."""
+    membrane = membrane + x
+    up = torch.zeros_like(membrane)
+    down = torch.zeros_like(membrane)
+    for j in range(table.shape[1]):
+        up = torch.where(membrane >= table[0, j], table[1, j], up)
+        down = torch.where(-membrane >= table[2, j], table[3, j], down)
+    spike = up - down
+    return spike, membrane - spike
 
 
 def _mt_step_eager(membrane: torch.Tensor, x: torch.Tensor, theta_p: torch.Tensor,
                    theta_n: torch.Tensor, levels: int) -> Tuple[torch.Tensor, torch.Tensor]:
     membrane = membrane + x
     spike = mt_fire(membrane, theta_p, theta_n, levels)
-    return spike, membrane - spike
-
-
-def _mt_step_fused(membrane: torch.Tensor, x: torch.Tensor, theta_p: torch.Tensor,
-                   theta_n: torch.Tensor, levels: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    membrane = membrane + x
-    spike = _mt_fire_levels(membrane, theta_p, theta_n, levels)
     return spike, membrane - spike
 
 
@@ -312,6 +330,11 @@ def _fused(fn: Callable, *args, eager: Optional[Callable] = None):
     if _COMPILE and not torch.jit.is_scripting():
         compiled = _compiled.get(fn)
         if compiled is None:
+            # Every level count (a loop bound) and tensor layout is a graph of its own; dynamo's
+            # default of 8 graphs per function would end fusing for good in a sweep of levels.
+            config = torch._dynamo.config
+            limit = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'
+            setattr(config, limit, max(getattr(config, limit), 64))
             compiled = _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
         try:
             return compiled(*args)
@@ -323,8 +346,7 @@ def _fused(fn: Callable, *args, eager: Optional[Callable] = None):
     return (eager or fn)(*args)
 
 
-def _mt_step(membrane, x, theta_p, theta_n, levels):
-    return _fused(_mt_step_fused, membrane, x, theta_p, theta_n, levels, eager=_mt_step_eager)
+
 
 
 class TwoSideNeuron(StatefulModule):
@@ -353,21 +375,28 @@ class TwoSideNeuron(StatefulModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
-        membrane = self.membrane if self.membrane is not None else torch.zeros_like(x)
-        spike, self.membrane = _mt_step(membrane, x, self.scale_p, self.scale_n, self.levels)
+        if _COMPILE:
+            # Flat, contiguous tensors and padded level tables: one fused kernel for every
+            # shape, layout and N up to 8 (a handful of compilations in all, not one per layer).
+            flat = x.reshape(-1)
+            if self.membrane is None:
+                self.table = level_table(self.scale_p, self.scale_n, self.levels)
+                membrane = torch.zeros_like(flat)
+            else:
+                membrane = self.membrane.reshape(-1)
+            spike, membrane = _fused(_mt_step_table, membrane, flat, self.table, eager=_mt_step_table)
+            spike, self.membrane = spike.view(x.shape), membrane.view(x.shape)
+        else:
+            membrane = self.membrane if self.membrane is not None else torch.zeros_like(x)
+            spike, self.membrane = _mt_step_eager(membrane, x, self.scale_p, self.scale_n, self.levels)
         if self.count_levels:
             self._count(spike)
         return spike
 
     @torch.no_grad()
     def _count(self, spike: torch.Tensor) -> None:
-        if self.level_counts is None:
-            self.level_counts = torch.zeros(2, self.levels, dtype=torch.int64, device=spike.device)
-        for row, (sign, theta) in enumerate(((spike > 0, self.scale_p), (spike < 0, self.scale_n))):
-            magnitude = spike.abs()[sign]
-            if magnitude.numel():
-                level = torch.round(torch.log2(magnitude / theta)).long().clamp_(0, self.levels - 1)
-                self.level_counts[row] += torch.bincount(level, minlength=self.levels)
+        counts = spike_level_counts(spike, self.scale_p, self.scale_n, self.levels)
+        self.level_counts = counts if self.level_counts is None else self.level_counts + counts
 
     def extra_repr(self) -> str:
         return (f'place={self.place}, levels={self.levels}, '
@@ -389,12 +418,6 @@ def _ec_gelu_tanh(cum, x, prev, steps: int):
     return cum, total, total - prev
 
 
-def _ec_softmax_last(cum, x, prev, steps: int):
-    cum = cum + x
-    total = torch.softmax(cum / steps, dim=-1) * steps
-    return cum, total, total - prev
-
-
 def _ec_layer_norm(cum, x, prev, steps: int, weight, bias, eps: float):
     cum = cum + x
     total = torch.nn.functional.layer_norm(cum / steps, weight.shape, weight, bias, eps) * steps
@@ -412,8 +435,8 @@ def _fused_ec_kind(module: nn.Module):
         return (_ec_gelu, ()) if getattr(module, 'approximate', 'none') == 'none' else (_ec_gelu_tanh, ())
     if GELUTanh and type(module) is GELUTanh:
         return _ec_gelu_tanh, ()
-    if type(module) is nn.Softmax and module.dim in (-1,):
-        return _ec_softmax_last, ()
+    # Softmax stays unfused: inductor's CPU kernel for a row softmax of dynamic length is slower
+    # than the eager steps together (measured: 10.7 ms against about 3.5 ms on 811k elements).
     if (type(module) is nn.LayerNorm or (TimmLayerNorm and type(module) is TimmLayerNorm
                                          and not getattr(module, '_fast_norm', False))) \
             and module.elementwise_affine and module.weight is not None and module.bias is not None \
@@ -428,8 +451,8 @@ class exp_comp_neuron(StatefulModule):
     With A the running sum of inputs after step t, the output is ``t*f(A/t) - (t-1)*f(A'/(t-1))``,
     so the outputs summed over steps 1..t are ``t * f(mean input)``. f is evaluated once per step:
     the previous ``(t-1)*f(A'/(t-1))`` is remembered. The wrapped module is ``self.module``.
-    GELU, softmax over the last dimension and LayerNorm run as one fused step (see
-    :func:`set_fast_neuron`); any other module is called as it is.
+    GELU and LayerNorm run as one fused step (see :func:`set_fast_neuron`); any other module
+    (softmax among them) is called as it is.
     """
 
     def __init__(self, module: nn.Module) -> None:
@@ -449,8 +472,12 @@ class exp_comp_neuron(StatefulModule):
         fused = self._fused_kind if self.steps > 1 and _COMPILE else None
         if fused is not None and not torch.is_autocast_enabled(x.device.type):
             step_fn, extra = fused
-            self.cum_input, total, out = _fused(step_fn, self.cum_input, x, self.prev_total,
-                                                self.steps, *extra)
+            # 2-D views (rows x last dim; GELU works on any): one kernel for every rank and layout.
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1]) if x.dim() else x.reshape(1, 1)
+            cum, total, out = _fused(step_fn, self.cum_input.reshape(x2.shape), x2,
+                                     self.prev_total.reshape(x2.shape), self.steps, *extra)
+            self.cum_input, total, out = cum.view(shape), total.view(shape), out.view(shape)
         else:
             self.cum_input = x.clone() if self.cum_input is None else self.cum_input + x
             total = self.module(self.cum_input / self.steps).float() * self.steps
@@ -711,6 +738,57 @@ def product_nonzero_macs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (cols * rows).sum(dtype=torch.float64)
 
 
+def _nonzero_count(x: torch.Tensor) -> torch.Tensor:
+    # Not torch.count_nonzero: fused by torch.compile this is ~20x faster on CPU.
+    return (x != 0).sum()
+
+
+def _product_sops(a: torch.Tensor, b: torch.Tensor, cum_a: torch.Tensor, cum_b: torch.Tensor) -> torch.Tensor:
+    """nz(a)·nz(b) + nz(a)·nz(B) + nz(A)·nz(b) of an EC product, as :func:`product_nonzero_macs`
+    three times, but with each operand's non-zero counts taken once (four passes, not six)."""
+    cols_a = (a != 0).sum(dim=-2, dtype=torch.float32).double()
+    cols_cum_a = (cum_a != 0).sum(dim=-2, dtype=torch.float32).double()
+    rows_b = (b != 0).sum(dim=-1, dtype=torch.float32).double()
+    rows_cum_b = (cum_b != 0).sum(dim=-1, dtype=torch.float32).double()
+    return (cols_a * (rows_b + rows_cum_b) + cols_cum_a * rows_b).sum()
+
+
+def _spike_level_index(spike: torch.Tensor, theta_p: torch.Tensor, theta_n: torch.Tensor,
+                       levels: int) -> torch.Tensor:
+    """Per element: j for a spike +theta_p*2^j, levels + j for -theta_n*2^j, 2*levels for none.
+    Spikes are exact multiples theta*2^j, so comparing with 0.75*theta*2^j finds j; comparisons
+    (no log2) vectorise fully once fused."""
+    positive = spike > 0
+    theta = torch.where(positive, theta_p, theta_n)
+    magnitude = spike.abs()
+    level = torch.zeros_like(magnitude)
+    for j in range(1, levels):
+        level = level + (magnitude >= theta * (0.75 * 2 ** j)).to(magnitude.dtype)
+    index = torch.where(positive, level, level + levels)
+    index = torch.where(spike == 0, torch.full_like(index, 2 * levels), index)
+    return index.to(torch.uint8 if 2 * levels < 256 else torch.int64)
+
+
+def _spike_level_index_eager(spike, theta_p, theta_n, levels: int) -> torch.Tensor:
+    # Unfused, one log2 is cheaper than levels - 1 comparisons.
+    positive = spike > 0
+    theta = torch.where(positive, theta_p, theta_n)
+    level = torch.round(torch.log2(spike.abs() / theta)).clamp_(0, levels - 1)
+    index = torch.where(positive, level, level + levels)
+    return torch.where(spike == 0, torch.full_like(index, 2 * levels), index).long()
+
+
+def spike_level_counts(spike: torch.Tensor, theta_p: torch.Tensor, theta_n: torch.Tensor,
+                       levels: int) -> torch.Tensor:
+    """[2, levels] int64: how many elements of ``spike`` are +theta_p*2^j (row 0) and
+    -theta_n*2^j (row 1), for j = 0..levels-1; one histogram of a combined index."""
+    # Flat: one compiled kernel for spikes of every shape and layout.
+    index = _fused(_spike_level_index, spike.reshape(-1), theta_p, theta_n, levels,
+                   eager=_spike_level_index_eager)
+    counts = torch.bincount(index, minlength=2 * levels + 1)
+    return counts[:2 * levels].view(2, levels)
+
+
 class BaseMonitor:
     """Forward hooks on chosen modules, removed by :meth:`remove` (or on leaving a ``with``)."""
 
@@ -737,15 +815,25 @@ class SOPMonitor(BaseMonitor):
     SOPs = nz(a)·nz(b) + nz(a)·nz(B) + nz(A)·nz(b), each the multiply-adds whose two factors are
     non-zero; dense = the product's multiply-adds. Firing rate after t steps
     r_t = SOPs(1..t) / dense(1..t) over all layers and images; energy relative to the ANN
-    E_t = t · (0.9/4.6) · r_t (ECMT_SPEC 8). Counts stay on the device (no host sync per step).
+    E_t = t · (0.9/4.6) · r_t (ECMT_SPEC 8). Counts come from non-zero counts per tensor, row and
+    column (fused by ``torch.compile`` like the neurons), stay on the device (no host sync per
+    step), and add up over all batches.
 
-    The evaluation loop sets ``monitor.step`` (0-based) before each step.
-    ``count_levels=True`` also counts the MT neurons' spikes per level.
+    The evaluation loop calls :meth:`new_batch` before each batch and sets ``monitor.step``
+    (0-based) before each step. ``count_levels=True`` also counts the MT neurons' spikes per
+    level, on the first ``level_batches`` batches only (None: all); a histogram per neuron and
+    step costs more than all the SOP counts together.
     """
 
-    def __init__(self, model: nn.Module, count_levels: bool = False) -> None:
+    def __init__(self, model: nn.Module, count_levels: bool = False,
+                 level_batches: Optional[int] = None) -> None:
         super().__init__()
+        if level_batches is not None and level_batches < 1:
+            raise ValueError(f'level_batches must be >= 1 or None, got {level_batches}')
         self.step = 0
+        self.batches = 0
+        self.count_levels = bool(count_levels)
+        self.level_batches = level_batches
         self.names: List[str] = []
         self.kinds: List[str] = []
         self.sops: Optional[torch.Tensor] = None    # [layers, steps] float64
@@ -757,7 +845,7 @@ class SOPMonitor(BaseMonitor):
                 self._watch(name, module, 'product', self._product_hook)
         self.neurons = [(n, m) for n, m in model.named_modules() if isinstance(m, TwoSideNeuron)]
         for _, neuron in self.neurons:
-            neuron.count_levels = count_levels
+            neuron.count_levels = self.count_levels
             neuron.level_counts = None
 
     def _watch(self, name: str, module: nn.Module, kind: str, hook: Callable) -> None:
@@ -768,7 +856,19 @@ class SOPMonitor(BaseMonitor):
             lambda mod, inputs, output, index=index: hook(index, mod, inputs, output)))
 
     def new_batch(self) -> None:
-        """Nothing to do between batches: the counts add up over all of them."""
+        """Counts add up over batches; only level counting stops after ``level_batches``."""
+        self.batches += 1
+        if self.count_levels and self.level_batches is not None:
+            counting = self.batches <= self.level_batches
+            for _, neuron in self.neurons:
+                neuron.count_levels = counting
+
+    @property
+    def level_batches_counted(self) -> int:
+        """Batches whose spikes the level counts cover."""
+        if not self.count_levels:
+            return 0
+        return self.batches if self.level_batches is None else min(self.batches, self.level_batches)
 
     def _add(self, index: int, sops: torch.Tensor, dense: float, device) -> None:
         steps = self.step + 1
@@ -784,14 +884,16 @@ class SOPMonitor(BaseMonitor):
 
     def _linear_hook(self, index, module, inputs, output) -> None:
         x = inputs[0]
-        nonzero = torch.count_nonzero(x).to(torch.float64)
+        # Flat, so that inputs of every rank share one compiled kernel.
+        nonzero = _fused(_nonzero_count, x.reshape(-1))
         self._add(index, nonzero * module.out_features, float(x.numel()) * module.out_features, x.device)
 
     def _product_hook(self, index, module, inputs, output) -> None:
         a, b = inputs
-        cum_a, cum_b = module.cum_a, module.cum_b
-        sops = (product_nonzero_macs(a, b) + product_nonzero_macs(a, cum_b)
-                + product_nonzero_macs(cum_a, b))
+        # Contiguous operands (k arrives transposed, v not): one compiled kernel serves both
+        # products; the copy costs less than a second compilation.
+        sops = _fused(_product_sops, a.contiguous(), b.contiguous(), module.cum_a.contiguous(),
+                      module.cum_b.contiguous())
         dense = float(output.numel()) * a.shape[-1]
         self._add(index, sops, dense, a.device)
 
@@ -832,10 +934,14 @@ class SOPMonitor(BaseMonitor):
         for name, neuron in self.neurons:
             counts = neuron.level_counts
             if counts is None:
-                continue
+                if not self.count_levels:
+                    continue
+                # Saw no batch here; zeros keep a distributed reduction in step with the others.
+                counts = torch.zeros(2, neuron.levels, dtype=torch.int64, device=neuron.scale_p.device)
             counts = reduce(counts.clone()) if reduce is not None else counts
             counts = counts.cpu()
             out.append({'neuron': name, 'place': neuron.place, 'levels': neuron.levels,
+                        'scale_p': float(neuron.scale_p), 'scale_n': float(neuron.scale_n),
                         'positive': counts[0].tolist(), 'negative': counts[1].tolist()})
         return out
 
