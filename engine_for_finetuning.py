@@ -33,6 +33,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _batches(data_loader: Iterable, device: torch.device, max_batches: Optional[int]):
+    """(index, images, targets) on ``device`` for the first ``max_batches`` batches (or all)."""
+    for index, (images, target) in enumerate(data_loader):
+        if max_batches is not None and index >= max_batches:
+            break
+        yield index, images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+
+
 def _percent(count: torch.Tensor, n: int) -> float:
     return 100.0 * float(count) / max(n, 1)
 
@@ -58,11 +66,7 @@ def evaluate(model: nn.Module, data_loader: Iterable, device: torch.device, *,
     bar = tqdm(total=total_batches, desc=desc, unit='batch', disable=not show_progress, dynamic_ncols=True)
     _sync(device)
     start = time.perf_counter()
-    for index, (images, target) in enumerate(data_loader):
-        if max_batches is not None and index >= max_batches:
-            break
-        images = images.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
+    for index, images, target in _batches(data_loader, device, max_batches):
         with autocast_context(device, amp):
             output = model(images)
         output = output.float()
@@ -112,11 +116,7 @@ def evaluate_snn(model: nn.Module, data_loader: Iterable, device: torch.device, 
                dynamic_ncols=True)
     _sync(device)
     start = time.perf_counter()
-    for index, (images, target) in enumerate(data_loader):
-        if max_batches is not None and index >= max_batches:
-            break
-        images = images.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
+    for index, images, target in _batches(data_loader, device, max_batches):
         reset_net(model)
         if monitor is not None:
             monitor.new_batch()
