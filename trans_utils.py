@@ -28,7 +28,7 @@ import torch.nn as nn
 
 __all__ = [
     'PLACES', 'ConversionError', 'StatefulModule', 'MyTestPlace', 'TestNeuron', 'TwoSideNeuron',
-    'exp_comp_neuron', 'MyAt', 'AtNeuron', 'mt_fire', 'kth_smallest', 'tail_quantiles',
+    'exp_comp_neuron', 'MyAt', 'AtNeuron', 'mt_fire', 'tail_quantiles',
     'replace_test_by_testneuron', 'replace_testneuron_by_twosideneuron',
     'replace_nonlinear_by_neuron', 'replace_at_by_neuron', 'convert_to_snn', 'get_modules',
     'reset_net', 'set_fast_neuron', 'threshold_config', 'EC_MODULE_TYPES', 'register_snn_modules',
@@ -86,12 +86,6 @@ class MyTestPlace(nn.Module):
 
     def extra_repr(self) -> str:
         return f'place={self.place}'
-
-
-def kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Exact k-th smallest element (1-based) of ``x`` flattened, as a 0-dim float32 tensor."""
-    flat = x.reshape(-1)
-    return torch.kthvalue(flat.float(), k).values
 
 
 # Tensors up to this size take the plain selection; larger ones the candidate-set path.
