@@ -62,6 +62,17 @@ def calibrate(model, batches=3, seed=2):
     return model
 
 
+def calibrate_and_convert(model):
+    """Calibrate ``model`` on random images, convert it with 16 levels everywhere, and return a
+    fixed input with the ANN's logits on it (taken before the conversion)."""
+    calibrate(model)
+    x = images()
+    with torch.no_grad():
+        ann = model(x)
+    convert_to_snn(model, linear_num=16, qkv_num=16, softmax_num=16, fc2_thresholds=None)
+    return x, ann
+
+
 def run_snn(model, x, steps):
     """Per-step running mean of the head's outputs: [sum_{s<=t} out_s / t for t in 1..steps]."""
     reset_net(model)
@@ -110,11 +121,7 @@ FIDELITY_BOUND_T32 = {'vit_cls_token': 0.1, 'deit': 0.1, 'vit_layerscale_qknorm'
 @pytest.mark.parametrize('config', CONFIGS)
 def test_snn_fidelity(config, eager_neuron):
     model, _ = build(config)
-    calibrate(model)
-    x = images()
-    with torch.no_grad():
-        ann = model(x)
-    convert_to_snn(model, linear_num=16, qkv_num=16, softmax_num=16, fc2_thresholds=None)
+    x, ann = calibrate_and_convert(model)
     means = run_snn(model, x, 32)
     errors = {t: relative_error(means[t - 1], ann) for t in (1, 4, 8, 32)}
     assert errors[32] < FIDELITY_BOUND_T32.get(config, 0.005), errors
@@ -131,11 +138,7 @@ def test_snn_fused_path_matches_eager_closely(fast):
     eager ones to float rounding (a rounding difference may flip a spike at a threshold edge,
     hence a tolerance rather than equality) and are as close to the ANN."""
     model, _ = build('vit_cls_token')
-    calibrate(model)
-    x = images()
-    with torch.no_grad():
-        ann = model(x)
-    convert_to_snn(model, linear_num=16, qkv_num=16, softmax_num=16, fc2_thresholds=None)
+    x, ann = calibrate_and_convert(model)
     means = run_snn(model, x, 16)
     assert fast_neuron_enabled() == fast  # the fused leg really ran fused (no fallback)
     assert relative_error(means[-1], ann) < 0.2
@@ -148,11 +151,7 @@ def test_snn_fused_path_matches_eager_closely(fast):
 
 def test_snn_under_bfloat16_autocast_keeps_float32_state(eager_neuron):
     model, _ = build('vit_layerscale_qknorm')
-    calibrate(model)
-    x = images()
-    with torch.no_grad():
-        ann = model(x)
-    convert_to_snn(model, linear_num=16, qkv_num=16, softmax_num=16, fc2_thresholds=None)
+    x, ann = calibrate_and_convert(model)
     reset_net(model)
     total = 0
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
