@@ -119,6 +119,36 @@ def test_linear_counts_on_random_sparse_inputs(fast):
     monitor.remove()
 
 
+class Zeroer(nn.Module):
+    """Sets the first half of its input to zero in place (after the neuron counted it)."""
+
+    def forward(self, x):
+        return x.view(-1)[: x.numel() // 2].zero_() is not None and x
+
+
+def test_linear_reuses_the_neurons_count_and_recounts_a_modified_input(fast):
+    # MT neuron -> linear: the linear's count comes from the neuron's pass; the count must still
+    # be right when something modifies the spike in place before the linear reads it.
+    for modify in (False, True):
+        neuron = TwoSideNeuron('fc1', 0.5, 0.5, 4)
+        net = nn.Sequential(neuron, Zeroer() if modify else nn.Identity(), nn.Linear(12, 3))
+        monitor = SOPMonitor(net)
+        assert neuron.post_nonzero
+        expected = torch.zeros(1, 3, dtype=torch.float64)
+        outputs = []
+        net[2].register_forward_hook(lambda mod, inputs, out: outputs.append(inputs[0].clone()))
+        with torch.no_grad():
+            monitor.new_batch()
+            for t in range(3):
+                monitor.step = t
+                net(sparse(5, 12, density=0.7, seed=t))
+                expected[0, t] = (outputs[-1] != 0).sum() * 3
+        assert all((o[0, :6] == 0).all() for o in outputs) == modify
+        assert torch.equal(monitor.totals()[0], expected), modify
+        monitor.remove()
+        assert not neuron.post_nonzero
+
+
 @pytest.mark.parametrize('shapes', [((2, 3, 5, 4), (2, 3, 4, 6)), ((2, 3, 5, 4), (3, 4, 6)),
                                     ((7, 4), (4, 9))], ids=['batched', 'broadcast', 'matrix'])
 def test_product_counts_on_random_sparse_operands(fast, shapes):
