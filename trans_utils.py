@@ -147,27 +147,39 @@ def tail_quantiles(x: torch.Tensor, percent: float) -> Tuple[torch.Tensor, torch
         return torch.kthvalue(flat, k_hi).values, torch.kthvalue(flat, k_lo).values
 
     on_cpu = flat.device.type == 'cpu' and _NUMPY_SELECTION
-    values = flat.numpy() if on_cpu else flat
+    # On the CPU, numpy over the tensor's own memory, whatever its strides (a permuted q/k/v view
+    # is not copied: order statistics do not depend on the order).
+    values = x.numpy() if on_cpu else flat
     indices = _sample_indices(n, flat.device)
-    sample = values[indices.numpy()] if on_cpu else torch.take(flat, indices)
+    sample = values.flat[indices.numpy()] if on_cpu else torch.take(flat, indices)
     m = indices.numel()
     # Bounds a little looser than the quantiles: 6 standard deviations of a sample quantile.
     spread = 6.0 * math.sqrt(max(percent * (1 - percent), 1.0 / m) / m) + 2.0 / m
     hb = _kth_smallest(sample, max(1, min(m, int((percent - spread) * m))))
     lb = _kth_smallest(sample, max(1, min(m, int((1 - percent + spread) * m) + 1)))
     if not bool(lb < hb):
-        q_hi, q_lo = _kth_smallest(values, k_hi), _kth_smallest(values, k_lo)
+        q_hi, q_lo = _full_selection(values, k_hi), _full_selection(values, k_lo)
     else:
-        upper = values[values >= hb]  # every element >= hb ...
-        lower = values[values <= lb]  # ... and every element <= lb
+        upper, lower = _beyond(values, hb, lb)  # every element >= hb, every element <= lb
         need_hi = n - k_hi + 1  # elements >= the upper statistic
         q_hi = (_kth_smallest(upper, len(upper) - need_hi + 1) if len(upper) >= need_hi
-                else _kth_smallest(values, k_hi))
-        q_lo = _kth_smallest(lower, k_lo) if len(lower) >= k_lo else _kth_smallest(values, k_lo)
+                else _full_selection(values, k_hi))
+        q_lo = _kth_smallest(lower, k_lo) if len(lower) >= k_lo else _full_selection(values, k_lo)
     if on_cpu:
         return (torch.from_numpy(np.asarray(q_hi, dtype=np.float32)),
                 torch.from_numpy(np.asarray(q_lo, dtype=np.float32)))
     return q_hi, q_lo
+
+
+def _full_selection(values, k: int):
+    return _kth_smallest(values.reshape(-1), k)
+
+
+def _beyond(values, hb, lb):
+    """(elements >= hb, elements <= lb) of a torch tensor or a numpy array (any shape).
+    (Splitting the array over two threads was tried: slower in the calibration pass, where
+    OpenMP's spinning threads hold the second core.)"""
+    return values[values >= hb], values[values <= lb]
 
 
 class TestNeuron(nn.Module):
