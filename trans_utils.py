@@ -903,8 +903,14 @@ class SOPMonitor(BaseMonitor):
         self.level_batches = level_batches
         self.names: List[str] = []
         self.kinds: List[str] = []
-        self.sops: Optional[torch.Tensor] = None    # [layers, steps] float64
-        self.dense: Optional[torch.Tensor] = None   # [layers, steps] float64
+        self._sops: Optional[torch.Tensor] = None    # [layers, steps] float64, on the device
+        self._dense: Optional[torch.Tensor] = None   # [layers, steps] float64
+        # Counts of the current batch, added up at the next batch or when read: a hook only
+        # appends (a per-hook indexed add of two 0-d tensors costs more than the counting).
+        self._pending_linear: List[Tuple[int, int, torch.Tensor, int]] = []  # layer, step, nz, out
+        self._pending_product: List[Tuple[int, int, torch.Tensor]] = []       # layer, step, sops
+        self._pending_dense: Dict[Tuple[int, int], float] = {}
+        self._device: Optional[torch.device] = None
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear):
                 self._watch(name, module, 'linear', self._linear_hook)
@@ -925,11 +931,70 @@ class SOPMonitor(BaseMonitor):
 
     def new_batch(self) -> None:
         """Counts add up over batches; only level counting stops after ``level_batches``."""
+        self._flush()
         self.batches += 1
         if self.count_levels and self.level_batches is not None:
             counting = self.batches <= self.level_batches
             for _, neuron in self.neurons:
                 neuron.count_levels = counting
+
+    @property
+    def sops(self) -> Optional[torch.Tensor]:
+        """Synaptic operations per layer and step, [layers, steps] float64 (None before any)."""
+        self._flush()
+        return self._sops
+
+    @sops.setter
+    def sops(self, value: Optional[torch.Tensor]) -> None:
+        self._flush()
+        self._sops = value
+
+    @property
+    def dense(self) -> Optional[torch.Tensor]:
+        """Dense operations per layer and step, [layers, steps] float64 (None before any)."""
+        self._flush()
+        return self._dense
+
+    @dense.setter
+    def dense(self, value: Optional[torch.Tensor]) -> None:
+        self._flush()
+        self._dense = value
+
+    def _flush(self) -> None:
+        if not self._pending_dense:
+            return
+        device = self._device
+        steps = max(step for _, step in self._pending_dense) + 1
+        if self._sops is None or self._sops.shape[1] < steps or self._sops.device != device:
+            grown = torch.zeros(len(self.names), steps, dtype=torch.float64, device=device)
+            grown_dense = torch.zeros_like(grown)
+            if self._sops is not None:
+                grown[:, :self._sops.shape[1]] = self._sops.to(device)
+                grown_dense[:, :self._dense.shape[1]] = self._dense.to(device)
+            self._sops, self._dense = grown, grown_dense
+        width = self._sops.shape[1]
+        flat = self._sops.view(-1)
+        if self._pending_linear:
+            where = torch.tensor([i * width + t for i, t, _, _ in self._pending_linear], device=device)
+            factor = torch.tensor([f for _, _, _, f in self._pending_linear], dtype=torch.float64,
+                                  device=device)
+            counts = torch.stack([c.reshape(()) for _, _, c, _ in self._pending_linear]).double()
+            flat.index_add_(0, where, counts * factor)
+        if self._pending_product:
+            where = torch.tensor([i * width + t for i, t, _ in self._pending_product], device=device)
+            flat.index_add_(0, where, torch.stack([c.reshape(()).double() for _, _, c in self._pending_product]))
+        dense = torch.zeros_like(self._dense, device='cpu')
+        for (i, t), value in self._pending_dense.items():
+            dense[i, t] = value
+        self._dense += dense.to(device)
+        self._pending_linear.clear()
+        self._pending_product.clear()
+        self._pending_dense.clear()
+
+    def _add_dense(self, index: int, dense: float, device) -> None:
+        key = (index, self.step)
+        self._pending_dense[key] = self._pending_dense.get(key, 0.0) + dense
+        self._device = device
 
     @property
     def level_batches_counted(self) -> int:
@@ -938,18 +1003,6 @@ class SOPMonitor(BaseMonitor):
             return 0
         return self.batches if self.level_batches is None else min(self.batches, self.level_batches)
 
-    def _add(self, index: int, sops: torch.Tensor, dense: float, device) -> None:
-        steps = self.step + 1
-        if self.sops is None or self.sops.shape[1] < steps or self.sops.device != device:
-            grown = torch.zeros(len(self.names), max(steps, 1), dtype=torch.float64, device=device)
-            grown_dense = torch.zeros_like(grown)
-            if self.sops is not None:
-                grown[:, :self.sops.shape[1]] = self.sops.to(device)
-                grown_dense[:, :self.dense.shape[1]] = self.dense.to(device)
-            self.sops, self.dense = grown, grown_dense
-        self.sops[index, self.step] += sops
-        self.dense[index, self.step] += dense
-
     def _linear_hook(self, index, module, inputs, output) -> None:
         x = inputs[0]
         posted = getattr(x, '_ecmt_nonzero', None)
@@ -957,15 +1010,16 @@ class SOPMonitor(BaseMonitor):
             nonzero = posted[1]  # counted by the MT neuron that emitted x, in its own pass
         else:
             nonzero = _nonzero_count(x)  # an analog input (the head's): small
-        self._add(index, nonzero * module.out_features, float(x.numel()) * module.out_features, x.device)
+        self._pending_linear.append((index, self.step, nonzero, module.out_features))
+        self._add_dense(index, float(x.numel()) * module.out_features, x.device)
 
     def _product_hook(self, index, module, inputs, output) -> None:
         a, b = inputs
         # No .contiguous() copies to share one compiled kernel between q·kᵀ (k arrives transposed)
         # and s·v: the copies would cost more, over a long run, than a second compilation once.
         sops = _fused(_product_sops, a, b, module.cum_a, module.cum_b)
-        dense = float(output.numel()) * a.shape[-1]
-        self._add(index, sops, dense, a.device)
+        self._pending_product.append((index, self.step, sops))
+        self._add_dense(index, float(output.numel()) * a.shape[-1], a.device)
 
     def totals(self, reduce: Optional[Callable] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-layer, per-step SOPs and dense counts ([layers, steps], summed over processes)."""
