@@ -883,8 +883,10 @@ class SOPMonitor(BaseMonitor):
     non-zero; dense = the product's multiply-adds. Firing rate after t steps
     r_t = SOPs(1..t) / dense(1..t) over all layers and images; energy relative to the ANN
     E_t = t · (0.9/4.6) · r_t (ECMT_SPEC 8). Counts come from non-zero counts per tensor, row and
-    column (fused by ``torch.compile`` like the neurons), stay on the device (no host sync per
-    step), and add up over all batches.
+    column, never from extra matrix products: a linear layer fed by an MT neuron takes the count
+    the neuron's fused kernel made in its own pass; the products' row and column counts are one
+    fused kernel per product. They stay on the device (no host sync per step), and add up over
+    all batches.
 
     The evaluation loop calls :meth:`new_batch` before each batch and sets ``monitor.step``
     (0-based) before each step. ``count_levels=True`` also counts the MT neurons' spikes per

@@ -339,3 +339,47 @@ def test_level_counts_are_off_unless_asked(eager_neuron):
     assert monitor.level_counts() == [] and monitor.level_batches_counted == 0
     assert all(n.level_counts is None for _, n in monitor.neurons)
     monitor.remove()
+
+
+# ------------------------------------------------------------------------- end to end
+def test_cli_energy_on_a_model_trained_on_digits_matches_a_literal_count(tmp_path):
+    """A tiny ViT fine-tuned on real images (DIGITS), calibrated and simulated through the command
+    line: its per-step energy ratio equals an independent count of the same simulation done the
+    slow, literal way (non-zero masks multiplied out, as the published monitor did)."""
+    import fintune_model
+    import run_class_finetuning as cli
+    from datasets import build_dataset
+
+    shape = ['--model', 'vit_tiny_patch16_224', '--model_kwargs', 'patch_size=4', 'embed_dim=32',
+             'depth=2', 'num_heads=2', '--input_size', '16', '--nb_classes', '10', '--data_set', 'DIGITS',
+             '--device', 'cpu']
+    trained = fintune_model.main(fintune_model.get_args_parser().parse_args(
+        shape + ['--epochs', '12', '--lr', '5e-3', '--warmup_epochs', '0.5', '--batch_size', '64', '--no-save_every_epoch',
+                 '--output_dir', str(tmp_path), '--savename', 'digits']))
+    assert trained['best_acc1'] > 50  # it learned something from the images
+    common = shape + ['--batch_size', '150', '--num_workers', '0', '--no_progress',
+                      '--output_dir', str(tmp_path), '--log_dir', str(tmp_path)]
+    calibrated = cli.main(cli.get_args_parser().parse_args(
+        common + ['--test_mode', 'for_v', '--model_path', str(tmp_path / 'digits_best.pth'),
+                  '--savename', 'digits_for_v']))
+    steps = 4
+    record = cli.main(cli.get_args_parser().parse_args(
+        common + ['--test_mode', 'snn', '--model_path', calibrated['checkpoint'], '--test_T', str(steps)]))
+
+    # The same SNN, rebuilt from the same files, counted literally on the same images.
+    args = cli.get_args_parser().parse_args(common + ['--test_mode', 'snn', '--model_path',
+                                                      calibrated['checkpoint']])
+    model = cli.build_model(args).eval()
+    convert_to_snn(model, fc2_thresholds=model_vit.default_fc2_thresholds(model))
+    monitor = SOPMonitor(model)  # only for its step counter; the brute force does the counting
+    brute = BruteForce(model, monitor)
+    dataset, _ = build_dataset(False, args)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    run(model, monitor, images.split(150), steps=steps)
+    monitor.remove()
+    sops = [sum(v for (name, t), v in brute.sops.items() if t == step) for step in range(steps)]
+    dense = [sum(v for (name, t), v in brute.dense.items() if t == step) for step in range(steps)]
+    for t in range(1, steps + 1):
+        literal = t * 0.9 / 4.6 * sum(sops[:t]) / sum(dense[:t])
+        assert record['energy_ratio'][t - 1] == pytest.approx(literal, rel=1e-9), t
+    assert 0 < record['energy_ratio'][-1] < 1
