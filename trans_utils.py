@@ -393,6 +393,7 @@ class TwoSideNeuron(StatefulModule):
         self.register_buffer('scale_p', torch.as_tensor(scale_p, dtype=torch.float32).reshape(1).clone())
         self.register_buffer('scale_n', torch.as_tensor(scale_n, dtype=torch.float32).reshape(1).clone())
         self._membrane: Optional[torch.Tensor] = None  # flat (fused path) or shaped like x
+        self._table: Optional[torch.Tensor] = None     # level_table of the fused path
         self._shape: Tuple[int, ...] = ()
         # Spike counts per level (positive and negative side), filled only when asked for.
         self.count_levels = False
@@ -402,6 +403,7 @@ class TwoSideNeuron(StatefulModule):
 
     def reset(self) -> None:
         self._membrane = None
+        self._table = None  # rebuilt from the thresholds at the first step after a reset
 
     @property
     def membrane(self) -> Optional[torch.Tensor]:
@@ -420,11 +422,12 @@ class TwoSideNeuron(StatefulModule):
             # tensor are the same input to the compiled kernel (no second compilation).
             flat = x.reshape(-1).detach()
             if self._membrane is None:
-                self.table = level_table(self.scale_p, self.scale_n, self.levels)
                 self._membrane = torch.zeros_like(flat)
             elif self._membrane.dim() != 1:  # the eager path ran before
                 self._membrane = self._membrane.reshape(-1).clone()
-            spike, nonzero = _fused(_mt_step_fused, self._membrane, flat, self.table, eager=_mt_step_fused)
+            if self._table is None:
+                self._table = level_table(self.scale_p, self.scale_n, self.levels)
+            spike, nonzero = _fused(_mt_step_fused, self._membrane, flat, self._table, eager=_mt_step_fused)
             spike = spike.view(x.shape)
         else:
             membrane = self.membrane if self._membrane is not None else torch.zeros_like(x)
@@ -893,9 +896,9 @@ class SOPMonitor(BaseMonitor):
     r_t = SOPs(1..t) / dense(1..t) over all layers and images; energy relative to the ANN
     E_t = t · (0.9/4.6) · r_t (ECMT_SPEC 8). Counts come from non-zero counts per tensor, row and
     column, never from extra matrix products: a linear layer fed by an MT neuron takes the count
-    the neuron's fused kernel made in its own pass; the products' row and column counts are one
-    fused kernel per product. They stay on the device (no host sync per step), and add up over
-    all batches.
+    the neuron's fused kernel made in its own pass; the products' row and column counts are four
+    mask-and-sum passes per product. They stay on the device (no host sync per step), and add up
+    over all batches.
 
     The evaluation loop calls :meth:`new_batch` before each batch and sets ``monitor.step``
     (0-based) before each step. ``count_levels=True`` also counts the MT neurons' spikes per
