@@ -514,6 +514,7 @@ class exp_comp_neuron(StatefulModule):
         self._cum: Optional[torch.Tensor] = None    # running sum of inputs
         self._prev: Optional[torch.Tensor] = None   # t * f(running sum / t) of the last step
         self._shape: Tuple[int, ...] = ()
+        self._steps: Optional[torch.Tensor] = None  # the step count as a 0-d tensor (fused path)
 
     @property
     def cum_input(self) -> Optional[torch.Tensor]:
@@ -540,7 +541,10 @@ class exp_comp_neuron(StatefulModule):
                 self._cum = x2.clone()
                 total = out = self.module(self._cum).float()  # step 1: f(x) (t = 1)
             else:
-                steps = torch.tensor(float(self.steps), device=x.device)
+                # A device tensor filled in place: no host-to-device copy (a sync on CUDA).
+                if self._steps is None or self._steps.device != x.device:
+                    self._steps = torch.empty((), device=x.device)
+                steps = self._steps.fill_(float(self.steps))
                 if self._cum.shape != x2.shape:  # the eager path ran before: own copies
                     self._cum = self._cum.reshape(x2.shape).clone()
                     self._prev = self._prev.reshape(x2.shape).clone()
