@@ -21,21 +21,27 @@ def fast_neuron_enabled() -> bool:
     return getter() if getter is not None else trans_utils._FAST_NEURON
 
 
-@pytest.fixture(params=[True, False], ids=['compiled', 'eager'])
-def fast(request):
-    """Run a test with the torch.compile-fused steps (the default) and with the eager ones;
-    restore the previous setting afterwards."""
+@pytest.fixture(params=['aot', 'compiled', 'eager'])
+def fast(request, monkeypatch):
+    """Run a test with each way of computing the neuron/EC steps: the fused kernels from
+    ahead-of-time compiled packages (the CPU default), fused by torch.compile (what other
+    devices use), and eager; restore the previous setting afterwards. The value is whether the
+    steps are fused."""
     import trans_utils
+    fused = request.param != 'eager'
     previous = fast_neuron_enabled()
-    if request.param and not any(shutil.which(c) for c in ('cc', 'gcc', 'clang', 'c++', 'g++')):
-        pytest.skip('no C compiler: torch.compile cannot build the fused kernels here')
-    trans_utils.set_fast_neuron(request.param)
+    if fused and not any(shutil.which(c) for c in ('cc', 'gcc', 'clang', 'c++', 'g++')):
+        pytest.skip('no C compiler: the fused kernels cannot be built here')
+    monkeypatch.setattr(trans_utils, '_AOT', request.param == 'aot')
+    trans_utils.set_fast_neuron(fused)
     try:
-        yield request.param
-        # The fused path falls back to eager (with a warning) if compilation fails; that must
-        # not have happened, or the "compiled" variant tested nothing.
-        if request.param:
+        yield fused
+        # The fused paths fall back (with a warning) if compilation fails; that must not have
+        # happened, or the variant tested nothing.
+        if fused:
             assert fast_neuron_enabled(), 'torch.compile failed and the code fell back to eager'
+        if request.param == 'aot':
+            assert trans_utils._AOT, 'the ahead-of-time kernels failed to build or load'
     finally:
         trans_utils.set_fast_neuron(previous)
 
