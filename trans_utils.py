@@ -485,7 +485,9 @@ def _load_or_build_aot(fn: Callable, args: Tuple, dynamic: Dict[int, Tuple[int, 
         handle, tmp = tempfile.mkstemp(suffix='.pt2', dir=directory)
         os.close(handle)
         try:
-            torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+            # Threads chosen when the kernel runs (not fixed at build time by this process's setting).
+            torch._inductor.aoti_compile_and_package(program, package_path=tmp,
+                                                     inductor_configs={'cpp.dynamic_threads': True})
             os.replace(tmp, path)  # atomic: concurrent processes never see half a package
         finally:
             if os.path.exists(tmp):
