@@ -148,11 +148,10 @@ def evaluate_snn(model: nn.Module, data_loader: Iterable, device: torch.device, 
     if reduce is not None:
         summed = reduce(torch.cat([totals.reshape(-1), count]))
         totals, count = summed[:-1].reshape(T, 2), summed[-1:]
-        if monitor is not None and monitor.sops is None:
-            # This process evaluated no image (fewer batches than processes): it adds zero
-            # counts, so that the monitor's reduction below still meets its partners.
-            monitor.sops = torch.zeros(len(monitor.names), T, dtype=torch.float64, device=device)
-            monitor.dense = torch.zeros_like(monitor.sops)
+        if monitor is not None:
+            # A process that evaluated no image (fewer batches than processes) adds zero counts,
+            # so that the monitor's reduction below still meets its partners.
+            monitor.zero_counts(T, device)
     n = int(count.item())
     acc = (100.0 * totals / max(n, 1)).tolist()
     results = {'T': T, 'acc1': [a[0] for a in acc], 'acc5': [a[1] for a in acc], 'n': n,

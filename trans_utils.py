@@ -1092,21 +1092,18 @@ class SOPMonitor(BaseMonitor):
         self._flush()
         return self._sops
 
-    @sops.setter
-    def sops(self, value: Optional[torch.Tensor]) -> None:
-        self._flush()
-        self._sops = value
-
     @property
     def dense(self) -> Optional[torch.Tensor]:
         """Dense operations per layer and step, [layers, steps] float64 (None before any)."""
         self._flush()
         return self._dense
 
-    @dense.setter
-    def dense(self, value: Optional[torch.Tensor]) -> None:
-        self._flush()
-        self._dense = value
+    def zero_counts(self, steps: int, device) -> None:
+        """Zero counts for ``steps`` steps, if nothing was counted (a distributed process that saw
+        no image still takes part in the reductions of the totals)."""
+        if self.sops is None:
+            self._sops = torch.zeros(len(self.names), steps, dtype=torch.float64, device=device)
+            self._dense = torch.zeros_like(self._sops)
 
     def _flush(self) -> None:
         if not self._pending_dense:
