@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import native_kernels
+
 __all__ = [
     'PLACES', 'ConversionError', 'StatefulModule', 'MyTestPlace', 'TestNeuron', 'TwoSideNeuron',
     'exp_comp_neuron', 'MyAt', 'AtNeuron', 'mt_fire', 'tail_quantiles',
@@ -108,8 +110,9 @@ def _sample_indices(n: int, device: torch.device) -> torch.Tensor:
     return indices
 
 
-# CPU tensors select in numpy (False: torch's kernels, as on other devices; for tests).
-_NUMPY_SELECTION = True
+# How CPU tensors select: 'native' (native_kernels; numpy where the kernels are unavailable),
+# 'numpy', or 'torch' (torch's kernels, what other devices run; for tests).
+_CPU_SELECTION = 'native'
 
 
 def _kth_smallest(values, k: int):
@@ -124,12 +127,14 @@ def tail_quantiles(x: torch.Tensor, percent: float) -> Tuple[torch.Tensor, torch
 
     With n elements, the upper statistic is the k-th smallest with ``k = int(percent * n)`` and the
     lower one the k-th smallest with ``k = int((1 - percent) * n)`` (1-based, at least 1). Works for
-    any size (``torch.quantile`` refuses more than 2^24 elements). For large tensors a random
+    any size (``torch.quantile`` refuses more than 2^24 elements) and any strides (a permuted view
+    is not copied: order statistics do not depend on the order). For large tensors a random
     sample gives bounds just outside both quantiles; the elements beyond the bounds are gathered
     and the statistics are selected among them. The counts prove the bounds right; otherwise (an
-    unlucky sample) the full selection is used, so the result is always exact. On the CPU the
-    comparisons, the gathering and the selections run in numpy over the same memory: they are
-    two to three times faster there than torch's CPU kernels for boolean masks.
+    unlucky sample) the full selection is used, so the result is always exact. On the CPU one
+    pass of a small native kernel does the comparisons and the gathering (``native_kernels``,
+    about 8 times faster than numpy, which is the fallback). A tensor holding a NaN has no order
+    statistics: both results are NaN then (the calibration refuses such thresholds).
     Returns two 0-d float32 tensors on ``x``'s device.
     """
     if not 0.0 < percent <= 1.0:
@@ -142,21 +147,31 @@ def tail_quantiles(x: torch.Tensor, percent: float) -> Tuple[torch.Tensor, torch
         raise ValueError('cannot calibrate on an empty tensor')
     k_hi = min(n, max(1, int(percent * n)))
     k_lo = min(n, max(1, int((1 - percent) * n)))
-    flat = x.reshape(-1)
     if n <= _DIRECT_SELECT_MAX:
-        return torch.kthvalue(flat, k_hi).values, torch.kthvalue(flat, k_lo).values
+        flat = x.reshape(-1)
+        return _nan_if_any(flat, torch.kthvalue(flat, k_hi).values, torch.kthvalue(flat, k_lo).values)
 
-    on_cpu = flat.device.type == 'cpu' and _NUMPY_SELECTION
-    # On the CPU, numpy over the tensor's own memory, whatever its strides (a permuted q/k/v view
-    # is not copied: order statistics do not depend on the order).
-    values = x.numpy() if on_cpu else flat
-    indices = _sample_indices(n, flat.device)
-    sample = values.flat[indices.numpy()] if on_cpu else torch.take(flat, indices)
+    indices = _sample_indices(n, x.device)
     m = indices.numel()
     # Bounds a little looser than the quantiles: 6 standard deviations of a sample quantile.
     spread = 6.0 * math.sqrt(max(percent * (1 - percent), 1.0 / m) / m) + 2.0 / m
-    hb = _kth_smallest(sample, max(1, min(m, int((percent - spread) * m))))
-    lb = _kth_smallest(sample, max(1, min(m, int((1 - percent + spread) * m) + 1)))
+    r_hi = max(1, min(m, int((percent - spread) * m)))  # ranks of the bounds in the sample
+    r_lo = max(1, min(m, int((1 - percent + spread) * m) + 1))
+    on_cpu = x.device.type == 'cpu'
+    if (on_cpu and _CPU_SELECTION == 'native' and x.dim() <= native_kernels.MAX_DIMS
+            and native_kernels.library() is not None):
+        q_hi, q_lo, _ = native_kernels.tail_quantiles(x, indices, r_hi, r_lo, k_hi, k_lo)
+        return q_hi, q_lo
+    if on_cpu and _CPU_SELECTION != 'torch':
+        values = x.numpy()  # numpy over the tensor's own memory, whatever its strides
+        if np.isnan(values).any():
+            nan = torch.tensor(float('nan'))
+            return nan, nan.clone()
+        sample = values.flat[indices.numpy()]
+    else:
+        values = x.reshape(-1)
+        sample = torch.take(values, indices)
+    hb, lb = _kth_smallest(sample, r_hi), _kth_smallest(sample, r_lo)
     if not bool(lb < hb):
         q_hi, q_lo = _full_selection(values, k_hi), _full_selection(values, k_lo)
     else:
@@ -165,10 +180,17 @@ def tail_quantiles(x: torch.Tensor, percent: float) -> Tuple[torch.Tensor, torch
         q_hi = (_kth_smallest(upper, len(upper) - need_hi + 1) if len(upper) >= need_hi
                 else _full_selection(values, k_hi))
         q_lo = _kth_smallest(lower, k_lo) if len(lower) >= k_lo else _full_selection(values, k_lo)
-    if on_cpu:
+    if isinstance(values, np.ndarray):
         return (torch.from_numpy(np.asarray(q_hi, dtype=np.float32)),
                 torch.from_numpy(np.asarray(q_lo, dtype=np.float32)))
-    return q_hi, q_lo
+    return _nan_if_any(values, q_hi, q_lo)
+
+
+def _nan_if_any(flat: torch.Tensor, q_hi: torch.Tensor, q_lo: torch.Tensor):
+    """NaN statistics for a tensor holding a NaN (no host synchronisation on a GPU)."""
+    has_nan = torch.isnan(flat).any()
+    nan = torch.full((), float('nan'), device=flat.device)
+    return torch.where(has_nan, nan, q_hi), torch.where(has_nan, nan, q_lo)
 
 
 def _full_selection(values, k: int):
@@ -353,16 +375,15 @@ def _fused(fn: Callable, *args, eager: Optional[Callable] = None):
     """Call ``fn`` fused into one kernel, or ``eager`` (default ``fn``) uncompiled when fusing is
     off or no compiler works here (then with one warning).
 
-    On the CPU the kernels of :data:`_AOT_FUNCTIONS` come from ahead-of-time compiled packages
-    (AOTInductor) cached on disk: a process loads one in about 0.15 s, where ``torch.compile``
-    spends 2-3 s per process importing the compiler and tracing, even with its own disk cache.
-    Anything else (CUDA tensors, other layouts, a failed build) goes through ``torch.compile``
-    (once per function, dynamic shapes). All paths compute the same values."""
+    On the CPU the steps of :data:`_NATIVE_STEPS` run as native kernels (``native_kernels``: built
+    once per machine in about 2 s, loaded in a millisecond); anything else (CUDA tensors, other
+    dtypes, no C++ compiler) goes through ``torch.compile`` (once per function, dynamic shapes).
+    All paths compute the same values (the neuron's spikes bit for bit)."""
     global _COMPILE
     if _COMPILE and not torch.jit.is_scripting():
-        runner = _aot_runner(fn, args) if fn in _AOT_FUNCTIONS and _AOT else None
-        if runner is not None:
-            return runner(*args)
+        native = _NATIVE_STEPS.get(fn)
+        if native is not None and native_kernels.usable(*args):
+            return native(*args)
         compiled = _compiled.get(fn)
         if compiled is None:
             # Every level count (a loop bound) and tensor layout is a graph of its own; dynamo's
@@ -379,120 +400,6 @@ def _fused(fn: Callable, *args, eager: Optional[Callable] = None):
                           'running the SNN without fused kernels (same numbers, slower)')
             _COMPILE = False
     return (eager or fn)(*args)
-
-
-# ---- ahead-of-time compiled kernels (CPU) ----------------------------------------------------
-#: ECMT_AOT=0 turns the AOTInductor packages off (torch.compile is used instead).
-_AOT = os.environ.get('ECMT_AOT', '1') != '0'
-_aot_runners: Dict[Tuple, Optional[Callable]] = {}
-
-
-def _aot_cache_dir() -> str:
-    """``$ECMT_CACHE_DIR``, else ``$XDG_CACHE_HOME/ecmt`` or ``~/.cache/ecmt``."""
-    root = os.environ.get('ECMT_CACHE_DIR')
-    if not root:
-        base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-        root = os.path.join(base, 'ecmt')
-    return os.path.join(root, 'aoti')
-
-
-def _machine_fingerprint() -> str:
-    """What a compiled package depends on: torch, this file's code, the CPU's instruction set."""
-    import hashlib
-    import platform
-    digest = hashlib.sha256()
-    with open(__file__, 'rb') as f:
-        digest.update(f.read())
-    cpu = ''
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpu = next((line for line in f if line.startswith('flags')), '')
-    except OSError:
-        pass
-    for part in (torch.__version__, platform.machine(), torch.backends.cpu.get_cpu_capability(), cpu):
-        digest.update(str(part).encode())
-    return digest.hexdigest()[:20]
-
-
-class _Aot3(nn.Module):
-    """``fn`` of three tensors as a module (torch.export needs named positional inputs)."""
-
-    def __init__(self, fn: Callable) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, a, b, c):
-        return self.fn(a, b, c)
-
-
-class _Aot4(_Aot3):
-    def forward(self, a, b, c, d):
-        return self.fn(a, b, c, d)
-
-
-def _aot_runner(fn: Callable, args: Tuple) -> Optional[Callable]:
-    """The AOTInductor runner of ``fn`` for arguments like ``args`` (built once per machine and
-    cached on disk), or None where it does not apply: not CPU float32 contiguous tensors, a
-    dimension below 2 (compiled as dynamic from 2 up), or a build that failed (warned once)."""
-    global _AOT
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if any(t.device.type != 'cpu' or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
-        return None
-    dynamic = _AOT_FUNCTIONS[fn]
-    if any(args[i].dim() != len(dims) for i, dims in dynamic.items()):
-        return None  # the packages are built for one rank per function
-    if any(args[i].shape[d] < 2 for i, dims in dynamic.items() for d in dims):
-        return None
-    static = tuple(tuple(a.shape) if i not in dynamic else (a.dim(),) for i, a in enumerate(args))
-    key = (fn.__name__, static)
-    if key in _aot_runners:
-        return _aot_runners[key]
-    runner = None
-    try:
-        runner = _load_or_build_aot(fn, args, dynamic, static)
-    except Exception as exc:  # no compiler, unwritable cache, unsupported: torch.compile instead
-        import warnings
-        warnings.warn(f'ahead-of-time kernel for {fn.__name__} unavailable ({type(exc).__name__}: '
-                      f'{str(exc)[:200]}); using torch.compile (same numbers)')
-        _AOT = False
-    _aot_runners[key] = runner
-    return runner
-
-
-def _load_or_build_aot(fn: Callable, args: Tuple, dynamic: Dict[int, Tuple[int, ...]],
-                       static: Tuple) -> Callable:
-    import hashlib
-    import tempfile
-    signature = hashlib.sha256(repr((fn.__name__, static, _machine_fingerprint())).encode()).hexdigest()[:24]
-    directory = _aot_cache_dir()
-    path = os.path.join(directory, f'{fn.__name__}-{signature}.pt2')
-    if not os.path.exists(path):
-        os.makedirs(directory, exist_ok=True)
-        dims = {}
-        shapes = []
-        for i, a in enumerate(args):
-            if i in dynamic:
-                spec = {}
-                for d, name in dynamic[i].items():
-                    dims.setdefault(name, torch.export.Dim(name, min=2))
-                    spec[d] = dims[name]
-                shapes.append(spec)
-            else:
-                shapes.append(None)
-        with torch.no_grad():
-            module = {3: _Aot3, 4: _Aot4}[len(args)](fn)
-            program = torch.export.export(module, tuple(args), dynamic_shapes=tuple(shapes))
-        handle, tmp = tempfile.mkstemp(suffix='.pt2', dir=directory)
-        os.close(handle)
-        try:
-            # Threads chosen when the kernel runs (not fixed at build time by this process's setting).
-            torch._inductor.aoti_compile_and_package(program, package_path=tmp,
-                                                     inductor_configs={'cpp.dynamic_threads': True})
-            os.replace(tmp, path)  # atomic: concurrent processes never see half a package
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return torch._inductor.aoti_load_package(path)
 
 
 class TwoSideNeuron(StatefulModule):
@@ -657,7 +564,7 @@ class exp_comp_neuron(StatefulModule):
             # integer, and that kernel is several times slower than the eager steps.
             x2 = x.reshape(-1, shape[-1]).detach()  # detach(): see TwoSideNeuron.forward
             if self._cum is None:
-                self._cum = x2.clone()
+                self._cum = x2.clone(memory_format=torch.contiguous_format)
                 total = out = self.module(self._cum).float()  # step 1: f(x) (t = 1)
             else:
                 # A device tensor filled in place: no host-to-device copy (a sync on CUDA).
@@ -681,14 +588,12 @@ class exp_comp_neuron(StatefulModule):
         return f'steps={self.steps}'
 
 
-#: Functions with ahead-of-time kernels on the CPU: argument index -> {dimension: size name}
-#: (every dimension of those arguments is dynamic, from 2 up; equal names are equal sizes).
-#: Other arguments are static. (The energy monitor's product counts were tried here too: the
-#: kernels of 4-D reductions with dynamic sizes came out slower than the eager passes.)
-_AOT_FUNCTIONS: Dict[Callable, Dict[int, Dict[int, str]]] = {
-    _mt_step_fused: {0: {0: 'n'}, 1: {0: 'n'}},
-    _ec_gelu: {0: {0: 'rows', 1: 'cols'}, 1: {0: 'rows', 1: 'cols'}, 2: {0: 'rows', 1: 'cols'}},
-    _ec_gelu_tanh: {0: {0: 'rows', 1: 'cols'}, 1: {0: 'rows', 1: 'cols'}, 2: {0: 'rows', 1: 'cols'}},
+#: Steps with a native CPU kernel (native_kernels): called instead of torch.compile's kernels for
+#: contiguous float32 CPU tensors.
+_NATIVE_STEPS: Dict[Callable, Callable] = {
+    _mt_step_fused: native_kernels.mt_step,
+    _ec_gelu: lambda cum, x, prev, steps: native_kernels.ec_gelu(cum, x, prev, float(steps), False),
+    _ec_gelu_tanh: lambda cum, x, prev, steps: native_kernels.ec_gelu(cum, x, prev, float(steps), True),
 }
 
 

@@ -21,18 +21,18 @@ def fast_neuron_enabled() -> bool:
     return getter() if getter is not None else trans_utils._FAST_NEURON
 
 
-@pytest.fixture(params=['aot', 'compiled', 'eager'])
+@pytest.fixture(params=['native', 'compiled', 'eager'])
 def fast(request, monkeypatch):
-    """Run a test with each way of computing the neuron/EC steps: the fused kernels from
-    ahead-of-time compiled packages (the CPU default), fused by torch.compile (what other
-    devices use), and eager; restore the previous setting afterwards. The value is whether the
-    steps are fused."""
+    """Run a test with each way of computing the neuron/EC steps: the native CPU kernels (the CPU
+    default), fused by torch.compile (what other devices use), and eager; restore the previous
+    setting afterwards. The value is whether the steps are fused."""
+    import native_kernels
     import trans_utils
     fused = request.param != 'eager'
     previous = fast_neuron_enabled()
     if fused and not any(shutil.which(c) for c in ('cc', 'gcc', 'clang', 'c++', 'g++')):
         pytest.skip('no C compiler: the fused kernels cannot be built here')
-    monkeypatch.setattr(trans_utils, '_AOT', request.param == 'aot')
+    monkeypatch.setattr(native_kernels, 'ENABLED', request.param == 'native')
     trans_utils.set_fast_neuron(fused)
     try:
         yield fused
@@ -40,8 +40,8 @@ def fast(request, monkeypatch):
         # happened, or the variant tested nothing.
         if fused:
             assert fast_neuron_enabled(), 'torch.compile failed and the code fell back to eager'
-        if request.param == 'aot':
-            assert trans_utils._AOT, 'the ahead-of-time kernels failed to build or load'
+        if request.param == 'native':
+            assert native_kernels.library() is not None, 'the native kernels failed to build or load'
     finally:
         trans_utils.set_fast_neuron(previous)
 

@@ -13,11 +13,15 @@ pytestmark = pytest.mark.usefixtures('single_thread')
 PERCENTS = [0.99, 0.999, 0.9, 0.5, 1.0]
 
 
-@pytest.fixture(params=[True, False], ids=['numpy', 'torch'])
+@pytest.fixture(params=['native', 'numpy', 'torch'])
 def selection(request, monkeypatch):
-    """Both implementations of the large-tensor path: numpy (the CPU default) and torch's
-    kernels (what other devices run)."""
-    monkeypatch.setattr(trans_utils, '_NUMPY_SELECTION', request.param)
+    """Every implementation of the large-tensor path: the native kernel (the CPU default), numpy
+    (its fallback) and torch's kernels (what other devices run)."""
+    import native_kernels
+    monkeypatch.setattr(trans_utils, '_CPU_SELECTION', request.param)
+    if request.param == 'native':
+        monkeypatch.setattr(native_kernels, 'ENABLED', True)
+        assert native_kernels.library() is not None, 'the native kernels failed to build or load'
     return request.param
 
 
@@ -71,9 +75,12 @@ def test_batch_shaped_and_low_precision_input(selection):
 
 
 class KthvalueSpy:
-    """Record the sizes of the sets the large-tensor path selects from (to see which path ran)."""
+    """Record the sizes of the sets the large-tensor path selects from (to see which path ran):
+    the selections of the numpy and torch paths, what the native kernel reports it gathered
+    (the whole tensor when it fell back to the full selection)."""
 
     def __init__(self, monkeypatch):
+        import native_kernels
         self.sizes = []
         original = trans_utils._kth_smallest
 
@@ -81,6 +88,13 @@ class KthvalueSpy:
             self.sizes.append(len(values))
             return original(values, k)
         monkeypatch.setattr(trans_utils, '_kth_smallest', spy)
+        native = native_kernels.tail_quantiles
+
+        def native_spy(x, *args):
+            q_hi, q_lo, (upper, lower, full) = native(x, *args)
+            self.sizes += [x.numel()] if full else [upper, lower]
+            return q_hi, q_lo, (upper, lower, full)
+        monkeypatch.setattr(native_kernels, 'tail_quantiles', native_spy)
 
 
 def sample_positions(n):

@@ -1,0 +1,182 @@
+"""Native CPU kernels of the toolkit (``csrc/ecmt_kernels.cpp``), loaded through ctypes.
+
+The per-step work of the MT neuron and of the EC GELU, and the calibration's tail order
+statistics, each read and write their tensors once in a small C++ kernel. The library is compiled
+once per machine with the system's C++ compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``;
+about 2 s, ``-O3 -march=native -fopenmp``) into ``$ECMT_CACHE_DIR/native`` (default
+``~/.cache/ecmt/native``, safe to delete), keyed by the source, the compiler and flags and the
+CPU's instruction set, and written atomically (concurrent processes never load half a library).
+Every later process loads it in about a millisecond.
+
+Where no compiler works, :func:`library` returns None after one warning and the callers use
+torch's kernels (``torch.compile`` for the steps, numpy for the statistics): the same numbers,
+slower. ``ECMT_NATIVE=0`` turns the kernels off. The tests hold every kernel to the plain
+reference implementations (``tests/reference.py``) and to the other paths.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+#: False: never build or load the library (``ECMT_NATIVE=0``); the callers' fallbacks run.
+ENABLED = os.environ.get('ECMT_NATIVE', '1') != '0'
+#: Largest rank the selection kernel accepts (its kMaxDims).
+MAX_DIMS = 25
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'ecmt_kernels.cpp')
+_library: Optional[ctypes.CDLL] = None
+_failed = False
+# Compiler flags, tried in turn: some compilers or CPUs lack -march=native, some lack OpenMP
+# (single-threaded kernels then, still correct).
+_FLAG_SETS = (['-march=native', '-fopenmp'], ['-fopenmp'], ['-march=native'], [])
+_BASE_FLAGS = ['-O3', '-std=c++17', '-shared', '-fPIC']
+
+
+def cache_dir(kind: str) -> str:
+    """``$ECMT_CACHE_DIR/<kind>``, else under ``$XDG_CACHE_HOME/ecmt`` or ``~/.cache/ecmt``."""
+    root = os.environ.get('ECMT_CACHE_DIR')
+    if not root:
+        base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+        root = os.path.join(base, 'ecmt')
+    return os.path.join(root, kind)
+
+
+def cpu_fingerprint() -> str:
+    """The CPU's architecture and instruction set (what -march=native code depends on)."""
+    import platform
+    flags = ''
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = next((line for line in f if line.startswith(('flags', 'Features'))), '')
+    except OSError:
+        pass
+    return f'{platform.machine()} {platform.processor()} {flags}'
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded kernels, building them first if this machine has none yet; None when they are
+    turned off or cannot be built (warned once)."""
+    global _library, _failed
+    if not ENABLED or _failed:
+        return None
+    if _library is None:
+        try:
+            _library = _load(_build())
+        except Exception as exc:  # no compiler, unwritable cache, a failed build
+            _failed = True
+            warnings.warn(f'native kernels unavailable ({type(exc).__name__}: {str(exc)[-300:]}); '
+                          'using torch.compile and numpy instead (same numbers, slower)')
+            return None
+    return _library
+
+
+def _build() -> str:
+    import hashlib
+    import shutil
+    import subprocess
+    import tempfile
+    with open(SOURCE, 'rb') as f:
+        source = f.read()
+    compiler = os.environ.get('CXX') or next(
+        (c for c in ('c++', 'g++', 'clang++') if shutil.which(c)), None)
+    if compiler is None:
+        raise RuntimeError('no C++ compiler found (set CXX)')
+    digest = hashlib.sha256(source)
+    digest.update(repr((compiler, _BASE_FLAGS, _FLAG_SETS, cpu_fingerprint())).encode())
+    directory = cache_dir('native')
+    path = os.path.join(directory, f'ecmt_kernels-{digest.hexdigest()[:24]}.so')
+    if os.path.exists(path):
+        return path
+    os.makedirs(directory, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(suffix='.so', dir=directory)
+    os.close(handle)
+    try:
+        errors = ''
+        for flags in _FLAG_SETS:
+            try:
+                result = subprocess.run([compiler, *_BASE_FLAGS, *flags, SOURCE, '-o', tmp],
+                                        capture_output=True, text=True)
+            except OSError as exc:  # the compiler named by CXX does not exist
+                raise RuntimeError(f'cannot run {compiler}: {exc}') from None
+            if result.returncode == 0:
+                break
+            errors = result.stderr
+        else:
+            raise RuntimeError(f'{compiler} failed: {errors.strip()}')
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _load(path: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(path)
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.ecmt_mt_step.argtypes = [p, p, p, i64, p, i64, i32]
+    lib.ecmt_mt_step.restype = i64
+    lib.ecmt_ec_gelu.argtypes = [p, p, p, f32, p, i64, i32, i32]
+    lib.ecmt_ec_gelu.restype = None
+    lib.ecmt_tail_quantiles.argtypes = [p, i32, p, p, p, i64, i64, i64, i64, i64, p, p]
+    lib.ecmt_tail_quantiles.restype = i32
+    return lib
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the step kernels apply: the library is there and every tensor is a contiguous
+    float32 CPU tensor."""
+    return (all(t.device.type == 'cpu' and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+            and library() is not None)
+
+
+def mt_step(membrane: torch.Tensor, x: torch.Tensor, table: torch.Tensor
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One MT neuron step on flat contiguous float32 CPU tensors (see ``trans_utils._mt_step_table``):
+    the membrane is updated in place; returns (spike, number of non-zero spikes as a 0-d tensor)."""
+    if membrane.shape != x.shape or table.dim() != 2 or table.shape[0] != 4 or not table.is_contiguous():
+        raise ValueError('mt_step: membrane and x must have one shape, table must be [4, width]')
+    spike = torch.empty_like(x)
+    count = library().ecmt_mt_step(membrane.data_ptr(), x.data_ptr(), table.data_ptr(), table.shape[1],
+                                   spike.data_ptr(), x.numel(), torch.get_num_threads())
+    return spike, torch.tensor(count)
+
+
+def ec_gelu(cum: torch.Tensor, x: torch.Tensor, prev: torch.Tensor, steps: float,
+            approximate: bool) -> torch.Tensor:
+    """One EC GELU step t = ``steps`` (see ``trans_utils._ec_gelu``): ``cum`` and ``prev`` are
+    updated in place; returns ``t * gelu(cum / t) - prev`` (before the update of prev)."""
+    if cum.shape != x.shape or prev.shape != x.shape:
+        raise ValueError('ec_gelu: cum, x and prev must have one shape')
+    x = x.contiguous()
+    out = torch.empty_like(cum)
+    library().ecmt_ec_gelu(cum.data_ptr(), x.data_ptr(), prev.data_ptr(), float(steps), out.data_ptr(),
+                           x.numel(), int(bool(approximate)), torch.get_num_threads())
+    return out
+
+
+def tail_quantiles(x: torch.Tensor, sample: torch.Tensor, r_hi: int, r_lo: int, k_hi: int, k_lo: int
+                   ) -> Tuple[torch.Tensor, torch.Tensor, Tuple[int, int, bool]]:
+    """The k_hi-th and k_lo-th smallest elements (1-based) of a float32 CPU tensor of any strides
+    and at most :data:`MAX_DIMS` dimensions, with bounds at ranks r_hi and r_lo of the sample
+    ``sample`` (flat row-major indices, int64). Returns (upper, lower statistic as 0-d float32
+    tensors, NaN when x holds a NaN; (elements gathered beyond the upper bound, beyond the lower
+    bound, whether the full selection was needed))."""
+    if sample.dtype != torch.int64 or not sample.is_contiguous() or sample.device.type != 'cpu':
+        raise ValueError('tail_quantiles: the sample must be contiguous int64 indices on the CPU')
+    dims = max(x.dim(), 1)
+    shape = (ctypes.c_int64 * dims)(*x.shape)
+    strides = (ctypes.c_int64 * dims)(*x.stride())
+    out = (ctypes.c_float * 2)()
+    info = (ctypes.c_int64 * 3)()
+    status = library().ecmt_tail_quantiles(x.data_ptr(), x.dim(), shape, strides, sample.data_ptr(),
+                                           sample.numel(), r_hi, r_lo, k_hi, k_lo, out, info)
+    if status == 1:  # the tensor holds a NaN
+        return torch.tensor(float('nan')), torch.tensor(float('nan')), (0, 0, False)
+    if status != 0:
+        raise RuntimeError(f'ecmt_tail_quantiles rejected its arguments (status {status})')
+    return (torch.tensor(out[0], dtype=torch.float32), torch.tensor(out[1], dtype=torch.float32),
+            (int(info[0]), int(info[1]), bool(info[2])))
