@@ -279,6 +279,8 @@ def main(args) -> dict:
         if args.test_mode == 'for_v' and distributed:
             # Pool all processes' batch statistics: every process now holds the same thresholds.
             sync_calibration(model, reduce)
+        if args.test_mode == 'for_v':
+            check_thresholds_finite(model)
         if args.test_mode == 'for_v' and main_process:
             savename = args.savename or f'{args.model}_for_v'
             path = Path(args.output_dir) / f'{savename}.pth'
@@ -290,6 +292,18 @@ def main(args) -> dict:
         utils.write_json(record, args.results)
         print(f'results written to {args.results}')
     return record
+
+
+def check_thresholds_finite(model) -> None:
+    """Refuse calibrated thresholds that are NaN or infinite (activations holding NaN or inf, from
+    broken weights or an fp16 overflow): an SNN with them never fires or fires nonsense."""
+    bad = [name for name, neuron in get_modules(model, (TestNeuron,))
+           if neuron.calibrate and not bool(torch.isfinite(torch.cat([neuron.scale_p, neuron.scale_n])).all())]
+    if bad:
+        shown = ', '.join(bad[:5]) + (f' and {len(bad) - 5} more' if len(bad) > 5 else '')
+        raise utils.UserError(f'calibration gave non-finite thresholds at {len(bad)} places ({shown}): '
+                              'the activations there hold NaN or inf values (check the weights, or '
+                              'run without --amp); no checkpoint written')
 
 
 def _header(args) -> str:

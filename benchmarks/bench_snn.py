@@ -6,14 +6,18 @@
 
 Random weights, thresholds calibrated on random images (the cost does not depend on the values
 much; the fire rates do, a little). Prints the ANN pass time over all images, the calibration pass
-time, the SNN time for T steps (cold: the first pass, which includes one-time costs such as kernel
-compilation; warm: the median of the later passes), the ratios SNN/(T x ANN) and calibration/ANN,
-the peak memory of the ANN pass and of the SNN run, and how often SNN and ANN agree on top-1.
+time and the SNN time for T steps (cold: the first pass, which includes one-time costs such as
+building or loading kernels; warm: the median of --reps later passes), the ratios SNN/(T x ANN)
+and calibration/ANN, the peak memory of the ANN pass and of the SNN run, and how often SNN and ANN
+agree on top-1. This machine's speed drifts within minutes, so every calibration or SNN pass is
+paired with an ANN pass run just before it, and each ratio comes from its pair (warm: the median
+over pairs).
 ``--json`` prints one machine-readable line instead.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -161,43 +165,60 @@ def main(args) -> dict:
 
     with torch.no_grad(), ctx:
         model(batches[0])  # warm-up
-        ann_times = [timed_pass(model, batches, device) for _ in range(args.reps)]
+        # Calibration and SNN run on copies, and every timed repetition of them is paired with an
+        # ANN pass right before it: this machine's speed drifts by tens of percent within minutes,
+        # so each ratio is taken from passes run under the same conditions (median over pairs).
+        calib_model = copy.deepcopy(model)
+        replace_test_by_testneuron(calib_model, 0.99)
+        ann_times = [timed_pass(model, batches, device)]
+        calib_cold = timed_pass(calib_model, batches, device)  # first pass: one-time costs included
+        calib_pairs = []
+        for _ in range(args.reps):
+            ann_times.append(timed_pass(model, batches, device))
+            calib_pairs.append((ann_times[-1], timed_pass(calib_model, batches, device)))
         ann_logits = [model(b).float() for b in batches]
 
-        replace_test_by_testneuron(model, 0.99)
-        calib_seconds = timed_pass(model, batches, device)
-        convert_to_snn(model, fc2_thresholds=None if args.fc2_calibrated else (0.25, 0.08))
-
+        snn_model = calib_model
+        convert_to_snn(snn_model, fc2_thresholds=None if args.fc2_calibrated else (0.25, 0.08))
         agree = torch.zeros((), device=device)
         snn_preds = []
 
         def snn_batch(images):
-            reset_net(model)
+            reset_net(snn_model)
             logits = None
             for _ in range(args.T):
-                out = model(images).float()
+                out = snn_model(images).float()
                 logits = out if logits is None else logits + out
-            reset_net(model)
+            reset_net(snn_model)
             return logits
 
+        ann_times.append(timed_pass(model, batches, device))
         cold = timed_pass(lambda b: snn_preds.append(snn_batch(b).argmax(-1)), batches, device)
+        cold_ann = ann_times[-1]
         for pred, ref in zip(snn_preds, ann_logits):
             agree += (pred == ref.argmax(-1)).sum()
-        warm_times = [timed_pass(snn_batch, batches, device) for _ in range(args.reps)]
+        snn_pairs = []
+        for _ in range(args.reps):
+            ann_times.append(timed_pass(model, batches, device))
+            snn_pairs.append((ann_times[-1], timed_pass(snn_batch, batches, device)))
         result_mem = measure_peak_memory(args, device)
 
-
     ann = statistics.median(ann_times)
-    warm = statistics.median(warm_times)
+    calib_warm = statistics.median(c for _, c in calib_pairs)
+    warm = statistics.median(s for _, s in snn_pairs)
     images = n_batches * args.batch_size
     result = {
         'model': args.model, 'model_kwargs': kwargs, 'input_size': args.input_size,
         'batch_size': args.batch_size, 'T': args.T, 'images': images, 'device': str(device),
         'threads': torch.get_num_threads(), 'fused': fast_neuron_enabled(), 'amp': args.amp,
-        'ann_seconds': ann, 'calibration_seconds': calib_seconds,
+        'reps': args.reps, 'ann_seconds': ann, 'ann_seconds_all': ann_times,
+        'calibration_cold_seconds': calib_cold, 'calibration_warm_seconds': calib_warm,
         'snn_cold_seconds': cold, 'snn_warm_seconds': warm,
-        'snn_over_T_ann_cold': cold / (args.T * ann), 'snn_over_T_ann_warm': warm / (args.T * ann),
-        'calibration_over_ann': calib_seconds / ann,
+        # Cold: over the ANN pass run just before it. Warm: median over (ANN, next pass) pairs.
+        'calibration_over_ann_cold': calib_cold / ann_times[0],
+        'calibration_over_ann': statistics.median(c / a for a, c in calib_pairs),
+        'snn_over_T_ann_cold': cold / (args.T * cold_ann),
+        'snn_over_T_ann_warm': statistics.median(s / (args.T * a) for a, s in snn_pairs),
         'ann_peak_mib': result_mem[0] / 2**20, 'snn_peak_mib': result_mem[1] / 2**20,
         'snn_over_ann_peak_memory': result_mem[1] / max(result_mem[0], 1),
         'snn_ann_top1_agreement': float(agree) / images,
@@ -207,10 +228,13 @@ def main(args) -> dict:
     else:
         print(f'{args.model} {kwargs or ""} at {args.input_size}px, batch {args.batch_size}, T={args.T}, '
               f'{images} images, {device} ({torch.get_num_threads()} threads), fused={result["fused"]}')
-        print(f'  ANN pass                {ann:8.2f} s')
-        print(f'  calibration pass        {calib_seconds:8.2f} s   x{result["calibration_over_ann"]:.2f} of ANN')
+        print(f'  ANN pass                {ann:8.2f} s   (median of {len(ann_times)}: '
+              f'{min(ann_times):.2f}-{max(ann_times):.2f})')
+        print(f'  calibration, cold       {calib_cold:8.2f} s   x{result["calibration_over_ann_cold"]:.2f} of ANN '
+              '(first pass: includes building/loading kernels)')
+        print(f'  calibration, warm       {calib_warm:8.2f} s   x{result["calibration_over_ann"]:.2f} of ANN')
         print(f'  SNN, T steps, cold      {cold:8.2f} s   x{result["snn_over_T_ann_cold"]:.2f} of T x ANN '
-              '(first pass: includes compilation)')
+              '(first pass: includes building/loading kernels)')
         print(f'  SNN, T steps, warm      {warm:8.2f} s   x{result["snn_over_T_ann_warm"]:.2f} of T x ANN')
         print(f'  peak memory, one batch  ANN {result["ann_peak_mib"]:.0f} MiB, SNN {result["snn_peak_mib"]:.0f} MiB '
               f'(x{result["snn_over_ann_peak_memory"]:.1f}; above the weights and inputs)')

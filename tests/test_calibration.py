@@ -213,3 +213,37 @@ def test_replace_test_by_testneuron_passes_percent():
     with pytest.raises(ValueError):
         trans_utils.replace_test_by_testneuron(
             torch.nn.Sequential(trans_utils.MyTestPlace('fc1')), percent=1.5)
+
+
+def strided_layouts():
+    g = torch.Generator().manual_seed(12)
+    base = torch.randn(6, 40, 70, 9, generator=g)  # 151,200 elements: the large-tensor path
+    return {
+        'permuted': base.permute(2, 0, 3, 1),  # q/k/v-style views
+        'every_second_inner': torch.randn(6, 40, 70, 18, generator=g)[..., ::2],  # inner stride 2
+        'transposed_last': base.transpose(-1, -2),
+        'sliced_with_offset': torch.randn(8, 45, 70, 9, generator=g)[1:7, 5:],
+        'expanded': torch.randn(1, 40, 70, 1, generator=g).expand(6, 40, 70, 9),  # stride 0
+        'channels_last': base.contiguous(memory_format=torch.channels_last),
+        'size_one_dims': base.reshape(6, 1, 40, 1, 70, 9).transpose(1, 3),
+    }
+
+
+@pytest.mark.parametrize('layout', list(strided_layouts()))
+def test_any_strides_are_exact(layout, selection):
+    x = strided_layouts()[layout]
+    assert x.numel() > trans_utils._DIRECT_SELECT_MAX
+    for percent in (0.99, 0.9, 1.0):
+        assert_exact(x, percent)
+
+
+@pytest.mark.parametrize('n', [100, 300_001])
+@pytest.mark.parametrize('where', ['anywhere', 'on_the_sample'])
+def test_a_nan_gives_nan_statistics(n, where, selection):
+    """NaN has no place in an order: a tensor holding one has no quantiles (both NaN), whatever
+    the path, instead of a number that silently depends on where NaN sorts."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    position = n // 3 if where == 'anywhere' or n <= trans_utils._DIRECT_SELECT_MAX else int(sample_positions(n)[0])
+    x[position] = float('nan')
+    hi, lo = tail_quantiles(x, 0.99)
+    assert hi.isnan() and lo.isnan() and hi.dtype == torch.float32

@@ -193,3 +193,18 @@ def test_thresholds_of_another_model_are_refused(tmp_path, for_v_checkpoint):
         cli.main(parsed)
     assert 'blocks.2.' in str(info.value) and 'no thresholds' in str(info.value)
     assert len(state) > 0
+
+
+def test_for_v_refuses_nan_activations_and_writes_no_checkpoint(tmp_path):
+    """Broken weights make NaN activations: calibration names the places, exits 2, writes nothing."""
+    state = tiny_timm().state_dict()
+    state['blocks.1.mlp.fc1.bias'][0] = float('nan')  # NaN from fc1 of the second block on
+    path = tmp_path / 'broken.pth'
+    torch.save({'model': state}, path)
+    proc = cli_subprocess('--test_mode', 'for_v', '--model_path', str(path), '--savename', 'broken_for_v',
+                          '--log_dir', str(tmp_path), '--output_dir', str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert 'non-finite thresholds' in proc.stderr and 'blocks.1.mlp.place_fc2' in proc.stderr
+    assert 'blocks.0.' not in proc.stderr  # the first block's places are fine
+    assert 'Traceback' not in proc.stderr
+    assert not (tmp_path / 'broken_for_v.pth').exists()

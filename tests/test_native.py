@@ -1,0 +1,190 @@
+"""The native CPU kernels (native_kernels, csrc/ecmt_kernels.cpp) against the plain references:
+every table width of the neuron step, both GELUs of the EC step, thread counts, block edges,
+special values; and the build: cached on disk, and a clean fallback where it cannot be built."""
+import math
+import os
+
+import pytest
+import torch
+
+import native_kernels
+import trans_utils
+from reference import ref_mt_neuron, ref_quantiles
+
+needs_compiler = pytest.mark.skipif(not any(
+    os.path.exists(os.path.join(d, c)) for d in os.environ.get('PATH', '').split(os.pathsep)
+    for c in ('c++', 'g++', 'clang++')), reason='no C++ compiler here')
+
+
+@pytest.fixture
+def native(monkeypatch):
+    monkeypatch.setattr(native_kernels, 'ENABLED', True)
+    lib = native_kernels.library()
+    assert lib is not None, 'the native kernels failed to build or load'
+    return lib
+
+
+@pytest.fixture(params=[1, 2], ids=['1-thread', '2-threads'])
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+# Blocks of the parallel loops hold 2^15 elements: sizes below, at and across block edges.
+SIZES = [1, 15, 17, 1 << 15, (1 << 16) + 37]
+
+
+def inputs_with_ties(n, theta_p, theta_n, levels, steps, seed):
+    """Random inputs, with some elements landing exactly on a threshold at the first step."""
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(n, generator=g) * theta_p * 2 ** (levels - 1) for _ in range(steps)]
+    tp, tn = torch.tensor(theta_p), torch.tensor(theta_n)  # float32, as the neuron's thresholds
+    edges = torch.stack([tp * 2 ** j - tp / 2 for j in range(levels)]
+                        + [-(tn * 2 ** j - tn / 2) for j in range(levels)])
+    picks = torch.randint(0, n, (max(1, n // 7),), generator=g)
+    xs[0][picks] = edges[torch.randint(0, len(edges), picks.shape, generator=g)]
+    return xs
+
+
+@needs_compiler
+@pytest.mark.parametrize('levels', [1, 4, 8, 9, 16, 17, 33])  # table widths 8, 16, 32 and 64 (generic)
+@pytest.mark.parametrize('n', SIZES)
+def test_neuron_step_equals_the_reference_bit_for_bit(native, threads, levels, n):
+    theta_p, theta_n = 0.37, 0.21
+    xs = inputs_with_ties(n, theta_p, theta_n, levels, steps=4, seed=levels * 1000 + n)
+    want = ref_mt_neuron(xs, theta_p, theta_n, levels)
+    table = trans_utils.level_table(torch.tensor(theta_p), torch.tensor(theta_n), levels)
+    membrane = torch.zeros(n)
+    for t, (x, spike_want) in enumerate(zip(xs, want)):
+        spike, count = native_kernels.mt_step(membrane, x, table)
+        assert torch.equal(spike, spike_want), f'step {t + 1}'
+        assert count.dtype == torch.int64 and int(count) == int((spike_want != 0).sum())
+    membrane_want = sum(xs) - sum(want)  # v after the last step, as the reference computes it
+    torch.testing.assert_close(membrane, membrane_want, rtol=0, atol=1e-5 * theta_p * 2 ** levels)
+
+
+@needs_compiler
+@pytest.mark.parametrize('theta_p, theta_n', [(0.0, 0.3), (-1.0, 0.3), (0.3, float('nan'))])
+def test_neuron_step_unusable_side_never_fires(native, theta_p, theta_n):
+    xs = [torch.randn(40_000, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    want = ref_mt_neuron(xs, theta_p, theta_n, 4)
+    table = trans_utils.level_table(torch.tensor(theta_p), torch.tensor(theta_n), 4)
+    membrane = torch.zeros(40_000)
+    for x, spike_want in zip(xs, want):
+        assert torch.equal(native_kernels.mt_step(membrane, x, table)[0], spike_want)
+
+
+def f64_gelu(x, approximate):
+    x = x.double()
+    if approximate:
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+@needs_compiler
+@pytest.mark.parametrize('approximate', [False, True], ids=['erf', 'tanh'])
+@pytest.mark.parametrize('n', SIZES)
+def test_gelu_ec_step_matches_float64(native, threads, approximate, n):
+    g = torch.Generator().manual_seed(n)
+    xs = [torch.randn(n, generator=g) * 4 for _ in range(5)]
+    special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-7, -1e-7, 5.0, -5.0, 9.0, -9.0, 30.0, -30.0,
+                            80.0, -80.0])
+    k = min(n, len(special))
+    xs[0][:k] = special[:k]
+    cum = xs[0].clone()
+    prev = f64_gelu(cum, approximate).float()  # step 1 is f(x) (computed by the module itself)
+    for t in range(2, len(xs) + 1):
+        cum_want = cum.double() + xs[t - 1].double()
+        prev_before = prev.double()
+        out = native_kernels.ec_gelu(cum, xs[t - 1], prev, float(t), approximate)
+        total_want = t * f64_gelu(cum_want / t, approximate)
+        torch.testing.assert_close(cum.double(), cum_want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(prev.double(), total_want, rtol=2e-6, atol=1e-6 * t)
+        torch.testing.assert_close(out.double(), total_want - prev_before, rtol=2e-6, atol=2e-6 * t)
+
+
+@needs_compiler
+@pytest.mark.parametrize('approximate', [False, True], ids=['erf', 'tanh'])
+def test_gelu_ec_step_propagates_nan(native, approximate):
+    x = torch.tensor([float('nan'), 1.0, -3.0, 0.5] * 5)
+    cum = torch.zeros_like(x)
+    prev = torch.zeros_like(x)
+    out = native_kernels.ec_gelu(cum, x, prev, 2.0, approximate)
+    assert torch.equal(out.isnan(), x.isnan()) and torch.equal(prev.isnan(), x.isnan())
+    finite = ~x.isnan()
+    want = f64_gelu(x[finite] / 2, approximate) * 2
+    torch.testing.assert_close(out[finite].double(), want, rtol=1e-6, atol=1e-6)
+
+
+@needs_compiler
+def test_thread_counts_give_identical_results(native):
+    x = torch.randn((1 << 17) + 5, generator=torch.Generator().manual_seed(3))
+    table = trans_utils.level_table(torch.tensor(0.2), torch.tensor(0.3), 8)
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            membrane = torch.zeros_like(x)
+            spike, nonzero = native_kernels.mt_step(membrane, x, table)
+            cum, prev = x.clone(), torch.zeros_like(x)
+            results.append((spike, nonzero, membrane, native_kernels.ec_gelu(cum, x, prev, 2.0, False)))
+    finally:
+        torch.set_num_threads(previous)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@needs_compiler
+def test_wrappers_refuse_mismatched_arguments(native):
+    table = trans_utils.level_table(torch.tensor(0.2), torch.tensor(0.3), 8)
+    with pytest.raises(ValueError):
+        native_kernels.mt_step(torch.zeros(10), torch.zeros(11), table)
+    with pytest.raises(ValueError):
+        native_kernels.mt_step(torch.zeros(10), torch.zeros(10), table.t())
+    with pytest.raises(ValueError):
+        native_kernels.ec_gelu(torch.zeros(4, 5), torch.zeros(4, 5), torch.zeros(4, 4), 2.0, False)
+
+
+def _fresh_library_state(monkeypatch, cache):
+    monkeypatch.setenv('ECMT_CACHE_DIR', str(cache))
+    monkeypatch.setattr(native_kernels, 'ENABLED', True)
+    monkeypatch.setattr(native_kernels, '_library', None)
+    monkeypatch.setattr(native_kernels, '_failed', False)
+
+
+@needs_compiler
+def test_build_is_cached_on_disk_and_reused(monkeypatch, tmp_path):
+    _fresh_library_state(monkeypatch, tmp_path)
+    assert native_kernels.library() is not None
+    built = sorted(os.listdir(tmp_path / 'native'))
+    assert len(built) == 1 and built[0].startswith('ecmt_kernels-') and built[0].endswith('.so')
+    # A new process (here: a fresh module state) loads the file without compiling again.
+    monkeypatch.setattr(native_kernels, '_library', None)
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError('compiled again although the library is cached')
+    import subprocess
+    monkeypatch.setattr(subprocess, 'run', no_compiler)
+    assert native_kernels.library() is not None
+    assert sorted(os.listdir(tmp_path / 'native')) == built
+
+
+def test_without_a_compiler_everything_falls_back_with_one_warning(monkeypatch, tmp_path):
+    _fresh_library_state(monkeypatch, tmp_path)
+    monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
+    with pytest.warns(UserWarning, match='native kernels unavailable'):
+        assert native_kernels.library() is None
+    assert not (tmp_path / 'native').exists() or not os.listdir(tmp_path / 'native')  # nothing half-written
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no second warning
+        assert native_kernels.library() is None
+        # The calibration still gives the exact statistics (numpy instead).
+        x = torch.randn(100_000, generator=torch.Generator().manual_seed(8))
+        got = trans_utils.tail_quantiles(x, 0.99)
+        want = ref_quantiles(x, 0.99)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not native_kernels.usable(torch.zeros(3))
