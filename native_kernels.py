@@ -1,7 +1,7 @@
 """Native CPU kernels of the toolkit (``csrc/ecmt_kernels.cpp``), loaded through ctypes.
 
-The per-step work of the MT neuron and of the EC GELU, and the calibration's tail order
-statistics, each read and write their tensors once in a small C++ kernel. The library is compiled
+The per-step work of the MT neuron and of the EC GELU, softmax and LayerNorm, and the calibration's tail
+order statistics, each read and write their tensors once in a small C++ kernel. The library is compiled
 once per machine with the system's C++ compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``;
 about 2 s, ``-O3 -march=native -fopenmp``) into ``$ECMT_CACHE_DIR/native`` (default
 ``~/.cache/ecmt/native``, safe to delete), keyed by the source, the compiler and flags and the
@@ -121,15 +121,20 @@ def _load(path: str) -> ctypes.CDLL:
     lib.ecmt_mt_step.restype = i64
     lib.ecmt_ec_gelu.argtypes = [p, p, p, f32, p, i64, i32, i32]
     lib.ecmt_ec_gelu.restype = None
+    lib.ecmt_ec_softmax.argtypes = [p, p, p, f32, p, i64, i64, i32]
+    lib.ecmt_ec_softmax.restype = None
+    lib.ecmt_ec_layer_norm.argtypes = [p, p, p, f32, p, p, f32, p, i64, i64, i32]
+    lib.ecmt_ec_layer_norm.restype = None
     lib.ecmt_tail_quantiles.argtypes = [p, i32, p, p, p, i64, i64, i64, i64, i64, p, p]
     lib.ecmt_tail_quantiles.restype = i32
     return lib
 
 
-def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the step kernels apply: the library is there and every tensor is a contiguous
-    float32 CPU tensor."""
-    return (all(t.device.type == 'cpu' and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+def usable(*args) -> bool:
+    """Whether the step kernels apply to ``args``: the library is there and every tensor among
+    them is a contiguous float32 CPU tensor (other arguments are not looked at)."""
+    return (all(t.device.type == 'cpu' and t.dtype == torch.float32 and t.is_contiguous()
+                for t in args if isinstance(t, torch.Tensor))
             and library() is not None)
 
 
@@ -155,6 +160,38 @@ def ec_gelu(cum: torch.Tensor, x: torch.Tensor, prev: torch.Tensor, steps: float
     out = torch.empty_like(cum)
     library().ecmt_ec_gelu(cum.data_ptr(), x.data_ptr(), prev.data_ptr(), float(steps), out.data_ptr(),
                            x.numel(), int(bool(approximate)), torch.get_num_threads())
+    return out
+
+
+def ec_softmax(cum: torch.Tensor, x: torch.Tensor, prev: torch.Tensor, steps: float) -> torch.Tensor:
+    """One EC softmax step t = ``steps`` over the last dimension of 2-D [rows, cols] tensors (see
+    ``trans_utils._ec_softmax``): ``cum`` and ``prev`` are updated in place; returns
+    ``t * softmax(cum / t) - prev`` (before the update of prev)."""
+    if cum.dim() != 2 or cum.shape != x.shape or prev.shape != x.shape:
+        raise ValueError('ec_softmax: cum, x and prev must be [rows, cols] of one shape')
+    x = x.contiguous()
+    out = torch.empty_like(cum)
+    library().ecmt_ec_softmax(cum.data_ptr(), x.data_ptr(), prev.data_ptr(), float(steps), out.data_ptr(),
+                              x.shape[0], x.shape[1], torch.get_num_threads())
+    return out
+
+
+def ec_layer_norm(cum: torch.Tensor, x: torch.Tensor, prev: torch.Tensor, steps: float,
+                  weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """One EC LayerNorm step t = ``steps`` over the last dimension of 2-D [rows, cols] tensors
+    (biased variance, then ``weight`` and ``bias`` of cols elements if given): ``cum`` and ``prev``
+    are updated in place; returns ``t * layer_norm(cum / t) - prev`` (before the update of prev)."""
+    if cum.dim() != 2 or cum.shape != x.shape or prev.shape != x.shape:
+        raise ValueError('ec_layer_norm: cum, x and prev must be [rows, cols] of one shape')
+    for p in (weight, bias):
+        if p is not None and (p.shape != (x.shape[1],) or not p.is_contiguous() or p.dtype != torch.float32):
+            raise ValueError('ec_layer_norm: weight and bias must be contiguous float32 of cols elements')
+    x = x.contiguous()
+    out = torch.empty_like(cum)
+    library().ecmt_ec_layer_norm(cum.data_ptr(), x.data_ptr(), prev.data_ptr(), float(steps),
+                                 None if weight is None else weight.data_ptr(),
+                                 None if bias is None else bias.data_ptr(), float(eps), out.data_ptr(),
+                                 x.shape[0], x.shape[1], torch.get_num_threads())
     return out
 
 

@@ -384,6 +384,8 @@ def _fused(fn: Callable, *args, eager: Optional[Callable] = None):
         native = _NATIVE_STEPS.get(fn)
         if native is not None and native_kernels.usable(*args):
             return native(*args)
+        if fn in _NATIVE_OR_EAGER:
+            return (eager or fn)(*args)
         compiled = _compiled.get(fn)
         if compiled is None:
             # Every level count (a loop bound) and tensor layout is a graph of its own; dynamo's
@@ -499,15 +501,44 @@ def _ec_gelu_tanh(cum, x, prev, steps):
     return out
 
 
+def _ec_softmax(cum, x, prev, steps):
+    """One EC step of a softmax over the last dimension (2-D state, updated in place). Runs as a
+    native kernel on the CPU, else eager: inductor's row softmax on the CPU was 3x slower than
+    eager's, so it is never compiled."""
+    cum.add_(x)
+    total = torch.softmax(cum / steps, dim=-1) * steps
+    out = total - prev
+    prev.copy_(total)
+    return out
+
+
+def _ec_layer_norm(cum, x, prev, steps, weight, bias, eps):
+    """One EC step of a LayerNorm over the last dimension (2-D state, updated in place). Runs as
+    a native kernel on the CPU, else eager (never compiled: inductor's was slower on the CPU)."""
+    cum.add_(x)
+    total = torch.nn.functional.layer_norm(cum / steps, cum.shape[-1:], weight, bias, eps) * steps
+    out = total - prev
+    prev.copy_(total)
+    return out
+
+
+def _layer_norm_types() -> Tuple[type, ...]:
+    try:
+        from timm.layers import LayerNorm as TimmLayerNorm
+    except ImportError:  # pragma: no cover
+        return (nn.LayerNorm,)
+    return (nn.LayerNorm, TimmLayerNorm)
+
+
 def _fused_ec_kind(module: nn.Module) -> Optional[Callable]:
     """The fused step function when ``module`` is a function the fused EC step knows exactly,
     else None (the module itself is then called: same semantics, unfused).
 
-    Only GELU is fused: its erf dominates and one kernel reading the running sum once is about
-    twice as fast as the eager steps. LayerNorm and softmax stay eager: their eager kernels are
-    as fast as inductor's (measured on CPU: LayerNorm 0.65 ms eager against 0.80 ms fused, row
-    softmax about 3.5 ms against 10.7 ms, on tensors of ViT sizes), and a compiled graph would
-    only add compilation time to every run."""
+    GELU is fused (native kernel on the CPU, torch.compile elsewhere): its erf dominates and one
+    kernel reading the running sum once is several times faster than the eager steps. A softmax
+    and a LayerNorm over the last dimension run as native kernels on the CPU and eager elsewhere
+    (inductor's were slower than eager on the CPU: row softmax 10.7 ms against 3.5 ms, LayerNorm
+    0.80 ms against 0.65 ms, on ViT-sized tensors)."""
     try:
         from timm.layers import GELU as TimmGELU, GELUTanh
     except ImportError:  # pragma: no cover
@@ -516,6 +547,10 @@ def _fused_ec_kind(module: nn.Module) -> Optional[Callable]:
         return _ec_gelu if getattr(module, 'approximate', 'none') == 'none' else _ec_gelu_tanh
     if GELUTanh and type(module) is GELUTanh:
         return _ec_gelu_tanh
+    if type(module) is nn.Softmax and module.dim == -1:
+        return _ec_softmax
+    if type(module) in _layer_norm_types() and len(module.normalized_shape) == 1:
+        return _ec_layer_norm
     return None
 
 
@@ -525,8 +560,8 @@ class exp_comp_neuron(StatefulModule):
     With A the running sum of inputs after step t, the output is ``t*f(A/t) - (t-1)*f(A'/(t-1))``,
     so the outputs summed over steps 1..t are ``t * f(mean input)``. f is evaluated once per step:
     the previous ``(t-1)*f(A'/(t-1))`` is remembered. The wrapped module is ``self.module``.
-    GELU runs as one fused step (see :func:`set_fast_neuron`); any other module (softmax,
-    LayerNorm among them) is called as it is.
+    GELU, and a softmax or LayerNorm over the last dimension, run as one fused step (see
+    :func:`set_fast_neuron` and :func:`_fused_ec_kind`); any other module is called as it is.
     """
 
     def __init__(self, module: nn.Module) -> None:
@@ -574,7 +609,9 @@ class exp_comp_neuron(StatefulModule):
                 if self._cum.shape != x2.shape:  # the eager path ran before: own copies
                     self._cum = self._cum.reshape(x2.shape).clone()
                     self._prev = self._prev.reshape(x2.shape).clone()
-                out = _fused(self._fused_step, self._cum, x2, self._prev, steps)
+                extra = ((self.module.weight, self.module.bias, self.module.eps)
+                         if self._fused_step is _ec_layer_norm else ())
+                out = _fused(self._fused_step, self._cum, x2, self._prev, steps, *extra)
                 return out.view(shape)
             self._prev = total.clone()  # updated in place from step 2 on; out is handed on
             return out.view(shape)
@@ -594,7 +631,12 @@ _NATIVE_STEPS: Dict[Callable, Callable] = {
     _mt_step_fused: native_kernels.mt_step,
     _ec_gelu: lambda cum, x, prev, steps: native_kernels.ec_gelu(cum, x, prev, float(steps), False),
     _ec_gelu_tanh: lambda cum, x, prev, steps: native_kernels.ec_gelu(cum, x, prev, float(steps), True),
+    _ec_softmax: lambda cum, x, prev, steps: native_kernels.ec_softmax(cum, x, prev, float(steps)),
+    _ec_layer_norm: lambda cum, x, prev, steps, weight, bias, eps: native_kernels.ec_layer_norm(
+        cum, x, prev, float(steps), weight, bias, eps),
 }
+#: Steps that are never compiled: eager where the native kernel does not apply.
+_NATIVE_OR_EAGER = {_ec_softmax, _ec_layer_norm}
 
 
 class MyAt(nn.Module):
@@ -629,7 +671,7 @@ class AtNeuron(StatefulModule):
         if self.steps == 1:
             self.cum_a, self.cum_b = a.clone(), b.clone()
             out = (self.cum_a @ self.cum_b).float()
-            self.prev_total = out
+            self.prev_total = out.clone()  # its own: updated in place below, out is handed on
             return out
         self.cum_a.add_(a)  # in place: the running sums are this module's own tensors
         self.cum_b.add_(b)
@@ -643,7 +685,7 @@ class AtNeuron(StatefulModule):
             b3 = self.cum_b.expand(*lead, *self.cum_b.shape[-2:]).reshape(-1, *self.cum_b.shape[-2:])
             out = torch.baddbmm(prev.reshape(-1, *prev.shape[-2:]), a3, b3, beta=-1.0,
                                 alpha=1.0 / self.steps).reshape(prev.shape)
-            total = prev + out
+            total = prev.add_(out)  # in place: no new memory (page faults) per step
         self.prev_total = total
         return out
 

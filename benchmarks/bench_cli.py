@@ -24,6 +24,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from steal import CpuSteal  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CLI = str(ROOT / 'run_class_finetuning.py')
 
@@ -71,13 +74,14 @@ def main(args) -> dict:
         run_cli(args, out, 'for_v', 'calibrate', args.model_path, '--savename', 'thresholds')
         thresholds = out / 'thresholds.pth'
         for run in range(args.runs):
-            ann = run_cli(args, out, 'ann', 'ann', args.model_path)
-            snn = run_cli(args, out, 'snn', 'snn', thresholds)
-            bare = run_cli(args, out, 'snn', 'snn_bare', thresholds, '--no-monitor')
-            calib = run_cli(args, out, 'for_v', 'for_v', args.model_path, '--savename', 'again')
+            with CpuSteal() as steal:
+                ann = run_cli(args, out, 'ann', 'ann', args.model_path)
+                snn = run_cli(args, out, 'snn', 'snn', thresholds)
+                bare = run_cli(args, out, 'snn', 'snn_bare', thresholds, '--no-monitor')
+                calib = run_cli(args, out, 'for_v', 'for_v', args.model_path, '--savename', 'again')
             row = {'ann': ann['seconds'], 'for_v': calib['seconds'], 'snn': snn['seconds'],
                    'snn_no_monitor': bare['seconds'], 'images': ann['n'],
-                   'snn_acc1_T': snn['acc1'][-1], 'ann_acc1': ann['acc1']}
+                   'snn_acc1_T': snn['acc1'][-1], 'ann_acc1': ann['acc1'], 'cpu_steal_percent': steal.percent}
             row['snn_over_T_ann'] = row['snn'] / (args.T * row['ann'])
             row['snn_no_monitor_over_T_ann'] = row['snn_no_monitor'] / (args.T * row['ann'])
             row['calibration_over_ann'] = row['for_v'] / row['ann']
@@ -86,9 +90,9 @@ def main(args) -> dict:
             if not args.json:
                 print(f'run {run + 1}: ann {row["ann"]:.2f} s, for_v {row["for_v"]:.2f} s, snn {row["snn"]:.2f} s '
                       f'(no monitor {row["snn_no_monitor"]:.2f} s): SNN/(T x ANN) {row["snn_over_T_ann"]:.2f}, '
-                      f'calibration/ANN {row["calibration_over_ann"]:.2f}, monitor {100 * row["monitor_overhead"]:+.1f}%',
-                      flush=True)
-    keys = [k for k in rows[0] if k not in ('images',)]
+                      f'calibration/ANN {row["calibration_over_ann"]:.2f}, monitor {100 * row["monitor_overhead"]:+.1f}%'
+                      + (f', CPU steal {steal.percent:.0f}%' if steal.percent is not None else ''), flush=True)
+    keys = [k for k in rows[0] if k not in ('images',) and rows[0][k] is not None]
     medians = {k: statistics.median(r[k] for r in rows) for k in keys}
     result = {'model': args.model, 'model_kwargs': args.model_kwargs, 'input_size': args.input_size,
               'batch_size': args.batch_size, 'T': args.T, 'data_set': args.data_set,

@@ -9,9 +9,9 @@ much; the fire rates do, a little). Prints the ANN pass time over all images, th
 time and the SNN time for T steps (cold: the first pass, which includes one-time costs such as
 building or loading kernels; warm: the median of --reps later passes), the ratios SNN/(T x ANN)
 and calibration/ANN, the peak memory of the ANN pass and of the SNN run, and how often SNN and ANN
-agree on top-1. This machine's speed drifts within minutes, so every calibration or SNN pass is
-paired with an ANN pass run just before it, and each ratio comes from its pair (warm: the median
-over pairs).
+agree on top-1. This machine's speed drifts by tens of percent within seconds, so the passes are
+interleaved batch by batch (ANN, calibration, SNN on each batch in turn) and each ratio is taken
+within one repetition (warm: the median over --reps repetitions).
 ``--json`` prints one machine-readable line instead.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import utils  # noqa: E402
+from steal import CpuSteal  # noqa: E402
 from model_vit import create_model  # noqa: E402
 from trans_utils import (convert_to_snn, fast_neuron_enabled, replace_test_by_testneuron,  # noqa: E402
                          reset_net, set_fast_neuron)
@@ -163,25 +164,16 @@ def main(args) -> dict:
     ctx = (torch.autocast(device.type, dtype={'fp16': torch.float16, 'bf16': torch.bfloat16}[args.amp])
            if args.amp != 'none' else torch.autocast(device.type, enabled=False))
 
-    with torch.no_grad(), ctx:
+    with torch.no_grad(), ctx, CpuSteal() as steal:
         model(batches[0])  # warm-up
-        # Calibration and SNN run on copies, and every timed repetition of them is paired with an
-        # ANN pass right before it: this machine's speed drifts by tens of percent within minutes,
-        # so each ratio is taken from passes run under the same conditions (median over pairs).
+        ann_logits = [model(b).float() for b in batches]
+        # This machine's speed drifts by tens of percent within seconds. So the passes are
+        # interleaved batch by batch (ANN, calibration, SNN on the same batch, in turn), and each
+        # ratio is taken between the sums of one repetition: the same conditions for all three.
         calib_model = copy.deepcopy(model)
         replace_test_by_testneuron(calib_model, 0.99)
-        ann_times = [timed_pass(model, batches, device)]
-        calib_cold = timed_pass(calib_model, batches, device)  # first pass: one-time costs included
-        calib_pairs = []
-        for _ in range(args.reps):
-            ann_times.append(timed_pass(model, batches, device))
-            calib_pairs.append((ann_times[-1], timed_pass(calib_model, batches, device)))
-        ann_logits = [model(b).float() for b in batches]
-
-        snn_model = calib_model
-        convert_to_snn(snn_model, fc2_thresholds=None if args.fc2_calibrated else (0.25, 0.08))
+        snn_model = None
         agree = torch.zeros((), device=device)
-        snn_preds = []
 
         def snn_batch(images):
             reset_net(snn_model)
@@ -192,17 +184,30 @@ def main(args) -> dict:
             reset_net(snn_model)
             return logits
 
-        ann_times.append(timed_pass(model, batches, device))
-        cold = timed_pass(lambda b: snn_preds.append(snn_batch(b).argmax(-1)), batches, device)
-        cold_ann = ann_times[-1]
-        for pred, ref in zip(snn_preds, ann_logits):
-            agree += (pred == ref.argmax(-1)).sum()
-        snn_pairs = []
-        for _ in range(args.reps):
-            ann_times.append(timed_pass(model, batches, device))
-            snn_pairs.append((ann_times[-1], timed_pass(snn_batch, batches, device)))
+        reps = []  # per repetition: seconds of ANN, calibration, SNN over all batches
+        for rep in range(args.reps + 2):
+            seconds = [0.0, 0.0, 0.0]
+            for i, images in enumerate(batches):
+                seconds[0] += timed_pass(model, [images], device)
+                if rep <= args.reps:
+                    seconds[1] += timed_pass(calib_model, [images], device)
+                if snn_model is not None:
+                    preds = []
+                    seconds[2] += timed_pass(lambda b: preds.append(snn_batch(b).argmax(-1)), [images], device)
+                    if rep == 1:
+                        agree += (preds[0] == ann_logits[i].argmax(-1)).sum()
+            reps.append(seconds)
+            if rep == 0:  # thresholds from the first calibration pass; the SNN runs from rep 1 on
+                snn_model = copy.deepcopy(calib_model)
+                convert_to_snn(snn_model, fc2_thresholds=None if args.fc2_calibrated else (0.25, 0.08))
         result_mem = measure_peak_memory(args, device)
 
+    # rep 0: first calibration pass (cold); rep 1: first SNN pass (cold); warm: the later ones.
+    ann_times = [r[0] for r in reps]
+    calib_cold, calib_pairs = reps[0][1], [(r[0], r[1]) for r in reps[1:args.reps + 1]]
+    cold, cold_ann = reps[1][2], reps[1][0]
+    snn_pairs = [(r[0], r[2]) for r in reps[2:]]
+    ann_first = reps[0][0]
     ann = statistics.median(ann_times)
     calib_warm = statistics.median(c for _, c in calib_pairs)
     warm = statistics.median(s for _, s in snn_pairs)
@@ -214,14 +219,15 @@ def main(args) -> dict:
         'reps': args.reps, 'ann_seconds': ann, 'ann_seconds_all': ann_times,
         'calibration_cold_seconds': calib_cold, 'calibration_warm_seconds': calib_warm,
         'snn_cold_seconds': cold, 'snn_warm_seconds': warm,
-        # Cold: over the ANN pass run just before it. Warm: median over (ANN, next pass) pairs.
-        'calibration_over_ann_cold': calib_cold / ann_times[0],
+        # Cold: over the ANN passes interleaved with it. Warm: median over repetitions.
+        'calibration_over_ann_cold': calib_cold / ann_first,
         'calibration_over_ann': statistics.median(c / a for a, c in calib_pairs),
         'snn_over_T_ann_cold': cold / (args.T * cold_ann),
         'snn_over_T_ann_warm': statistics.median(s / (args.T * a) for a, s in snn_pairs),
         'ann_peak_mib': result_mem[0] / 2**20, 'snn_peak_mib': result_mem[1] / 2**20,
         'snn_over_ann_peak_memory': result_mem[1] / max(result_mem[0], 1),
         'snn_ann_top1_agreement': float(agree) / images,
+        'cpu_steal_percent': steal.percent,
     }
     if args.json:
         print(json.dumps(result))
@@ -240,6 +246,8 @@ def main(args) -> dict:
               f'(x{result["snn_over_ann_peak_memory"]:.1f}; above the weights and inputs)')
         print(f'  SNN/ANN top-1 agreement {100 * result["snn_ann_top1_agreement"]:.1f}% '
               '(random weights and images)')
+        if steal.percent is not None:
+            print(f'  CPU steal time          {steal.percent:.0f}% (the hypervisor ran others; noisy if high)')
     return result
 
 

@@ -1,6 +1,7 @@
 """The native CPU kernels (native_kernels, csrc/ecmt_kernels.cpp) against the plain references:
-every table width of the neuron step, both GELUs of the EC step, thread counts, block edges,
-special values; and the build: cached on disk, and a clean fallback where it cannot be built."""
+every table width of the neuron step, the EC steps of both GELUs, softmax and LayerNorm, thread
+counts, block edges, special values; and the build: cached on disk, and a clean fallback where it
+cannot be built."""
 import math
 import os
 
@@ -118,6 +119,55 @@ def test_gelu_ec_step_propagates_nan(native, approximate):
     torch.testing.assert_close(out[finite].double(), want, rtol=1e-6, atol=1e-6)
 
 
+def run_row_steps(step, xs, f64_f):
+    """Feed 2-D inputs to a native row step from step 2 on; compare every output, running sum and
+    total with float64 (step 1 is f itself, computed by the module)."""
+    cum = xs[0].clone()
+    prev = (f64_f(cum.double())).float()
+    for t in range(2, len(xs) + 1):
+        cum_want = cum.double() + xs[t - 1].double()
+        prev_before = prev.double()
+        out = step(cum, xs[t - 1], prev, float(t))
+        total_want = t * f64_f(cum_want / t)
+        torch.testing.assert_close(cum.double(), cum_want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(prev.double(), total_want, rtol=1e-5, atol=2e-6 * t)
+        torch.testing.assert_close(out.double(), total_want - prev_before, rtol=1e-5, atol=4e-6 * t)
+
+
+@needs_compiler
+@pytest.mark.parametrize('cols', [1, 5, 16, 33, 197])
+@pytest.mark.parametrize('rows', [1, 7, 1200])
+def test_softmax_ec_step_matches_float64(native, threads, rows, cols):
+    g = torch.Generator().manual_seed(rows * 1000 + cols)
+    xs = [torch.randn(rows, cols, generator=g) * 3 for _ in range(4)]
+    if cols > 2:  # masked positions (-inf) stay exactly 0, as in torch's softmax
+        xs[0][:, 1] = float('-inf')
+    run_row_steps(native_kernels.ec_softmax, xs, lambda a: torch.softmax(a, -1))
+    cum, prev = xs[0].clone(), torch.softmax(xs[0], -1)
+    out = native_kernels.ec_softmax(cum, xs[1], prev, 2.0)
+    if cols > 2:
+        assert torch.equal(prev[:, 1], torch.zeros(rows)) and not out.isnan().any()
+
+
+@needs_compiler
+@pytest.mark.parametrize('cols', [1, 5, 16, 33, 384])
+@pytest.mark.parametrize('affine', [True, False])
+def test_layer_norm_ec_step_matches_float64(native, threads, cols, affine):
+    g = torch.Generator().manual_seed(cols)
+    rows, eps = 300, 1e-6
+    xs = [torch.randn(rows, cols, generator=g) * 2 + 0.5 for _ in range(4)]
+    weight = torch.randn(cols, generator=g) if affine else None
+    bias = torch.randn(cols, generator=g) if affine else None
+
+    def f64_f(a):
+        return torch.nn.functional.layer_norm(a, (cols,), None if weight is None else weight.double(),
+                                              None if bias is None else bias.double(), eps)
+
+    run_row_steps(lambda c, x, p, t: native_kernels.ec_layer_norm(c, x, p, t, weight, bias, eps), xs, f64_f)
+    with pytest.raises(ValueError):
+        native_kernels.ec_layer_norm(xs[0].clone(), xs[1], xs[0].clone(), 2.0, torch.ones(cols + 1), None, eps)
+
+
 @needs_compiler
 def test_thread_counts_give_identical_results(native):
     x = torch.randn((1 << 17) + 5, generator=torch.Generator().manual_seed(3))
@@ -130,7 +180,11 @@ def test_thread_counts_give_identical_results(native):
             membrane = torch.zeros_like(x)
             spike, nonzero = native_kernels.mt_step(membrane, x, table)
             cum, prev = x.clone(), torch.zeros_like(x)
-            results.append((spike, nonzero, membrane, native_kernels.ec_gelu(cum, x, prev, 2.0, False)))
+            rows = x[:(1 << 17)].view(-1, 64)
+            results.append((spike, nonzero, membrane, native_kernels.ec_gelu(cum, x, prev, 2.0, False),
+                            native_kernels.ec_softmax(rows.clone(), rows, torch.zeros_like(rows), 2.0),
+                            native_kernels.ec_layer_norm(rows.clone(), rows, torch.zeros_like(rows), 2.0,
+                                                         None, None, 1e-5)))
     finally:
         torch.set_num_threads(previous)
     for other in results[1:]:
