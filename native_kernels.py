@@ -125,7 +125,7 @@ def _load(path: str) -> ctypes.CDLL:
     lib.ecmt_ec_softmax.restype = None
     lib.ecmt_ec_layer_norm.argtypes = [p, p, p, f32, p, p, f32, p, i64, i64, i32]
     lib.ecmt_ec_layer_norm.restype = None
-    lib.ecmt_tail_quantiles.argtypes = [p, i32, p, p, p, i64, i64, i64, i64, i64, p, p]
+    lib.ecmt_tail_quantiles.argtypes = [p, i32, p, p, p, i64, i64, i64, i64, i64, p, p, i32]
     lib.ecmt_tail_quantiles.restype = i32
     return lib
 
@@ -210,7 +210,8 @@ def tail_quantiles(x: torch.Tensor, sample: torch.Tensor, r_hi: int, r_lo: int, 
     out = (ctypes.c_float * 2)()
     info = (ctypes.c_int64 * 3)()
     status = library().ecmt_tail_quantiles(x.data_ptr(), x.dim(), shape, strides, sample.data_ptr(),
-                                           sample.numel(), r_hi, r_lo, k_hi, k_lo, out, info)
+                                           sample.numel(), r_hi, r_lo, k_hi, k_lo, out, info,
+                                           torch.get_num_threads())
     if status == 1:  # the tensor holds a NaN
         return torch.tensor(float('nan')), torch.tensor(float('nan')), (0, 0, False)
     if status != 0:

@@ -154,6 +154,8 @@ def main(args) -> dict:
         ann, snn = _peak_memory(args, device)
         print(json.dumps({'ann': ann, 'snn': snn}))
         return {'ann': ann, 'snn': snn}
+    if device.type == 'cpu' and not args.default_malloc:
+        utils.keep_freed_memory()  # as the command line does: ANN and SNN alike
     torch.manual_seed(args.seed)
     kwargs = utils.parse_model_kwargs(args.model_kwargs)
     model = create_model(args.model, img_size=args.input_size, num_classes=args.nb_classes, **kwargs)
@@ -228,6 +230,7 @@ def main(args) -> dict:
         'snn_over_ann_peak_memory': result_mem[1] / max(result_mem[0], 1),
         'snn_ann_top1_agreement': float(agree) / images,
         'cpu_steal_percent': steal.percent,
+        'malloc': 'default' if args.default_malloc or device.type != 'cpu' else 'keep_freed_memory',
     }
     if args.json:
         print(json.dumps(result))
@@ -265,6 +268,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--amp', default='none', choices=('none', 'fp16', 'bf16'))
     p.add_argument('--no_compile', action='store_true', help='run the eager (unfused) neuron and EC steps')
     p.add_argument('--fc2_calibrated', action='store_true', help='use calibrated fc2 thresholds')
+    p.add_argument('--default_malloc', action='store_true',
+                   help="keep glibc's default allocator settings (see utils.keep_freed_memory)")
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--json', action='store_true', help='print one JSON line')
     p.add_argument('--memory_only', action='store_true', help=argparse.SUPPRESS)

@@ -13,8 +13,8 @@
 // beyond two bounds taken from a sample (>= hb, <= lb) and counts NaNs; the statistics are then
 // selected among the gathered elements. The counts prove the bounds right; when they do not (an
 // unlucky sample, a constant sample) every element is copied and selected from, so the result is
-// always the exact k-th smallest. Single-threaded: calibration calls it between the matrix
-// products of the forward pass, whose threads would otherwise compete with it.
+// always the exact k-th smallest. The pass runs on torch's OpenMP threads (the same pool as the
+// forward pass's matrix products: no second set of threads competing for the cores).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -137,31 +137,61 @@ struct Scan {
         lower.size = b;
     }
 
-    void run(const float* data, const Layout& l) {
-        const int inner_dim = l.ndim - 1;
-        const int64_t inner = l.sizes[inner_dim], stride = l.strides[inner_dim];
-        int64_t outer = 1;
-        for (int d = 0; d < inner_dim; ++d) outer *= l.sizes[d];
-        int64_t index[kMaxDims] = {0};
-        int64_t offset = 0;
-        for (int64_t o = 0; o < outer; ++o) {
-            const float* row = data + offset;
-            for (int64_t start = 0; start < inner; start += kChunk) {
-                const int64_t len = std::min(kChunk, inner - start);
-                upper.reserve_more(len + 16);
-                lower.reserve_more(len + 16);
-                if (stride == 1) contiguous(row + start, len);
-                else strided(row + start * stride, len, stride);
-            }
-            for (int d = inner_dim - 1; d >= 0; --d) {  // odometer over the outer dimensions
-                offset += l.strides[d];
-                if (++index[d] < l.sizes[d]) break;
-                offset -= l.strides[d] * l.sizes[d];
-                index[d] = 0;
-            }
-        }
+    void absorb(const Scan& other) {
+        upper.reserve_more(other.upper.size);
+        std::copy_n(other.upper.data.data(), other.upper.size, upper.data.data() + upper.size);
+        upper.size += other.upper.size;
+        lower.reserve_more(other.lower.size);
+        std::copy_n(other.lower.data.data(), other.lower.size, lower.data.data() + lower.size);
+        lower.size += other.lower.size;
+        nans += other.nans;
     }
 };
+
+// Scan every element of the tensor into result, on up to `threads` threads (each gathers into a
+// buffer of its own; the buffers are joined at the end: the order of the gathered elements does
+// not matter to the selection). Work items: blocks of rows of the innermost dimension, or
+// chunks of one long row, of about kChunk elements each.
+void parallel_scan(const float* data, const Layout& l, Scan& result, int threads) {
+    const int inner_dim = l.ndim - 1;
+    const int64_t inner = l.sizes[inner_dim], stride = l.strides[inner_dim];
+    int64_t outer = 1;
+    for (int d = 0; d < inner_dim; ++d) outer *= l.sizes[d];
+    const int64_t chunks = (inner + kChunk - 1) / kChunk;
+    const int64_t rows_per_item = inner >= kChunk ? 1 : std::max<int64_t>(1, kChunk / inner);
+    const int64_t items = (outer + rows_per_item - 1) / rows_per_item * chunks;
+#pragma omp parallel num_threads(threads) if (threads > 1 && items > 1)
+    {
+        Scan local(result.hb, result.lb);
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < items; ++item) {
+            const int64_t start = item % chunks * kChunk, len = std::min(kChunk, inner - start);
+            const int64_t first = item / chunks * rows_per_item;
+            const int64_t last = std::min(outer, first + rows_per_item);
+            int64_t index[kMaxDims] = {0};
+            int64_t offset = 0;
+            for (int64_t rest = first, d = inner_dim - 1; d >= 0; --d) {  // row `first`'s position
+                index[d] = rest % l.sizes[d];
+                offset += index[d] * l.strides[d];
+                rest /= l.sizes[d];
+            }
+            for (int64_t r = first; r < last; ++r) {
+                local.upper.reserve_more(len + 16);
+                local.lower.reserve_more(len + 16);
+                if (stride == 1) local.contiguous(data + offset + start, len);
+                else local.strided(data + offset + start * stride, len, stride);
+                for (int d = inner_dim - 1; d >= 0; --d) {  // odometer over the outer dimensions
+                    offset += l.strides[d];
+                    if (++index[d] < l.sizes[d]) break;
+                    offset -= l.strides[d] * l.sizes[d];
+                    index[d] = 0;
+                }
+            }
+        }
+#pragma omp critical(ecmt_scan_join)
+        result.absorb(local);
+    }
+}
 
 // The k-th smallest (1-based) of values[0:n], reordering them.
 float kth_smallest(float* values, int64_t n, int64_t k) {
@@ -202,11 +232,11 @@ enum { kOk = 0, kHasNaN = 1, kBadArguments = 2 };
 //   sample, m: flat row-major (logical) indices of a sample of the elements;
 //   r_hi, r_lo: ranks (1-based) in the sample of the bounds hb and lb;
 //   out[0], out[1]: the statistics; info[0], info[1]: elements gathered beyond hb and lb,
-//   info[2]: 1 if the full selection was needed for either statistic.
+//   info[2]: 1 if the full selection was needed for either statistic; threads: for the scan.
 // Returns kOk, kHasNaN (no statistic is defined; out is untouched) or kBadArguments.
 int ecmt_tail_quantiles(const float* data, int ndim, const int64_t* sizes, const int64_t* strides,
                         const int64_t* sample, int64_t m, int64_t r_hi, int64_t r_lo,
-                        int64_t k_hi, int64_t k_lo, float* out, int64_t* info) {
+                        int64_t k_hi, int64_t k_lo, float* out, int64_t* info, int threads) {
     if (ndim < 0 || ndim > kMaxDims || m < 1) return kBadArguments;
     int64_t n = 1;
     for (int d = 0; d < ndim; ++d) {
@@ -229,25 +259,28 @@ int ecmt_tail_quantiles(const float* data, int ndim, const int64_t* sizes, const
         if (values[s] != values[s]) return kHasNaN;
     }
     const float hb = kth_smallest(values.data(), m, r_hi);
-    const float lb = kth_smallest(values.data(), m, r_lo);
+    // After that selection the r_lo-th smallest lies below position r_hi when r_lo < r_hi.
+    const float lb = r_lo < r_hi ? kth_smallest(values.data(), r_hi - 1, r_lo) : kth_smallest(values.data(), m, r_lo);
 
     const Layout layout = coalesce(ndim, sizes, strides);
     bool full_hi = true, full_lo = true;
     info[0] = info[1] = 0;
     if (lb < hb) {
         Scan scan(hb, lb);
-        scan.run(data, layout);
+        parallel_scan(data, layout, scan, threads);
         if (scan.nans) return kHasNaN;
         info[0] = scan.upper.size;
         info[1] = scan.lower.size;
         const int64_t need_hi = n - k_hi + 1;  // elements >= the upper statistic
-        if (scan.upper.size >= need_hi) {
-            out[0] = kth_smallest(scan.upper.data.data(), scan.upper.size, scan.upper.size - need_hi + 1);
-            full_hi = false;
-        }
-        if (scan.lower.size >= k_lo) {
-            out[1] = kth_smallest(scan.lower.data.data(), scan.lower.size, k_lo);
-            full_lo = false;
+        full_hi = scan.upper.size < need_hi;
+        full_lo = scan.lower.size < k_lo;
+#pragma omp parallel sections num_threads(2) if (threads > 1)
+        {
+#pragma omp section
+            if (!full_hi)
+                out[0] = kth_smallest(scan.upper.data.data(), scan.upper.size, scan.upper.size - need_hi + 1);
+#pragma omp section
+            if (!full_lo) out[1] = kth_smallest(scan.lower.data.data(), scan.lower.size, k_lo);
         }
     }
     info[2] = full_hi || full_lo;

@@ -242,3 +242,26 @@ def test_without_a_compiler_everything_falls_back_with_one_warning(monkeypatch, 
         want = ref_quantiles(x, 0.99)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert not native_kernels.usable(torch.zeros(3))
+
+
+@needs_compiler
+@pytest.mark.parametrize('layout', ['contiguous', 'permuted', 'long_rows', 'short_rows'])
+def test_selection_scan_on_several_threads_is_exact(native, monkeypatch, layout):
+    """The selection kernel's scan splits the tensor among threads (blocks of rows, or chunks of
+    one long row) and joins what each gathered: the statistics are the same at any count."""
+    monkeypatch.setattr(trans_utils, '_CPU_SELECTION', 'native')
+    g = torch.Generator().manual_seed(21)
+    x = {'contiguous': lambda: torch.randn(300_007, generator=g),
+         'permuted': lambda: torch.randn(7, 33, 3, 5, 64, generator=g).permute(2, 0, 3, 1, 4)[1],
+         'long_rows': lambda: torch.randn(3, 100_003, generator=g).t(),
+         'short_rows': lambda: torch.randn(20_000, 3, generator=g)[:, :2]}[layout]()
+    previous = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            for percent in (0.99, 0.9):
+                got = trans_utils.tail_quantiles(x, percent)
+                want = ref_quantiles(x, percent)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (count, percent)
+    finally:
+        torch.set_num_threads(previous)

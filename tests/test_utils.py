@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+import utils
+
 from utils import (UserError, accuracy, append_log, load_checkpoint, load_model_weights,
                    parse_model_kwargs, resolve_device, save_checkpoint, seed_everything,
                    write_json)
@@ -268,3 +270,35 @@ def test_parse_model_kwargs_malformed(item, match):
 def test_parse_model_kwargs_duplicate():
     with pytest.raises(UserError, match="twice"):
         parse_model_kwargs(["depth=2", "depth=3"])
+
+
+def test_keep_freed_memory_sets_glibc_options_or_says_it_did_not(monkeypatch):
+    import ctypes
+    import sys
+    expected = sys.platform.startswith('linux')
+    try:
+        ctypes.CDLL('libc.so.6').mallopt
+    except (OSError, AttributeError):
+        expected = False
+    assert utils.keep_freed_memory() is expected
+    monkeypatch.setenv('ECMT_KEEP_MEMORY', '0')
+    assert utils.keep_freed_memory() is False
+    monkeypatch.delenv('ECMT_KEEP_MEMORY')
+
+    def no_libc(name):
+        raise OSError(f'{name}: not here')
+    monkeypatch.setattr(ctypes, 'CDLL', no_libc)
+    assert utils.keep_freed_memory() is False
+
+
+def test_cpu_runs_of_the_command_line_keep_freed_memory(monkeypatch, tmp_path):
+    import run_class_finetuning as cli
+    calls = []
+    monkeypatch.setattr(utils, 'keep_freed_memory', lambda: calls.append(1) or True)
+    args = cli.get_args_parser().parse_args([
+        '--model', 'vit_tiny_patch16_224', '--model_kwargs', 'patch_size=4', 'embed_dim=32', 'depth=1',
+        'num_heads=2', '--input_size', '16', '--nb_classes', '10', '--data_set', 'DIGITS',
+        '--num_workers', '0', '--batch_size', '450', '--device', 'cpu', '--no_progress',
+        '--test_mode', 'ann', '--log_dir', str(tmp_path), '--output_dir', str(tmp_path)])
+    cli.main(args)
+    assert calls == [1]
