@@ -448,14 +448,19 @@ class TwoSideNeuron(StatefulModule):
             # membrane is a flat tensor of its own, updated in place.
             # detach(): a tensor of its own over the same memory, so that a view and a plain
             # tensor are the same input to the compiled kernel (no second compilation).
-            flat = x.reshape(-1).detach()
+            x_in = x.detach()
             if self._membrane is None:
-                self._membrane = torch.zeros_like(flat)
+                self._membrane = torch.zeros(x.numel(), dtype=torch.float32, device=x.device)
             elif self._membrane.dim() != 1:  # the eager path ran before
                 self._membrane = self._membrane.reshape(-1).clone()
             if self._table is None:
                 self._table = level_table(self.scale_p, self.scale_n, self.levels)
-            spike, nonzero = _fused(_mt_step_fused, self._membrane, flat, self._table, eager=_mt_step_fused)
+            if x_in.device.type == 'cpu' and native_kernels.usable(self._membrane, self._table):
+                # Any strides: a q/k/v view of the attention is read where it lies, not copied.
+                spike, nonzero = native_kernels.mt_step(self._membrane, x_in, self._table)
+            else:
+                spike, nonzero = _fused(_mt_step_fused, self._membrane, x_in.reshape(-1), self._table,
+                                        eager=_mt_step_fused)
             spike = spike.view(x.shape)
         else:
             membrane = self.membrane if self._membrane is not None else torch.zeros_like(x)

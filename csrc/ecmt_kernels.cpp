@@ -358,6 +358,54 @@ int64_t mt_step(float* membrane, const float* x, const float* table, int64_t wid
     return count;
 }
 
+// The same step for an input of any strides (a q/k/v view of the attention, say): membrane and
+// spike hold the elements in row-major (logical) order; x is read row by row of its last
+// dimension, in place (no copy of the whole input first).
+template <int W>
+int64_t mt_step_strided(float* membrane, const float* x, int ndim, const int64_t* sizes,
+                        const int64_t* strides, const float* table, int64_t width, float* spike, int threads) {
+    const int64_t inner = sizes[ndim - 1], inner_stride = strides[ndim - 1];
+    int64_t outer = 1;
+    for (int d = 0; d < ndim - 1; ++d) outer *= sizes[d];
+    const int64_t rows_per_task = std::max<int64_t>(1, kBlock / std::max<int64_t>(inner, 1));
+    const int64_t tasks = (outer + rows_per_task - 1) / rows_per_task;
+    int64_t count = 0;
+#pragma omp parallel for num_threads(threads) reduction(+ : count) schedule(static) if (threads > 1 && tasks > 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+        const int64_t first = task * rows_per_task, last = std::min(outer, first + rows_per_task);
+        int64_t index[kMaxDims] = {0};
+        int64_t offset = 0;
+        for (int64_t rest = first, d = ndim - 2; d >= 0; --d) {
+            index[d] = rest % sizes[d];
+            offset += index[d] * strides[d];
+            rest /= sizes[d];
+        }
+        std::vector<float> gathered(inner_stride == 1 ? 0 : inner);
+        for (int64_t r = first; r < last; ++r) {
+            const float* row = x + offset;
+            if (inner_stride != 1) {
+                for (int64_t i = 0; i < inner; ++i) gathered[i] = row[i * inner_stride];
+                row = gathered.data();
+            }
+            count += mt_chunk<W>(membrane + r * inner, row, table, width, spike + r * inner, inner);
+            for (int d = ndim - 2; d >= 0; --d) {
+                offset += strides[d];
+                if (++index[d] < sizes[d]) break;
+                offset -= strides[d] * sizes[d];
+                index[d] = 0;
+            }
+        }
+    }
+    return count;
+}
+
+template <int W>
+int64_t mt_step_any(float* membrane, const float* x, int ndim, const int64_t* sizes, const int64_t* strides,
+                    const float* table, int64_t width, float* spike, int64_t n, int threads) {
+    if (ndim <= 0) return mt_step<W>(membrane, x, table, width, spike, n, threads);
+    return mt_step_strided<W>(membrane, x, ndim, sizes, strides, table, width, spike, threads);
+}
+
 // ---- expectation-compensated GELU -------------------------------------------------------------
 // exp, erf and tanh in plain float arithmetic that the compiler vectorises. exp: Cephes' expf
 // (about 1 ulp); erf: Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), as torch's own
@@ -561,16 +609,19 @@ void ecmt_ec_softmax(float* cum, const float* x, float* prev, float steps, float
     }
 }
 
-// One MT neuron step on n contiguous float32 elements: membrane (updated in place), input x,
+// One MT neuron step on n float32 elements: membrane (contiguous, updated in place), input x,
 // table [4, width] (per level: positive threshold, positive spike, negative threshold, negative
-// spike), spike (written). Returns the number of non-zero spikes.
-int64_t ecmt_mt_step(float* membrane, const float* x, const float* table, int64_t width, float* spike,
-                     int64_t n, int threads) {
+// spike), spike (contiguous, written). x is contiguous when ndim is 0, else of the given sizes
+// and strides (in elements; membrane and spike in its row-major order). Returns the number of
+// non-zero spikes.
+int64_t ecmt_mt_step(float* membrane, const float* x, int ndim, const int64_t* sizes, const int64_t* strides,
+                     const float* table, int64_t width, float* spike, int64_t n, int threads) {
+    if (ndim < 0 || ndim > kMaxDims) return -1;
     switch (width) {
-        case 8: return mt_step<8>(membrane, x, table, width, spike, n, threads);
-        case 16: return mt_step<16>(membrane, x, table, width, spike, n, threads);
-        case 32: return mt_step<32>(membrane, x, table, width, spike, n, threads);
-        default: return mt_step<0>(membrane, x, table, width, spike, n, threads);
+        case 8: return mt_step_any<8>(membrane, x, ndim, sizes, strides, table, width, spike, n, threads);
+        case 16: return mt_step_any<16>(membrane, x, ndim, sizes, strides, table, width, spike, n, threads);
+        case 32: return mt_step_any<32>(membrane, x, ndim, sizes, strides, table, width, spike, n, threads);
+        default: return mt_step_any<0>(membrane, x, ndim, sizes, strides, table, width, spike, n, threads);
     }
 }
 

@@ -265,3 +265,22 @@ def test_selection_scan_on_several_threads_is_exact(native, monkeypatch, layout)
                 assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (count, percent)
     finally:
         torch.set_num_threads(previous)
+
+
+@needs_compiler
+@pytest.mark.parametrize('layout', ['qkv_view', 'inner_stride_2', 'transposed', 'expanded'])
+def test_neuron_step_reads_strided_inputs_where_they_lie(native, threads, layout):
+    """A strided input (the q of a fused qkv, say) gives the spikes of its contiguous copy."""
+    g = torch.Generator().manual_seed(5)
+    make = {'qkv_view': lambda: torch.randn(4, 37, 3, 3, 16, generator=g).permute(2, 0, 3, 1, 4)[0],
+            'inner_stride_2': lambda: torch.randn(6, 50, 34, generator=g)[..., ::2],
+            'transposed': lambda: torch.randn(300, 70, generator=g).t(),
+            'expanded': lambda: torch.randn(1, 40, 9, generator=g).expand(5, 40, 9)}[layout]
+    xs = [make() for _ in range(3)]
+    assert not xs[0].is_contiguous()
+    table = trans_utils.level_table(torch.tensor(0.3), torch.tensor(0.25), 4)
+    want = ref_mt_neuron([x.contiguous().reshape(-1) for x in xs], 0.3, 0.25, 4)
+    membrane = torch.zeros(xs[0].numel())
+    for x, spike_want in zip(xs, want):
+        spike, count = native_kernels.mt_step(membrane, x, table)
+        assert torch.equal(spike, spike_want) and int(count) == int((spike_want != 0).sum())
