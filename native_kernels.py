@@ -117,7 +117,7 @@ def _build() -> str:
 def _load(path: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(path)
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.ecmt_mt_step.argtypes = [p, p, i32, p, p, p, i64, p, i64, i32]
+    lib.ecmt_mt_step.argtypes = [p, p, i32, p, p, p, i64, p, i64, i32, i32]
     lib.ecmt_mt_step.restype = i64
     lib.ecmt_ec_gelu.argtypes = [p, p, p, f32, p, i64, i32, i32]
     lib.ecmt_ec_gelu.restype = None
@@ -138,12 +138,13 @@ def usable(*args) -> bool:
             and library() is not None)
 
 
-def mt_step(membrane: torch.Tensor, x: torch.Tensor, table: torch.Tensor
+def mt_step(membrane: torch.Tensor, x: torch.Tensor, table: torch.Tensor, first: bool = False
             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One MT neuron step (see ``trans_utils._mt_step_table``) on float32 CPU tensors: ``membrane``
-    flat and contiguous (updated in place), ``x`` of any shape and strides with as many elements
-    (read where it lies: a permuted view is not copied). Returns (flat contiguous spike, number of
-    non-zero spikes as a 0-d tensor)."""
+    flat and contiguous (updated in place; with ``first``, the sample's first step, only written:
+    the membrane starts at zero, so it need not be zeroed), ``x`` of any shape and strides with as
+    many elements (read where it lies: a permuted view is not copied). Returns (flat contiguous
+    spike, number of non-zero spikes as a 0-d tensor)."""
     if membrane.dim() != 1 or membrane.numel() != x.numel() or not membrane.is_contiguous():
         raise ValueError('mt_step: membrane must be flat and contiguous, with as many elements as x')
     if table.dim() != 2 or table.shape[0] != 4 or not table.is_contiguous():
@@ -158,7 +159,8 @@ def mt_step(membrane: torch.Tensor, x: torch.Tensor, table: torch.Tensor
         shape = (ctypes.c_int64 * dims)(*x.shape)
         strides = (ctypes.c_int64 * dims)(*x.stride())
     count = library().ecmt_mt_step(membrane.data_ptr(), x.data_ptr(), dims, shape, strides, table.data_ptr(),
-                                   table.shape[1], spike.data_ptr(), x.numel(), torch.get_num_threads())
+                                   table.shape[1], spike.data_ptr(), x.numel(), int(bool(first)),
+                                   torch.get_num_threads())
     return spike, torch.tensor(count)
 
 

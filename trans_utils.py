@@ -11,10 +11,11 @@ The semantics are those of ``ECMT_SPEC.md`` (the published ECMT scripts, with th
 Public names are the published ones so that researchers' scripts keep working. Every module that
 keeps state across time steps derives from :class:`StatefulModule`; :func:`reset_net` resets them.
 
-Fast path (see the README's benchmark table): the neuron's fire rule is computed in closed form in
-one pass over the membrane (optionally fused by ``torch.compile``), each EC module evaluates its
-function once per step, each EC product computes one product of running sums per step, and the
-calibration takes exact order statistics from a small candidate set instead of a full selection.
+Fast path (see the README's benchmark table): the neuron's fire rule is computed in one pass over
+the membrane (a native CPU kernel, ``torch.compile`` elsewhere), each EC module evaluates its
+function once per step (GELU, softmax and LayerNorm steps as native CPU kernels), each EC product
+computes one product of running sums per step, and the calibration takes exact order statistics
+from a small candidate set gathered in one pass instead of a full selection.
 Running state is float32 whatever the autocast dtype, and is freed on ``reset()``.
 """
 from __future__ import annotations
@@ -361,8 +362,9 @@ _compiled: Dict[Callable, Callable] = {}
 
 def set_fast_neuron(enabled: bool) -> None:
     """Fuse (``True``, the default; ``ECMT_COMPILE=0`` turns it off) the per-step element-wise
-    work of neurons and EC modules into single kernels with ``torch.compile``. Both paths compute
-    the same values (spikes bit for bit); the fused one is several times faster on CPU and GPU."""
+    work of neurons and EC modules into single kernels: native kernels on the CPU
+    (``native_kernels``), ``torch.compile`` elsewhere. All paths compute the same values (spikes
+    bit for bit); the fused ones are several times faster on CPU and GPU."""
     global _COMPILE
     _COMPILE = bool(enabled)
 
@@ -449,16 +451,21 @@ class TwoSideNeuron(StatefulModule):
             # detach(): a tensor of its own over the same memory, so that a view and a plain
             # tensor are the same input to the compiled kernel (no second compilation).
             x_in = x.detach()
-            if self._membrane is None:
-                self._membrane = torch.zeros(x.numel(), dtype=torch.float32, device=x.device)
-            elif self._membrane.dim() != 1:  # the eager path ran before
-                self._membrane = self._membrane.reshape(-1).clone()
             if self._table is None:
                 self._table = level_table(self.scale_p, self.scale_n, self.levels)
-            if x_in.device.type == 'cpu' and native_kernels.usable(self._membrane, self._table):
+            if (x_in.device.type == 'cpu' and native_kernels.usable(self._table)
+                    and (self._membrane is None or self._membrane.dim() == 1)):
                 # Any strides: a q/k/v view of the attention is read where it lies, not copied.
-                spike, nonzero = native_kernels.mt_step(self._membrane, x_in, self._table)
+                # First step: the membrane is only written (no zero fill, no read).
+                first = self._membrane is None
+                if first:
+                    self._membrane = torch.empty(x.numel(), dtype=torch.float32)
+                spike, nonzero = native_kernels.mt_step(self._membrane, x_in, self._table, first=first)
             else:
+                if self._membrane is None:
+                    self._membrane = torch.zeros(x.numel(), dtype=torch.float32, device=x.device)
+                elif self._membrane.dim() != 1:  # the eager path ran before
+                    self._membrane = self._membrane.reshape(-1).clone()
                 spike, nonzero = _fused(_mt_step_fused, self._membrane, x_in.reshape(-1), self._table,
                                         eager=_mt_step_fused)
             spike = spike.view(x.shape)

@@ -304,7 +304,7 @@ namespace {
 // beyond N and for a side whose theta is not positive, are never reached); v -= spike. The same
 // comparisons, selections and float operations as the reference rule: spikes and membranes are
 // equal bit for bit. Returns the number of non-zero spikes.
-template <int W>
+template <int W, bool First>
 int64_t mt_chunk(float* __restrict membrane, const float* __restrict x, const float* __restrict table,
                  int64_t width, float* __restrict spike, int64_t n) {
     const int w = W > 0 ? W : static_cast<int>(width);
@@ -319,7 +319,8 @@ int64_t mt_chunk(float* __restrict membrane, const float* __restrict x, const fl
     }
     int32_t count = 0;  // callers pass fewer than 2^31 elements
     for (int64_t i = 0; i < n; ++i) {
-        const float v = membrane[i] + x[i];
+        // First step: the membrane is not read (it starts at zero); + 0.0f as 0 + x rounds (-0 -> +0).
+        const float v = (First ? 0.0f : membrane[i]) + x[i];
         const float negated = -v;
         float up = 0.0f, down = 0.0f;
         if (W > 0) {
@@ -344,7 +345,7 @@ int64_t mt_chunk(float* __restrict membrane, const float* __restrict x, const fl
 
 constexpr int64_t kBlock = 1 << 15;  // elements per task of the parallel loops
 
-template <int W>
+template <int W, bool First>
 int64_t mt_step(float* membrane, const float* x, const float* table, int64_t width, float* spike,
                 int64_t n, int threads) {
     const int64_t blocks = (n + kBlock - 1) / kBlock;
@@ -352,7 +353,7 @@ int64_t mt_step(float* membrane, const float* x, const float* table, int64_t wid
 #pragma omp parallel for num_threads(threads) reduction(+ : count) schedule(static) if (threads > 1 && blocks > 1)
     for (int64_t b = 0; b < blocks; ++b) {
         const int64_t start = b * kBlock;
-        count += mt_chunk<W>(membrane + start, x + start, table, width, spike + start,
+        count += mt_chunk<W, First>(membrane + start, x + start, table, width, spike + start,
                              std::min(kBlock, n - start));
     }
     return count;
@@ -361,7 +362,7 @@ int64_t mt_step(float* membrane, const float* x, const float* table, int64_t wid
 // The same step for an input of any strides (a q/k/v view of the attention, say): membrane and
 // spike hold the elements in row-major (logical) order; x is read row by row of its last
 // dimension, in place (no copy of the whole input first).
-template <int W>
+template <int W, bool First>
 int64_t mt_step_strided(float* membrane, const float* x, int ndim, const int64_t* sizes,
                         const int64_t* strides, const float* table, int64_t width, float* spike, int threads) {
     const int64_t inner = sizes[ndim - 1], inner_stride = strides[ndim - 1];
@@ -387,7 +388,7 @@ int64_t mt_step_strided(float* membrane, const float* x, int ndim, const int64_t
                 for (int64_t i = 0; i < inner; ++i) gathered[i] = row[i * inner_stride];
                 row = gathered.data();
             }
-            count += mt_chunk<W>(membrane + r * inner, row, table, width, spike + r * inner, inner);
+            count += mt_chunk<W, First>(membrane + r * inner, row, table, width, spike + r * inner, inner);
             for (int d = ndim - 2; d >= 0; --d) {
                 offset += strides[d];
                 if (++index[d] < sizes[d]) break;
@@ -399,11 +400,11 @@ int64_t mt_step_strided(float* membrane, const float* x, int ndim, const int64_t
     return count;
 }
 
-template <int W>
+template <int W, bool First>
 int64_t mt_step_any(float* membrane, const float* x, int ndim, const int64_t* sizes, const int64_t* strides,
                     const float* table, int64_t width, float* spike, int64_t n, int threads) {
-    if (ndim <= 0) return mt_step<W>(membrane, x, table, width, spike, n, threads);
-    return mt_step_strided<W>(membrane, x, ndim, sizes, strides, table, width, spike, threads);
+    if (ndim <= 0) return mt_step<W, First>(membrane, x, table, width, spike, n, threads);
+    return mt_step_strided<W, First>(membrane, x, ndim, sizes, strides, table, width, spike, threads);
 }
 
 // ---- expectation-compensated GELU -------------------------------------------------------------
@@ -612,17 +613,20 @@ void ecmt_ec_softmax(float* cum, const float* x, float* prev, float steps, float
 // One MT neuron step on n float32 elements: membrane (contiguous, updated in place), input x,
 // table [4, width] (per level: positive threshold, positive spike, negative threshold, negative
 // spike), spike (contiguous, written). x is contiguous when ndim is 0, else of the given sizes
-// and strides (in elements; membrane and spike in its row-major order). Returns the number of
-// non-zero spikes.
+// and strides (in elements; membrane and spike in its row-major order). first: the sample's first
+// step (the membrane is only written: it starts at zero). Returns the number of non-zero spikes.
 int64_t ecmt_mt_step(float* membrane, const float* x, int ndim, const int64_t* sizes, const int64_t* strides,
-                     const float* table, int64_t width, float* spike, int64_t n, int threads) {
+                     const float* table, int64_t width, float* spike, int64_t n, int first, int threads) {
     if (ndim < 0 || ndim > kMaxDims) return -1;
+#define ECMT_MT_STEP(W) (first ? mt_step_any<W, true>(membrane, x, ndim, sizes, strides, table, width, spike, n, threads) \
+                               : mt_step_any<W, false>(membrane, x, ndim, sizes, strides, table, width, spike, n, threads))
     switch (width) {
-        case 8: return mt_step_any<8>(membrane, x, ndim, sizes, strides, table, width, spike, n, threads);
-        case 16: return mt_step_any<16>(membrane, x, ndim, sizes, strides, table, width, spike, n, threads);
-        case 32: return mt_step_any<32>(membrane, x, ndim, sizes, strides, table, width, spike, n, threads);
-        default: return mt_step_any<0>(membrane, x, ndim, sizes, strides, table, width, spike, n, threads);
+        case 8: return ECMT_MT_STEP(8);
+        case 16: return ECMT_MT_STEP(16);
+        case 32: return ECMT_MT_STEP(32);
+        default: return ECMT_MT_STEP(0);
     }
+#undef ECMT_MT_STEP
 }
 
 // One EC GELU step (t = steps >= 2) on n contiguous float32 elements: cum and prev updated in
