@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 import warnings
 from typing import Optional, Tuple
 
@@ -30,6 +31,7 @@ MAX_DIMS = 25
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'ecmt_kernels.cpp')
 _library: Optional[ctypes.CDLL] = None
 _failed = False
+_lock = threading.Lock()
 # Compiler flags, tried in turn: some compilers or CPUs lack -march=native, some lack OpenMP
 # (single-threaded kernels then, still correct).
 _FLAG_SETS = (['-march=native', '-fopenmp'], ['-fopenmp'], ['-march=native'], [])
@@ -59,19 +61,29 @@ def cpu_fingerprint() -> str:
 
 def library() -> Optional[ctypes.CDLL]:
     """The loaded kernels, building them first if this machine has none yet; None when they are
-    turned off or cannot be built (warned once)."""
+    turned off or cannot be built (warned once). Thread-safe: a caller waits for a build that
+    another thread (see :func:`prepare`) has started."""
     global _library, _failed
     if not ENABLED or _failed:
         return None
     if _library is None:
-        try:
-            _library = _load(_build())
-        except Exception as exc:  # no compiler, unwritable cache, a failed build
-            _failed = True
-            warnings.warn(f'native kernels unavailable ({type(exc).__name__}: {str(exc)[-300:]}); '
-                          'using torch.compile and numpy instead (same numbers, slower)')
-            return None
-    return _library
+        with _lock:
+            if _library is None and not _failed:
+                try:
+                    _library = _load(_build())
+                except Exception as exc:  # no compiler, unwritable cache, a failed build
+                    _failed = True
+                    warnings.warn(f'native kernels unavailable ({type(exc).__name__}: {str(exc)[-300:]}); '
+                                  'using torch.compile and numpy instead (same numbers, slower)')
+    return _library if not _failed else None
+
+
+def prepare() -> None:
+    """Build (first run on a machine, about 2 s) and load the kernels on a thread of their own,
+    while the caller loads data and weights; the first kernel call waits for it if needed. The
+    command line calls this first thing for CPU runs."""
+    if ENABLED and _library is None and not _failed:
+        threading.Thread(target=library, name='ecmt-native-kernels').start()
 
 
 def _build() -> str:

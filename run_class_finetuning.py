@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+import native_kernels
 import utils
 from datasets import DATA_SETS, build_dataset
 from engine_for_finetuning import evaluate, evaluate_snn
@@ -203,6 +204,7 @@ def main(args) -> dict:
     device, rank, world_size = utils.init_distributed(args.device)
     if device.type == 'cpu':
         utils.keep_freed_memory()  # page faults on fresh memory cost a quarter of a CPU run
+        native_kernels.prepare()  # a first run on a machine builds them while the data loads
     distributed, main_process = world_size > 1, rank == 0
     dataset, _ = build_dataset(False, args)
     if distributed:

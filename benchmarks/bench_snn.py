@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import native_kernels  # noqa: E402
 import utils  # noqa: E402
 from steal import CpuSteal  # noqa: E402
 from model_vit import create_model  # noqa: E402
@@ -156,6 +157,8 @@ def main(args) -> dict:
         return {'ann': ann, 'snn': snn}
     if device.type == 'cpu' and not args.default_malloc:
         utils.keep_freed_memory()  # as the command line does: ANN and SNN alike
+    if device.type == 'cpu':
+        native_kernels.prepare()  # as the command line does
     torch.manual_seed(args.seed)
     kwargs = utils.parse_model_kwargs(args.model_kwargs)
     model = create_model(args.model, img_size=args.input_size, num_classes=args.nb_classes, **kwargs)

@@ -303,3 +303,25 @@ def test_neuron_step_reads_strided_inputs_where_they_lie(native, threads, layout
     for x, spike_want in zip(xs, want):
         spike, count = native_kernels.mt_step(membrane, x, table)
         assert torch.equal(spike, spike_want) and int(count) == int((spike_want != 0).sum())
+
+
+@needs_compiler
+def test_prepare_builds_on_a_thread_and_callers_wait_for_that_build(monkeypatch, tmp_path):
+    import threading
+    import time
+    _fresh_library_state(monkeypatch, tmp_path)
+    builds = []
+    original = native_kernels._build
+
+    def slow_build():
+        builds.append(threading.current_thread().name)
+        time.sleep(0.3)  # the caller below arrives while this build runs
+        return original()
+    monkeypatch.setattr(native_kernels, '_build', slow_build)
+    native_kernels.prepare()
+    time.sleep(0.05)
+    assert native_kernels.library() is not None  # waits for the thread's build, builds nothing
+    assert builds == ['ecmt-native-kernels']
+    native_kernels.prepare()  # loaded: nothing more to do
+    time.sleep(0.05)
+    assert builds == ['ecmt-native-kernels']
