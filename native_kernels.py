@@ -3,7 +3,7 @@
 The per-step work of the MT neuron and of the EC GELU, softmax and LayerNorm, and the calibration's tail
 order statistics, each read and write their tensors once in a small C++ kernel. The library is compiled
 once per machine with the system's C++ compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``;
-about 2 s, ``-O3 -march=native -fopenmp``) into ``$ECMT_CACHE_DIR/native`` (default
+about 3 s, ``-O3 -march=native -fopenmp``) into ``$ECMT_CACHE_DIR/native`` (default
 ``~/.cache/ecmt/native``, safe to delete), keyed by the source, the compiler and flags and the
 CPU's instruction set, and written atomically (concurrent processes never load half a library).
 Every later process loads it in about a millisecond.
@@ -79,7 +79,7 @@ def library() -> Optional[ctypes.CDLL]:
 
 
 def prepare() -> None:
-    """Build (first run on a machine, about 2 s) and load the kernels on a thread of their own,
+    """Build (first run on a machine, about 3 s) and load the kernels on a thread of their own,
     while the caller loads data and weights; the first kernel call waits for it if needed. The
     command line calls this first thing for CPU runs."""
     if ENABLED and _library is None and not _failed:

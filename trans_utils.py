@@ -134,7 +134,7 @@ def tail_quantiles(x: torch.Tensor, percent: float) -> Tuple[torch.Tensor, torch
     and the statistics are selected among them. The counts prove the bounds right; otherwise (an
     unlucky sample) the full selection is used, so the result is always exact. On the CPU one
     pass of a small native kernel does the comparisons and the gathering (``native_kernels``,
-    about 8 times faster than numpy, which is the fallback). A tensor holding a NaN has no order
+    about three times faster than numpy, which is the fallback). A tensor holding a NaN has no order
     statistics: both results are NaN then (the calibration refuses such thresholds).
     Returns two 0-d float32 tensors on ``x``'s device.
     """
@@ -378,7 +378,7 @@ def _fused(fn: Callable, *args, eager: Optional[Callable] = None):
     off or no compiler works here (then with one warning).
 
     On the CPU the steps of :data:`_NATIVE_STEPS` run as native kernels (``native_kernels``: built
-    once per machine in about 2 s, loaded in a millisecond); anything else (CUDA tensors, other
+    once per machine in about 3 s, loaded in a millisecond); anything else (CUDA tensors, other
     dtypes, no C++ compiler) goes through ``torch.compile`` (once per function, dynamic shapes).
     All paths compute the same values (the neuron's spikes bit for bit)."""
     global _COMPILE
