@@ -453,8 +453,9 @@ class TwoSideNeuron(StatefulModule):
             x_in = x.detach()
             if self._table is None:
                 self._table = level_table(self.scale_p, self.scale_n, self.levels)
-            if (x_in.device.type == 'cpu' and native_kernels.usable(self._table)
-                    and (self._membrane is None or self._membrane.dim() == 1)):
+            if self._membrane is not None and self._membrane.dim() != 1:  # the eager path ran before
+                self._membrane = self._membrane.reshape(-1).clone()
+            if x_in.device.type == 'cpu' and native_kernels.usable(self._table):
                 # Any strides: a q/k/v view of the attention is read where it lies, not copied.
                 # First step: the membrane is only written (no zero fill, no read).
                 first = self._membrane is None
@@ -464,8 +465,6 @@ class TwoSideNeuron(StatefulModule):
             else:
                 if self._membrane is None:
                     self._membrane = torch.zeros(x.numel(), dtype=torch.float32, device=x.device)
-                elif self._membrane.dim() != 1:  # the eager path ran before
-                    self._membrane = self._membrane.reshape(-1).clone()
                 spike, nonzero = _fused(_mt_step_fused, self._membrane, x_in.reshape(-1), self._table,
                                         eager=_mt_step_fused)
             spike = spike.view(x.shape)
@@ -637,10 +636,10 @@ class exp_comp_neuron(StatefulModule):
         return f'steps={self.steps}'
 
 
-#: Steps with a native CPU kernel (native_kernels): called instead of torch.compile's kernels for
-#: contiguous float32 CPU tensors.
+#: EC steps with a native CPU kernel (native_kernels): called instead of torch.compile's kernels
+#: for contiguous float32 CPU tensors. (TwoSideNeuron calls native_kernels.mt_step itself: it
+#: takes inputs of any strides.)
 _NATIVE_STEPS: Dict[Callable, Callable] = {
-    _mt_step_fused: native_kernels.mt_step,
     _ec_gelu: lambda cum, x, prev, steps: native_kernels.ec_gelu(cum, x, prev, float(steps), False),
     _ec_gelu_tanh: lambda cum, x, prev, steps: native_kernels.ec_gelu(cum, x, prev, float(steps), True),
     _ec_softmax: lambda cum, x, prev, steps: native_kernels.ec_softmax(cum, x, prev, float(steps)),

@@ -90,10 +90,11 @@ struct Scan {
 
     // n contiguous elements; the buffers have room for n more each.
     void contiguous(const float* p, int64_t n) {
+        int64_t i = 0;
+#if defined(__AVX512F__)
         float* up = upper.data.data();
         float* lo = lower.data.data();
-        int64_t a = upper.size, b = lower.size, i = 0;
-#if defined(__AVX512F__)
+        int64_t a = upper.size, b = lower.size;
         const __m512 vh = _mm512_set1_ps(hb), vl = _mm512_set1_ps(lb);
         int64_t nan_count = 0;
         for (; i + 16 <= n; i += 16) {
@@ -108,24 +109,18 @@ struct Scan {
             nan_count += __builtin_popcount(mn);
         }
         nans += nan_count;
-#endif
-        for (; i < n; ++i) {  // branch-free: write always, advance when the element belongs
-            const float v = p[i];
-            up[a] = v;
-            a += v >= hb;
-            lo[b] = v;
-            b += v <= lb;
-            nans += v != v;
-        }
         upper.size = a;
         lower.size = b;
+#endif
+        strided(p + i, n - i, 1);  // the rest (all of it without AVX-512)
     }
 
+    // n elements `stride` apart; the buffers have room for n more each.
     void strided(const float* p, int64_t n, int64_t stride) {
         float* up = upper.data.data();
         float* lo = lower.data.data();
         int64_t a = upper.size, b = lower.size;
-        for (int64_t i = 0; i < n; ++i) {
+        for (int64_t i = 0; i < n; ++i) {  // branch-free: write always, advance when it belongs
             const float v = p[i * stride];
             up[a] = v;
             a += v >= hb;
