@@ -277,7 +277,7 @@ def test_ann_accuracy_from_the_folder_equals_the_published_transform(workspace, 
     want = published_accuracy(workspace, state)
     assert runs['ann']['n'] == 450
     assert runs['ann']['acc1'] == pytest.approx(want, abs=1e-9)
-    assert want > 80  # measured: 88.00 (a trained model: the comparison means something)
+    assert want > 85  # measured: 89.11 (trained: the comparison means something); 71.78 under a 0.875 crop
     saved = json.loads((workspace / 'code' / 'ann.json').read_text())
     assert saved['transform'] == datasets.transform_config(args_for()) and saved['amp'] == 'none'
 
@@ -297,9 +297,9 @@ def test_readme_steps_4_and_5_use_the_published_defaults(workspace, runs):
     assert runs['for_v']['acc1'] == runs['ann']['acc1']  # calibration does not change the ANN
     snn = runs['snn']
     assert len(snn['acc1']) == 4 and snn['n'] == 450
-    # measured: 13.56, 68.67, 82.67, 84.89 % against the ANN's 88.00 %
-    assert snn['acc1'][-1] > runs['ann']['acc1'] - 8
-    assert snn['acc1'][-1] > snn['acc1'][0] + 30
+    # measured: 32.00, 76.67, 83.78, 88.00 % against the ANN's 89.11 %
+    assert snn['acc1'][-1] > runs['ann']['acc1'] - 4
+    assert snn['acc1'][-1] > snn['acc1'][0] + 40
 
 
 def test_for_v_without_savename_writes_models_test_pth(workspace, monkeypatch):
