@@ -477,7 +477,7 @@ def check_thresholds_finite(model) -> None:
         shown = ', '.join(bad[:5]) + (f' and {len(bad) - 5} more' if len(bad) > 5 else '')
         raise utils.UserError(f'calibration gave non-finite thresholds at {len(bad)} places ({shown}): '
                               'the activations there hold NaN or inf values (check the weights, or '
-                              'run without --amp); no checkpoint written')
+                              'run with --amp none); no checkpoint written')
 
 
 def _header(args) -> str:
