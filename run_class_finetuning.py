@@ -335,8 +335,9 @@ def check_calibration_record(args, extras: dict, transform: dict) -> None:
     A file with no record (the published scripts write none) gets one warning."""
     record = extras.get('calibration')
     if not isinstance(record, Mapping) or not isinstance(record.get('transform'), Mapping):
-        print(f'warning: {args.model_path} does not record the transform its thresholds were calibrated '
-              f'with (a file of the published scripts?); assuming this run\'s', file=sys.stderr)
+        if utils.is_main_process():
+            print(f'warning: {args.model_path} does not record the transform its thresholds were calibrated '
+                  f'with (a file of the published scripts?); assuming this run\'s', file=sys.stderr)
         return
     recorded = record['transform']
     if not datasets.same_transform(recorded, transform):
