@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ from tqdm import tqdm
 import utils
 from trans_utils import MultiStep, reset_net
 
-__all__ = ['evaluate', 'evaluate_snn', 'simulate', 'autocast_context']
+__all__ = ['evaluate', 'evaluate_snn', 'simulate', 'chunk_sizes', 'autocast_context']
 
 
 def autocast_context(device: torch.device, amp: Optional[str]):
@@ -95,35 +95,50 @@ def evaluate(model: nn.Module, data_loader: Iterable, device: torch.device, *,
 
 
 @torch.no_grad()
-def simulate(model: nn.Module, images: torch.Tensor, T: int, *, time_chunk: Optional[int] = None,
-             amp: Optional[str] = None, monitor=None) -> torch.Tensor:
+def chunk_sizes(T: int, time_chunk: Union[None, int, Sequence[int]] = None) -> List[int]:
+    """The steps of each chunk: ``time_chunk`` at a time (None: all T at once; the last chunk
+    holds what remains), or the given sizes (positive, summing to T)."""
+    if T < 1:
+        raise utils.UserError(f'the number of time steps must be >= 1, got {T}')
+    if time_chunk is None:
+        return [T]
+    if isinstance(time_chunk, int):
+        if time_chunk < 1:
+            raise utils.UserError(f'--time_chunk must be >= 1, got {time_chunk}')
+        return [min(time_chunk, T - first) for first in range(0, T, time_chunk)]
+    sizes = [int(size) for size in time_chunk]
+    if any(size < 1 for size in sizes) or sum(sizes) != T:
+        raise utils.UserError(f'chunk sizes {sizes} must be positive and sum to T={T}')
+    return sizes
+
+
+def simulate(model: nn.Module, images: torch.Tensor, T: int, *,
+             time_chunk: Union[None, int, Sequence[int]] = None, amp: Optional[str] = None,
+             monitor=None) -> torch.Tensor:
     """Run a converted SNN for ``T`` steps on one batch (direct coding: the same images at every
     step) and return the head's output of every step, float32 [T, B, num_classes] (per step, not
     summed). The steps run in chunks of ``time_chunk`` (default T: all at once), each chunk layer by
     layer, every layer taking all the chunk's steps at once; the state is carried from one chunk to
     the next, and not kept after the last (ECMT_SPEC 13: every value is the same for any chunking;
-    ``time_chunk=1`` is the step-by-step order). Memory grows with ``time_chunk`` x batch size, not
-    with depth. The model is reset before and after. ``monitor``: a ``trans_utils.SOPMonitor``
+    ``time_chunk=1`` is the step-by-step order; a sequence gives the size of each chunk). Memory
+    grows with the chunk size x batch size, not with depth. The model is reset before and after. ``monitor``: a ``trans_utils.SOPMonitor``
     counting this batch (``new_batch`` is called here)."""
-    if T < 1:
-        raise utils.UserError(f'the number of time steps must be >= 1, got {T}')
-    chunk = T if time_chunk is None else int(time_chunk)
-    if chunk < 1:
-        raise utils.UserError(f'--time_chunk must be >= 1, got {time_chunk}')
+    sizes = chunk_sizes(T, time_chunk)
     reset_net(model)
     if monitor is not None:
         monitor.new_batch()
     outputs = []
     try:
         with MultiStep(model) as steps:
-            for first in range(0, T, chunk):
-                count = min(chunk, T - first)
+            first = 0
+            for count in sizes:
                 steps.chunk(count, last=first + count == T)
                 if monitor is not None:
                     monitor.step, monitor.time_steps = first, count
                 with autocast_context(images.device, amp):
                     output = model(images)
                 outputs.append(output.float().unflatten(0, (count, -1)))
+                first += count
     finally:
         if monitor is not None:
             monitor.time_steps = 1
@@ -147,8 +162,7 @@ def evaluate_snn(model: nn.Module, data_loader: Iterable, device: torch.device, 
     """
     if T < 1:
         raise utils.UserError(f'--test_T must be >= 1, got {T}')
-    if time_chunk is not None and time_chunk < 1:
-        raise utils.UserError(f'--time_chunk must be >= 1, got {time_chunk}')
+    chunk_sizes(T, time_chunk)  # refuse a bad chunking before the first batch
     model.eval()
     totals = torch.zeros(T, 2, dtype=torch.float64, device=device)  # per step: correct1, correct5
     count = torch.zeros(1, dtype=torch.float64, device=device)
