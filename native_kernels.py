@@ -143,14 +143,6 @@ def _load(path: str) -> ctypes.CDLL:
     return lib
 
 
-def usable(*args) -> bool:
-    """Whether the step kernels apply to ``args``: the library is there and every tensor among
-    them is a contiguous float32 CPU tensor (other arguments are not looked at)."""
-    return (all(t.device.type == 'cpu' and t.dtype == torch.float32 and t.is_contiguous()
-                for t in args if isinstance(t, torch.Tensor))
-            and library() is not None)
-
-
 def _state(state: Optional[torch.Tensor], n: int, keep: bool) -> Tuple[Optional[torch.Tensor], bool]:
     """(the state tensor the kernel reads and/or writes, whether it starts at zero). A fresh state
     that is kept is allocated here (no zero fill: the kernel only writes it)."""
