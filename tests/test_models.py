@@ -143,7 +143,10 @@ def test_snn_fused_path_matches_eager_closely(fast):
     means = run_snn(model, x, 16)
     assert fast_neuron_enabled() == fast  # the fused leg really ran fused (no fallback)
     assert relative_error(means[-1], ann) < 0.2
+    backends = {m.backend for m in model.modules() if isinstance(m, trans_utils.StatefulModule)}
     trans_utils.set_fast_neuron(not fast)
+    trans_utils.set_backend(model)  # the backends are chosen at conversion: choose again
+    assert {m.backend for m in model.modules() if isinstance(m, trans_utils.StatefulModule)} != backends
     other = run_snn(model, x, 16)
     assert fast_neuron_enabled() == (not fast)
     trans_utils.set_fast_neuron(fast)

@@ -15,7 +15,7 @@ import model_vit
 import trans_utils
 from engine_for_finetuning import chunk_sizes, simulate
 from reference import ref_ec, ref_ec_product, ref_mt_neuron, ref_simulate
-from test_models import CONFIGS, build, calibrate, images
+from test_models import build, calibrate, images
 from trans_utils import (AtNeuron, MulNeuron, MultiStep, StatefulModule, TwoSideNeuron, convert_to_snn,
                          exp_comp_neuron, reset_net, set_backend)
 from utils import UserError
