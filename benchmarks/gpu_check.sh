@@ -31,8 +31,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a timeout, log to $OUT/NAME.l
 cat "$OUT/device.txt"
 
 step tests 150 python -m pytest -q -m cuda tests/test_cuda.py
-step vit_base 120 python benchmarks/bench_snn.py --device cuda --model vit_base_patch16_224 \
+step vit_base 150 python benchmarks/bench_snn.py --device cuda --model vit_base_patch16_224 \
     --batch_size 64 --T 8 --images 256 --reps 2
-step eva_giant 180 python benchmarks/bench_snn.py --device cuda --model eva_giant_patch14_336 \
+step eva_giant 170 python benchmarks/bench_snn.py --device cuda --model eva_giant_patch14_336 \
     --input_size 336 --T 4 --largest_batch --fc2_calibrated --images 256 --max_batch 512 --json
 exit $status
