@@ -138,6 +138,10 @@ def _load(path: str) -> ctypes.CDLL:
     lib.ecmt_ec_softmax_steps.restype = None
     lib.ecmt_ec_layer_norm_steps.argtypes = [p, p, p, i32, i32, f32, p, p, f32, p, i64, i64, i64, i32]
     lib.ecmt_ec_layer_norm_steps.restype = None
+    lib.ecmt_running_sums.argtypes = [p, i32, p, p, p, p, i32]
+    lib.ecmt_running_sums.restype = i32
+    lib.ecmt_scaled_differences.argtypes = [p, p, p, f32, i64, i64, i32]
+    lib.ecmt_scaled_differences.restype = None
     lib.ecmt_tail_quantiles.argtypes = [p, i32, p, p, p, i64, i64, i64, i64, i64, p, p, i32]
     lib.ecmt_tail_quantiles.restype = i32
     return lib
@@ -234,6 +238,42 @@ def ec_layer_norm_steps(x: torch.Tensor, cum: Optional[torch.Tensor], prev: Opti
                                        float(t0), _ptr(weight), _ptr(bias), float(eps), out.data_ptr(),
                                        x.shape[0], x.shape[1], x.shape[2], torch.get_num_threads())
     return (out, cum, prev) if keep else (out, None, None)
+
+
+def running_sums(x: torch.Tensor, carried: Optional[torch.Tensor]) -> torch.Tensor:
+    """Running sums along time of a float32 CPU input ``x`` [K, ...] of any strides (the k of
+    q·kᵀ is a transposed view), from ``carried`` (the sums after the previous chunk, contiguous,
+    one element per element of a step; None: from zero), added one step at a time in float32.
+    Returns the sums, [K, ...] contiguous."""
+    if x.dim() < 1 or x.dim() > MAX_DIMS + 1:
+        raise ValueError(f'running_sums: x must have 1 to {MAX_DIMS + 1} dimensions')
+    if carried is not None:
+        _state(carried, x[0].numel(), False)
+    sums = torch.empty(x.shape, dtype=torch.float32)
+    shape = (ctypes.c_int64 * x.dim())(*x.shape)
+    strides = (ctypes.c_int64 * x.dim())(*x.stride())
+    status = library().ecmt_running_sums(x.data_ptr(), x.dim(), shape, strides, _ptr(carried), sums.data_ptr(),
+                                         torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f'ecmt_running_sums rejected its arguments (status {status})')
+    return sums
+
+
+def scaled_differences(totals: torch.Tensor, prev: Optional[torch.Tensor], t0: int, keep: bool
+                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """In place on ``totals`` [K, ...] (contiguous float32, products of running sums for steps
+    t0+1..t0+K): each becomes ``total_t - total_(t-1)`` with ``total_t = totals[t] / t``, the first
+    less ``prev`` (the last total of the previous chunk; None: nothing). Returns (totals, the
+    chunk's last total shaped like one step, or None without ``keep``)."""
+    if not totals.is_contiguous() or totals.dtype != torch.float32 or totals.dim() < 1:
+        raise ValueError('scaled_differences: totals must be contiguous float32 [K, ...]')
+    n = totals[0].numel()
+    if prev is not None:
+        _state(prev, n, False)
+    last = torch.empty(totals.shape[1:], dtype=torch.float32) if keep else None
+    library().ecmt_scaled_differences(totals.data_ptr(), _ptr(prev), _ptr(last), float(t0), totals.shape[0], n,
+                                      torch.get_num_threads())
+    return totals, last
 
 
 def tail_quantiles(x: torch.Tensor, sample: torch.Tensor, r_hi: int, r_lo: int, k_hi: int, k_lo: int

@@ -357,16 +357,17 @@ def _mt_step_eager(membrane: torch.Tensor, x: torch.Tensor, theta_p: torch.Tenso
 #: (:func:`set_backend`). 'native': the multi-step C++ kernels (``native_kernels``; CPU, float32);
 #: 'compiled': ``torch.compile`` of one step, looped over the chunk's steps; 'eager': torch ops,
 #: f evaluated once over all steps of a chunk. Every backend keeps the same state layout and
-#: computes the same values (the neuron's spikes bit for bit). Not compiled: the EC functions
-#: (inductor's row softmax and LayerNorm were slower than eager on the CPU; on CUDA the eager form
-#: over all K steps is a few large kernels) and the products (one batched matrix product).
+#: computes the same values (the neuron's spikes and the products bit for bit). Not compiled: the
+#: EC functions (inductor's row softmax and LayerNorm were slower than eager on the CPU; on CUDA the
+#: eager form over all K steps is a few large kernels) and the products (one batched matrix
+#: product; on the CPU their running sums and scaled differences are native passes).
 BACKENDS: Dict[str, Dict[str, Tuple[str, ...]]] = {
     'neuron': {'cpu': ('native', 'compiled', 'eager'), 'default': ('compiled', 'eager')},
     'gelu': {'cpu': ('native', 'eager'), 'default': ('eager',)},
     'softmax': {'cpu': ('native', 'eager'), 'default': ('eager',)},
     'layer_norm': {'cpu': ('native', 'eager'), 'default': ('eager',)},
     'function': {'default': ('eager',)},
-    'product': {'default': ('eager',)},
+    'product': {'cpu': ('native', 'eager'), 'default': ('eager',)},
 }
 
 _COMPILE = os.environ.get('ECMT_COMPILE', '1') != '0'
@@ -777,20 +778,29 @@ class _ECProduct(StatefulModule):
         single = self.time_steps == 1  # operands as given (any ranks, broadcasting as the op does)
         a_steps = a.unsqueeze(0) if single else self._split_time(a)
         b_steps = b.unsqueeze(0) if single else self._split_time(b)
-        cum_a = _running_sums(a_steps, self.cum_a)
-        cum_b = _running_sums(b_steps, self.cum_b)
+        native = self.backend == 'native'
+        if native and a.device.type != 'cpu':
+            raise RuntimeError('this EC product was converted for the CPU: call trans_utils.set_backend(model) '
+                               'after moving the model')
+        running_sums = native_kernels.running_sums if native else _running_sums
+        cum_a = running_sums(a_steps, self.cum_a)
+        cum_b = running_sums(b_steps, self.cum_b)
         if single:
             totals = self._op(cum_a[0], cum_b[0]).float().unsqueeze(0)
         else:
             totals = self._op(cum_a, cum_b).float()
-        totals = totals.div_(self._steps_column(totals.dim(), totals.device))
         if self.count_operations:
             self.last_operations = self._operations(a_steps, b_steps, cum_a, cum_b)
-        prev = self.prev_total
-        if self.keep_state:
+        prev, keep = self.prev_total, self.keep_state
+        if native:
+            out, last_total = native_kernels.scaled_differences(totals.contiguous(), prev, self.steps, keep)
+        else:
+            totals = totals.div_(self._steps_column(totals.dim(), totals.device))
+            last_total = totals[-1].clone() if keep else None
+            out = _differences(totals, prev)
+        if keep:
             last = (lambda t: t[-1]) if single else (lambda t: t[-1].clone())  # not the whole chunk
-            self.cum_a, self.cum_b, self.prev_total = last(cum_a), last(cum_b), totals[-1].clone()
-        out = _differences(totals, prev)
+            self.cum_a, self.cum_b, self.prev_total = last(cum_a), last(cum_b), last_total
         self._finish_chunk()
         return out[0] if single else out.flatten(0, 1)
 

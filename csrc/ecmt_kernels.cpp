@@ -4,6 +4,7 @@
 //   ecmt_ec_gelu_steps   K expectation-compensated GELU steps (ECMT_SPEC 5);
 //   ecmt_ec_softmax_steps     K EC softmax steps over rows;
 //   ecmt_ec_layer_norm_steps  K EC LayerNorm steps over rows;
+//   ecmt_running_sums, ecmt_scaled_differences  the bookkeeping of K EC product steps;
 //   ecmt_tail_quantiles  exact tail order statistics for threshold calibration (ECMT_SPEC 3).
 // The step kernels take all K steps of a chunk at once (time-major [K, ...] inputs) and loop over
 // t inside: the state (membrane, running sum, last total) of a tile of elements stays in
@@ -439,6 +440,36 @@ void mt_steps(const float* x, const StepLayout& l, float* membrane, bool fresh, 
     }
 }
 
+// ---- expectation-compensated products: running sums and scaled differences ---------------------
+// Running sums along time of a [K, rest...] input of any strides, from the carried sums (or, on a
+// batch's first chunk, from the first step itself): the same float additions as one step at a time.
+void running_sums(const float* x, const StepLayout& l, const float* carried, float* sums, int threads) {
+    const int64_t n = l.rows * l.inner, K = l.steps;
+    const int64_t chunks = (l.inner + kItem - 1) / kItem;
+    const int64_t items = l.rows * chunks;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && n > kItem)
+    for (int64_t item = 0; item < items; ++item) {
+        const int64_t row = item / chunks, col0 = item % chunks * kItem;
+        const int64_t end = std::min(l.inner, col0 + kItem), offset = l.row_offset(row);
+        float c[kTile], buffer[kTile];
+        for (int64_t col = col0; col < end; col += kTile) {
+            const int64_t len = std::min(kTile, end - col), at = row * l.inner + col;
+            for (int64_t k = 0; k < K; ++k) {
+                const float* xk = tile_input(x, l, k, offset, col, len, buffer);
+                float* out = sums + k * n + at;
+                if (k == 0 && carried == nullptr) {
+                    for (int64_t j = 0; j < len; ++j) c[j] = xk[j];
+                } else if (k == 0) {
+                    for (int64_t j = 0; j < len; ++j) c[j] = carried[at + j] + xk[j];
+                } else {
+                    for (int64_t j = 0; j < len; ++j) c[j] = c[j] + xk[j];
+                }
+                for (int64_t j = 0; j < len; ++j) out[j] = c[j];
+            }
+        }
+    }
+}
+
 // ---- expectation-compensated GELU -------------------------------------------------------------
 
 // ---- expectation-compensated GELU -------------------------------------------------------------
@@ -704,6 +735,44 @@ void ecmt_ec_layer_norm_steps(const float* x, float* cum, float* prev, int fresh
                  [=](float* c, const float* xr, float* p, float steps, float* o, int64_t n) {
                      ec_layer_norm_row(c, xr, p, steps, weight, bias, eps, o, n);
                  });
+}
+
+// Running sums along time of x [K, rest...] (float32, sizes and strides in elements, ndim >= 1)
+// into sums [K, n] contiguous (row-major order of the rest), from carried (n floats; null: the
+// first step is copied). Returns 0, or -1 for bad arguments.
+int ecmt_running_sums(const float* x, int ndim, const int64_t* sizes, const int64_t* strides, const float* carried,
+                      float* sums, int threads) {
+    StepLayout l;
+    if (!make_layout(ndim, sizes, strides, l)) return -1;
+    running_sums(x, l, carried, sums, threads);
+    return 0;
+}
+
+// In place on totals [K, n] (contiguous float32 products of running sums, steps t0+1..t0+K):
+// total_k = totals[k] / s_k with s_k = t0 + k + 1; totals[k] becomes total_k - total_(k-1), and
+// totals[0] total_0 - prev (prev null: total_0 itself); last (n floats, or null) receives total_(K-1).
+void ecmt_scaled_differences(float* totals, const float* prev, float* last, float t0, int64_t K, int64_t n,
+                             int threads) {
+    const int64_t items = (n + kItem - 1) / kItem;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && items > 1)
+    for (int64_t item = 0; item < items; ++item) {
+        const int64_t end = std::min(n, (item + 1) * kItem);
+        for (int64_t col = item * kItem; col < end; col += kTile) {
+            const int64_t len = std::min(kTile, end - col);
+            float p[kTile];
+            for (int64_t k = 0; k < K; ++k) {
+                const float steps = t0 + static_cast<float>(k + 1);
+                float* row = totals + k * n + col;
+                for (int64_t j = 0; j < len; ++j) {
+                    const float total = row[j] / steps;
+                    row[j] = (k == 0 && prev == nullptr) ? total : total - (k == 0 ? prev[col + j] : p[j]);
+                    p[j] = total;
+                }
+            }
+            if (last != nullptr)
+                for (int64_t j = 0; j < len; ++j) last[col + j] = p[j];
+        }
+    }
 }
 
 }  // extern "C"

@@ -265,8 +265,9 @@ def test_backends_are_chosen_once_from_the_table(monkeypatch):
     kinds = {type(m).__name__ + ':' + m.kind: m.backend for m in model.modules() if isinstance(m, StatefulModule)}
     native = trans_utils.native_kernels.library() is not None and trans_utils.fast_neuron_enabled()
     assert kinds['TwoSideNeuron:neuron'] == ('native' if native else kinds['TwoSideNeuron:neuron'])
-    assert kinds['AtNeuron:product'] == 'eager'
+    assert kinds['AtNeuron:product'] == ('native' if native else 'eager')
     assert trans_utils.choose_backend('softmax', 'cuda') == 'eager'
+    assert trans_utils.choose_backend('product', 'cuda') == 'eager'
     assert trans_utils.choose_backend('neuron', 'cuda', 'eager') == 'eager'
     assert trans_utils.choose_backend('gelu', 'cpu', 'compiled') in ('native', 'eager')  # not listed: first available
     set_backend(model, 'eager')

@@ -230,6 +230,37 @@ def test_layer_norm_ec_steps_match_float64(native, threads, cols, affine):
 
 
 @needs_compiler
+@pytest.mark.parametrize('layout', ['contiguous', 'transposed'])
+@pytest.mark.parametrize('chunks', CHUNKS)
+def test_product_bookkeeping_equals_the_torch_steps_bit_for_bit(native, threads, layout, chunks):
+    """The EC products' running sums (of a transposed k, say) and scaled differences along time:
+    the same float operations as trans_utils' torch steps, in every chunking."""
+    g = torch.Generator().manual_seed(9)
+    full = torch.randn(4, 3, 70, 65, generator=g) * (torch.rand(4, 3, 70, 65, generator=g) < 0.5)
+    xs = full.transpose(-2, -1) if layout == 'transposed' else full
+    products = torch.randn(4, 3, 50, 33, generator=g)
+    cum_native = cum_torch = prev_native = prev_torch = None
+    first = 0
+    for count in CHUNKS[chunks]:
+        keep = first + count < 4
+        sums = native_kernels.running_sums(xs[first:first + count], cum_native)
+        want = trans_utils._running_sums(xs[first:first + count], cum_torch)
+        assert sums.is_contiguous() and torch.equal(sums, want)
+        cum_native, cum_torch = sums[-1].clone(), want[-1].clone()
+        totals = products[first:first + count].clone()
+        out, last = native_kernels.scaled_differences(totals.clone(), prev_native, first, keep)
+        steps = torch.arange(first + 1, first + count + 1, dtype=torch.float32).view(-1, 1, 1, 1)
+        scaled = totals / steps
+        assert torch.equal(out, trans_utils._differences(scaled.clone(), prev_torch))
+        if keep:
+            assert torch.equal(last, scaled[-1])
+        else:
+            assert last is None
+        prev_native, prev_torch = last, scaled[-1]
+        first += count
+
+
+@needs_compiler
 def test_thread_counts_give_identical_results(native):
     x = torch.randn(3, (1 << 17) + 5, generator=torch.Generator().manual_seed(3))
     table = trans_utils.level_table(torch.tensor(0.2), torch.tensor(0.3), 8)
