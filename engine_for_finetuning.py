@@ -1,4 +1,5 @@
-"""Evaluation loops: ``evaluate`` (ann / for_v) and ``evaluate_snn`` (snn, T time steps).
+"""Evaluation loops: ``evaluate`` (ann / for_v) and ``evaluate_snn`` (snn, T time steps), and
+``simulate``, the one simulation path of a converted model (chunks of time steps, layer by layer).
 
 Both return a dict of plain Python results. Accuracy is accumulated as tensor counts (one host
 sync per batch, for the progress bar and the log), and every per-batch running figure is appended,
@@ -8,16 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
 import utils
-from trans_utils import reset_net
+from trans_utils import MultiStep, reset_net
 
-__all__ = ['evaluate', 'evaluate_snn', 'autocast_context']
+__all__ = ['evaluate', 'evaluate_snn', 'simulate', 'chunk_sizes', 'autocast_context']
 
 
 def autocast_context(device: torch.device, amp: Optional[str]):
@@ -94,20 +95,74 @@ def evaluate(model: nn.Module, data_loader: Iterable, device: torch.device, *,
 
 
 @torch.no_grad()
+def chunk_sizes(T: int, time_chunk: Union[None, int, Sequence[int]] = None) -> List[int]:
+    """The steps of each chunk: ``time_chunk`` at a time (None: all T at once; the last chunk
+    holds what remains), or the given sizes (positive, summing to T)."""
+    if T < 1:
+        raise utils.UserError(f'the number of time steps must be >= 1, got {T}')
+    if time_chunk is None:
+        return [T]
+    if isinstance(time_chunk, int):
+        if time_chunk < 1:
+            raise utils.UserError(f'--time_chunk must be >= 1, got {time_chunk}')
+        return [min(time_chunk, T - first) for first in range(0, T, time_chunk)]
+    sizes = [int(size) for size in time_chunk]
+    if any(size < 1 for size in sizes) or sum(sizes) != T:
+        raise utils.UserError(f'chunk sizes {sizes} must be positive and sum to T={T}')
+    return sizes
+
+
+def simulate(model: nn.Module, images: torch.Tensor, T: int, *,
+             time_chunk: Union[None, int, Sequence[int]] = None, amp: Optional[str] = None,
+             monitor=None) -> torch.Tensor:
+    """Run a converted SNN for ``T`` steps on one batch (direct coding: the same images at every
+    step) and return the head's output of every step, float32 [T, B, num_classes] (per step, not
+    summed). The steps run in chunks of ``time_chunk`` (default T: all at once), each chunk layer by
+    layer, every layer taking all the chunk's steps at once; the state is carried from one chunk to
+    the next, and not kept after the last (ECMT_SPEC 13: every value is the same for any chunking;
+    ``time_chunk=1`` is the step-by-step order; a sequence gives the size of each chunk). Memory
+    grows with the chunk size x batch size, not with depth. The model is reset before and after. ``monitor``: a ``trans_utils.SOPMonitor``
+    counting this batch (``new_batch`` is called here)."""
+    sizes = chunk_sizes(T, time_chunk)
+    reset_net(model)
+    if monitor is not None:
+        monitor.new_batch()
+    outputs = []
+    try:
+        with MultiStep(model) as steps:
+            first = 0
+            for count in sizes:
+                steps.chunk(count, last=first + count == T)
+                if monitor is not None:
+                    monitor.step, monitor.time_steps = first, count
+                with autocast_context(images.device, amp):
+                    output = model(images)
+                outputs.append(output.float().unflatten(0, (count, -1)))
+                first += count
+    finally:
+        if monitor is not None:
+            monitor.time_steps = 1
+        reset_net(model)  # nothing is left after a full run; after an error, free what is
+    return torch.cat(outputs)
+
+
+@torch.no_grad()
 def evaluate_snn(model: nn.Module, data_loader: Iterable, device: torch.device, T: int, *,
                  log_path: Optional[str] = None, amp: Optional[str] = None, monitor=None,
-                 max_batches: Optional[int] = None,
+                 time_chunk: Optional[int] = None, max_batches: Optional[int] = None,
                  reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                  show_progress: bool = True) -> Dict:
     """Run the converted SNN for ``T`` steps per batch (ECMT_SPEC 7).
 
     The prediction after step t is the argmax of the head's outputs summed over steps 1..t.
+    Each batch runs through :func:`simulate` (``time_chunk`` steps at a time, default all T).
     Returns ``{'T', 'acc1': [T values], 'acc5': [T values], 'n', 'seconds'}``; with a ``monitor``
     (``trans_utils.SOPMonitor``) also its per-step ``fire_rate`` and ``energy_ratio``.
     ``reduce`` sums over processes once, after the loop, as in :func:`evaluate`.
     """
     if T < 1:
         raise utils.UserError(f'--test_T must be >= 1, got {T}')
+    chunk_sizes(T, time_chunk)  # refuse a bad chunking before the first batch
     model.eval()
     totals = torch.zeros(T, 2, dtype=torch.float64, device=device)  # per step: correct1, correct5
     count = torch.zeros(1, dtype=torch.float64, device=device)
@@ -117,21 +172,16 @@ def evaluate_snn(model: nn.Module, data_loader: Iterable, device: torch.device, 
     _sync(device)
     start = time.perf_counter()
     for index, images, target in _batches(data_loader, device, max_batches):
-        reset_net(model)
-        if monitor is not None:
-            monitor.new_batch()
+        outputs = simulate(model, images, T, time_chunk=time_chunk, amp=amp, monitor=monitor)
         logits = None
         batch = torch.zeros(T, 2, dtype=torch.float64, device=device)
         for t in range(T):
-            if monitor is not None:
-                monitor.step = t
-            with autocast_context(device, amp):
-                output = model(images)
-            logits = output.float() if logits is None else logits + output.float()
+            # Summed one step at a time, in the step-by-step order (not cumsum: its double
+            # accumulator would round differently).
+            logits = outputs[t] if logits is None else logits + outputs[t]
             correct1, correct5 = utils.accuracy(logits, target, topk=(1, 5))
             batch[t, 0] = correct1
             batch[t, 1] = correct5
-        reset_net(model)  # free the running state before the next batch is loaded
         totals += batch
         count += target.numel()
         n = int(count.item())

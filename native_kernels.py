@@ -1,7 +1,8 @@
 """Native CPU kernels of the toolkit (``csrc/ecmt_kernels.cpp``), loaded through ctypes.
 
-The per-step work of the MT neuron and of the EC GELU, softmax and LayerNorm, and the calibration's tail
-order statistics, each read and write their tensors once in a small C++ kernel. The library is compiled
+The multi-step work of the MT neuron and of the EC GELU, softmax and LayerNorm (all K steps of a
+chunk in one call, looping over time inside, the state kept in registers meanwhile), and the
+calibration's tail order statistics, each read and write their tensors once in a small C++ kernel. The library is compiled
 once per machine with the system's C++ compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``;
 about 3 s, ``-O3 -march=native -fopenmp``) into ``$ECMT_CACHE_DIR/native`` (default
 ``~/.cache/ecmt/native``, safe to delete), keyed by the source, the compiler and flags and the
@@ -9,7 +10,7 @@ CPU's instruction set, and written atomically (concurrent processes never load h
 Every later process loads it in about a millisecond.
 
 Where no compiler works, :func:`library` returns None after one warning and the callers use
-torch's kernels (``torch.compile`` for the steps, numpy for the statistics): the same numbers,
+torch's kernels (``torch.compile`` or eager for the steps, numpy for the statistics): the same numbers,
 slower. ``ECMT_NATIVE=0`` turns the kernels off. The tests hold every kernel to the plain
 reference implementations (``tests/reference.py``) and to the other paths.
 """
@@ -129,96 +130,150 @@ def _build() -> str:
 def _load(path: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(path)
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.ecmt_mt_step.argtypes = [p, p, i32, p, p, p, i64, p, i64, i32, i32]
-    lib.ecmt_mt_step.restype = i64
-    lib.ecmt_ec_gelu.argtypes = [p, p, p, f32, p, i64, i32, i32]
-    lib.ecmt_ec_gelu.restype = None
-    lib.ecmt_ec_softmax.argtypes = [p, p, p, f32, p, i64, i64, i32]
-    lib.ecmt_ec_softmax.restype = None
-    lib.ecmt_ec_layer_norm.argtypes = [p, p, p, f32, p, p, f32, p, i64, i64, i32]
-    lib.ecmt_ec_layer_norm.restype = None
+    lib.ecmt_mt_steps.argtypes = [p, i32, p, p, p, i32, i32, p, i64, p, p, i32]
+    lib.ecmt_mt_steps.restype = i32
+    lib.ecmt_ec_gelu_steps.argtypes = [p, p, p, i32, i32, f32, p, i64, i64, i32, i32]
+    lib.ecmt_ec_gelu_steps.restype = None
+    lib.ecmt_ec_softmax_steps.argtypes = [p, p, p, i32, i32, f32, p, i64, i64, i64, i32]
+    lib.ecmt_ec_softmax_steps.restype = None
+    lib.ecmt_ec_layer_norm_steps.argtypes = [p, p, p, i32, i32, f32, p, p, f32, p, i64, i64, i64, i32]
+    lib.ecmt_ec_layer_norm_steps.restype = None
+    lib.ecmt_running_sums.argtypes = [p, i32, p, p, p, p, i32]
+    lib.ecmt_running_sums.restype = i32
+    lib.ecmt_scaled_differences.argtypes = [p, p, p, f32, i64, i64, i32]
+    lib.ecmt_scaled_differences.restype = None
     lib.ecmt_tail_quantiles.argtypes = [p, i32, p, p, p, i64, i64, i64, i64, i64, p, p, i32]
     lib.ecmt_tail_quantiles.restype = i32
     return lib
 
 
-def usable(*args) -> bool:
-    """Whether the step kernels apply to ``args``: the library is there and every tensor among
-    them is a contiguous float32 CPU tensor (other arguments are not looked at)."""
-    return (all(t.device.type == 'cpu' and t.dtype == torch.float32 and t.is_contiguous()
-                for t in args if isinstance(t, torch.Tensor))
-            and library() is not None)
+def _state(state: Optional[torch.Tensor], n: int, keep: bool) -> Tuple[Optional[torch.Tensor], bool]:
+    """(the state tensor the kernel reads and/or writes, whether it starts at zero). A fresh state
+    that is kept is allocated here (no zero fill: the kernel only writes it)."""
+    if state is not None:
+        if state.numel() != n or not state.is_contiguous() or state.dtype != torch.float32:
+            raise ValueError('the state must be contiguous float32 with one element per input element of a step')
+        return state, False
+    return (torch.empty(n, dtype=torch.float32) if keep else None), True
 
 
-def mt_step(membrane: torch.Tensor, x: torch.Tensor, table: torch.Tensor, first: bool = False
-            ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One MT neuron step (see ``trans_utils._mt_step_table``) on float32 CPU tensors: ``membrane``
-    flat and contiguous (updated in place; with ``first``, the sample's first step, only written:
-    the membrane starts at zero, so it need not be zeroed), ``x`` of any shape and strides with as
-    many elements (read where it lies: a permuted view is not copied). Returns (flat contiguous
-    spike, number of non-zero spikes as a 0-d tensor)."""
-    if membrane.dim() != 1 or membrane.numel() != x.numel() or not membrane.is_contiguous():
-        raise ValueError('mt_step: membrane must be flat and contiguous, with as many elements as x')
+def _ptr(t: Optional[torch.Tensor]):
+    return None if t is None else t.data_ptr()
+
+
+def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tensor], keep: bool
+             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """K steps of the MT neuron (see ``trans_utils._mt_step_table``) on a float32 CPU input
+    ``x`` [K, ...] of any strides (a permuted q/k/v view is read where it lies). ``membrane``: the
+    flat state carried from the previous chunk, or None on a batch's first chunk (it starts at
+    zero and is not read). With ``keep`` the membrane after the K steps is written (into
+    ``membrane``, or a new tensor) and returned; without (a batch's last chunk) nothing is written
+    and None is returned. Returns (spikes [K, ...] contiguous, non-zero spikes per step [K] int64,
+    membrane or None)."""
+    if x.dim() < 1 or x.dim() > MAX_DIMS + 1:
+        raise ValueError(f'mt_steps: x must have 1 to {MAX_DIMS + 1} dimensions')
     if table.dim() != 2 or table.shape[0] != 4 or not table.is_contiguous():
-        raise ValueError('mt_step: table must be a contiguous [4, width] tensor')
-    if x.dim() > MAX_DIMS:
-        x = x.reshape(-1)
-    spike = torch.empty_like(membrane)
-    if x.is_contiguous():
-        dims, shape, strides = 0, None, None
-    else:
-        dims = x.dim()
-        shape = (ctypes.c_int64 * dims)(*x.shape)
-        strides = (ctypes.c_int64 * dims)(*x.stride())
-    count = library().ecmt_mt_step(membrane.data_ptr(), x.data_ptr(), dims, shape, strides, table.data_ptr(),
-                                   table.shape[1], spike.data_ptr(), x.numel(), int(bool(first)),
-                                   torch.get_num_threads())
-    return spike, torch.tensor(count)
+        raise ValueError('mt_steps: table must be a contiguous [4, width] tensor')
+    steps = x.shape[0]
+    membrane, fresh = _state(membrane, x[0].numel() if steps else 0, keep)
+    spike = torch.empty(x.shape, dtype=torch.float32)
+    counts = torch.empty(steps, dtype=torch.int64)
+    shape = (ctypes.c_int64 * x.dim())(*x.shape)
+    strides = (ctypes.c_int64 * x.dim())(*x.stride())
+    status = library().ecmt_mt_steps(x.data_ptr(), x.dim(), shape, strides, _ptr(membrane), int(fresh),
+                                     int(bool(keep)), table.data_ptr(), table.shape[1], spike.data_ptr(),
+                                     counts.data_ptr(), torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f'ecmt_mt_steps rejected its arguments (status {status})')
+    return spike, counts, membrane if keep else None
 
 
-def ec_gelu(cum: torch.Tensor, x: torch.Tensor, prev: torch.Tensor, steps: float,
-            approximate: bool) -> torch.Tensor:
-    """One EC GELU step t = ``steps`` (see ``trans_utils._ec_gelu``): ``cum`` and ``prev`` are
-    updated in place; returns ``t * gelu(cum / t) - prev`` (before the update of prev)."""
-    if cum.shape != x.shape or prev.shape != x.shape:
-        raise ValueError('ec_gelu: cum, x and prev must have one shape')
+def _ec_arguments(name: str, x: torch.Tensor, cum, prev, keep: bool, rank: int):
+    if x.dim() != rank:
+        raise ValueError(f'{name}: x must have {rank} dimensions (steps first)')
     x = x.contiguous()
-    out = torch.empty_like(cum)
-    library().ecmt_ec_gelu(cum.data_ptr(), x.data_ptr(), prev.data_ptr(), float(steps), out.data_ptr(),
-                           x.numel(), int(bool(approximate)), torch.get_num_threads())
-    return out
+    n = x[0].numel() if x.shape[0] else 0
+    if (cum is None) != (prev is None):
+        raise ValueError(f'{name}: the running sum and the last total are carried together')
+    cum, fresh = _state(cum, n, keep)
+    prev, _ = _state(prev, n, keep)
+    return x, cum, prev, fresh, torch.empty_like(x)
 
 
-def ec_softmax(cum: torch.Tensor, x: torch.Tensor, prev: torch.Tensor, steps: float) -> torch.Tensor:
-    """One EC softmax step t = ``steps`` over the last dimension of 2-D [rows, cols] tensors (see
-    ``trans_utils._ec_softmax``): ``cum`` and ``prev`` are updated in place; returns
-    ``t * softmax(cum / t) - prev`` (before the update of prev)."""
-    if cum.dim() != 2 or cum.shape != x.shape or prev.shape != x.shape:
-        raise ValueError('ec_softmax: cum, x and prev must be [rows, cols] of one shape')
-    x = x.contiguous()
-    out = torch.empty_like(cum)
-    library().ecmt_ec_softmax(cum.data_ptr(), x.data_ptr(), prev.data_ptr(), float(steps), out.data_ptr(),
-                              x.shape[0], x.shape[1], torch.get_num_threads())
-    return out
+def ec_gelu_steps(x: torch.Tensor, cum: Optional[torch.Tensor], prev: Optional[torch.Tensor], t0: int,
+                  keep: bool, approximate: bool
+                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """EC GELU steps t0+1..t0+K (see ``trans_utils.exp_comp_neuron``) on ``x`` [K, n]: with the
+    running sum A (``cum``) and the last total P (``prev``) carried from the previous chunk (None
+    on a batch's first chunk: zero), each step gives ``s * gelu(A_s / s) - P_(s-1)``. Returns
+    (out [K, n], cum, prev), the state after the chunk if ``keep``, else (out, None, None)."""
+    x, cum, prev, fresh, out = _ec_arguments('ec_gelu_steps', x, cum, prev, keep, 2)
+    library().ecmt_ec_gelu_steps(x.data_ptr(), _ptr(cum), _ptr(prev), int(fresh), int(bool(keep)), float(t0),
+                                 out.data_ptr(), x.shape[0], x.shape[1], int(bool(approximate)),
+                                 torch.get_num_threads())
+    return (out, cum, prev) if keep else (out, None, None)
 
 
-def ec_layer_norm(cum: torch.Tensor, x: torch.Tensor, prev: torch.Tensor, steps: float,
-                  weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
-    """One EC LayerNorm step t = ``steps`` over the last dimension of 2-D [rows, cols] tensors
-    (biased variance, then ``weight`` and ``bias`` of cols elements if given): ``cum`` and ``prev``
-    are updated in place; returns ``t * layer_norm(cum / t) - prev`` (before the update of prev)."""
-    if cum.dim() != 2 or cum.shape != x.shape or prev.shape != x.shape:
-        raise ValueError('ec_layer_norm: cum, x and prev must be [rows, cols] of one shape')
+def ec_softmax_steps(x: torch.Tensor, cum: Optional[torch.Tensor], prev: Optional[torch.Tensor], t0: int,
+                     keep: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """EC softmax steps over the last dimension of ``x`` [K, rows, cols]; state and result as
+    :func:`ec_gelu_steps` (the state holds rows x cols elements)."""
+    x, cum, prev, fresh, out = _ec_arguments('ec_softmax_steps', x, cum, prev, keep, 3)
+    library().ecmt_ec_softmax_steps(x.data_ptr(), _ptr(cum), _ptr(prev), int(fresh), int(bool(keep)), float(t0),
+                                    out.data_ptr(), x.shape[0], x.shape[1], x.shape[2], torch.get_num_threads())
+    return (out, cum, prev) if keep else (out, None, None)
+
+
+def ec_layer_norm_steps(x: torch.Tensor, cum: Optional[torch.Tensor], prev: Optional[torch.Tensor], t0: int,
+                        keep: bool, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
+                        ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """EC LayerNorm steps over the last dimension of ``x`` [K, rows, cols] (biased variance, then
+    ``weight`` and ``bias`` of cols elements if given); state and result as :func:`ec_softmax_steps`."""
     for p in (weight, bias):
-        if p is not None and (p.shape != (x.shape[1],) or not p.is_contiguous() or p.dtype != torch.float32):
-            raise ValueError('ec_layer_norm: weight and bias must be contiguous float32 of cols elements')
-    x = x.contiguous()
-    out = torch.empty_like(cum)
-    library().ecmt_ec_layer_norm(cum.data_ptr(), x.data_ptr(), prev.data_ptr(), float(steps),
-                                 None if weight is None else weight.data_ptr(),
-                                 None if bias is None else bias.data_ptr(), float(eps), out.data_ptr(),
-                                 x.shape[0], x.shape[1], torch.get_num_threads())
-    return out
+        if p is not None and (p.shape != (x.shape[-1],) or not p.is_contiguous() or p.dtype != torch.float32
+                              or p.device.type != 'cpu'):
+            raise ValueError('ec_layer_norm_steps: weight and bias must be contiguous float32 of cols elements')
+    x, cum, prev, fresh, out = _ec_arguments('ec_layer_norm_steps', x, cum, prev, keep, 3)
+    library().ecmt_ec_layer_norm_steps(x.data_ptr(), _ptr(cum), _ptr(prev), int(fresh), int(bool(keep)),
+                                       float(t0), _ptr(weight), _ptr(bias), float(eps), out.data_ptr(),
+                                       x.shape[0], x.shape[1], x.shape[2], torch.get_num_threads())
+    return (out, cum, prev) if keep else (out, None, None)
+
+
+def running_sums(x: torch.Tensor, carried: Optional[torch.Tensor]) -> torch.Tensor:
+    """Running sums along time of a float32 CPU input ``x`` [K, ...] of any strides (the k of
+    q·kᵀ is a transposed view), from ``carried`` (the sums after the previous chunk, contiguous,
+    one element per element of a step; None: from zero), added one step at a time in float32.
+    Returns the sums, [K, ...] contiguous."""
+    if x.dim() < 1 or x.dim() > MAX_DIMS + 1:
+        raise ValueError(f'running_sums: x must have 1 to {MAX_DIMS + 1} dimensions')
+    if carried is not None:
+        _state(carried, x[0].numel(), False)
+    sums = torch.empty(x.shape, dtype=torch.float32)
+    shape = (ctypes.c_int64 * x.dim())(*x.shape)
+    strides = (ctypes.c_int64 * x.dim())(*x.stride())
+    status = library().ecmt_running_sums(x.data_ptr(), x.dim(), shape, strides, _ptr(carried), sums.data_ptr(),
+                                         torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f'ecmt_running_sums rejected its arguments (status {status})')
+    return sums
+
+
+def scaled_differences(totals: torch.Tensor, prev: Optional[torch.Tensor], t0: int, keep: bool
+                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """In place on ``totals`` [K, ...] (contiguous float32, products of running sums for steps
+    t0+1..t0+K): each becomes ``total_t - total_(t-1)`` with ``total_t = totals[t] / t``, the first
+    less ``prev`` (the last total of the previous chunk; None: nothing). Returns (totals, the
+    chunk's last total shaped like one step, or None without ``keep``)."""
+    if not totals.is_contiguous() or totals.dtype != torch.float32 or totals.dim() < 1:
+        raise ValueError('scaled_differences: totals must be contiguous float32 [K, ...]')
+    n = totals[0].numel()
+    if prev is not None:
+        _state(prev, n, False)
+    last = torch.empty(totals.shape[1:], dtype=torch.float32) if keep else None
+    library().ecmt_scaled_differences(totals.data_ptr(), _ptr(prev), _ptr(last), float(t0), totals.shape[0], n,
+                                      torch.get_num_threads())
+    return totals, last
 
 
 def tail_quantiles(x: torch.Tensor, sample: torch.Tensor, r_hi: int, r_lo: int, k_hi: int, k_lo: int

@@ -81,6 +81,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--test_mode', default='ann', choices=('ann', 'for_v', 'snn'),
                    help='ann: evaluate the ANN; for_v: calibrate thresholds; snn: simulate the SNN')
     g.add_argument('--test_T', default=8, type=int, help='time steps of the SNN simulation')
+    g.add_argument('--time_chunk', default=None, type=int,
+                   help='snn: simulate this many steps at a time, carrying the state (default: all '
+                        'T at once; smaller needs less memory; the results are the same)')
     g.add_argument('--percent', default=0.99, type=float, help='calibration quantile')
     g.add_argument('--calib_batches', default=None, type=int,
                    help='for_v: calibrate on the first N batches only (default: all); under torchrun '
@@ -420,7 +423,8 @@ def main(args) -> dict:
             utils.append_log(log_path, transform_line)
         try:
             results = evaluate_snn(model, loader, device, args.test_T, log_path=log_path, amp=amp,
-                                   monitor=monitor, reduce=reduce, show_progress=show)
+                                   monitor=monitor, time_chunk=args.time_chunk, reduce=reduce,
+                                   show_progress=show)
         finally:
             if monitor is not None:
                 monitor.remove()

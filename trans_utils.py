@@ -6,22 +6,30 @@ The semantics are those of ``ECMT_SPEC.md`` (the published ECMT scripts, with th
 * ``TestNeuron``    the placeholder while calibrating (``for_v``): running mean of exact quantiles;
 * ``TwoSideNeuron`` the multi-threshold (MT) neuron of ``snn`` mode;
 * ``exp_comp_neuron`` expectation compensation (EC) of a nonlinear module (softmax, GELU, LayerNorm);
-* ``MyAt`` / ``AtNeuron`` the product of two time-varying operands, plain and EC.
+* ``MyAt`` / ``AtNeuron`` the product of two time-varying operands, plain and EC;
+* ``MyMul`` / ``MulNeuron`` the element-wise product of a gated MLP, plain and EC.
 
 Public names are the published ones so that researchers' scripts keep working. Every module that
 keeps state across time steps derives from :class:`StatefulModule`; :func:`reset_net` resets them.
 
-Fast path (see the README's benchmark table): the neuron's fire rule is computed in one pass over
-the membrane (a native CPU kernel, ``torch.compile`` elsewhere), each EC module evaluates its
-function once per step (GELU, softmax and LayerNorm steps as native CPU kernels), each EC product
-computes one product of running sums per step, and the calibration takes exact order statistics
-from a small candidate set gathered in one pass instead of a full selection.
-Running state is float32 whatever the autocast dtype, and is freed on ``reset()``.
+Multi-step simulation (ECMT_SPEC 13): every stateful module takes a chunk of K time steps at once,
+folded time-major into the batch ([K*B, ...], the layout timm's code runs on unchanged), and
+carries its state (membrane, running sums, last totals) to the next chunk; :class:`MultiStep`
+repeats the input of the converted region K times and tells each module its chunk. Linear layers
+thus run once on K*B rows, the MT neuron is one kernel looping over the K steps inside, an EC
+module evaluates its function once over all K running means, an EC product is one batched product
+of running sums. Called directly, a module takes one step per call, as the published ones did.
+The backend of each module (native CPU kernels, ``torch.compile``, eager) is chosen once, when the
+model is converted, from :data:`BACKENDS`. Running state is float32 whatever the autocast dtype,
+and is not kept past a batch's last chunk.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import warnings
+import weakref
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -32,16 +40,17 @@ import native_kernels
 
 __all__ = [
     'PLACES', 'ConversionError', 'StatefulModule', 'MyTestPlace', 'TestNeuron', 'TwoSideNeuron',
-    'exp_comp_neuron', 'MyAt', 'AtNeuron', 'mt_fire', 'tail_quantiles',
-    'replace_test_by_testneuron', 'replace_testneuron_by_twosideneuron',
+    'exp_comp_neuron', 'MyAt', 'AtNeuron', 'MyMul', 'MulNeuron', 'MultiStep', 'mt_fire',
+    'tail_quantiles', 'replace_test_by_testneuron', 'replace_testneuron_by_twosideneuron',
     'replace_nonlinear_by_neuron', 'replace_at_by_neuron', 'convert_to_snn', 'get_modules',
-    'reset_net', 'set_fast_neuron', 'threshold_config', 'EC_MODULE_TYPES', 'register_snn_modules',
-    'check_fully_converted', 'BaseMonitor', 'SOPMonitor', 'product_nonzero_macs',
-    'spike_level_counts',
+    'reset_net', 'set_fast_neuron', 'set_backend', 'choose_backend', 'BACKENDS', 'threshold_config',
+    'EC_MODULE_TYPES', 'register_snn_modules', 'check_fully_converted', 'BaseMonitor', 'SOPMonitor',
+    'product_nonzero_macs', 'spike_level_counts',
 ]
 
-#: Placeholder kinds, in the order they appear in a transformer block (ECMT_SPEC section 2).
-PLACES = ('fc_qkv', 'q', 'k', 'v', 's', 'fc_out', 'fc1', 'fc2')
+#: Placeholder kinds, in the order they appear in a transformer block (ECMT_SPEC section 2; 'gate'
+#: and 'up' are the two operands of a gated MLP's element-wise product, section 12).
+PLACES = ('fc_qkv', 'q', 'k', 'v', 's', 'fc_out', 'fc1', 'gate', 'up', 'fc2')
 #: Places whose thresholds are not calibrated (``s`` uses ``softmax_p``).
 UNCALIBRATED_PLACES = ('s',)
 
@@ -50,26 +59,10 @@ class ConversionError(ValueError):
     """The model or its thresholds cannot be converted as asked; the message names the modules."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Stateful base
-# ---------------------------------------------------------------------------------------------
-class StatefulModule(nn.Module):
-    """Base of every module that keeps state across time steps (neurons, EC modules)."""
-
-    def reset(self) -> None:  # pragma: no cover - every subclass overrides it
-        raise NotImplementedError
-
-
-def reset_net(model: nn.Module) -> None:
-    """Reset every stateful module of ``model`` (call between samples/batches)."""
-    for module in model.modules():
-        if isinstance(module, StatefulModule):
-            module.reset()
-
-
 def get_modules(model: nn.Module, types: Tuple[type, ...] = ()) -> List[Tuple[str, nn.Module]]:
     """List ``(name, module)`` of the ECMT modules of ``model`` (or of ``types`` if given)."""
-    types = types or (MyTestPlace, TestNeuron, TwoSideNeuron, exp_comp_neuron, MyAt, AtNeuron)
+    types = types or (MyTestPlace, TestNeuron, TwoSideNeuron, exp_comp_neuron, MyAt, AtNeuron, MyMul,
+                       MulNeuron)
     return [(name, m) for name, m in model.named_modules() if isinstance(m, types)]
 
 
@@ -341,9 +334,9 @@ def _mt_step_table(membrane: torch.Tensor, x: torch.Tensor, table: torch.Tensor
 
 def _mt_step_fused(membrane: torch.Tensor, x: torch.Tensor, table: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_mt_step_table` for ``torch.compile``: the membrane is updated in place (no new
-    state tensor per step), and the number of non-zero spikes is counted in the same pass (the
-    energy monitor's count of the next linear layer's input, at no extra read)."""
+    """:func:`_mt_step_table` for ``torch.compile``: the membrane is updated in place, and the
+    number of non-zero spikes is counted in the same pass (the energy monitor's count of the
+    next linear layer's input, at no extra read)."""
     spike, new_membrane = _mt_step_table(membrane, x, table)
     membrane.copy_(new_membrane)
     return spike, (spike != 0).sum()
@@ -356,15 +349,34 @@ def _mt_step_eager(membrane: torch.Tensor, x: torch.Tensor, theta_p: torch.Tenso
     return spike, membrane - spike
 
 
+# ---------------------------------------------------------------------------------------------
+# Backends: chosen once per module, from one table
+# ---------------------------------------------------------------------------------------------
+#: Implementations of each kind of stateful module, by device type ('default': any other), in
+#: order of preference; a module takes the first that is available when it is converted
+#: (:func:`set_backend`). 'native': the multi-step C++ kernels (``native_kernels``; CPU, float32);
+#: 'compiled': ``torch.compile`` of one step, looped over the chunk's steps; 'eager': torch ops,
+#: f evaluated once over all steps of a chunk. Every backend keeps the same state layout and
+#: computes the same values (the neuron's spikes and the products bit for bit). Not compiled: the
+#: EC functions (inductor's row softmax and LayerNorm were slower than eager on the CPU; on CUDA the
+#: eager form over all K steps is a few large kernels) and the products (one batched matrix
+#: product; on the CPU their running sums and scaled differences are native passes).
+BACKENDS: Dict[str, Dict[str, Tuple[str, ...]]] = {
+    'neuron': {'cpu': ('native', 'compiled', 'eager'), 'default': ('compiled', 'eager')},
+    'gelu': {'cpu': ('native', 'eager'), 'default': ('eager',)},
+    'softmax': {'cpu': ('native', 'eager'), 'default': ('eager',)},
+    'layer_norm': {'cpu': ('native', 'eager'), 'default': ('eager',)},
+    'function': {'default': ('eager',)},
+    'product': {'cpu': ('native', 'eager'), 'default': ('eager',)},
+}
+
 _COMPILE = os.environ.get('ECMT_COMPILE', '1') != '0'
-_compiled: Dict[Callable, Callable] = {}
 
 
 def set_fast_neuron(enabled: bool) -> None:
-    """Fuse (``True``, the default; ``ECMT_COMPILE=0`` turns it off) the per-step element-wise
-    work of neurons and EC modules into single kernels: native kernels on the CPU
-    (``native_kernels``), ``torch.compile`` elsewhere. All paths compute the same values (spikes
-    bit for bit); the fused ones are several times faster on CPU and GPU."""
+    """Whether modules converted (or built) from now on may use the fused backends, 'native' and
+    'compiled' (``True``, the default; ``ECMT_COMPILE=0`` turns it off), or run eager. It changes
+    no module that exists: :func:`set_backend` does that. All backends compute the same values."""
     global _COMPILE
     _COMPILE = bool(enabled)
 
@@ -373,37 +385,134 @@ def fast_neuron_enabled() -> bool:
     return _COMPILE
 
 
-def _fused(fn: Callable, *args, eager: Optional[Callable] = None):
-    """Call ``fn`` fused into one kernel, or ``eager`` (default ``fn``) uncompiled when fusing is
-    off or no compiler works here (then with one warning).
+def choose_backend(kind: str, device: torch.device | str = 'cpu', prefer: Optional[str] = None) -> str:
+    """The backend a module of ``kind`` runs on ``device``: ``prefer`` where the table lists it
+    for that device and it is available, else the first available one of :data:`BACKENDS`."""
+    device = torch.device(device)
+    table = BACKENDS[kind]
+    candidates = table.get(device.type, table['default'])
 
-    On the CPU the steps of :data:`_NATIVE_STEPS` run as native kernels (``native_kernels``: built
-    once per machine in about 3 s, loaded in a millisecond); anything else (CUDA tensors, other
-    dtypes, no C++ compiler) goes through ``torch.compile`` (once per function, dynamic shapes).
-    All paths compute the same values (the neuron's spikes bit for bit)."""
-    global _COMPILE
-    if _COMPILE and not torch.jit.is_scripting():
-        native = _NATIVE_STEPS.get(fn)
-        if native is not None and native_kernels.usable(*args):
-            return native(*args)
-        if fn in _NATIVE_OR_EAGER:
-            return (eager or fn)(*args)
-        compiled = _compiled.get(fn)
-        if compiled is None:
-            # Every level count (a loop bound) and tensor layout is a graph of its own; dynamo's
-            # default of 8 graphs per function would end fusing for good in a sweep of levels.
-            config = torch._dynamo.config
-            limit = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'
-            setattr(config, limit, max(getattr(config, limit), 64))
-            compiled = _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
-        try:
-            return compiled(*args)
-        except Exception as exc:  # no C++ toolchain, unsupported backend: stay correct
-            import warnings
-            warnings.warn(f'torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); '
-                          'running the SNN without fused kernels (same numbers, slower)')
-            _COMPILE = False
-    return (eager or fn)(*args)
+    def available(name: str) -> bool:
+        if name == 'eager':
+            return True
+        if not _COMPILE:
+            return False
+        return name != 'native' or (device.type == 'cpu' and native_kernels.library() is not None)
+
+    if prefer is not None and prefer in candidates and available(prefer):
+        return prefer
+    return next(name for name in candidates if available(name))
+
+
+def set_backend(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+    """Choose the backend of every stateful module of ``model`` for the device its weights are on
+    (``backend``: a preferred one, e.g. 'eager'; see :func:`choose_backend`). :func:`convert_to_snn`
+    calls it; call it again after moving a converted model to another device."""
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    device = tensor.device if tensor is not None else torch.device('cpu')
+    for module in model.modules():
+        if isinstance(module, StatefulModule):
+            module.backend = choose_backend(module.kind, device, backend)
+    return model
+
+
+_compiled: Dict[Callable, Callable] = {}
+
+
+def _compiled_step(fn: Callable) -> Callable:
+    compiled = _compiled.get(fn)
+    if compiled is None:
+        # Every level count (a loop bound) and tensor layout is a graph of its own; dynamo's
+        # default of 8 graphs per function would end fusing for good in a sweep of levels.
+        config = torch._dynamo.config
+        limit = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'
+        setattr(config, limit, max(getattr(config, limit), 64))
+        compiled = _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return compiled
+
+
+# ---------------------------------------------------------------------------------------------
+# Stateful modules: time-major chunks of steps
+# ---------------------------------------------------------------------------------------------
+class StatefulModule(nn.Module):
+    """Base of every module that keeps state across time steps (neurons, EC modules, EC products).
+
+    Inputs and outputs are time-major, the K steps of a chunk folded into the batch: [K*B, ...],
+    the layout timm's code runs on unchanged; only these modules view it as [K, B, ...]. Called
+    directly, a module takes one step per call and keeps its state (K = 1), as the published
+    modules did. :class:`MultiStep` sets the chunk of every module before each forward pass:
+    ``time_steps`` K, and ``keep_state`` False on a batch's last chunk, after which the module
+    holds nothing (so the memory of a run does not grow with depth). ``steps`` counts the steps
+    of the batch so far, the offset t0 of the next chunk. The state across chunks (named by each
+    subclass) is the only state a module keeps; it is None after :meth:`reset` and takes its
+    shape from the first chunk. ``backend`` names the implementation (:data:`BACKENDS`).
+    """
+    kind = 'function'
+    time_steps = 1
+    keep_state = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps = 0
+        self.backend = choose_backend(self.kind)
+
+    def reset(self) -> None:
+        self.steps = 0
+        self._clear_state()
+
+    def _clear_state(self) -> None:  # pragma: no cover - every subclass overrides it
+        raise NotImplementedError
+
+    def _split_time(self, x: torch.Tensor) -> torch.Tensor:
+        """[K*B, ...] -> [K, B, ...] (a view, whatever the strides)."""
+        if x.dim() == 0 or x.shape[0] % self.time_steps:
+            raise ValueError(f'{type(self).__name__}: an input of shape {tuple(x.shape)} does not hold '
+                             f'{self.time_steps} time steps along its first dimension')
+        return x.unflatten(0, (self.time_steps, x.shape[0] // self.time_steps))
+
+    def _finish_chunk(self) -> None:
+        if self.keep_state:
+            self.steps += self.time_steps
+        else:
+            self.reset()
+
+    def _steps_column(self, rank: int, device) -> torch.Tensor:
+        """t0+1 .. t0+K as float32 [K, 1, ..., 1] of ``rank`` dimensions (broadcasts along time)."""
+        steps = torch.arange(self.steps + 1, self.steps + self.time_steps + 1, dtype=torch.float32)
+        return steps.to(device).view(-1, *([1] * (rank - 1)))
+
+    def extra_repr(self) -> str:
+        return f'steps={self.steps}, backend={self.backend}'
+
+
+def reset_net(model: nn.Module) -> None:
+    """Reset every stateful module of ``model`` (call between samples/batches)."""
+    for module in model.modules():
+        if isinstance(module, StatefulModule):
+            module.reset()
+
+
+def _differences(totals: torch.Tensor, prev: Optional[torch.Tensor]) -> torch.Tensor:
+    """In place along time: totals[k] - totals[k-1], and totals[0] - prev (nothing at t = 1)."""
+    for k in range(totals.shape[0] - 1, 0, -1):
+        totals[k].sub_(totals[k - 1])
+    if prev is not None:
+        totals[0].sub_(prev)
+    return totals
+
+
+def _running_sums(xs: torch.Tensor, carried: Optional[torch.Tensor]) -> torch.Tensor:
+    """Running sums along time of ``xs`` [K, ...] starting from ``carried`` (None: zero), added
+    one step at a time in float32, as the step-by-step order adds them (so every chunking gives
+    the same sums bit for bit; torch.cumsum accumulates in double on the CPU)."""
+    sums = torch.empty(xs.shape, dtype=torch.float32, device=xs.device)
+    for k in range(xs.shape[0]):
+        if carried is None:
+            sums[k].copy_(xs[k])
+        else:
+            torch.add(carried, xs[k], out=sums[k])
+        carried = sums[k]
+    return sums
 
 
 class TwoSideNeuron(StatefulModule):
@@ -411,7 +520,12 @@ class TwoSideNeuron(StatefulModule):
 
     Each step: ``v += x``; emit at most one spike of ``+scale_p * 2^j`` or ``-scale_n * 2^j``
     (``j < levels``); ``v -= spike``. The output is the spike (float32, the shape of ``x``).
+    State: the membrane, and the level table built from ``scale_p``/``scale_n`` at a batch's
+    first chunk (thresholds changed in place after :func:`reset_net` apply to the next batch).
+    Each call also gives the non-zero spikes per step, ``last_nonzero`` ([K] int64), which the
+    energy monitor uses for the linear layer this neuron feeds.
     """
+    kind = 'neuron'
 
     def __init__(self, place: str, scale_p: float | torch.Tensor, scale_n: float | torch.Tensor,
                  levels: int) -> None:
@@ -422,64 +536,71 @@ class TwoSideNeuron(StatefulModule):
         self.levels = int(levels)
         self.register_buffer('scale_p', torch.as_tensor(scale_p, dtype=torch.float32).reshape(1).clone())
         self.register_buffer('scale_n', torch.as_tensor(scale_n, dtype=torch.float32).reshape(1).clone())
-        self._membrane: Optional[torch.Tensor] = None  # flat (fused path) or shaped like x
-        self._table: Optional[torch.Tensor] = None     # level_table of the fused path
-        self._shape: Tuple[int, ...] = ()
+        self.last_nonzero: Optional[torch.Tensor] = None
         # Spike counts per level (positive and negative side), filled only when asked for.
         self.count_levels = False
         self.level_counts: Optional[torch.Tensor] = None
-        # Set by the energy monitor: attach each spike's non-zero count to the spike tensor.
-        self.post_nonzero = False
+        self._clear_state()
 
-    def reset(self) -> None:
-        self._membrane = None
-        self._table = None  # rebuilt from the thresholds at the first step after a reset
+    def _clear_state(self) -> None:
+        self._membrane: Optional[torch.Tensor] = None  # flat, one element per element of a step
+        self._table: Optional[torch.Tensor] = None     # level_table of this batch's thresholds
+        self._shape: Tuple[int, ...] = ()
 
     @property
     def membrane(self) -> Optional[torch.Tensor]:
-        """The membrane potential after the last step (shaped like the input), or None."""
+        """The membrane potential after the last step (shaped like one step's input), or None."""
         return None if self._membrane is None else self._membrane.view(self._shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        self._shape = tuple(x.shape)
-        nonzero = None
-        if _COMPILE:
-            # Flat, contiguous tensors and padded level tables: one fused kernel for every
-            # shape, layout and N up to 8 (one compilation in all, not one per layer). The
-            # membrane is a flat tensor of its own, updated in place.
-            # detach(): a tensor of its own over the same memory, so that a view and a plain
-            # tensor are the same input to the compiled kernel (no second compilation).
-            x_in = x.detach()
-            if self._table is None:
-                self._table = level_table(self.scale_p, self.scale_n, self.levels)
-            if self._membrane is not None and self._membrane.dim() != 1:  # the eager path ran before
-                self._membrane = self._membrane.reshape(-1).clone()
-            if x_in.device.type == 'cpu' and native_kernels.usable(self._table):
-                # Any strides: a q/k/v view of the attention is read where it lies, not copied.
-                # First step: the membrane is only written (no zero fill, no read).
-                first = self._membrane is None
-                if first:
-                    self._membrane = torch.empty(x.numel(), dtype=torch.float32)
-                spike, nonzero = native_kernels.mt_step(self._membrane, x_in, self._table, first=first)
-            else:
-                if self._membrane is None:
-                    self._membrane = torch.zeros(x.numel(), dtype=torch.float32, device=x.device)
-                spike, nonzero = _fused(_mt_step_fused, self._membrane, x_in.reshape(-1), self._table,
-                                        eager=_mt_step_fused)
-            spike = spike.view(x.shape)
+        xs = self._split_time(x.detach().float())
+        self._shape = tuple(xs.shape[1:])
+        if self._table is None:
+            self._table = level_table(self.scale_p, self.scale_n, self.levels)
+        keep = self.keep_state
+        if self.backend == 'native':
+            if xs.device.type != 'cpu':
+                raise RuntimeError('this neuron was converted for the CPU: call trans_utils.set_backend(model) '
+                                   'after moving the model')
+            spike, counts, self._membrane = native_kernels.mt_steps(xs, self._table, self._membrane, keep)
         else:
-            membrane = self.membrane if self._membrane is not None else torch.zeros_like(x)
-            spike, self._membrane = _mt_step_eager(membrane, x, self.scale_p, self.scale_n, self.levels)
-        if self.post_nonzero:
-            # For the energy monitor: the linear layer this spike feeds reads the count here
-            # instead of counting again (valid while the tensor is not modified in place).
-            if nonzero is None:
-                nonzero = _nonzero_count(spike)
-            spike._ecmt_nonzero = (spike._version, nonzero)
+            spike, counts = self._torch_steps(xs)
+        spike = spike.view(x.shape)
+        self.last_nonzero = counts
         if self.count_levels:
             self._count(spike)
+        self._finish_chunk()
         return spike
+
+    def _torch_steps(self, xs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        spikes, counts = [], []
+        membrane = self._membrane
+        for k in range(xs.shape[0]):
+            if self.backend == 'compiled':
+                if membrane is None:
+                    membrane = torch.zeros(xs[k].numel(), dtype=torch.float32, device=xs.device)
+                try:
+                    spike, count = _compiled_step(_mt_step_fused)(membrane, xs[k].reshape(-1).detach(), self._table)
+                except Exception as exc:  # no C++ toolchain, unsupported backend: stay correct
+                    if spikes:
+                        raise
+                    self._fall_back(exc)
+                    return self._torch_steps(xs)
+            else:
+                shaped = torch.zeros_like(xs[k]) if membrane is None else membrane.view(xs[k].shape)
+                spike, shaped = _mt_step_eager(shaped, xs[k], self.scale_p, self.scale_n, self.levels)
+                membrane, count = shaped.reshape(-1), (spike != 0).sum()
+            spikes.append(spike.view(xs[k].shape))
+            counts.append(count)
+        self._membrane = membrane
+        return torch.stack(spikes), torch.stack(counts)
+
+    def _fall_back(self, exc: Exception) -> None:
+        global _COMPILE
+        warnings.warn(f'torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); '
+                      'running the SNN without fused kernels (same numbers, slower)')
+        _COMPILE = False
+        self.backend = 'eager'
 
     @torch.no_grad()
     def _count(self, spike: torch.Tensor) -> None:
@@ -488,51 +609,12 @@ class TwoSideNeuron(StatefulModule):
 
     def extra_repr(self) -> str:
         return (f'place={self.place}, levels={self.levels}, '
-                f'scale_p={self.scale_p.item():.6g}, scale_n={self.scale_n.item():.6g}')
+                f'scale_p={self.scale_p.item():.6g}, scale_n={self.scale_n.item():.6g}, backend={self.backend}')
 
 
 # ---------------------------------------------------------------------------------------------
 # Expectation compensation
 # ---------------------------------------------------------------------------------------------
-def _ec_gelu(cum, x, prev, steps):
-    """One fused EC step of GELU; the running sum and the previous total are updated in place
-    (no new state tensors per step: fresh memory costs page faults on every step)."""
-    cum.add_(x)
-    total = torch.nn.functional.gelu(cum / steps) * steps
-    out = total - prev
-    prev.copy_(total)
-    return out
-
-
-def _ec_gelu_tanh(cum, x, prev, steps):
-    cum.add_(x)
-    total = torch.nn.functional.gelu(cum / steps, approximate='tanh') * steps
-    out = total - prev
-    prev.copy_(total)
-    return out
-
-
-def _ec_softmax(cum, x, prev, steps):
-    """One EC step of a softmax over the last dimension (2-D state, updated in place). Runs as a
-    native kernel on the CPU, else eager: inductor's row softmax on the CPU was 3x slower than
-    eager's, so it is never compiled."""
-    cum.add_(x)
-    total = torch.softmax(cum / steps, dim=-1) * steps
-    out = total - prev
-    prev.copy_(total)
-    return out
-
-
-def _ec_layer_norm(cum, x, prev, steps, weight, bias, eps):
-    """One EC step of a LayerNorm over the last dimension (2-D state, updated in place). Runs as
-    a native kernel on the CPU, else eager (never compiled: inductor's was slower on the CPU)."""
-    cum.add_(x)
-    total = torch.nn.functional.layer_norm(cum / steps, cum.shape[-1:], weight, bias, eps) * steps
-    out = total - prev
-    prev.copy_(total)
-    return out
-
-
 def _layer_norm_types() -> Tuple[type, ...]:
     try:
         from timm.layers import LayerNorm as TimmLayerNorm
@@ -541,113 +623,99 @@ def _layer_norm_types() -> Tuple[type, ...]:
     return (nn.LayerNorm, TimmLayerNorm)
 
 
-def _fused_ec_kind(module: nn.Module) -> Optional[Callable]:
-    """The fused step function when ``module`` is a function the fused EC step knows exactly,
-    else None (the module itself is then called: same semantics, unfused).
-
-    GELU is fused (native kernel on the CPU, torch.compile elsewhere): its erf dominates and one
-    kernel reading the running sum once is several times faster than the eager steps. A softmax
-    and a LayerNorm over the last dimension run as native kernels on the CPU and eager elsewhere
-    (inductor's were slower than eager on the CPU: row softmax 10.7 ms against 3.5 ms, LayerNorm
-    0.80 ms against 0.65 ms, on ViT-sized tensors)."""
+def _ec_kind(module: nn.Module) -> str:
+    """'gelu', 'softmax' (over the last dimension) or 'layer_norm' (over the last dimension) for a
+    function the native kernels know exactly, else 'function' (the module itself is called)."""
     try:
         from timm.layers import GELU as TimmGELU, GELUTanh
     except ImportError:  # pragma: no cover
         TimmGELU = GELUTanh = ()
-    if type(module) is nn.GELU or (TimmGELU and type(module) is TimmGELU):
-        return _ec_gelu if getattr(module, 'approximate', 'none') == 'none' else _ec_gelu_tanh
-    if GELUTanh and type(module) is GELUTanh:
-        return _ec_gelu_tanh
+    if type(module) in (nn.GELU, TimmGELU, GELUTanh):
+        return 'gelu'
     if type(module) is nn.Softmax and module.dim == -1:
-        return _ec_softmax
+        return 'softmax'
     if type(module) in _layer_norm_types() and len(module.normalized_shape) == 1:
-        return _ec_layer_norm
-    return None
+        return 'layer_norm'
+    return 'function'
 
 
 class exp_comp_neuron(StatefulModule):
     """Expectation compensation of a nonlinear module f (ECMT_SPEC 5).
 
-    With A the running sum of inputs after step t, the output is ``t*f(A/t) - (t-1)*f(A'/(t-1))``,
-    so the outputs summed over steps 1..t are ``t * f(mean input)``. f is evaluated once per step:
-    the previous ``(t-1)*f(A'/(t-1))`` is remembered. The wrapped module is ``self.module``.
-    GELU, and a softmax or LayerNorm over the last dimension, run as one fused step (see
-    :func:`set_fast_neuron` and :func:`_fused_ec_kind`); any other module is called as it is.
+    With A_t the running sum of inputs after step t, the output is ``t*f(A_t/t) - (t-1)*f(A_(t-1)/(t-1))``,
+    so the outputs summed over steps 1..t are ``t * f(mean input)``. A chunk of K steps takes the
+    running means of all K steps, evaluates f once over all of them and returns the differences
+    along time. State: the running sum and the last total t*f(A_t/t). The wrapped module is
+    ``self.module``; GELU, and a softmax or LayerNorm over the last dimension, run as native
+    multi-step kernels on the CPU (:data:`BACKENDS`).
     """
 
     def __init__(self, module: nn.Module) -> None:
+        self.kind = _ec_kind(module)
         super().__init__()
         self.module = module
-        self._fused_step = _fused_ec_kind(module)
-        self.reset()
+        self._approximate = (type(module).__name__ == 'GELUTanh'
+                             or getattr(module, 'approximate', 'none') != 'none')
+        self._clear_state()
 
-    def reset(self) -> None:
-        self.steps = 0
-        self._cum: Optional[torch.Tensor] = None    # running sum of inputs
-        self._prev: Optional[torch.Tensor] = None   # t * f(running sum / t) of the last step
+    def _clear_state(self) -> None:
+        self._cum: Optional[torch.Tensor] = None    # running sum of inputs, flat
+        self._prev: Optional[torch.Tensor] = None   # t * f(running sum / t) of the last step, flat
         self._shape: Tuple[int, ...] = ()
-        self._steps: Optional[torch.Tensor] = None  # the step count as a 0-d tensor (fused path)
 
     @property
     def cum_input(self) -> Optional[torch.Tensor]:
-        """The running sum of inputs after the last step (shaped like the input), or None."""
+        """The running sum of inputs after the last step (shaped like one step's input), or None."""
         return None if self._cum is None else self._cum.view(self._shape)
 
     @property
     def prev_total(self) -> Optional[torch.Tensor]:
-        """``t * f(cum_input / t)`` of the last step t (shaped like the input), or None."""
+        """``t * f(cum_input / t)`` of the last step t (shaped like one step's input), or None."""
         return None if self._prev is None else self._prev.view(self._shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        self.steps += 1
-        shape = self._shape = tuple(x.shape)
-        if (self._fused_step is not None and _COMPILE and x.dim()
-                and not torch.is_autocast_enabled(x.device.type)):
-            # State kept as 2-D tensors of their own (rows x last dim): one compiled kernel for
-            # every rank and layout, and no recompilation when a state tensor is a view. The step
-            # count goes in as a 0-d tensor: as a Python int it would be compiled as a symbolic
-            # integer, and that kernel is several times slower than the eager steps.
-            x2 = x.reshape(-1, shape[-1]).detach()  # detach(): see TwoSideNeuron.forward
-            if self._cum is None:
-                self._cum = x2.clone(memory_format=torch.contiguous_format)
-                total = out = self.module(self._cum).float()  # step 1: f(x) (t = 1)
-            else:
-                # A device tensor filled in place: no host-to-device copy (a sync on CUDA).
-                if self._steps is None or self._steps.device != x.device:
-                    self._steps = torch.empty((), device=x.device)
-                steps = self._steps.fill_(float(self.steps))
-                if self._cum.shape != x2.shape:  # the eager path ran before: own copies
-                    self._cum = self._cum.reshape(x2.shape).clone()
-                    self._prev = self._prev.reshape(x2.shape).clone()
-                extra = ((self.module.weight, self.module.bias, self.module.eps)
-                         if self._fused_step is _ec_layer_norm else ())
-                out = _fused(self._fused_step, self._cum, x2, self._prev, steps, *extra)
-                return out.view(shape)
-            self._prev = total.clone()  # updated in place from step 2 on; out is handed on
-            return out.view(shape)
-        cum = x.clone() if self._cum is None else self._cum.view(shape) + x
-        total = self.module(cum / self.steps).float() * self.steps
-        out = total if self._prev is None else total - self._prev.view(shape)
-        self._cum, self._prev = cum, total
+        xs = self._split_time(x.detach().float())
+        self._shape = tuple(xs.shape[1:])
+        if self.backend == 'native':
+            if xs.device.type != 'cpu':
+                raise RuntimeError('this EC module was converted for the CPU: call '
+                                   'trans_utils.set_backend(model) after moving the model')
+            out = self._native_steps(xs)
+        else:
+            out = self._torch_steps(xs)
+        self._finish_chunk()
+        return out.view(x.shape)
+
+    def _native_steps(self, xs: torch.Tensor) -> torch.Tensor:
+        K, t0, keep = xs.shape[0], self.steps, self.keep_state
+        if self.kind == 'gelu':
+            approximate = self._approximate
+            out, self._cum, self._prev = native_kernels.ec_gelu_steps(
+                xs.reshape(K, -1), self._cum, self._prev, t0, keep, approximate)
+        elif self.kind == 'softmax':
+            out, self._cum, self._prev = native_kernels.ec_softmax_steps(
+                xs.reshape(K, -1, xs.shape[-1]), self._cum, self._prev, t0, keep)
+        else:
+            m = self.module
+            out, self._cum, self._prev = native_kernels.ec_layer_norm_steps(
+                xs.reshape(K, -1, xs.shape[-1]), self._cum, self._prev, t0, keep, m.weight, m.bias, m.eps)
         return out
 
-    def extra_repr(self) -> str:
-        return f'steps={self.steps}'
-
-
-#: EC steps with a native CPU kernel (native_kernels): called instead of torch.compile's kernels
-#: for contiguous float32 CPU tensors. (TwoSideNeuron calls native_kernels.mt_step itself: it
-#: takes inputs of any strides.)
-_NATIVE_STEPS: Dict[Callable, Callable] = {
-    _ec_gelu: lambda cum, x, prev, steps: native_kernels.ec_gelu(cum, x, prev, float(steps), False),
-    _ec_gelu_tanh: lambda cum, x, prev, steps: native_kernels.ec_gelu(cum, x, prev, float(steps), True),
-    _ec_softmax: lambda cum, x, prev, steps: native_kernels.ec_softmax(cum, x, prev, float(steps)),
-    _ec_layer_norm: lambda cum, x, prev, steps, weight, bias, eps: native_kernels.ec_layer_norm(
-        cum, x, prev, float(steps), weight, bias, eps),
-}
-#: Steps that are never compiled: eager where the native kernel does not apply.
-_NATIVE_OR_EAGER = {_ec_softmax, _ec_layer_norm}
+    def _torch_steps(self, xs: torch.Tensor) -> torch.Tensor:
+        step_shape = xs.shape[1:]
+        carried = None if self._cum is None else self._cum.view(step_shape)
+        means = _running_sums(xs, carried)
+        self._cum = means[-1].reshape(-1).clone() if self.keep_state else None
+        steps = self._steps_column(means.dim(), means.device)
+        means.div_(steps)
+        # f once over all K steps, on the folded [K*B, ...] layout the module was written for.
+        totals = self.module(means.flatten(0, 1)).float().view(means.shape)
+        if totals.data_ptr() == means.data_ptr():  # an in-place f: the totals are its own
+            totals = totals.clone()
+        totals.mul_(steps)
+        prev = None if self._prev is None else self._prev.view(step_shape)
+        self._prev = totals[-1].reshape(-1).clone() if self.keep_state else None
+        return _differences(totals, prev)
 
 
 class MyAt(nn.Module):
@@ -657,51 +725,177 @@ class MyAt(nn.Module):
         return a @ b
 
 
-class AtNeuron(StatefulModule):
-    """Expectation compensation of a product of two time-varying operands (ECMT_SPEC 6).
+class MyMul(nn.Module):
+    """Element-wise product of two operands, ``a * b`` (the gate of a gated MLP, ECMT_SPEC 12;
+    becomes :class:`MulNeuron` in ``snn`` mode)."""
 
-    With running sums A and B, the output at step t is ``A_t B_t / t - A_{t-1} B_{t-1} / (t-1)``;
-    one product of running sums per step, the previous cumulative result remembered. In float32
-    the subtraction is fused into the product (``baddbmm``). ``cum_a``/``cum_b`` (after this
-    step) stay readable for the energy monitor.
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a * b
+
+
+def _mask(x: torch.Tensor) -> torch.Tensor:
+    # 1.0 where x is non-zero, as float32: sign and abs are plain vectorised float kernels, about
+    # three times faster on the CPU than `x != 0` (a boolean tensor) followed by a sum.
+    return torch.sign(x).abs_()
+
+
+class _ECProduct(StatefulModule):
+    """Expectation compensation of a product of two time-varying operands (ECMT_SPEC 6); the
+    subclasses supply the product (:meth:`_op`) and its operation count (:meth:`_operations`).
+
+    With running sums A and B, the output at step t is ``A_t∘B_t / t - A_(t-1)∘B_(t-1) / (t-1)``.
+    A chunk of K steps forms the running sums of both operands along time, takes one batched
+    product over all K, scales it by 1/t and returns the differences along time. With K > 1 both
+    operands carry the K*B leading dimension. State: both running sums and the last total.
+    ``count_operations`` (set by the energy monitor) makes each call also give
+    ``last_operations``, the per-step operation counts [K] float64 of ECMT_SPEC 8.
     """
+    kind = 'product'
 
     def __init__(self) -> None:
         super().__init__()
-        self.reset()
+        self.count_operations = False
+        self.last_operations: Optional[torch.Tensor] = None
+        self._clear_state()
 
-    def reset(self) -> None:
-        self.steps = 0
-        self.cum_a: Optional[torch.Tensor] = None
+    def _clear_state(self) -> None:
+        self.cum_a: Optional[torch.Tensor] = None       # running sums after the last step
         self.cum_b: Optional[torch.Tensor] = None
-        self.prev_total: Optional[torch.Tensor] = None
+        self.prev_total: Optional[torch.Tensor] = None  # A_t∘B_t / t of the last step
+
+    def _op(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _operations(self, a, b, cum_a, cum_b) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def dense_operations(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> float:
+        """Operations of the dense product of one call (all its steps)."""
+        raise NotImplementedError  # pragma: no cover
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        a, b = a.float(), b.float()
-        self.steps += 1
-        if self.steps == 1:
-            self.cum_a, self.cum_b = a.clone(), b.clone()
-            out = (self.cum_a @ self.cum_b).float()
-            self.prev_total = out.clone()  # its own: updated in place below, out is handed on
-            return out
-        self.cum_a.add_(a)  # in place: the running sums are this module's own tensors
-        self.cum_b.add_(b)
-        prev = self.prev_total
-        if torch.is_autocast_enabled(a.device.type) or self.cum_a.dim() < 2:
-            total = (self.cum_a @ self.cum_b).float() / self.steps
-            out = total - prev
+        a, b = a.detach().float(), b.detach().float()
+        single = self.time_steps == 1  # operands as given (any ranks, broadcasting as the op does)
+        a_steps = a.unsqueeze(0) if single else self._split_time(a)
+        b_steps = b.unsqueeze(0) if single else self._split_time(b)
+        native = self.backend == 'native'
+        if native and a.device.type != 'cpu':
+            raise RuntimeError('this EC product was converted for the CPU: call trans_utils.set_backend(model) '
+                               'after moving the model')
+        running_sums = native_kernels.running_sums if native else _running_sums
+        cum_a = running_sums(a_steps, self.cum_a)
+        cum_b = running_sums(b_steps, self.cum_b)
+        if single:
+            totals = self._op(cum_a[0], cum_b[0]).float().unsqueeze(0)
         else:
-            lead = torch.broadcast_shapes(self.cum_a.shape[:-2], self.cum_b.shape[:-2])
-            a3 = self.cum_a.expand(*lead, *self.cum_a.shape[-2:]).reshape(-1, *self.cum_a.shape[-2:])
-            b3 = self.cum_b.expand(*lead, *self.cum_b.shape[-2:]).reshape(-1, *self.cum_b.shape[-2:])
-            out = torch.baddbmm(prev.reshape(-1, *prev.shape[-2:]), a3, b3, beta=-1.0,
-                                alpha=1.0 / self.steps).reshape(prev.shape)
-            total = prev.add_(out)  # in place: no new memory (page faults) per step
-        self.prev_total = total
-        return out
+            totals = self._op(cum_a, cum_b).float()
+        if self.count_operations:
+            self.last_operations = self._operations(a_steps, b_steps, cum_a, cum_b)
+        prev, keep = self.prev_total, self.keep_state
+        if native:
+            out, last_total = native_kernels.scaled_differences(totals.contiguous(), prev, self.steps, keep)
+        else:
+            totals = totals.div_(self._steps_column(totals.dim(), totals.device))
+            last_total = totals[-1].clone() if keep else None
+            out = _differences(totals, prev)
+        if keep:
+            last = (lambda t: t[-1]) if single else (lambda t: t[-1].clone())  # not the whole chunk
+            self.cum_a, self.cum_b, self.prev_total = last(cum_a), last(cum_b), last_total
+        self._finish_chunk()
+        return out[0] if single else out.flatten(0, 1)
 
-    def extra_repr(self) -> str:
-        return f'steps={self.steps}'
+
+class AtNeuron(_ECProduct):
+    """Expectation compensation of a matrix product ``a @ b`` of two time-varying operands
+    (q·kᵀ, attention·v): see :class:`_ECProduct`. ``cum_a``/``cum_b`` stay readable."""
+
+    def _op(self, a, b):
+        return a @ b
+
+    def _operations(self, a, b, cum_a, cum_b):
+        """Per step: nz(a)·nz(b) + nz(a)·nz(B) + nz(A)·nz(b), each the multiply-adds of ``a @ b``
+        whose two factors are non-zero, from non-zero counts per column of the left operand and
+        per row of the right one (no matrix product). Float32 sums of 0/1 are exact."""
+        cols_a, cols_cum_a = _mask(a).sum(dim=-2).double(), _mask(cum_a).sum(dim=-2).double()
+        rows_b, rows_cum_b = _mask(b).sum(dim=-1).double(), _mask(cum_b).sum(dim=-1).double()
+        return (cols_a * (rows_b + rows_cum_b) + cols_cum_a * rows_b).flatten(1).sum(1)
+
+    def dense_operations(self, a, b, out):
+        return float(out.numel()) * a.shape[-1]
+
+
+class MulNeuron(_ECProduct):
+    """Expectation compensation of an element-wise product ``a * b`` (the gated MLP's, ECMT_SPEC
+    12): output ``A_t*B_t/t - A_(t-1)*B_(t-1)/(t-1)``; see :class:`_ECProduct`."""
+
+    def _op(self, a, b):
+        return a * b
+
+    def _operations(self, a, b, cum_a, cum_b):
+        """Per step and element: nz(a)nz(b) + nz(a)nz(B) + nz(A)nz(b), summed."""
+        mask_a, mask_b = _mask(a), _mask(b)
+        per_element = mask_a * (mask_b + _mask(cum_b)) + _mask(cum_a) * mask_b
+        return per_element.flatten(1).sum(1, dtype=torch.float64)
+
+    def dense_operations(self, a, b, out):
+        return float(out.numel())
+
+
+class MultiStep:
+    """Runs a converted model on chunks of time steps (ECMT_SPEC 13), layer by layer.
+
+    While open, the input of the converted region (the output of the model's input modules,
+    ``ecmt_input_modules``: the patch embedding of the unchanged image and the position
+    embedding) is repeated K times, time-major, at the entry of the first region module called in
+    a forward pass, so that the input modules run once per chunk and every later layer runs once
+    on K*B rows. :meth:`chunk` sets K and whether the chunk is the batch's last on every stateful
+    module (found afresh at every open: no cache to go stale after module surgery). On leaving,
+    the hooks are removed and every module is back to one step per call.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.modules = [m for m in model.modules() if isinstance(m, StatefulModule)]
+        self.steps = 1
+        self._entered = False
+        skip = _skip_prefixes(model)
+        self.handles = [model.register_forward_pre_hook(self._new_pass)]
+        for name, child in model.named_children():
+            if _in_region(name, skip):
+                self.handles.append(child.register_forward_pre_hook(self._enter_region))
+
+    def chunk(self, steps: int, last: bool) -> None:
+        """The next forward pass runs ``steps`` steps; ``last``: they end the batch."""
+        self.steps = int(steps)
+        for module in self.modules:
+            module.time_steps = self.steps
+            module.keep_state = not last
+
+    def _new_pass(self, module, args) -> None:
+        self._entered = False
+
+    def _enter_region(self, module, args):
+        if self._entered:
+            return None
+        self._entered = True
+        if self.steps == 1 or not args:
+            return None
+        x = args[0]
+        return (x.unsqueeze(0).expand(self.steps, *x.shape).flatten(0, 1), *args[1:])
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        for module in self.modules:
+            for name in ('time_steps', 'keep_state'):
+                module.__dict__.pop(name, None)
+
+    def __enter__(self) -> 'MultiStep':
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -824,10 +1018,13 @@ def replace_nonlinear_by_neuron(model: nn.Module) -> nn.Module:
 
 
 def replace_at_by_neuron(model: nn.Module) -> nn.Module:
-    """Replace every product placeholder :class:`MyAt` by its EC version :class:`AtNeuron`."""
+    """Replace every product placeholder by its EC version: :class:`MyAt` by :class:`AtNeuron`,
+    :class:`MyMul` by :class:`MulNeuron`."""
     for parent, attr, _, child in list(_named_children_recursive(model)):
         if type(child) is MyAt:
             setattr(parent, attr, AtNeuron())
+        elif type(child) is MyMul:
+            setattr(parent, attr, MulNeuron())
     return model
 
 
@@ -849,7 +1046,7 @@ def check_fully_converted(model: nn.Module) -> None:
     """Refuse a half-converted network: every module of the converted region must be an MT neuron,
     an EC module, a known linear module, or a registered container. Raises ConversionError."""
     skip = _skip_prefixes(model)
-    leaves = (TwoSideNeuron, exp_comp_neuron, AtNeuron) + LINEAR_MODULE_TYPES + tuple(_SNN_LEAVES)
+    leaves = (TwoSideNeuron, exp_comp_neuron, AtNeuron, MulNeuron) + LINEAR_MODULE_TYPES + tuple(_SNN_LEAVES)
     bad = []
     for _, _, name, child in _named_children_recursive(model):
         if not _in_region(name, skip) or _inside_ec(model, name):
@@ -872,14 +1069,16 @@ def _inside_ec(model: nn.Module, name: str) -> bool:
 
 
 def convert_to_snn(model: nn.Module, *, linear_num: int = 8, qkv_num: int = 8, softmax_num: int = 8,
-                   softmax_p: float = 0.0125, fc2_thresholds: Optional[Tuple[float, float]] = None
-                   ) -> nn.Module:
+                   softmax_p: float = 0.0125, fc2_thresholds: Optional[Tuple[float, float]] = None,
+                   backend: Optional[str] = None) -> nn.Module:
     """All of ``snn`` mode's surgery on a model holding calibrated :class:`TestNeuron` s:
-    MT neurons, EC nonlinear modules, EC products, then the check that nothing stays analog."""
+    MT neurons, EC nonlinear modules, EC products, the check that nothing stays analog, and the
+    backend of every stateful module for the model's device (``backend``: a preferred one)."""
     replace_testneuron_by_twosideneuron(model, linear_num, qkv_num, softmax_num, softmax_p, fc2_thresholds)
     replace_nonlinear_by_neuron(model)
     replace_at_by_neuron(model)
     check_fully_converted(model)
+    set_backend(model, backend)
     reset_net(model)
     return model
 
@@ -899,49 +1098,9 @@ def product_nonzero_macs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (cols * rows).sum(dtype=torch.float64)
 
 
-def _nonzero_count(x: torch.Tensor) -> torch.Tensor:
-    # Not torch.count_nonzero: this is about 2.5x faster on CPU.
-    return (x != 0).sum()
-
-
-def _nonzero_mask(x: torch.Tensor) -> torch.Tensor:
-    # 1.0 where x is non-zero, as float32: sign and abs are plain vectorised float kernels, about
-    # three times faster on the CPU than `x != 0` (a boolean tensor) followed by a sum.
-    return torch.sign(x.float()).abs_()
-
-
-def _product_sops(a: torch.Tensor, b: torch.Tensor, cum_a: torch.Tensor,
-                  cum_b: torch.Tensor) -> torch.Tensor:
-    """nz(a)·nz(b) + nz(a)·nz(B) + nz(A)·nz(b) of an EC product, as :func:`product_nonzero_macs`
-    three times, but with each operand's non-zero counts taken once (four passes, not six).
-    Eager: compiled, it is about 1.5x faster per call, but its two kernels (q·kᵀ and s·v differ in
-    layout) cost about 0.9 s to load in every process and half a minute to compile the first time,
-    more than they save in a run of a few thousand products. Float32 sums of 0/1 are exact."""
-    cols_a = _nonzero_mask(a).sum(dim=-2).double()
-    cols_cum_a = _nonzero_mask(cum_a).sum(dim=-2).double()
-    rows_b = _nonzero_mask(b).sum(dim=-1).double()
-    rows_cum_b = _nonzero_mask(cum_b).sum(dim=-1).double()
-    return (cols_a * (rows_b + rows_cum_b) + cols_cum_a * rows_b).sum()
-
-
-def _spike_level_index(spike: torch.Tensor, theta_p: torch.Tensor, theta_n: torch.Tensor,
-                       levels: int) -> torch.Tensor:
-    """Per element: j for a spike +theta_p*2^j, levels + j for -theta_n*2^j, 2*levels for none.
-    Spikes are exact multiples theta*2^j, so comparing with 0.75*theta*2^j finds j; comparisons
-    (no log2) vectorise fully once fused."""
-    positive = spike > 0
-    theta = torch.where(positive, theta_p, theta_n)
-    magnitude = spike.abs()
-    level = torch.zeros_like(magnitude)
-    for j in range(1, levels):
-        level = level + (magnitude >= theta * (0.75 * 2 ** j)).to(magnitude.dtype)
-    index = torch.where(positive, level, level + levels)
-    index = torch.where(spike == 0, torch.full_like(index, 2 * levels), index)
-    return index.to(torch.uint8 if 2 * levels < 256 else torch.int64)
-
-
-def _spike_level_index_eager(spike, theta_p, theta_n, levels: int) -> torch.Tensor:
-    # Unfused, one log2 is cheaper than levels - 1 comparisons.
+def _spike_level_index(spike, theta_p, theta_n, levels: int) -> torch.Tensor:
+    """Per element: j for a spike +theta_p*2^j, levels + j for -theta_n*2^j, 2*levels for none
+    (spikes are exact multiples theta*2^j: the rounded log2 finds j)."""
     positive = spike > 0
     theta = torch.where(positive, theta_p, theta_n)
     level = torch.round(torch.log2(spike.abs() / theta)).clamp_(0, levels - 1)
@@ -953,9 +1112,7 @@ def spike_level_counts(spike: torch.Tensor, theta_p: torch.Tensor, theta_n: torc
                        levels: int) -> torch.Tensor:
     """[2, levels] int64: how many elements of ``spike`` are +theta_p*2^j (row 0) and
     -theta_n*2^j (row 1), for j = 0..levels-1; one histogram of a combined index."""
-    # Flat: one compiled kernel for spikes of every shape and layout.
-    index = _fused(_spike_level_index, spike.reshape(-1), theta_p, theta_n, levels,
-                   eager=_spike_level_index_eager)
+    index = _spike_level_index(spike.reshape(-1), theta_p, theta_n, levels)
     counts = torch.bincount(index, minlength=2 * levels + 1)
     return counts[:2 * levels].view(2, levels)
 
@@ -979,23 +1136,26 @@ class BaseMonitor:
 
 
 class SOPMonitor(BaseMonitor):
-    """Synaptic operations (SOPs) of every ``nn.Linear`` and both EC products, per time step.
+    """Synaptic operations (SOPs) of every ``nn.Linear`` and every EC product, per time step.
 
     Linear layer: SOPs = non-zero input elements x out_features; dense = all input elements x
-    out_features. EC product at step t (operands a, b; running sums A, B including step t):
+    out_features. EC matrix product at step t (operands a, b; running sums A, B including step t):
     SOPs = nz(a)·nz(b) + nz(a)·nz(B) + nz(A)·nz(b), each the multiply-adds whose two factors are
-    non-zero; dense = the product's multiply-adds. Firing rate after t steps
+    non-zero; dense = the product's multiply-adds. EC element-wise product: the same three terms
+    per element, against one dense operation per element. Firing rate after t steps
     r_t = SOPs(1..t) / dense(1..t) over all layers and images; energy relative to the ANN
     E_t = t · (0.9/4.6) · r_t (ECMT_SPEC 8). Counts come from non-zero counts per tensor, row and
-    column, never from extra matrix products: a linear layer fed by an MT neuron takes the count
-    the neuron's fused kernel made in its own pass; the products' row and column counts are four
-    mask-and-sum passes per product. They stay on the device (no host sync per step), and add up
-    over all batches.
+    column, never from extra matrix products: a linear layer fed by an MT neuron takes the
+    per-step counts the neuron's kernel made in its own pass (its explicit output
+    ``last_nonzero``); each EC product counts its own operations from the running sums it forms
+    (``last_operations``). They stay on the device (no host sync per step), and add up over all
+    batches.
 
-    The evaluation loop calls :meth:`new_batch` before each batch and sets ``monitor.step``
-    (0-based) before each step. ``count_levels=True`` also counts the MT neurons' spikes per
-    level, on the first ``level_batches`` batches only (None: all); a histogram per neuron and
-    step costs more than all the SOP counts together.
+    Steps: :func:`engine_for_finetuning.simulate` calls :meth:`new_batch` before each batch and
+    sets ``step`` (0-based, the first step of the chunk) and ``time_steps`` (K, the steps in the
+    chunk) before each forward pass. Driven step by step (``time_steps`` 1), set ``step`` before
+    each step. ``count_levels=True`` also counts the MT neurons' spikes per level, on the first
+    ``level_batches`` batches only (None: all).
     """
 
     def __init__(self, model: nn.Module, count_levels: bool = False,
@@ -1004,6 +1164,7 @@ class SOPMonitor(BaseMonitor):
         if level_batches is not None and level_batches < 1:
             raise ValueError(f'level_batches must be >= 1 or None, got {level_batches}')
         self.step = 0
+        self.time_steps = 1
         self.batches = 0
         self.count_levels = bool(count_levels)
         self.level_batches = level_batches
@@ -1012,21 +1173,24 @@ class SOPMonitor(BaseMonitor):
         self._sops: Optional[torch.Tensor] = None    # [layers, steps] float64, on the device
         self._dense: Optional[torch.Tensor] = None   # [layers, steps] float64
         # Counts of the current batch, added up at the next batch or when read: a hook only
-        # appends (a per-hook indexed add of two 0-d tensors costs more than the counting).
-        self._pending_linear: List[Tuple[int, int, torch.Tensor, int]] = []  # layer, step, nz, out
-        self._pending_product: List[Tuple[int, int, torch.Tensor]] = []       # layer, step, sops
+        # appends (an indexed add per hook costs more than the counting).
+        self._pending: List[Tuple[int, int, torch.Tensor, float]] = []  # layer, first step, [K], factor
         self._pending_dense: Dict[Tuple[int, int], float] = {}
         self._device: Optional[torch.device] = None
+        # The last MT neuron output: (weak reference, its version, its per-step non-zero counts).
+        self._posted: Optional[Tuple[weakref.ref, int, torch.Tensor]] = None
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear):
                 self._watch(name, module, 'linear', self._linear_hook)
-            elif isinstance(module, AtNeuron):
+            elif isinstance(module, _ECProduct):
+                module.count_operations = True
                 self._watch(name, module, 'product', self._product_hook)
         self.neurons = [(n, m) for n, m in model.named_modules() if isinstance(m, TwoSideNeuron)]
         for _, neuron in self.neurons:
             neuron.count_levels = self.count_levels
             neuron.level_counts = None
-            neuron.post_nonzero = True
+            self.handles.append(neuron.register_forward_hook(self._neuron_hook))
+        self._products = [m for m in model.modules() if isinstance(m, _ECProduct)]
 
     def _watch(self, name: str, module: nn.Module, kind: str, hook: Callable) -> None:
         index = len(self.names)
@@ -1076,27 +1240,23 @@ class SOPMonitor(BaseMonitor):
                 grown_dense[:, :self._dense.shape[1]] = self._dense.to(device)
             self._sops, self._dense = grown, grown_dense
         width = self._sops.shape[1]
-        flat = self._sops.view(-1)
-        if self._pending_linear:
-            where = torch.tensor([i * width + t for i, t, _, _ in self._pending_linear], device=device)
-            factor = torch.tensor([f for _, _, _, f in self._pending_linear], dtype=torch.float64,
-                                  device=device)
-            counts = torch.stack([c.reshape(()) for _, _, c, _ in self._pending_linear]).double()
-            flat.index_add_(0, where, counts * factor)
-        if self._pending_product:
-            where = torch.tensor([i * width + t for i, t, _ in self._pending_product], device=device)
-            flat.index_add_(0, where, torch.stack([c.reshape(()).double() for _, _, c in self._pending_product]))
+        if self._pending:
+            where = torch.tensor([i * width + first + k for i, first, counts, _ in self._pending
+                                  for k in range(counts.numel())], device=device)
+            values = torch.cat([counts.reshape(-1).double() * factor for _, _, counts, factor in self._pending])
+            self._sops.view(-1).index_add_(0, where, values)
         dense = torch.zeros_like(self._dense, device='cpu')
         for (i, t), value in self._pending_dense.items():
             dense[i, t] = value
         self._dense += dense.to(device)
-        self._pending_linear.clear()
-        self._pending_product.clear()
+        self._pending.clear()
         self._pending_dense.clear()
 
-    def _add_dense(self, index: int, dense: float, device) -> None:
-        key = (index, self.step)
-        self._pending_dense[key] = self._pending_dense.get(key, 0.0) + dense
+    def _add(self, index: int, counts: torch.Tensor, factor: float, dense_per_step: float, device) -> None:
+        self._pending.append((index, self.step, counts, factor))
+        for k in range(counts.numel()):
+            key = (index, self.step + k)
+            self._pending_dense[key] = self._pending_dense.get(key, 0.0) + dense_per_step
         self._device = device
 
     @property
@@ -1106,21 +1266,23 @@ class SOPMonitor(BaseMonitor):
             return 0
         return self.batches if self.level_batches is None else min(self.batches, self.level_batches)
 
+    def _neuron_hook(self, module, inputs, output) -> None:
+        self._posted = (weakref.ref(output), output._version, module.last_nonzero)
+
     def _linear_hook(self, index, module, inputs, output) -> None:
         x = inputs[0]
-        posted = getattr(x, '_ecmt_nonzero', None)
-        if posted is not None and posted[0] == x._version:
-            nonzero = posted[1]  # counted by the MT neuron that emitted x, in its own pass
+        posted = self._posted
+        if posted is not None and posted[0]() is x and posted[1] == x._version:
+            counts = posted[2]  # counted by the MT neuron that emitted x, in its own pass
         else:
-            nonzero = _nonzero_count(x)  # an analog input (the head's): small
-        self._pending_linear.append((index, self.step, nonzero, module.out_features))
-        self._add_dense(index, float(x.numel()) * module.out_features, x.device)
+            counts = (x != 0).reshape(self.time_steps, -1).sum(1)  # an analog input (the head's), or modified
+        self._add(index, counts, float(module.out_features),
+                  float(x.numel() // self.time_steps) * module.out_features, x.device)
 
     def _product_hook(self, index, module, inputs, output) -> None:
         a, b = inputs
-        sops = _product_sops(a, b, module.cum_a, module.cum_b)
-        self._pending_product.append((index, self.step, sops))
-        self._add_dense(index, float(output.numel()) * a.shape[-1], a.device)
+        counts = module.last_operations
+        self._add(index, counts, 1.0, module.dense_operations(a, b, output) / counts.numel(), a.device)
 
     def totals(self, reduce: Optional[Callable] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-layer, per-step SOPs and dense counts ([layers, steps], summed over processes)."""
@@ -1174,4 +1336,7 @@ class SOPMonitor(BaseMonitor):
         super().remove()
         for _, neuron in self.neurons:
             neuron.count_levels = False
-            neuron.post_nonzero = False
+        for product in self._products:
+            product.count_operations = False
+            product.last_operations = None
+        self._posted = None

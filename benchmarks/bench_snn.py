@@ -13,6 +13,15 @@ agree on top-1. This machine's speed drifts by tens of percent within seconds, s
 interleaved batch by batch (ANN, calibration, SNN on each batch in turn) and each ratio is taken
 within one repetition (warm: the median over --reps repetitions).
 ``--json`` prints one machine-readable line instead.
+
+Memory instead of timings: ``--memory_scaling`` (SNN peak memory for depths 4 and 12 and T 4 and
+8: it grows with T, not with depth), ``--eva_per_image`` (EVA-01 giant at 336 px, batch 1, depth
+1, 2 and 3, extrapolated to its 40 blocks) and, on a GPU, ``--largest_batch`` (the largest batch that
+fits, its images per second and peak memory):
+
+    python benchmarks/bench_snn.py --memory_scaling --eva_per_image
+    python benchmarks/bench_snn.py --device cuda --model eva_giant_patch14_336 --input_size 336 --T 4 \
+        --largest_batch --fc2_calibrated
 """
 from __future__ import annotations
 
@@ -33,8 +42,9 @@ import native_kernels  # noqa: E402
 import utils  # noqa: E402
 from steal import CpuSteal  # noqa: E402
 from model_vit import create_model  # noqa: E402
+from engine_for_finetuning import simulate  # noqa: E402
 from trans_utils import (convert_to_snn, fast_neuron_enabled, replace_test_by_testneuron,  # noqa: E402
-                         reset_net, set_fast_neuron)
+                         set_fast_neuron)
 
 
 class PeakMemory:
@@ -88,19 +98,96 @@ class PeakMemory:
             self.peak_bytes = max(self.max_rss, self._status('VmRSS')) - self.base
 
 
-def measure_peak_memory(args, device: torch.device):
+def measure_peak_memory(args, device: torch.device, **overrides):
     """Peak memory of one ANN batch and of one SNN batch (T steps), in bytes above the weights and
-    the inputs. On the CPU this runs in a fresh process in which glibc serves every block of
-    64 KiB or more with mmap, so that freed memory leaves the resident set at once and the peak
-    resident set size is the peak of live tensors (in this process it would hide in freed blocks
-    and would slow the timed passes down)."""
+    the inputs, for ``args`` with ``overrides`` (model, input_size, batch_size, T, model_kwargs).
+    On the CPU this runs in a fresh process in which glibc serves every block of 64 KiB or more
+    with mmap, so that freed memory leaves the resident set at once and the peak resident set
+    size is the peak of live tensors (in this process it would hide in freed blocks and would
+    slow the timed passes down)."""
+    args = argparse.Namespace(**{**vars(args), **overrides})
     if device.type == 'cuda':
         return _peak_memory(args, device)
     import subprocess
-    command = [sys.executable, __file__, '--memory_only', *sys.argv[1:]]
+    command = [sys.executable, __file__, '--memory_only', '--device', 'cpu', '--model', args.model,
+               '--input_size', str(args.input_size), '--nb_classes', str(args.nb_classes),
+               '--batch_size', str(args.batch_size), '--T', str(args.T), '--seed', str(args.seed)]
+    command += ['--model_kwargs', *args.model_kwargs] if args.model_kwargs else []
+    command += ['--time_chunk', str(args.time_chunk)] if args.time_chunk else []
+    command += [flag for flag, on in (('--fc2_calibrated', args.fc2_calibrated), ('--no_compile', args.no_compile))
+                if on]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     peaks = json.loads(out.strip().splitlines()[-1])
     return peaks['ann'], peaks['snn']
+
+
+def with_depth(model_kwargs, depth: int):
+    return [k for k in model_kwargs if not k.startswith('depth=')] + [f'depth={depth}']
+
+
+def memory_scaling(args, device: torch.device) -> dict:
+    """Peak memory of one SNN batch against depth and T: with each layer taking all steps at once
+    and keeping no state past a batch's last chunk, it should grow with T but not with depth."""
+    rows = []
+    for depth in args.scaling_depths:
+        for steps in args.scaling_T:
+            ann, snn = measure_peak_memory(args, device, T=steps, model_kwargs=with_depth(args.model_kwargs, depth))
+            rows.append({'depth': depth, 'T': steps, 'ann_peak_mib': ann / 2**20, 'snn_peak_mib': snn / 2**20})
+    return {'memory_scaling': rows}
+
+
+def eva_per_image(args, device: torch.device) -> dict:
+    """EVA-01 giant at 336 px (random weights), batch 1, T steps: SNN peak memory at depth 1, 2
+    and 3, and the 40-block figure extrapolated from them: depth 1 plus 39 times the difference
+    of depths 1 and 2 (the issue's estimate), and depth 2 plus 38 times the difference of depths 2
+    and 3 (the first block's peak differs from the later ones' by a step that does not repeat)."""
+    eva = dict(model='eva_giant_patch14_336', input_size=336, nb_classes=1000, batch_size=1, fc2_calibrated=True)
+    peaks = {depth: measure_peak_memory(args, device, model_kwargs=[f'depth={depth}'], **eva)[1]
+             for depth in (1, 2, 3)}
+    return {'eva_giant_336': {
+        'T': args.T, **{f'snn_peak_mib_depth{d}': peaks[d] / 2**20 for d in peaks},
+        'per_block_mib_1_2': (peaks[2] - peaks[1]) / 2**20, 'per_block_mib_2_3': (peaks[3] - peaks[2]) / 2**20,
+        'per_image_40_blocks_gib_from_1_2': (peaks[1] + 39 * (peaks[2] - peaks[1])) / 2**30,
+        'per_image_40_blocks_gib_from_2_3': (peaks[2] + 38 * (peaks[3] - peaks[2])) / 2**30}}
+
+
+@torch.no_grad()
+def largest_batch(args, device: torch.device) -> dict:
+    """The largest batch (powers of two up to --max_batch) whose SNN run of T steps fits on the
+    GPU, and its throughput (images per second over --images images, after one untimed batch)
+    and peak memory."""
+    if device.type != 'cuda':
+        raise utils.UserError('--largest_batch measures what fits on a GPU: pass --device cuda')
+    torch.manual_seed(args.seed)
+    kwargs = utils.parse_model_kwargs(args.model_kwargs)
+    with device:  # initialised on the GPU: a billion random weights are slow to make on the CPU
+        model = create_model(args.model, img_size=args.input_size, num_classes=args.nb_classes, **kwargs)
+    model = model.eval()
+    replace_test_by_testneuron(model, 0.99)
+    model(torch.randn(2, 3, args.input_size, args.input_size, device=device))
+    convert_to_snn(model, fc2_thresholds=None if args.fc2_calibrated else (0.25, 0.08))
+    weights = torch.cuda.memory_allocated(device)
+    fits, batch = None, 1
+    while batch <= args.max_batch:
+        try:
+            images = torch.randn(batch, 3, args.input_size, args.input_size, device=device)
+            with PeakMemory(device) as peak:
+                simulate(model, images, args.T, time_chunk=args.time_chunk)
+            fits = (batch, peak.peak_bytes)
+            del images
+            batch *= 2
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            torch.cuda.empty_cache()
+    if fits is None:
+        raise utils.UserError(f'not even a batch of 1 fits at T={args.T}')
+    batch, peak_bytes = fits
+    images = torch.randn(batch, 3, args.input_size, args.input_size, device=device)
+    runs = max(1, args.images // batch)
+    seconds = timed_pass(lambda b: simulate(model, b, args.T, time_chunk=args.time_chunk), [images] * runs, device)
+    return {'largest_batch': batch, 'weights_gib': weights / 2**30, 'snn_peak_gib': peak_bytes / 2**30,
+            'snn_peak_gib_per_image': peak_bytes / 2**30 / batch, 'images_per_second': runs * batch / seconds}
 
 
 @torch.no_grad()
@@ -117,10 +204,7 @@ def _peak_memory(args, device: torch.device):
     convert_to_snn(model, fc2_thresholds=None if args.fc2_calibrated else (0.25, 0.08))
 
     def snn_batch():
-        reset_net(model)
-        for _ in range(args.T):
-            model(images)
-        reset_net(model)
+        simulate(model, images, args.T, time_chunk=args.time_chunk)
 
     snn_batch()  # compile first
     with PeakMemory(device) as snn:
@@ -155,6 +239,17 @@ def main(args) -> dict:
         ann, snn = _peak_memory(args, device)
         print(json.dumps({'ann': ann, 'snn': snn}))
         return {'ann': ann, 'snn': snn}
+    extra = [(flag, fn) for flag, fn in (('largest_batch', largest_batch), ('memory_scaling', memory_scaling),
+                                         ('eva_per_image', eva_per_image)) if getattr(args, flag)]
+    if extra:
+        if device.type == 'cpu':
+            native_kernels.prepare()
+        result = {'model': args.model, 'input_size': args.input_size, 'batch_size': args.batch_size,
+                  'T': args.T, 'time_chunk': args.time_chunk, 'device': str(device)}
+        for _, fn in extra:
+            result.update(fn(args, device))
+        print_extra(result) if not args.json else print(json.dumps(result))
+        return result
     if device.type == 'cpu' and not args.default_malloc:
         utils.keep_freed_memory()  # as the command line does: ANN and SNN alike
     if device.type == 'cpu':
@@ -181,13 +276,7 @@ def main(args) -> dict:
         agree = torch.zeros((), device=device)
 
         def snn_batch(images):
-            reset_net(snn_model)
-            logits = None
-            for _ in range(args.T):
-                out = snn_model(images).float()
-                logits = out if logits is None else logits + out
-            reset_net(snn_model)
-            return logits
+            return simulate(snn_model, images, args.T, time_chunk=args.time_chunk).sum(0)
 
         reps = []  # per repetition: seconds of ANN, calibration, SNN over all batches
         for rep in range(args.reps + 2):
@@ -257,6 +346,27 @@ def main(args) -> dict:
     return result
 
 
+def print_extra(result: dict) -> None:
+    if 'memory_scaling' in result:
+        print(f'peak memory of one SNN batch against depth and T ({result["model"]}, {result["input_size"]} px, '
+              f'batch {result["batch_size"]}, {result["device"]}; above the weights and inputs):')
+        for row in result['memory_scaling']:
+            print(f'  depth {row["depth"]:3d}, T={row["T"]:2d}: SNN {row["snn_peak_mib"]:8.0f} MiB   '
+                  f'(ANN {row["ann_peak_mib"]:.0f} MiB)')
+    if 'eva_giant_336' in result:
+        e = result['eva_giant_336']
+        print(f'EVA-01 giant, 336 px, batch 1, T={e["T"]}: SNN peak {e["snn_peak_mib_depth1"]:.0f} / '
+              f'{e["snn_peak_mib_depth2"]:.0f} / {e["snn_peak_mib_depth3"]:.0f} MiB at depth 1 / 2 / 3 '
+              f'({e["per_block_mib_1_2"]:+.0f}, then {e["per_block_mib_2_3"]:+.0f} MiB per block); 40 blocks, '
+              f'extrapolated: {e["per_image_40_blocks_gib_from_1_2"]:.2f} GiB per image from depths 1-2, '
+              f'{e["per_image_40_blocks_gib_from_2_3"]:.2f} GiB from depths 2-3')
+    if 'largest_batch' in result:
+        print(f'{result["model"]}, {result["input_size"]} px, T={result["T"]}: largest batch {result["largest_batch"]} '
+              f'(powers of two), {result["images_per_second"]:.1f} images/s, peak {result["snn_peak_gib"]:.1f} GiB '
+              f'above the weights ({result["snn_peak_gib_per_image"]:.2f} GiB per image; weights '
+              f'{result["weights_gib"]:.1f} GiB)')
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', default='vit_small_patch16_224')
@@ -265,6 +375,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--nb_classes', type=int, default=1000)
     p.add_argument('--batch_size', type=int, default=8)
     p.add_argument('--T', type=int, default=4)
+    p.add_argument('--time_chunk', type=int, default=None, help='steps simulated at a time (default: all T)')
     p.add_argument('--images', type=int, default=96, help='images per pass (whole batches)')
     p.add_argument('--reps', type=int, default=3, help='timed repetitions (median) after the warm-up')
     p.add_argument('--device', default=None, help='cpu or cuda (default: cuda if available)')
@@ -275,6 +386,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="keep glibc's default allocator settings (see utils.keep_freed_memory)")
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--json', action='store_true', help='print one JSON line')
+    p.add_argument('--memory_scaling', action='store_true',
+                   help='instead of the timings: SNN peak memory for every depth and T below')
+    p.add_argument('--scaling_depths', type=int, nargs='+', default=[4, 12])
+    p.add_argument('--scaling_T', type=int, nargs='+', default=[4, 8])
+    p.add_argument('--eva_per_image', action='store_true',
+                   help='instead of the timings: EVA-01 giant memory per image (depth 1, 2 and 3 at 336 px, batch 1, '
+                        'extrapolated to 40 blocks)')
+    p.add_argument('--largest_batch', action='store_true',
+                   help='instead of the timings (CUDA): the largest batch that fits, its images/s and peak memory')
+    p.add_argument('--max_batch', type=int, default=512, help='--largest_batch: the largest batch tried')
     p.add_argument('--memory_only', action='store_true', help=argparse.SUPPRESS)
     return p
 

@@ -14,8 +14,14 @@ import shutil  # noqa: E402
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'cuda: needs a CUDA GPU (skipped without one; benchmarks/gpu_check.sh '
+                                       'runs them: python -m pytest -m cuda)')
+
+
 def fast_neuron_enabled() -> bool:
-    """Whether trans_utils currently fuses neuron/EC steps with torch.compile."""
+    """Whether modules built or converted from now on may take the fused backends (native,
+    compiled)."""
     import trans_utils
     getter = getattr(trans_utils, 'fast_neuron_enabled', None)
     return getter() if getter is not None else trans_utils._FAST_NEURON
@@ -23,9 +29,9 @@ def fast_neuron_enabled() -> bool:
 
 @pytest.fixture(params=['native', 'compiled', 'eager'])
 def fast(request, monkeypatch):
-    """Run a test with each way of computing the neuron/EC steps: the native CPU kernels (the CPU
-    default), fused by torch.compile (what other devices use), and eager; restore the previous
-    setting afterwards. The value is whether the steps are fused."""
+    """Run a test with each backend of the neuron/EC modules it builds: the native CPU kernels (the
+    CPU default), torch.compile (what other devices use for the neuron; EC eager then), and eager;
+    restore the previous setting afterwards. The value is whether the fused backends are on."""
     import native_kernels
     import trans_utils
     fused = request.param != 'eager'

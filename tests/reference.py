@@ -97,3 +97,102 @@ def ref_quantiles(x: torch.Tensor, percent: float) -> Tuple[torch.Tensor, torch.
     k_hi = max(1, int(percent * n))
     k_lo = max(1, int((1 - percent) * n))
     return ordered[k_hi - 1], ordered[k_lo - 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole converted model, step by step
+# ---------------------------------------------------------------------------------------------
+class RefNeuron(torch.nn.Module):
+    """ECMT_SPEC 4 one step per call, with the literal level-by-level rule of ref_mt_neuron."""
+
+    def __init__(self, theta_p: float, theta_n: float, levels: int) -> None:
+        super().__init__()
+        self.theta_p, self.theta_n, self.levels = theta_p, theta_n, levels
+        self.membrane = None
+
+    def forward(self, x):
+        theta_p = torch.tensor(self.theta_p, dtype=torch.float32)
+        theta_n = torch.tensor(self.theta_n, dtype=torch.float32)
+        x = x.float()
+        membrane = x.clone() if self.membrane is None else self.membrane + x
+        spike = torch.zeros_like(membrane)
+        decided = torch.zeros_like(membrane, dtype=torch.bool)
+        for j in range(self.levels - 1, -1, -1):
+            for theta, sign in ((theta_p, 1.0), (theta_n, -1.0)):
+                if bool(theta > 0):
+                    fire = ~decided & (sign * membrane >= theta * 2 ** j - theta / 2)
+                    spike[fire] = sign * (theta * 2 ** j)
+                    decided |= fire
+        self.membrane = membrane - spike
+        return spike
+
+
+class RefEC(torch.nn.Module):
+    """ECMT_SPEC 5 one step per call: A += x; out = t·f(A/t) − (t−1)·f(A'/(t−1)), the second term
+    remembered from the step before (the spec's "evaluating it once and remembering"), float32."""
+
+    def __init__(self, f) -> None:
+        super().__init__()
+        self.f, self.cum, self.prev, self.t = f, None, None, 0
+
+    def forward(self, x):
+        x = x.float()
+        self.t += 1
+        self.cum = x.clone() if self.cum is None else self.cum + x
+        total = self.f(self.cum / self.t).float() * self.t
+        out = total if self.prev is None else total - self.prev
+        self.prev = total
+        return out
+
+
+class RefProduct(torch.nn.Module):
+    """ECMT_SPEC 6 one step per call: out = A_t∘B_t/t − A_(t−1)∘B_(t−1)/(t−1), float32, with ∘
+    ``op`` (a matrix or an element-wise product)."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op, self.cum_a, self.cum_b, self.prev, self.t = op, None, None, None, 0
+
+    def forward(self, a, b):
+        a, b = a.float(), b.float()
+        self.t += 1
+        self.cum_a = a.clone() if self.cum_a is None else self.cum_a + a
+        self.cum_b = b.clone() if self.cum_b is None else self.cum_b + b
+        total = self.op(self.cum_a, self.cum_b).float() / self.t
+        out = total if self.prev is None else total - self.prev
+        self.prev = total
+        return out
+
+
+def ref_simulate(model: torch.nn.Module, images: torch.Tensor, steps: int) -> torch.Tensor:
+    """The head's output of every step, [steps, B, classes], of a converted SNN run one whole step
+    of the network at a time, as the published scripts did: a copy of ``model`` whose MT neurons,
+    EC modules and EC products are replaced by the literal one-step modules above (thresholds,
+    levels and wrapped functions taken from the converted ones), called ``steps`` times on the
+    same images. Independent of the toolkit's multi-step code."""
+    import copy
+    import trans_utils
+    model = copy.deepcopy(model)
+
+    def literal(module):
+        if isinstance(module, trans_utils.TwoSideNeuron):
+            return RefNeuron(float(module.scale_p), float(module.scale_n), module.levels)
+        if isinstance(module, trans_utils.exp_comp_neuron):
+            return RefEC(module.module)
+        if isinstance(module, trans_utils.AtNeuron):
+            return RefProduct(torch.matmul)
+        if isinstance(module, trans_utils.MulNeuron):
+            return RefProduct(torch.mul)
+        return None
+
+    def swap(parent):
+        for name, child in parent.named_children():
+            replacement = literal(child)
+            if replacement is not None:
+                setattr(parent, name, replacement)
+            else:
+                swap(child)
+
+    swap(model)
+    with torch.no_grad():
+        return torch.stack([model(images).float() for _ in range(steps)])

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import model_vit
 import trans_utils
-from trans_utils import (AtNeuron, SOPMonitor, TwoSideNeuron, convert_to_snn, replace_test_by_testneuron,
+from trans_utils import (AtNeuron, MulNeuron, SOPMonitor, TwoSideNeuron, convert_to_snn, replace_test_by_testneuron,
                          reset_net, spike_level_counts)
 
 pytestmark = pytest.mark.usefixtures('single_thread')
@@ -133,7 +133,7 @@ def test_linear_reuses_the_neurons_count_and_recounts_a_modified_input(fast):
         neuron = TwoSideNeuron('fc1', 0.5, 0.5, 4)
         net = nn.Sequential(neuron, Zeroer() if modify else nn.Identity(), nn.Linear(12, 3))
         monitor = SOPMonitor(net)
-        assert neuron.post_nonzero
+        assert neuron._forward_hooks  # the monitor reads each output's per-step counts
         expected = torch.zeros(1, 3, dtype=torch.float64)
         outputs = []
         net[2].register_forward_hook(lambda mod, inputs, out: outputs.append(inputs[0].clone()))
@@ -146,7 +146,7 @@ def test_linear_reuses_the_neurons_count_and_recounts_a_modified_input(fast):
         assert all((o[0, :6] == 0).all() for o in outputs) == modify
         assert torch.equal(monitor.totals()[0], expected), modify
         monitor.remove()
-        assert not neuron.post_nonzero
+        assert not neuron._forward_hooks
 
 
 @pytest.mark.parametrize('shapes', [((2, 3, 5, 4), (2, 3, 4, 6)), ((2, 3, 5, 4), (3, 4, 6)),
@@ -173,6 +173,61 @@ def test_product_counts_on_random_sparse_operands(fast, shapes):
     monitor.remove()
 
 
+@pytest.mark.parametrize('sizes', [[1, 1, 1, 1], [4], [1, 3]], ids=['4x1', '1x4', '1+3'])
+def test_mul_counts_against_brute_force_masks(fast, sizes):
+    """EC element-wise product (gated MLP): per element and step nz(a)nz(b) + nz(a)nz(B) +
+    nz(A)nz(b), against one dense operation per element and step, in any chunking."""
+    mul = MulNeuron()
+    monitor = SOPMonitor(nn.ModuleDict({'mul': mul}))
+    assert monitor.kinds == ['product']
+    as_ = [sparse(3, 5, 7, density=0.3, seed=t) for t in range(4)]
+    bs = [sparse(3, 5, 7, density=0.6, seed=10 + t) for t in range(4)]
+    expected, cum_a, cum_b = [], 0, 0
+    for a, b in zip(as_, bs):
+        cum_a, cum_b = cum_a + a, cum_b + b
+        expected.append(float((mask(a) * mask(b) + mask(a) * mask(cum_b) + mask(cum_a) * mask(b)).sum()))
+    first = 0
+    with torch.no_grad():
+        for count in sizes:
+            mul.time_steps, mul.keep_state = count, first + count < 4
+            monitor.step, monitor.time_steps = first, count
+            mul(torch.cat(as_[first:first + count]), torch.cat(bs[first:first + count]))
+            first += count
+    sops, dense = monitor.totals()
+    assert sops[0].tolist() == expected
+    assert dense[0].tolist() == [3 * 5 * 7.0] * 4
+    monitor.remove()
+    assert not mul.count_operations
+
+
+@pytest.mark.parametrize('sizes', [[T], [1] * T, [1, 2]], ids=['1xT', 'Tx1', '1+2'])
+def test_chunked_simulation_counts_what_the_step_by_step_order_counts(fast, sizes):
+    """Every SOP and dense count (per layer, per step) and every level count of a simulation in
+    chunks equals the brute-force count of the same network run one step at a time."""
+    from engine_for_finetuning import simulate
+    model = tiny_snn()
+    batches = [images(4, seed=3), images(3, seed=4)]
+    step_monitor = SOPMonitor(model, count_levels=True)
+    brute = BruteForce(model, step_monitor)
+    run(model, step_monitor, batches)
+    step_levels = step_monitor.level_counts()
+    step_monitor.remove()
+    for module in model.modules():
+        module._forward_hooks.clear()  # the brute-force hooks counted the step-by-step run only
+    monitor = SOPMonitor(model, count_levels=True)
+    with torch.no_grad():
+        for x in batches:
+            simulate(model, x, T, time_chunk=sizes, monitor=monitor)
+    sops, dense = monitor.totals()
+    for i, name in enumerate(monitor.names):
+        for t in range(T):
+            assert float(sops[i, t]) == brute.sops[name, t], (name, t)
+            assert float(dense[i, t]) == brute.dense[name, t], (name, t)
+    assert monitor.level_counts() == step_levels
+    assert monitor.time_steps == 1  # back to the step-by-step protocol
+    monitor.remove()
+
+
 def test_product_at_first_step_is_three_times_the_plain_count(eager_neuron):
     at = AtNeuron()
     monitor = SOPMonitor(nn.ModuleDict({'at': at}))
@@ -193,15 +248,16 @@ class OpRecorder(TorchDispatchMode):
 
 
 def test_counts_use_no_matrix_product(eager_neuron):
-    at, linear = AtNeuron(), nn.Linear(5, 3)
+    at, mul, linear = AtNeuron(), MulNeuron(), nn.Linear(5, 3)
     net = nn.ModuleDict({'at': at, 'linear': linear})
     monitor = SOPMonitor(net)
     a, b = sparse(2, 4, 5, seed=1), sparse(2, 5, 6, seed=2)
+    steps = [t.unsqueeze(0) for t in (a, b)]  # one step, time-major
     with torch.no_grad():
-        out = at(a, b)
         recorder = OpRecorder()
-        with recorder:  # the hooks alone, called as the module would call them
-            monitor._product_hook(0, at, (a, b), out)
+        with recorder:  # the counting alone, as the modules and hooks do it
+            at._operations(*steps, *steps)
+            mul._operations(steps[0], steps[0], steps[0], steps[0])
             monitor._linear_hook(1, linear, (a,), None)
     products = {'mm', 'bmm', 'matmul', 'baddbmm', 'addmm', 'addbmm', 'dot', 'einsum', 'linear', 'mv'}
     assert recorder.ops and not recorder.ops & products, recorder.ops
@@ -345,7 +401,8 @@ def test_level_counts_are_off_unless_asked(eager_neuron):
 def test_cli_energy_on_a_model_trained_on_digits_matches_a_literal_count(tmp_path):
     """A tiny ViT fine-tuned on real images (DIGITS), calibrated and simulated through the command
     line: its per-step energy ratio equals an independent count of the same simulation done the
-    slow, literal way (non-zero masks multiplied out, as the published monitor did)."""
+    slow, literal way (one whole step at a time, non-zero masks multiplied out, as the published
+    monitor did), and every chunking (--time_chunk) gives the same accuracies and energies."""
     import fintune_model
     import run_class_finetuning as cli
     from datasets import build_dataset
@@ -365,6 +422,14 @@ def test_cli_energy_on_a_model_trained_on_digits_matches_a_literal_count(tmp_pat
     steps = 4
     record = cli.main(cli.get_args_parser().parse_args(
         common + ['--test_mode', 'snn', '--model_path', calibrated['checkpoint'], '--test_T', str(steps)]))
+    # One step at a time (the step-by-step order) and chunks of 3 (3 + 1): the same accuracy after
+    # every step and the same energy, to the last bit.
+    for chunk in ('1', '3'):
+        chunked = cli.main(cli.get_args_parser().parse_args(
+            common + ['--test_mode', 'snn', '--model_path', calibrated['checkpoint'], '--test_T', str(steps),
+                      '--time_chunk', chunk, '--savename', f'chunk{chunk}']))
+        for key in ('acc1', 'acc5', 'energy_ratio', 'fire_rate'):
+            assert chunked[key] == record[key], (chunk, key)
 
     # The same SNN, rebuilt from the same files, counted literally on the same images.
     args = cli.get_args_parser().parse_args(common + ['--test_mode', 'snn', '--model_path',
@@ -382,4 +447,11 @@ def test_cli_energy_on_a_model_trained_on_digits_matches_a_literal_count(tmp_pat
     for t in range(1, steps + 1):
         literal = t * 0.9 / 4.6 * sum(sops[:t]) / sum(dense[:t])
         assert record['energy_ratio'][t - 1] == pytest.approx(literal, rel=1e-9), t
+    # The accuracy after every step, from the independent step-by-step reference network.
+    from reference import ref_simulate
+    targets = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    logits = torch.cat([ref_simulate(model, batch, steps) for batch in images.split(150)], dim=1)
+    for t in range(steps):
+        correct = (logits[:t + 1].sum(0).argmax(-1) == targets).sum().item()
+        assert record['acc1'][t] == pytest.approx(100.0 * correct / len(targets), abs=1e-9), t
     assert 0 < record['energy_ratio'][-1] < 1

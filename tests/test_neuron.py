@@ -1,8 +1,10 @@
 """The multi-threshold neuron (ECMT_SPEC 4) against the literal reference, spike for spike.
 
-The neuron tests run twice: with the ``torch.compile``-fused neuron step (the default) and with the
-eager one (the closed-form rule ``mt_fire``). Equality is exact (``torch.equal``): both must
-reproduce the literal level-by-level rule on every element, ties at the threshold edges included.
+The neuron tests run with each backend: the native multi-step kernel (the CPU default), the
+``torch.compile``-fused step and the eager one (the closed-form rule ``mt_fire``), here one step
+per call (tests/test_multistep.py takes chunks of steps). Equality is exact (``torch.equal``): all
+must reproduce the literal level-by-level rule on every element, ties at the threshold edges
+included.
 """
 import math
 
@@ -10,7 +12,6 @@ import pytest
 import torch
 
 from reference import ref_mt_neuron
-import trans_utils
 from trans_utils import TwoSideNeuron, mt_fire
 
 pytestmark = pytest.mark.usefixtures('single_thread')
@@ -197,23 +198,3 @@ def test_thresholds_are_buffers_and_shown():
     with pytest.raises(ValueError):
         TwoSideNeuron('v', 0.5, 0.25, 0)
     assert math.isclose(neuron.scale_n.item(), 0.25)
-
-
-def test_switching_the_fused_path_on_and_off_mid_sequence_keeps_the_numbers():
-    # The state moves between the fused (flat, in place) and eager (shaped) forms.
-    xs = [torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(t)) for t in range(6)]
-    previous = trans_utils.fast_neuron_enabled()
-    try:
-        reference, mixed = TwoSideNeuron('fc1', 0.3, 0.2, 4), TwoSideNeuron('fc1', 0.3, 0.2, 4)
-        trans_utils.set_fast_neuron(False)
-        expected = [reference(x) for x in xs]
-        got = []
-        for t, x in enumerate(xs):
-            trans_utils.set_fast_neuron(t % 2 == 0)
-            got.append(mixed(x))
-            assert mixed.membrane.shape == x.shape
-        for t, (g, e) in enumerate(zip(got, expected)):
-            assert torch.equal(g, e), t
-        assert torch.equal(mixed.membrane, reference.membrane)
-    finally:
-        trans_utils.set_fast_neuron(previous)
