@@ -6,7 +6,8 @@ The semantics are those of ``ECMT_SPEC.md`` (the published ECMT scripts, with th
 * ``TestNeuron``    the placeholder while calibrating (``for_v``): running mean of exact quantiles;
 * ``TwoSideNeuron`` the multi-threshold (MT) neuron of ``snn`` mode;
 * ``exp_comp_neuron`` expectation compensation (EC) of a nonlinear module (softmax, GELU, LayerNorm);
-* ``MyAt`` / ``AtNeuron`` the product of two time-varying operands, plain and EC.
+* ``MyAt`` / ``AtNeuron`` the product of two time-varying operands, plain and EC;
+* ``MyMul`` / ``MulNeuron`` their element-wise product, plain and EC (gated MLPs, ECMT_SPEC 12).
 
 Public names are the published ones so that researchers' scripts keep working. Every module that
 keeps state across time steps derives from :class:`StatefulModule`; :func:`reset_net` resets them.
@@ -32,7 +33,7 @@ import native_kernels
 
 __all__ = [
     'PLACES', 'ConversionError', 'StatefulModule', 'MyTestPlace', 'TestNeuron', 'TwoSideNeuron',
-    'exp_comp_neuron', 'MyAt', 'AtNeuron', 'mt_fire', 'tail_quantiles',
+    'exp_comp_neuron', 'MyAt', 'AtNeuron', 'MyMul', 'MulNeuron', 'mt_fire', 'tail_quantiles',
     'replace_test_by_testneuron', 'replace_testneuron_by_twosideneuron',
     'replace_nonlinear_by_neuron', 'replace_at_by_neuron', 'convert_to_snn', 'get_modules',
     'reset_net', 'set_fast_neuron', 'threshold_config', 'EC_MODULE_TYPES', 'register_snn_modules',
@@ -40,8 +41,9 @@ __all__ = [
     'spike_level_counts',
 ]
 
-#: Placeholder kinds, in the order they appear in a transformer block (ECMT_SPEC section 2).
-PLACES = ('fc_qkv', 'q', 'k', 'v', 's', 'fc_out', 'fc1', 'fc2')
+#: Placeholder kinds, in the order they appear in a transformer block (ECMT_SPEC sections 2 and
+#: 12: ``gate`` and ``up`` are the two operands of a gated MLP's element-wise product).
+PLACES = ('fc_qkv', 'q', 'k', 'v', 's', 'fc_out', 'fc1', 'gate', 'up', 'fc2')
 #: Places whose thresholds are not calibrated (``s`` uses ``softmax_p``).
 UNCALIBRATED_PLACES = ('s',)
 
@@ -69,7 +71,8 @@ def reset_net(model: nn.Module) -> None:
 
 def get_modules(model: nn.Module, types: Tuple[type, ...] = ()) -> List[Tuple[str, nn.Module]]:
     """List ``(name, module)`` of the ECMT modules of ``model`` (or of ``types`` if given)."""
-    types = types or (MyTestPlace, TestNeuron, TwoSideNeuron, exp_comp_neuron, MyAt, AtNeuron)
+    types = types or (MyTestPlace, TestNeuron, TwoSideNeuron, exp_comp_neuron, MyAt, AtNeuron,
+                      MyMul, MulNeuron)
     return [(name, m) for name, m in model.named_modules() if isinstance(m, types)]
 
 
@@ -704,6 +707,50 @@ class AtNeuron(StatefulModule):
         return f'steps={self.steps}'
 
 
+class MyMul(nn.Module):
+    """Element-wise product of two operands, ``a * b`` (plain; becomes :class:`MulNeuron` in
+    ``snn`` mode)."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a * b
+
+
+class MulNeuron(StatefulModule):
+    """Expectation compensation of an element-wise product of two time-varying operands
+    (ECMT_SPEC 12): section 6 with ``*`` for ``@``. With running sums A and B, the output at step
+    t is ``A_t * B_t / t - A_{t-1} * B_{t-1} / (t-1)`` (``a_1 * b_1`` at t = 1), so the outputs
+    summed over steps 1..t equal ``A_t * B_t / t``. ``cum_a``/``cum_b`` (after this step) stay
+    readable for the energy monitor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.cum_a: Optional[torch.Tensor] = None
+        self.cum_b: Optional[torch.Tensor] = None
+        self.prev_total: Optional[torch.Tensor] = None
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = a.float(), b.float()
+        self.steps += 1
+        if self.steps == 1:
+            self.cum_a, self.cum_b = a.clone(), b.clone()
+            out = self.cum_a * self.cum_b
+            self.prev_total = out.clone()  # its own: updated in place below, out is handed on
+            return out
+        self.cum_a.add_(a)
+        self.cum_b.add_(b)
+        total = self.cum_a * self.cum_b / self.steps
+        out = total - self.prev_total
+        self.prev_total = total
+        return out
+
+    def extra_repr(self) -> str:
+        return f'steps={self.steps}'
+
+
 # ---------------------------------------------------------------------------------------------
 # Module surgery
 # ---------------------------------------------------------------------------------------------
@@ -824,10 +871,13 @@ def replace_nonlinear_by_neuron(model: nn.Module) -> nn.Module:
 
 
 def replace_at_by_neuron(model: nn.Module) -> nn.Module:
-    """Replace every product placeholder :class:`MyAt` by its EC version :class:`AtNeuron`."""
+    """Replace every product placeholder by its EC version: :class:`MyAt` by :class:`AtNeuron`,
+    :class:`MyMul` by :class:`MulNeuron`."""
     for parent, attr, _, child in list(_named_children_recursive(model)):
         if type(child) is MyAt:
             setattr(parent, attr, AtNeuron())
+        elif type(child) is MyMul:
+            setattr(parent, attr, MulNeuron())
     return model
 
 
@@ -849,7 +899,7 @@ def check_fully_converted(model: nn.Module) -> None:
     """Refuse a half-converted network: every module of the converted region must be an MT neuron,
     an EC module, a known linear module, or a registered container. Raises ConversionError."""
     skip = _skip_prefixes(model)
-    leaves = (TwoSideNeuron, exp_comp_neuron, AtNeuron) + LINEAR_MODULE_TYPES + tuple(_SNN_LEAVES)
+    leaves = (TwoSideNeuron, exp_comp_neuron, AtNeuron, MulNeuron) + LINEAR_MODULE_TYPES + tuple(_SNN_LEAVES)
     bad = []
     for _, _, name, child in _named_children_recursive(model):
         if not _in_region(name, skip) or _inside_ec(model, name):
@@ -979,13 +1029,14 @@ class BaseMonitor:
 
 
 class SOPMonitor(BaseMonitor):
-    """Synaptic operations (SOPs) of every ``nn.Linear`` and both EC products, per time step.
+    """Synaptic operations (SOPs) of every ``nn.Linear`` and every EC product, per time step.
 
     Linear layer: SOPs = non-zero input elements x out_features; dense = all input elements x
     out_features. EC product at step t (operands a, b; running sums A, B including step t):
     SOPs = nz(a)·nz(b) + nz(a)·nz(B) + nz(A)·nz(b), each the multiply-adds whose two factors are
-    non-zero; dense = the product's multiply-adds. Firing rate after t steps
-    r_t = SOPs(1..t) / dense(1..t) over all layers and images; energy relative to the ANN
+    non-zero; dense = the product's multiply-adds. An EC element-wise product counts the same
+    three terms per element, against one dense operation per element (ECMT_SPEC 12). Firing
+    rate after t steps r_t = SOPs(1..t) / dense(1..t) over all layers and images; energy relative to the ANN
     E_t = t · (0.9/4.6) · r_t (ECMT_SPEC 8). Counts come from non-zero counts per tensor, row and
     column, never from extra matrix products: a linear layer fed by an MT neuron takes the count
     the neuron's fused kernel made in its own pass; the products' row and column counts are four
@@ -1022,6 +1073,8 @@ class SOPMonitor(BaseMonitor):
                 self._watch(name, module, 'linear', self._linear_hook)
             elif isinstance(module, AtNeuron):
                 self._watch(name, module, 'product', self._product_hook)
+            elif isinstance(module, MulNeuron):
+                self._watch(name, module, 'product', self._mul_hook)
         self.neurons = [(n, m) for n, m in model.named_modules() if isinstance(m, TwoSideNeuron)]
         for _, neuron in self.neurons:
             neuron.count_levels = self.count_levels
@@ -1121,6 +1174,14 @@ class SOPMonitor(BaseMonitor):
         sops = _product_sops(a, b, module.cum_a, module.cum_b)
         self._pending_product.append((index, self.step, sops))
         self._add_dense(index, float(output.numel()) * a.shape[-1], a.device)
+
+    def _mul_hook(self, index, module, inputs, output) -> None:
+        a, b = inputs
+        nz_a, nz_b = _nonzero_mask(a), _nonzero_mask(b)
+        sops = (nz_a * (nz_b + _nonzero_mask(module.cum_b)) + _nonzero_mask(module.cum_a) * nz_b).sum(
+            dtype=torch.float64)
+        self._pending_product.append((index, self.step, sops))
+        self._add_dense(index, float(output.numel()), a.device)
 
     def totals(self, reduce: Optional[Callable] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-layer, per-step SOPs and dense counts ([layers, steps], summed over processes)."""
