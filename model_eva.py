@@ -1,9 +1,16 @@
-"""Convertible timm EVA-01 models, and BAAI's EVA-01 checkpoint format.
+"""Convertible timm ``Eva`` models (EVA-01, EVA-02, timm's rotary ViTs), and BAAI's EVA-01
+checkpoint format.
 
-EVA-01 (``eva_giant_patch14_224/336/560`` and any timm ``Eva`` without rotary embeddings or a
-gated MLP): fused qkv with separate q/v biases (zero k bias), absolute position embedding, mean
-pooling of the patch tokens followed by ``fc_norm``. Its attention and MLP are swapped for the same
-convertible modules as the ViT's (:mod:`model_vit`), so state_dict keys stay timm's.
+EVA-01 (``eva_giant_patch14_224/336/560``): fused qkv with separate q/v biases (zero k bias),
+absolute position embedding, mean pooling of the patch tokens followed by ``fc_norm``.
+EVA-02 (``eva02_*``) adds rotary position embeddings, SwiGLU MLPs (packed ``GluMlp`` at tiny and
+small size, ``SwiGLU`` with a norm inside from base up) and optionally a norm inside the attention;
+timm's rotary ViTs (``vit_*_rope_*``: register tokens, LayerScale, no absolute position embedding)
+are built as ``Eva`` too, some with timm's ``AttentionRope`` (``vit_*_rope_224``, ``vit_pe_*``:
+qkv biases inside the linear layers, grouped-query attention possible). Rotary embeddings are a fixed linear map of each step's q and k (the
+``rope`` module computes them from positions only: outside the converted region), gated MLPs get
+the places and EC element-wise product of ECMT_SPEC 12. Attention and MLPs are swapped for the
+convertible modules of :mod:`model_base`, so state_dict keys stay timm's.
 
 ``eva_g_patch14`` is the published name of EVA-01 giant (patch 14, width 1408, depth 40, 16 heads,
 MLP 6144, LayerNorm eps 1e-6); it reads BAAI's own file ``eva_21k_1k_336px_psz14_ema_89p6.pt``
@@ -15,10 +22,10 @@ from typing import Dict
 
 import torch
 import torch.nn as nn
+from timm.layers import AttentionRope
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 
-from model_vit import (VIT_CONTAINERS, ConvertibleAttention, check_structure,
-                       swap_attention_and_mlp)
+from model_base import CONTAINERS, Family, check_structure, register_family, swap_convertible_modules
 from trans_utils import ConversionError, register_snn_modules
 
 __all__ = ['EVA_ALIASES', 'make_eva_convertible', 'convert_baai_eva01', 'Eva']
@@ -26,28 +33,30 @@ __all__ = ['EVA_ALIASES', 'make_eva_convertible', 'convert_baai_eva01', 'Eva']
 #: Published names -> timm names (the image size comes from ``img_size``/``--input_size``).
 EVA_ALIASES = {'eva_g_patch14': 'eva_giant_patch14_224'}
 
-EVA_CONTAINERS = VIT_CONTAINERS + (Eva, EvaBlock, EvaBlockPostNorm)
+#: Eva's attentions: ``attn_type='eva'`` and ``attn_type='rope'`` (grouped-query attention possible).
+EVA_ATTENTIONS = (EvaAttention, AttentionRope)
+EVA_CONTAINERS = CONTAINERS + (Eva, EvaBlock, EvaBlockPostNorm)
 register_snn_modules(containers=EVA_CONTAINERS)
 
 
 def make_eva_convertible(model: Eva) -> Eva:
-    """Make a timm ``Eva`` (EVA-01 style) convertible in place (and return it)."""
+    """Make a timm ``Eva`` convertible in place (and return it)."""
     if type(model) is not Eva:
         raise ConversionError(f'{type(model).__name__} is not a timm Eva model')
-    if getattr(model, 'rope', None) is not None:
-        raise ConversionError('rope (rotary position embeddings, EVA-02 style) cannot be converted')
-    if getattr(model, 'attn_pool', None) is not None:
-        raise ConversionError('attn_pool (attention pooling) cannot be converted')
-    if getattr(model, 'global_pool', 'avg') not in ('avg', 'token', ''):
-        raise ConversionError(f"global_pool={model.global_pool!r} cannot be converted")
+    if getattr(model, 'global_pool', 'avg') not in ('avg', 'token', '', 'map'):
+        raise ConversionError(f"global_pool={model.global_pool!r} cannot be converted "
+                              "(use 'avg', 'token' or 'map')")
     for name, module in model.named_modules():
-        if type(module) in (EvaBlock, EvaBlockPostNorm) and type(module.attn) is not EvaAttention:
+        if type(module) in (EvaBlock, EvaBlockPostNorm) and type(module.attn) not in EVA_ATTENTIONS:
             raise ConversionError(f'{name}.attn ({type(module.attn).__name__}) cannot be converted')
     model.ecmt_input_modules = ('patch_embed', 'pos_drop', 'patch_drop', 'rope')
     model.ecmt_family = 'eva'
-    swap_attention_and_mlp(model, (EvaAttention,))
+    swap_convertible_modules(model, EVA_ATTENTIONS)
     check_structure(model, EVA_CONTAINERS, type(model).__name__)
     return model
+
+
+register_family(Family('eva', (Eva,), make_eva_convertible, aliases=EVA_ALIASES))
 
 
 def convert_baai_eva01(state_dict: Dict[str, torch.Tensor], model: nn.Module | None = None

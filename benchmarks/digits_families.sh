@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Conversion fidelity of each supported family on real images (the bundled DIGITS data):
 # fine-tune a small model of the family, then ann, for_v and snn (T=8) through the command line,
-# and print ANN top-1 against SNN top-1 per step. About 3 minutes per family on 2 CPU cores.
-#   bash benchmarks/digits_families.sh [OUT_DIR]
+# and print ANN top-1 against SNN top-1 per step. About 3 minutes per family on 2 CPU cores
+# (the gated and rotary ones take longer).
+#   bash benchmarks/digits_families.sh [OUT_DIR [FAMILY ...]]    (default: every family below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-digits_families}
+shift || true
 EPOCHS=${EPOCHS:-30}
 mkdir -p "$OUT"
 ARCH="patch_size=4 embed_dim=96 depth=4 num_heads=3"
@@ -14,8 +16,22 @@ declare -A FAMILIES=(
   [vit_avgpool]="vit_tiny_patch16_224|$ARCH global_pool=avg fc_norm=True class_token=False"
   [vit_layerscale_qknorm]="vit_tiny_patch16_224|$ARCH init_values=0.1 qk_norm=True"
   [eva01]="eva_giant_patch14_224|$ARCH mlp_ratio=4.0"
+  # EVA-02 tiny: rotary embeddings, packed SwiGLU (GluMlp), mean pooling + fc_norm
+  [eva02]="eva02_tiny_patch14_224|$ARCH"
+  # EVA-02 base and up: separate q/k/v, SwiGLU with its norm, the attention's inner norm
+  [eva02_swiglu_norms]="eva02_base_patch14_224|$ARCH scale_attn_inner=True"
+  # timm's rotary ViT (built as Eva): register token, LayerScale, no absolute position embedding
+  [vit_rope_reg]="vit_medium_patch16_rope_reg1_gap_256|$ARCH init_values=0.1"
+  # SigLIP: attention pooling (global_pool='map')
+  [siglip_map]="vit_base_patch16_siglip_224|$ARCH"
+  # DeiT distilled: class + distillation tokens, the two heads averaged
+  [deit_distilled]="deit_tiny_distilled_patch16_224|$ARCH"
 )
-for name in vit_token vit_avgpool vit_layerscale_qknorm eva01; do
+ORDER=(vit_token vit_avgpool vit_layerscale_qknorm eva01 eva02 eva02_swiglu_norms vit_rope_reg siglip_map
+       deit_distilled)
+if [ $# -gt 0 ]; then ORDER=("$@"); fi
+for name in "${ORDER[@]}"; do
+  [ -n "${FAMILIES[$name]:-}" ] || { echo "error: unknown family $name (known: ${ORDER[*]})" >&2; exit 2; }
   IFS='|' read -r model kwargs <<< "${FAMILIES[$name]}"
   common=(--model "$model" --model_kwargs $kwargs --input_size 32 --nb_classes 10 --data_set DIGITS
           --num_workers 0)
