@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+import low_latency
 import native_kernels
 import utils
 from datasets import DATA_SETS, build_dataset
@@ -75,6 +76,21 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='use the calibrated fc2 thresholds, also for ViT models')
     g.add_argument('--monitor', default=True, action=argparse.BooleanOptionalAction,
                    help='snn: count synaptic operations, report firing rate and energy (default on)')
+
+    # -- low-latency calibration (issue 15) --
+    g = parser.add_argument_group('low-latency calibration (for_v --target_T)')
+    g.add_argument('--target_T', default=None, type=int, metavar='N',
+                   help='for_v: choose the thresholds for N time steps on the calibration images (best '
+                        'global percent, then a scale per place), judged by how close the SNN after N steps '
+                        'is to the ANN; default: the published calibration at --percent')
+    g.add_argument('--target_percents', nargs='+', type=float, default=list(low_latency.DEFAULT_PERCENTS),
+                   metavar='P', help='candidate global percents of --target_T (all recorded in one pass)')
+    g.add_argument('--search_budget', default=low_latency.DEFAULT_BUDGET, type=int, metavar='K',
+                   help='--target_T: at most K candidate evaluations (each one N-step simulation of the '
+                        'search images), the candidate percents included')
+    g.add_argument('--search_images', default=low_latency.DEFAULT_SEARCH_IMAGES, type=int, metavar='M',
+                   help='--target_T: the objective is computed on the first M calibration images')
+    # -- end of low-latency calibration --
 
     g = parser.add_argument_group('run and outputs')
     g.add_argument('--device', default=None, type=str, help='cuda or cpu (default: cuda if available)')
@@ -139,6 +155,11 @@ def check_args(args) -> None:
         raise utils.UserError('--fc2_thresholds and --fc2_calibrated contradict each other')
     if args.test_mode == 'snn' and not args.model_path:
         raise utils.UserError('--test_mode snn needs --model_path: the checkpoint written by --test_mode for_v')
+    if args.target_T is not None:  # low-latency calibration (issue 15)
+        if args.test_mode != 'for_v':
+            raise utils.UserError(f'--target_T chooses thresholds: it needs --test_mode for_v, not {args.test_mode}')
+        low_latency.check_search_args(args.target_T, args.target_percents, args.search_budget,
+                                      args.search_images)
 
 
 def build_model(args) -> torch.nn.Module:
@@ -285,10 +306,22 @@ def main(args) -> dict:
             sync_calibration(model, reduce)
         if args.test_mode == 'for_v':
             check_thresholds_finite(model)
+        if args.test_mode == 'for_v' and args.target_T is not None:
+            # -- low-latency calibration (issue 15): thresholds for --target_T steps. Only the
+            # calibration images may be read here (never the evaluation set's, once both exist).
+            calib_loader = loader
+            conversion = dict(linear_num=args.linear_num, qkv_num=args.qkv_num, softmax_num=args.softmax_num,
+                              softmax_p=args.softmax_p, fc2_thresholds=fc2_thresholds(args, model))
+            record['low_latency'] = low_latency.run_for_args(
+                model, calib_loader, args, device, conversion,
+                log=lambda line: (print(line), utils.append_log(log_path, line)))
         if args.test_mode == 'for_v' and main_process:
             savename = args.savename or f'{args.model}_for_v'
             path = Path(args.output_dir) / f'{savename}.pth'
-            utils.save_checkpoint({'model': {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
+            checkpoint = {'model': {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+            if 'low_latency' in record:
+                checkpoint['low_latency'] = record['low_latency']
+            utils.save_checkpoint(checkpoint, path)
             record['checkpoint'] = str(path)
             print(f'thresholds of {len(get_modules(model, (TestNeuron,)))} places saved with the weights '
                   f'to {path}')
