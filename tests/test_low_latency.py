@@ -18,6 +18,8 @@ from datasets import build_dataset
 from engine_for_finetuning import evaluate
 import trans_utils
 from trans_utils import convert_to_snn, get_modules
+
+CALIBRATING = (trans_utils.TestNeuron,)  # not imported by name: pytest would try to collect it
 from utils import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +63,7 @@ def digits_loader(train: bool, count: int, batch_size: int = 75) -> DataLoader:
 
 
 def thresholds(model):
-    return {name: torch.cat([m.scale_p, m.scale_n]).clone() for name, m in get_modules(model, (trans_utils.TestNeuron,))}
+    return {name: torch.cat([m.scale_p, m.scale_n]).clone() for name, m in get_modules(model, CALIBRATING)}
 
 
 def run(tmp_path, *extra):
@@ -110,13 +112,13 @@ def test_percent_quantiles_are_the_published_calibration(weights):
     model = calibrating_model(weights)
     quantiles, _, _, batches = low_latency.record_quantiles(model, loader, [0.99, 0.9], CPU)
     assert batches == 2
-    assert all(torch.equal(m.scale_p, torch.zeros(1)) for _, m in get_modules(model, (trans_utils.TestNeuron,)))
+    assert all(torch.equal(m.scale_p, torch.zeros(1)) for _, m in get_modules(model, CALIBRATING))
     for index, percent in enumerate((0.99, 0.9)):
         published = cli.build_model(parse('--test_mode', 'for_v', '--model_path', str(weights),
                                            '--percent', str(percent))).eval()
         evaluate(published, loader, CPU, show_progress=False)
         got = thresholds(published)
-        assert set(quantiles) == {n for n, m in get_modules(published, (trans_utils.TestNeuron,)) if m.calibrate}
+        assert set(quantiles) == {n for n, m in get_modules(published, CALIBRATING) if m.calibrate}
         for name, q in quantiles.items():
             assert torch.equal(q[index], got[name]), name
 
@@ -166,7 +168,7 @@ def test_recorded_scales_reproduce_the_snn(tmp_path, weights):
     loader = DataLoader(data, batch_size=150)
     quantiles, images, _, _ = low_latency.record_quantiles(rebuilt, loader, [record['percent']], CPU,
                                                            keep_images=150)
-    for name, neuron in get_modules(rebuilt, (trans_utils.TestNeuron,)):
+    for name, neuron in get_modules(rebuilt, CALIBRATING):
         if name in quantiles:
             value = low_latency._thresholds(quantiles[name][0], record['scales'].get(name, 1.0))
             neuron.scale_p.copy_(value[0:1])
