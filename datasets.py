@@ -10,12 +10,17 @@
   DIGITS              scikit-learn's 1,797 real 8x8 handwritten digits (10 classes), shipped
                       with scikit-learn: no download. A fixed stratified split gives 1,347
                       training and 450 evaluation images.
+
+Every data set goes through the same evaluation transform (ECMT_SPEC 10, `build_transform`).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
 from timm.data.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
                                  OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 from torch.utils.data import Dataset
@@ -24,11 +29,15 @@ from torchvision.transforms import InterpolationMode
 
 from utils import UserError
 
-__all__ = ["DATA_SETS", "DigitsDataset", "build_dataset", "build_transform"]
+__all__ = ["DATA_SETS", "DATA_CONFIGS", "DigitsDataset", "build_dataset", "build_calibration_dataset",
+           "build_transform", "transform_config", "same_transform", "describe_transform"]
 
 DATA_SETS = ("CIFAR10", "CIFAR100", "IMNET", "image_folder", "DIGITS")
+DATA_CONFIGS = ("published", "timm")
 _CIFAR = {"CIFAR10": (datasets.CIFAR10, "cifar-10-batches-py"),
           "CIFAR100": (datasets.CIFAR100, "cifar-100-python")}
+#: The entries of a transform record that decide what the model sees (all but its origin).
+_TRANSFORM_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
 
 
 def _data_set_name(args) -> str:
@@ -40,60 +49,116 @@ def _data_set_name(args) -> str:
     raise UserError(f"unknown --data_set {name!r}; choose one of {', '.join(DATA_SETS)}")
 
 
-def build_transform(is_train: bool, args):
-    """The published preprocessing for `args.input_size`.
+def transform_config(args, model=None) -> dict:
+    """The evaluation transform of this run as a plain dict (str, int, float, lists of floats).
 
-    Evaluation follows BEiT/DeiT: resize the shorter side to input_size / crop_pct (bicubic;
-    crop_pct 0.875 below 384 pixels, else 1.0), center-crop, normalize. Training uses a
-    bicubic RandomResizedCrop and horizontal flips. Normalization uses CLIP's mean/std, or
-    ImageNet's with `args.imagenet_default_mean_and_std`.
-
-    DIGITS images are already tensors; they get a plain bicubic resize to a square plus the
-    normalization, for both splits (digits are not flip-invariant and too small to crop).
+    `--data_config published` (the default, ECMT_SPEC 10): bicubic, crop fraction 1.0, CLIP's
+    mean/std or ImageNet's with `--imagenet_default_mean_and_std`. `--data_config timm`: what
+    `timm.data.resolve_data_config` reads from `model`'s pretrained config (interpolation,
+    crop_pct, crop_mode, mean/std), at `--input_size`. `--crop_pct` overrides the crop fraction
+    of either. The dict is what `for_v` records with the thresholds and `--results` holds.
     """
     size = int(args.input_size)
     if size <= 0:
         raise UserError(f"--input_size must be positive, got {size}")
+    crop_pct = getattr(args, "crop_pct", None)
+    if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
+        raise UserError(f"--crop_pct must be in (0, 1], got {crop_pct}")
+    source = getattr(args, "data_config", None) or "published"
+    if source == "timm":
+        if getattr(args, "imagenet_default_mean_and_std", False):
+            raise UserError("--imagenet_default_mean_and_std and --data_config timm contradict "
+                            "each other: with timm's config the mean/std are the model's")
+        cfg = _timm_data_config(args, model)
+        return {"data_config": "timm", "input_size": size,
+                "interpolation": str(cfg["interpolation"]), "crop_pct": float(cfg["crop_pct"]),
+                "crop_mode": str(cfg["crop_mode"]),
+                "mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]]}
+    if source != "published":
+        raise UserError(f"unknown --data_config {source!r}; choose one of {', '.join(DATA_CONFIGS)}")
     if getattr(args, "imagenet_default_mean_and_std", False):
         mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     else:
         mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-    normalize = transforms.Normalize(mean, std)
+    return {"data_config": "published", "input_size": size, "interpolation": "bicubic",
+            "crop_pct": 1.0 if crop_pct is None else float(crop_pct), "crop_mode": "center",
+            "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
 
-    if _data_set_name(args) == "DIGITS":
+
+def _timm_data_config(args, model) -> dict:
+    if model is None:
+        raise ValueError("--data_config timm needs the model, to read its pretrained config")
+    size = int(args.input_size)
+    # The model's pretrained_cfg names the size it was published at, not --input_size.
+    overrides = {"input_size": (3, size, size)}
+    if getattr(args, "crop_pct", None) is not None:
+        overrides["crop_pct"] = float(args.crop_pct)
+    return resolve_data_config(args=overrides, model=model)
+
+
+def same_transform(recorded: dict, current: dict) -> bool:
+    """Whether two transform records make the same images (their origin does not matter)."""
+    return all(recorded.get(k) == current.get(k) for k in _TRANSFORM_KEYS)
+
+
+def describe_transform(record: dict) -> str:
+    """One line saying what a transform record does to an image."""
+    size, crop_pct = record["input_size"], record["crop_pct"]
+    mean = ", ".join(f"{v:.4f}" for v in record["mean"])
+    std = ", ".join(f"{v:.4f}" for v in record["std"])
+    if record["crop_mode"] == "center":
+        resize = (f"resize the shorter side to {math.floor(size / crop_pct)} "
+                  f"({record['interpolation']}), center crop {size}x{size} (crop_pct {crop_pct})")
+    else:
+        resize = (f"{record['crop_mode']} to {size}x{size} ({record['interpolation']}, "
+                  f"crop_pct {crop_pct})")
+    return (f"{resize}, to tensor, normalize mean ({mean}) std ({std}) "
+            f"[--data_config {record['data_config']}]")
+
+
+def build_transform(is_train: bool, args, model=None):
+    """The preprocessing of `args.input_size` images.
+
+    Evaluation (also what `for_v` calibrates on and `snn` simulates): the transform of
+    :func:`transform_config`. By default the published one: resize the shorter side to
+    input_size (bicubic), center-crop input_size x input_size, to tensor, normalize; no resize
+    to input_size / 0.875 first, which would cut the border of every image (a quarter of a
+    32x32 image). `--data_config timm` builds timm's own `create_transform` from the model's
+    config instead.
+
+    Training (`fintune_model.py`): a bicubic RandomResizedCrop and horizontal flips. DIGITS
+    trains on the evaluation transform itself: digits are not flip-invariant, and a random
+    crop of down to 8% of the area would cut most of an 8-pixel digit away.
+    """
+    record = transform_config(args, model)
+    if is_train and _data_set_name(args) != "DIGITS":
         return transforms.Compose([
-            transforms.Resize((size, size), interpolation=InterpolationMode.BICUBIC,
-                              antialias=True),
-            transforms.Lambda(_clip_to_unit_range),
-            normalize,
-        ])
-    if is_train:
-        return transforms.Compose([
-            transforms.RandomResizedCrop(size, interpolation=InterpolationMode.BICUBIC),
+            transforms.RandomResizedCrop(record["input_size"],
+                                         interpolation=InterpolationMode.BICUBIC),
             transforms.RandomHorizontalFlip(),
             transforms.ToTensor(),
-            normalize,
+            transforms.Normalize(record["mean"], record["std"]),
         ])
-    crop_pct = 0.875 if size < 384 else 1.0
+    if record["data_config"] == "timm":
+        return create_transform(**_timm_data_config(args, model))
+    size = record["input_size"]
     return transforms.Compose([
-        transforms.Resize(int(size / crop_pct), interpolation=InterpolationMode.BICUBIC),
+        transforms.Resize(math.floor(size / record["crop_pct"]),
+                          interpolation=InterpolationMode.BICUBIC),
         transforms.CenterCrop(size),
         transforms.ToTensor(),
-        normalize,
+        transforms.Normalize(record["mean"], record["std"]),
     ])
 
 
-def _clip_to_unit_range(image: torch.Tensor) -> torch.Tensor:
-    # Bicubic overshoots at sharp edges; PIL clips it for real images, so do the same here.
-    return image.clamp(0.0, 1.0)
-
-
 class DigitsDataset(Dataset):
-    """scikit-learn's handwritten digits as 3-channel images in [0, 1].
+    """scikit-learn's handwritten digits as 8x8 RGB PIL images.
 
     The split is fixed (stratified, 25% held out, random_state=0): 1,347 training and 450
-    evaluation images. Images are kept at 8x8 and resized in `__getitem__` by `transform`,
-    so memory stays small at any input size.
+    evaluation images. scikit-learn's pixels are integers 0..16; they are scaled to 0..255 by
+    round(p * 255 / 16) (0 -> 0, 8 -> 128, 16 -> 255) and the gray value is repeated on the
+    three channels, so the images go through the same transform as any image file (the
+    evaluation transform resizes them from 8x8 to the input size).
     """
 
     TEST_FRACTION = 0.25
@@ -109,8 +174,9 @@ class DigitsDataset(Dataset):
             indices, test_size=self.TEST_FRACTION, random_state=self.SPLIT_SEED,
             stratify=digits.target)
         chosen = sorted(train_idx if train else test_idx)
-        # Pixel values are integers 0..16; uint8 keeps the whole set under 120 kB.
-        self.images = torch.as_tensor(digits.images[chosen], dtype=torch.uint8)  # (N, 8, 8)
+        self.source_indices = chosen  # positions in sklearn.datasets.load_digits()
+        raw = torch.as_tensor(digits.images[chosen], dtype=torch.int32)  # (N, 8, 8), 0..16
+        self.images = ((raw * 255 + 8) // 16).to(torch.uint8)  # round(p * 255 / 16)
         self.targets = [int(t) for t in digits.target[chosen]]
         self.classes = [str(c) for c in range(10)]
         self.transform = transform
@@ -118,43 +184,65 @@ class DigitsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
+    def image(self, index: int) -> Image.Image:
+        """The image `index` before the transform: an 8x8 RGB PIL image."""
+        return Image.fromarray(self.images[index].numpy(), mode="L").convert("RGB")
+
     def __getitem__(self, index: int):
-        image = (self.images[index].float() / 16.0).expand(3, -1, -1)
+        image = self.image(index)
         if self.transform is not None:
             image = self.transform(image)
         return image, self.targets[index]
 
 
-def build_dataset(is_train: bool, args):
+def build_dataset(is_train: bool, args, model=None):
     """The dataset for the training (`is_train`) or evaluation split, and its class count.
 
     Reads `args.data_set`, `args.eval_data_path`, `args.input_size`, and optionally
-    `args.download`, `args.imagenet_default_mean_and_std` and `args.nb_classes` (when set,
-    it must equal the class count of the data).
+    `args.download`, `args.imagenet_default_mean_and_std`, `args.data_config`, `args.crop_pct`
+    (see :func:`transform_config`; `model` is needed for `--data_config timm`) and
+    `args.nb_classes` (when set, it must equal the class count of the data).
     """
-    name = _data_set_name(args)
-    transform = build_transform(is_train, args)
+    transform = build_transform(is_train, args, model)
+    return _load(args, getattr(args, "eval_data_path", None), is_train, transform,
+                 "--eval_data_path")
 
+
+def build_calibration_dataset(args, model=None):
+    """The images `for_v` calibrates on, with the evaluation transform, and their class count.
+
+    Without `args.calib_data_path`: the evaluation set itself, as published. With it: the
+    training split of `--data_set` read from that path (CIFAR: the training batches there;
+    IMNET: `<path>/train`; image_folder: the folder itself; DIGITS: its bundled training
+    split, the path is not read), so that the thresholds are not measured on the images they
+    are then evaluated on.
+    """
+    path = getattr(args, "calib_data_path", None)
+    if not path:
+        return build_dataset(False, args, model)
+    return _load(args, path, True, build_transform(False, args, model), "--calib_data_path")
+
+
+def _load(args, root, train_split: bool, transform, flag: str):
+    name = _data_set_name(args)
     if name == "DIGITS":
-        dataset = DigitsDataset(train=is_train, transform=transform)
-        nb_classes = len(dataset.classes)
+        dataset = DigitsDataset(train=train_split, transform=transform)
     else:
-        root = getattr(args, "eval_data_path", None)
         if not root:
-            raise UserError(f"--data_set {name} needs --eval_data_path (the data folder)")
+            raise UserError(f"--data_set {name} needs {flag} (the data folder)")
         root = Path(root)
         if name in _CIFAR:
-            dataset = _build_cifar(name, root, is_train, transform,
+            dataset = _build_cifar(name, root, train_split, transform,
                                    download=getattr(args, "download", False))
-            nb_classes = len(dataset.classes)
         else:
-            folder = root / ("train" if is_train else "val") if name == "IMNET" else root
-            dataset = _build_image_folder(folder, transform, name)
-            nb_classes = len(dataset.classes)
-
+            folder = root / ("train" if train_split else "val") if name == "IMNET" else root
+            dataset = _build_image_folder(folder, transform, name, flag)
+    nb_classes = len(dataset.classes)
     wanted = getattr(args, "nb_classes", None)
     if wanted is not None and int(wanted) != nb_classes:
-        raise UserError(f"--data_set {name} has {nb_classes} classes but --nb_classes is {wanted}")
+        where = "" if flag == "--eval_data_path" else f" in {flag} {root}"
+        raise UserError(f"--data_set {name}{where} has {nb_classes} classes but --nb_classes "
+                        f"is {wanted}")
     return dataset, nb_classes
 
 
@@ -171,12 +259,12 @@ def _build_cifar(name: str, root: Path, is_train: bool, transform, download: boo
         raise UserError(f"could not {action} {name} in {root / folder}: {err}") from None
 
 
-def _build_image_folder(folder: Path, transform, name: str):
+def _build_image_folder(folder: Path, transform, name: str, flag: str = "--eval_data_path"):
     if not folder.is_dir():
         layout = ("with one sub-folder per class" if name == "image_folder"
-                  else "(IMNET expects <eval_data_path>/train and <eval_data_path>/val, "
+                  else "(IMNET expects <path>/train and <path>/val, "
                        "each with one sub-folder per class)")
-        raise UserError(f"--data_set {name}: folder {folder} not found {layout}")
+        raise UserError(f"--data_set {name}: folder {folder} not found {layout} (from {flag})")
     try:
         return datasets.ImageFolder(str(folder), transform=transform)
     except (FileNotFoundError, OSError) as err:

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from datasets import DATA_SETS, build_dataset
+from datasets import DATA_SETS, build_dataset, describe_transform, transform_config
 from model_vit import create_model
 from trans_utils import ConversionError
 from utils import (ShardedBatchSampler, UserError, accuracy, all_reduce_sum, init_distributed,
@@ -79,7 +79,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                       "(default: cuda if available)")
 
     output = parser.add_argument_group("output")
-    output.add_argument("--output_dir", default="output")
+    output.add_argument("--output_dir", default="../models",
+                        help="where the checkpoints go (default ../models, beside the published "
+                             "scripts' datasets/ and models/)")
     output.add_argument("--savename", default=None, help="checkpoint name prefix "
                                                          "(default: the model name)")
     output.add_argument("--save_every_epoch", action=argparse.BooleanOptionalAction,
@@ -228,6 +230,9 @@ def main(args) -> dict:
     dataset_val, _ = build_dataset(False, args)
     log(f"{args.data_set}: {len(dataset_train)} training / {len(dataset_val)} evaluation "
         f"images, {nb_classes} classes")
+    # The evaluation transform, the one run_class_finetuning.py applies to the same images.
+    transform = transform_config(args)
+    log(f"evaluation transform: {describe_transform(transform)}")
 
     model = build_model(args, model_kwargs, checkpoint).to(device)
     del checkpoint
@@ -265,7 +270,8 @@ def main(args) -> dict:
     savename = args.savename or args.model
     record = {"model": args.model, "model_kwargs": model_kwargs, "model_path": args.model_path,
               "data_set": args.data_set, "nb_classes": nb_classes,
-              "input_size": args.input_size, "epochs": args.epochs, "lr": args.lr,
+              "input_size": args.input_size, "transform": transform, "epochs": args.epochs,
+              "lr": args.lr,
               "batch_size": args.batch_size, "seed": args.seed, "device": str(device),
               "best_acc1": None, "best_epoch": None, "history": [], "seconds": None}
     if distributed:

@@ -329,12 +329,13 @@ def _plain(conversion: Dict) -> Dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in conversion.items()}
 
 
-def run_for_args(model: nn.Module, calib_loader: Iterable, args, device, conversion: Dict,
-                 log: Callable[[str], None] = print) -> Dict:
+def run_for_args(model: nn.Module, calib_loader: Iterable, args, device, amp: Optional[str],
+                 conversion: Dict, log: Callable[[str], None] = print) -> Dict:
     """``run_class_finetuning.py --test_mode for_v --target_T N``: the search with the command
-    line's settings (one process only: the search is not distributed)."""
+    line's settings on ``calib_loader`` (which already holds only the first --calib_batches
+    batches). One process only: the search is not distributed."""
     if utils.get_world_size() > 1:
         raise utils.UserError('--target_T runs in one process: start it without torchrun')
     return choose_thresholds(model, calib_loader, args.target_T, device, percents=args.target_percents,
-                             budget=args.search_budget, search_images=args.search_images,
-                             max_batches=args.calib_batches, amp=args.amp, conversion=conversion, log=log)
+                             budget=args.search_budget, search_images=args.search_images, amp=amp,
+                             conversion=conversion, log=log)

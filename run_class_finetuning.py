@@ -2,28 +2,33 @@
 
     python run_class_finetuning.py --test_mode ann   --model M --model_path W.pth ...
     python run_class_finetuning.py --test_mode for_v --model M --model_path W.pth --savename S ...
-    python run_class_finetuning.py --test_mode snn   --model M --model_path OUT/S.pth --test_T 8 ...
+    python run_class_finetuning.py --test_mode snn   --model M --model_path ../models/S.pth --test_T 8 ...
 
-The command line is the published one (ECMT, ACM MM 2024), plus ``--device``, ``--model_kwargs``,
-``--results`` and a few switches; see the README for every flag.
+The command line is the published one (ECMT, ACM MM 2024), with its defaults (ECMT_SPEC 11:
+``--output_dir ../models``, ``--savename test``, ``--eval_data_path ../datasets/val``), so that
+its README's commands run as written, plus ``--device``, ``--model_kwargs``, ``--results`` and a
+few switches; see the README for every flag.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
+import datasets
 import low_latency
 import native_kernels
 import utils
-from datasets import DATA_SETS, build_dataset
+from datasets import DATA_CONFIGS, DATA_SETS, build_calibration_dataset, build_dataset
 from engine_for_finetuning import evaluate, evaluate_snn
-from model_vit import create_model, default_fc2_thresholds
+from model_vit import VIT_FC2_THRESHOLDS, create_model
 from trans_utils import (ConversionError, TestNeuron, convert_to_snn, get_modules,
                          replace_test_by_testneuron, sync_calibration)
 
@@ -47,14 +52,29 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='architecture overrides for timm.create_model, e.g. patch_size=4 depth=4')
     g.add_argument('--input_size', default=224, type=int, help='image size (img_size of the model)')
     g.add_argument('--nb_classes', default=1000, type=int, help='number of classes')
+    g.add_argument('--resample_pos_embed', action='store_true',
+                   help="resample a checkpoint's position embedding made for another image size to "
+                        '--input_size (default: such a checkpoint is an error)')
 
     g = parser.add_argument_group('data')
     g.add_argument('--data_set', default='image_folder', choices=DATA_SETS, type=str,
                    help='CIFAR10 | CIFAR100 | IMNET | image_folder | DIGITS (bundled, no download)')
-    g.add_argument('--eval_data_path', default=None, type=str, help='evaluation data folder')
+    g.add_argument('--eval_data_path', default='../datasets/val', type=str,
+                   help='evaluation data folder (default ../datasets/val, as published; not read for DIGITS)')
+    g.add_argument('--calib_data_path', default=None, type=str,
+                   help='for_v: calibrate on the training split of --data_set in this folder (CIFAR: its '
+                        'training batches; IMNET: <path>/train; image_folder: the folder itself; DIGITS: its '
+                        'training split) instead of on the evaluation set (the default, as published)')
     g.add_argument('--download', action='store_true', help='download CIFAR if it is missing')
     g.add_argument('--imagenet_default_mean_and_std', action='store_true',
                    help='normalize with ImageNet mean/std instead of CLIP mean/std')
+    g.add_argument('--data_config', default='published', choices=DATA_CONFIGS,
+                   help="published: resize the shorter side to --input_size (bicubic) and center crop it "
+                        "(crop fraction 1.0); timm: the model's pretrained data config (crop fraction, "
+                        'interpolation, mean/std) through timm.data.create_transform')
+    g.add_argument('--crop_pct', default=None, type=float,
+                   help='crop fraction: resize the shorter side to input_size / crop_pct, then crop '
+                        '(default: 1.0, or the model\'s with --data_config timm)')
     g.add_argument('--num_workers', default=_default_workers(), type=int)
     g.add_argument('--batch_size', default=64, type=int)
 
@@ -74,8 +94,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='fixed fc2 thresholds (default for ViT models: 0.25 0.08, as published)')
     g.add_argument('--fc2_calibrated', action='store_true',
                    help='use the calibrated fc2 thresholds, also for ViT models')
-    g.add_argument('--monitor', default=True, action=argparse.BooleanOptionalAction,
-                   help='snn: count synaptic operations, report firing rate and energy (default on)')
+    g.add_argument('--monitor', nargs='?', const=True, default=True, type=_true_or_false, metavar='True|False',
+                   help='snn: count synaptic operations, report firing rate and energy (default on; '
+                        '--monitor False or --no-monitor turns it off)')
+    g.add_argument('--no-monitor', dest='monitor', action='store_false', help='the same as --monitor False')
 
     # -- low-latency calibration (issue 15) --
     g = parser.add_argument_group('low-latency calibration (for_v --target_T)')
@@ -94,12 +116,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group('run and outputs')
     g.add_argument('--device', default=None, type=str, help='cuda or cpu (default: cuda if available)')
-    g.add_argument('--amp', default='none', choices=('none', 'fp16', 'bf16'),
-                   help='autocast dtype (neuron membranes and running sums stay float32)')
+    g.add_argument('--amp', default='auto', choices=('auto', 'none', 'fp16', 'bf16'),
+                   help='autocast dtype; auto: fp16 on CUDA (as published), none (float32) elsewhere '
+                        '(neuron membranes and running sums stay float32)')
     g.add_argument('--seed', default=0, type=int)
-    g.add_argument('--output_dir', default='output', type=str, help='where for_v writes its checkpoint')
+    g.add_argument('--output_dir', default='../models', type=str,
+                   help='where for_v writes its checkpoint and snn its reports (default ../models, as published)')
     g.add_argument('--savename', default=None, type=str,
-                   help='for_v: checkpoint name (default: <model>_for_v), written as '
+                   help='for_v: checkpoint name (default: test, as published), written as '
                         '<output_dir>/<savename>.pth; snn: name of the reports (default: the --model_path '
                         'file name without extension plus _snn, e.g. vit_for_v.pth -> vit_for_v_snn): '
                         '<output_dir>/<savename>_layers.csv, with --level_batches _levels.json, with --plot '
@@ -121,6 +145,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="snn: the --results JSON of a --test_mode ann run; its top-1 is drawn as the ANN's "
                         'line in the accuracy figure (otherwise no ANN line is drawn)')
     return parser
+
+
+def _true_or_false(text: str) -> bool:
+    """--monitor VALUE: the published flag took any value as on; here False means off."""
+    value = text.strip().lower()
+    if value in ('true', '1', 'yes', 'on'):
+        return True
+    if value in ('false', '0', 'no', 'off'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected True or False, got {text!r}')
 
 
 def _level_batches(text: str):
@@ -155,6 +189,11 @@ def check_args(args) -> None:
         raise utils.UserError('--fc2_thresholds and --fc2_calibrated contradict each other')
     if args.test_mode == 'snn' and not args.model_path:
         raise utils.UserError('--test_mode snn needs --model_path: the checkpoint written by --test_mode for_v')
+    if args.crop_pct is not None and not 0.0 < args.crop_pct <= 1.0:
+        raise utils.UserError(f'--crop_pct must be in (0, 1], got {args.crop_pct}')
+    if args.calib_data_path and args.test_mode != 'for_v':
+        raise utils.UserError('--calib_data_path is for --test_mode for_v (the calibration); '
+                              f'--test_mode {args.test_mode} evaluates on --eval_data_path')
     if args.target_T is not None:  # low-latency calibration (issue 15)
         if args.test_mode != 'for_v':
             raise utils.UserError(f'--target_T chooses thresholds: it needs --test_mode for_v, not {args.test_mode}')
@@ -162,8 +201,26 @@ def check_args(args) -> None:
                                       args.search_images)
 
 
-def build_model(args) -> torch.nn.Module:
-    """The convertible model, with TestNeurons in for_v/snn mode, and its weights loaded."""
+def check_output_folders(args) -> None:
+    """Refuse, before any work, a folder this run will write to but cannot (a file, no permission):
+    the log folder, the results file's folder, and --output_dir where the mode writes there."""
+    utils.check_writable_dir(args.log_dir, '--log_dir')
+    if args.results:
+        utils.check_writable_dir(Path(args.results).parent, 'the folder of --results')
+    if args.test_mode == 'for_v' or (args.test_mode == 'snn' and (args.monitor or args.plot)):
+        utils.check_writable_dir(args.output_dir, '--output_dir')
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """--amp auto: fp16 autocast on CUDA, as the published evaluation ran; float32 elsewhere."""
+    if amp == 'auto':
+        return 'fp16' if device.type == 'cuda' else 'none'
+    return amp
+
+
+def build_model(args, state_dict=None) -> torch.nn.Module:
+    """The convertible model, with TestNeurons in for_v/snn mode, and its weights loaded (from
+    `state_dict` when given, else from --model_path)."""
     kwargs = utils.parse_model_kwargs(args.model_kwargs)
     for key in ('num_classes', 'img_size'):
         if key in kwargs:
@@ -177,16 +234,68 @@ def build_model(args) -> torch.nn.Module:
     if not args.model_path:
         print('warning: no --model_path given: the model has RANDOM weights', file=sys.stderr)
         return model
-    state_dict = utils.load_checkpoint(args.model_path)
-    if getattr(model, 'ecmt_family', None) == 'eva':
-        from model_eva import convert_baai_eva01
-        state_dict = convert_baai_eva01(state_dict, model)
+    if state_dict is None:
+        state_dict = utils.load_checkpoint(args.model_path)
+    if utils.has_published_place_names(state_dict):  # a file of the published scripts
+        state_dict = utils.convert_published_places(state_dict)
+    state_dict = fit_pos_embed(model, state_dict, args)
     if args.test_mode == 'snn':
         _check_thresholds_present(model, state_dict, args)
         utils.load_model_weights(model, state_dict)
     else:  # ann ignores thresholds; for_v computes them afresh
         utils.load_model_weights(model, state_dict, ignore=THRESHOLD_KEYS)
     return model
+
+
+def fit_pos_embed(model, state_dict, args) -> dict:
+    """The checkpoint's weights for this model: BAAI's EVA layout mapped to timm's, and a position
+    embedding made for another image size refused, naming both sizes, or with --resample_pos_embed
+    resampled (timm's bicubic resampling of the grid), saying so."""
+    mismatch = _pos_embed_mismatch(model, state_dict, args)
+    if mismatch is not None and not args.resample_pos_embed:
+        theirs, ours, size = mismatch
+        advice = f': pass --input_size {size}, or --resample_pos_embed to resample it to this size' if size else ''
+        raise utils.UserError(f'the position embedding of {args.model_path} is {theirs}, the model\'s is '
+                              f'{ours}{advice}')
+    if getattr(model, 'ecmt_family', None) == 'eva':
+        from model_eva import convert_baai_eva01
+        # Given the model, the conversion resamples the grid; without it, it leaves it as it is.
+        state_dict = convert_baai_eva01(state_dict, model if args.resample_pos_embed else None)
+    elif mismatch is not None:
+        from timm.layers import resample_abs_pos_embed
+        state_dict = dict(state_dict)
+        state_dict['pos_embed'] = resample_abs_pos_embed(
+            state_dict['pos_embed'], new_size=model.patch_embed.grid_size,
+            num_prefix_tokens=_pos_embed_prefix(model))
+    if mismatch is not None:
+        print(f'resampled the position embedding of {args.model_path} from {mismatch[0]} to {mismatch[1]}')
+    return state_dict
+
+
+def _pos_embed_prefix(model) -> int:
+    """How many rows of pos_embed belong to prefix tokens (class, registers), not to the grid."""
+    return 0 if getattr(model, 'no_embed_class', False) else int(getattr(model, 'num_prefix_tokens', 1))
+
+
+def _pos_embed_mismatch(model, state_dict, args):
+    """None if the checkpoint's pos_embed fits the model; else (checkpoint's grid, model's grid,
+    the --input_size the checkpoint's grid implies or None), in words."""
+    theirs, ours = state_dict.get('pos_embed'), getattr(model, 'pos_embed', None)
+    if theirs is None or ours is None or theirs.shape == ours.shape:
+        return None
+    if theirs.ndim != 3 or theirs.shape[-1] != ours.shape[-1]:
+        return None  # another width: load_model_weights reports it with the other shape mismatches
+    patch = model.patch_embed.patch_size[0]
+    grid_h, grid_w = model.patch_embed.grid_size
+    tokens = theirs.shape[1] - _pos_embed_prefix(model)
+    side = math.isqrt(max(tokens, 0))
+    model_text = f'a {grid_h}x{grid_w} grid of patches (--input_size {args.input_size} at patch {patch})'
+    if side * side != tokens:
+        if args.resample_pos_embed:
+            raise utils.UserError(f'the position embedding of {args.model_path} has {tokens} patch positions, '
+                                  'not a square grid: it cannot be resampled')
+        return f'{tokens} patch positions (not a square grid)', model_text, None
+    return f'a {side}x{side} grid of patches (input size {side * patch} at patch {patch})', model_text, side * patch
 
 
 def _check_thresholds_present(model, state_dict, args) -> None:
@@ -211,41 +320,103 @@ def _check_thresholds_present(model, state_dict, args) -> None:
 
 
 def fc2_thresholds(args, model):
+    """The fixed fc2 thresholds of this run, or None for the calibrated ones. By default the
+    published override (0.25, 0.08) where the published code applies it: a --model name that
+    contains 'vit' (ECMT_SPEC 11; so not deit_* nor eva_g_patch14)."""
     if args.fc2_calibrated:
         return None
     if args.fc2_thresholds is not None:
         return tuple(args.fc2_thresholds)
-    return default_fc2_thresholds(model)
+    return VIT_FC2_THRESHOLDS if 'vit' in args.model else None
+
+
+def build_calibration_loader(args, model=None, *, rank: int = 0, world_size: int = 1,
+                             pin_memory: bool = False) -> DataLoader:
+    """The batches thresholds are calibrated on: --calib_data_path (its training split) or, as
+    published, the evaluation set; with the evaluation transform (`model` is read for
+    --data_config timm); the first --calib_batches batches (default all). Under torchrun each
+    process gets its share of the single-process batches (rank, world_size), so the pooled
+    statistics are those of one process."""
+    dataset, _ = build_calibration_dataset(args, model)
+    batches = utils.ShardedBatchSampler(len(dataset), args.batch_size, rank, world_size,
+                                        max_batches=args.calib_batches)
+    return DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers, pin_memory=pin_memory)
+
+
+def calibration_record(args, transform: dict, images: int) -> dict:
+    """What for_v stores beside the thresholds: the images and transform they were measured on."""
+    data_path = None if args.data_set.upper() == 'DIGITS' else (args.calib_data_path or args.eval_data_path)
+    return {'transform': transform, 'data_set': args.data_set, 'data_path': data_path,
+            'split': 'train' if args.calib_data_path else 'evaluation', 'images': images,
+            'batches': args.calib_batches, 'percent': args.percent, 'model': args.model}
+
+
+def check_calibration_record(args, extras: dict, transform: dict) -> None:
+    """snn: refuse thresholds calibrated on images of another size or transform than this run's.
+    A file with no record (the published scripts write none) gets one warning."""
+    record = extras.get('calibration')
+    if not isinstance(record, Mapping) or not isinstance(record.get('transform'), Mapping):
+        if utils.is_main_process():
+            print(f'warning: {args.model_path} does not record the transform its thresholds were calibrated '
+                  f'with (a file of the published scripts?); assuming this run\'s', file=sys.stderr)
+        return
+    recorded = record['transform']
+    if not datasets.same_transform(recorded, transform):
+        raise utils.UserError(
+            f'the thresholds in {args.model_path} were calibrated on images made by: '
+            f'{_describe_record(recorded)}; this run makes: {datasets.describe_transform(transform)}. '
+            'Pass the --input_size, --data_config, --crop_pct and --imagenet_default_mean_and_std of its '
+            'for_v run, or calibrate again')
+
+
+def _describe_record(record: Mapping) -> str:
+    try:
+        return datasets.describe_transform(record)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):  # a record of another version
+        return repr(dict(record))
 
 
 def main(args) -> dict:
     check_args(args)
+    check_output_folders(args)
     utils.seed_everything(args.seed)
     # Under torchrun: one process per device; otherwise (rank 0 of 1) exactly a single process.
     device, rank, world_size = utils.init_distributed(args.device)
+    amp = resolve_amp(args.amp, device)
     if device.type == 'cpu':
         utils.keep_freed_memory()  # page faults on fresh memory cost a quarter of a CPU run
         native_kernels.prepare()  # a first run on a machine builds them while the data loads
     distributed, main_process = world_size > 1, rank == 0
-    dataset, _ = build_dataset(False, args)
-    if distributed:
-        # The single-process batches, dealt round-robin with no padding: every image counts once.
-        # --calib_batches keeps the first N of them (N in total, not per process).
-        batches = utils.ShardedBatchSampler(
-            len(dataset), args.batch_size, rank, world_size,
-            max_batches=args.calib_batches if args.test_mode == 'for_v' else None)
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers,
-                            pin_memory=device.type == 'cuda')
+    state_dict, extras = utils.read_checkpoint(args.model_path) if args.model_path else (None, {})
+    model = build_model(args, state_dict).to(device).eval()
+    del state_dict
+    # The transform may come from the model's config (--data_config timm), hence after the model.
+    transform = datasets.transform_config(args, model)
+    if args.test_mode == 'snn':
+        check_calibration_record(args, extras, transform)
+    pin_memory = device.type == 'cuda'
+    if args.test_mode == 'for_v':
+        loader = build_calibration_loader(args, model, rank=rank, world_size=world_size, pin_memory=pin_memory)
     else:
-        loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-                            pin_memory=device.type == 'cuda', drop_last=False)
+        dataset, _ = build_dataset(False, args, model)
+        if distributed:
+            # The single-process batches, dealt round-robin with no padding: every image counts once.
+            loader = DataLoader(dataset, batch_sampler=utils.ShardedBatchSampler(
+                len(dataset), args.batch_size, rank, world_size), num_workers=args.num_workers,
+                pin_memory=pin_memory)
+        else:
+            loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                                pin_memory=pin_memory, drop_last=False)
     reduce = utils.all_reduce_sum if distributed else None  # figures summed over processes
-    model = build_model(args).to(device).eval()
     show = not args.no_progress and main_process
     log_dir = Path(args.log_dir)
-    record = {'test_mode': args.test_mode, 'model': args.model, 'data_set': args.data_set}
+    record = {'test_mode': args.test_mode, 'model': args.model, 'data_set': args.data_set,
+              'transform': transform, 'amp': amp}
     if distributed:
         record['world_size'] = world_size
+    transform_line = f'transform: {datasets.describe_transform(transform)}'
+    if main_process:
+        print(transform_line)
 
     if args.test_mode == 'snn':
         import report
@@ -267,8 +438,9 @@ def main(args) -> dict:
         log_path = log_dir / 'log_snn.txt' if main_process else None
         if main_process:
             utils.append_log(log_path, _header(args))
+            utils.append_log(log_path, transform_line)
         try:
-            results = evaluate_snn(model, loader, device, args.test_T, log_path=log_path, amp=args.amp,
+            results = evaluate_snn(model, loader, device, args.test_T, log_path=log_path, amp=amp,
                                    monitor=monitor, reduce=reduce, show_progress=show)
         finally:
             if monitor is not None:
@@ -290,11 +462,9 @@ def main(args) -> dict:
         log_path = log_dir / 'log_ann.txt' if main_process else None
         if main_process:
             utils.append_log(log_path, _header(args))
-        # Distributed, the sampler already holds only the first --calib_batches batches.
-        max_batches = args.calib_batches if args.test_mode == 'for_v' and not distributed else None
-        results = evaluate(model, loader, device, log_path=log_path, amp=args.amp,
-                           max_batches=max_batches, desc=args.test_mode, reduce=reduce,
-                           show_progress=show)
+            utils.append_log(log_path, transform_line)
+        results = evaluate(model, loader, device, log_path=log_path, amp=amp, desc=args.test_mode,
+                           reduce=reduce, show_progress=show)
         record.update(results)
         line = (f'{args.test_mode}: {results["n"]} images, top-1 {results["acc1"]:.2f}%, '
                 f'top-5 {results["acc5"]:.2f}%, loss {results["loss"]:.4f}, {results["seconds"]:.1f} s')
@@ -306,19 +476,20 @@ def main(args) -> dict:
             sync_calibration(model, reduce)
         if args.test_mode == 'for_v':
             check_thresholds_finite(model)
+            record['calibration'] = calibration_record(args, transform, results['n'])
         if args.test_mode == 'for_v' and args.target_T is not None:
-            # -- low-latency calibration (issue 15): thresholds for --target_T steps. Only the
-            # calibration images may be read here (never the evaluation set's, once both exist).
-            calib_loader = loader
+            # -- low-latency calibration (issue 15): thresholds for --target_T steps, chosen on the
+            # calibration loader alone (--calib_data_path's images; the evaluation set without it).
             conversion = dict(linear_num=args.linear_num, qkv_num=args.qkv_num, softmax_num=args.softmax_num,
                               softmax_p=args.softmax_p, fc2_thresholds=fc2_thresholds(args, model))
             record['low_latency'] = low_latency.run_for_args(
-                model, calib_loader, args, device, conversion,
+                model, loader, args, device, amp, conversion,
                 log=lambda line: (print(line), utils.append_log(log_path, line)))
+            record['calibration']['percent'] = record['low_latency']['percent']  # times its scales
         if args.test_mode == 'for_v' and main_process:
-            savename = args.savename or f'{args.model}_for_v'
-            path = Path(args.output_dir) / f'{savename}.pth'
-            checkpoint = {'model': {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+            path = Path(args.output_dir) / f'{args.savename or "test"}.pth'
+            checkpoint = {'model': {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                          'calibration': record['calibration']}
             if 'low_latency' in record:
                 checkpoint['low_latency'] = record['low_latency']
             utils.save_checkpoint(checkpoint, path)
@@ -340,7 +511,7 @@ def check_thresholds_finite(model) -> None:
         shown = ', '.join(bad[:5]) + (f' and {len(bad) - 5} more' if len(bad) > 5 else '')
         raise utils.UserError(f'calibration gave non-finite thresholds at {len(bad)} places ({shown}): '
                               'the activations there hold NaN or inf values (check the weights, or '
-                              'run without --amp); no checkpoint written')
+                              'run with --amp none); no checkpoint written')
 
 
 def _header(args) -> str:

@@ -6,12 +6,14 @@ fit the model, a malformed option) is raised as `UserError`; the entry scripts c
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import atexit
 import json
 import os
 import pickle
 import random
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Collection, Mapping
@@ -22,7 +24,8 @@ import torch
 
 __all__ = [
     "UserError", "run_cli",
-    "load_checkpoint", "load_model_weights", "save_checkpoint",
+    "load_checkpoint", "read_checkpoint", "load_model_weights", "save_checkpoint",
+    "convert_published_places", "has_published_place_names", "check_writable_dir",
     "write_json", "append_log",
     "accuracy", "seed_everything", "resolve_device", "parse_model_kwargs", "keep_freed_memory",
     "init_distributed", "is_distributed", "get_rank", "get_world_size", "is_main_process",
@@ -59,8 +62,20 @@ def load_checkpoint(path) -> dict[str, torch.Tensor]:
     """Load a state dict saved with torch.save, safely (weights_only=True) and onto the CPU.
 
     Accepts a bare state dict or one wrapped as {'model': sd}, {'module': sd} or
-    {'state_dict': sd} (other entries next to it, such as 'epoch', are ignored), and strips
-    the 'module.' prefix that DistributedDataParallel adds when every key carries it.
+    {'state_dict': sd} (other entries next to it, such as 'epoch' or the published scripts'
+    'args' Namespace, are ignored), and strips the 'module.' prefix that
+    DistributedDataParallel adds when every key carries it.
+    """
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """:func:`load_checkpoint`, plus the entries stored beside the state dict (a dict).
+
+    The entries are those of the outermost wrapper other than the state dict itself, e.g.
+    a `for_v` file's 'calibration' record; an `argparse.Namespace` among them (the published
+    scripts' 'args') becomes a plain dict. Besides tensors and plain values, Namespace is the
+    one class a checkpoint may hold (ECMT_SPEC 11): anything else pickled is refused.
     """
     path = Path(path)
     if not path.exists():
@@ -74,26 +89,31 @@ def load_checkpoint(path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive "
                         "nor a legacy pickle)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "unsupported global" in str(err).lower():
             raise UserError(
-                f"checkpoint {path} contains pickled Python objects besides tensors "
-                "(e.g. an argparse.Namespace) and cannot be loaded safely; re-save only its "
-                "state dict with torch.save(model.state_dict(), path)") from None
+                f"checkpoint {path} contains pickled Python objects besides tensors and an "
+                "argparse.Namespace, and cannot be loaded safely; re-save only its state dict "
+                "with torch.save(model.state_dict(), path)") from None
         raise UserError(f"{path} is not a PyTorch checkpoint ({_first_line(err)})") from None
     except Exception as err:  # torch reports truncated/foreign files with many exception types
         raise UserError(f"{path} is not a readable PyTorch checkpoint, or it is truncated "
                         f"({type(err).__name__}: {_first_line(err)})") from None
 
     # Unwrap training checkpoints; a wrapper may itself be wrapped ({'model': {'module': sd}}).
-    for _ in range(3):
+    extras: dict = {}
+    for depth in range(3):
         if _is_state_dict(obj) or not isinstance(obj, Mapping):
             break
-        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
+        key = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if key is None:
             break
-        obj = inner
+        if depth == 0:
+            extras = {k: (vars(v) if isinstance(v, argparse.Namespace) else v)
+                      for k, v in obj.items() if k != key}
+        obj = obj[key]
     if not _is_state_dict(obj):
         raise UserError(f"checkpoint {path} does not hold a state dict (name -> tensor); "
                         f"found {_describe(obj)}")
@@ -101,7 +121,43 @@ def load_checkpoint(path) -> dict[str, torch.Tensor]:
     state_dict = dict(obj)
     if all(k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
-    return state_dict
+    return state_dict, extras
+
+
+#: The published scripts' placeholder names (ECMT_SPEC 11) -> this toolkit's, per module kind.
+PUBLISHED_PLACE_NAMES = {
+    "attn": {"x_in_test": "place_fc_qkv", "q_out_test": "place_q", "k_out_test": "place_k",
+             "v_out_test": "place_v", "attn_out_test": "place_s", "x_out_test": "place_fc_out"},
+    "mlp": {"x1_in_test": "place_fc1", "x2_in_test": "place_fc2"},
+}
+_PUBLISHED_PLACE = re.compile(
+    r"^(?P<parent>(?:.*\.)?(?P<kind>attn|mlp))\.(?P<name>[a-z0-9_]+_test)\.(?P<rest>.+)$")
+
+
+def has_published_place_names(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether `state_dict` names its placeholders as the published scripts do."""
+    return any(_published_place_key(k) is not None for k in state_dict)
+
+
+def _published_place_key(key: str) -> str | None:
+    match = _PUBLISHED_PLACE.match(key)
+    if match is None:
+        return None
+    name = PUBLISHED_PLACE_NAMES[match["kind"]].get(match["name"])
+    return None if name is None else f'{match["parent"]}.{name}.{match["rest"]}'
+
+
+def convert_published_places(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the published placeholders (`blocks.i.attn.x_in_test.scale_p`, ...) to this
+    toolkit's (`blocks.i.attn.place_fc_qkv.scale_p`, ...); every other key is kept as it is.
+
+    A pure state_dict -> state_dict function, like timm's checkpoint_filter_fn: the input is
+    not modified, and the tensors are the same objects.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        out[_published_place_key(key) or key] = value
+    return out
 
 
 def _first_line(err: BaseException) -> str:
@@ -246,6 +302,25 @@ def append_log(path, line: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         fh.write(line.rstrip("\n") + "\n")
+
+
+def check_writable_dir(folder, flag: str) -> None:
+    """Make sure files can be written in `folder` (created if missing), before any work is
+    done: a folder that is a file, or that cannot be written, is one UserError naming `flag`.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # Writing is the only test that also holds for root and for read-only mounts.
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        if folder.exists() and not folder.is_dir():
+            reason = "it is a file, not a folder"
+        elif isinstance(err, FileExistsError) or isinstance(err, NotADirectoryError):
+            reason = "a part of the path is a file"
+        raise UserError(f"cannot write to {flag} {folder}: {reason}") from None
 
 
 # --------------------------------------------------------------------------------------------

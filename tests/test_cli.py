@@ -208,3 +208,121 @@ def test_for_v_refuses_nan_activations_and_writes_no_checkpoint(tmp_path):
     assert 'blocks.0.' not in proc.stderr  # the first block's places are fine
     assert 'Traceback' not in proc.stderr
     assert not (tmp_path / 'broken_for_v.pth').exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Published defaults and flags (ECMT_SPEC 11)
+# ------------------------------------------------------------------------------------------
+def test_published_defaults():
+    args = cli.get_args_parser().parse_args([])
+    assert (args.output_dir, args.eval_data_path, args.batch_size, args.test_T) == \
+        ('../models', '../datasets/val', 64, 8)
+    assert args.savename is None  # for_v: test (the published default); snn: named after --model_path
+    assert args.amp == 'auto' and args.monitor is True and args.data_config == 'published'
+
+
+@pytest.mark.parametrize('given, monitor', [([], True), (['--monitor'], True), (['--monitor', 'True'], True),
+                                            (['--monitor', 'False'], False), (['--monitor', 'false'], False),
+                                            (['--monitor', '0'], False), (['--no-monitor'], False)])
+def test_monitor_takes_true_or_false(given, monitor):
+    assert cli.get_args_parser().parse_args(given).monitor is monitor
+
+
+def test_monitor_false_is_honoured(tmp_path, for_v_checkpoint):
+    off = run(tmp_path, '--test_mode', 'snn', '--model_path', str(for_v_checkpoint), '--test_T', '1',
+              '--monitor', 'False')
+    on = run(tmp_path, '--test_mode', 'snn', '--model_path', str(for_v_checkpoint), '--test_T', '1',
+             '--monitor', 'True')
+    assert 'fire_rate' not in off and len(on['fire_rate']) == 1
+    assert off['acc1'] == on['acc1']
+
+
+def test_amp_auto_is_fp16_on_cuda_only(tmp_path, weights):
+    assert cli.resolve_amp('auto', torch.device('cuda')) == 'fp16'
+    assert cli.resolve_amp('auto', torch.device('cpu')) == 'none'
+    assert cli.resolve_amp('none', torch.device('cuda')) == 'none'
+    assert cli.resolve_amp('bf16', torch.device('cpu')) == 'bf16'
+    record = run(tmp_path, '--test_mode', 'ann', '--model_path', str(weights))
+    assert record['amp'] == 'none'
+
+
+@pytest.mark.parametrize('name, fc2', [('vit_small_patch16_224', (0.25, 0.08)),
+                                       ('vit_base_patch16_224_cifar10', (0.25, 0.08)),
+                                       ('deit_small_patch16_224', None), ('eva_g_patch14', None),
+                                       ('eva_giant_patch14_224', None)])
+def test_fc2_override_follows_the_model_name(name, fc2):
+    args = cli.get_args_parser().parse_args(['--model', name])
+    assert cli.fc2_thresholds(args, model=None) == fc2
+
+
+def test_deit_runs_with_its_calibrated_fc2(tmp_path, for_v_checkpoint, monkeypatch):
+    seen, real = [], cli.convert_to_snn
+    monkeypatch.setattr(cli, 'convert_to_snn', lambda model, **kw: seen.append(kw['fc2_thresholds']) or real(model, **kw))
+    args = list(COMMON)
+    args[args.index('vit_tiny_patch16_224')] = 'deit_tiny_patch16_224'  # the same timm architecture
+    cli.main(cli.get_args_parser().parse_args(args + [
+        '--test_mode', 'snn', '--model_path', str(for_v_checkpoint), '--test_T', '1', '--no-monitor',
+        '--log_dir', str(tmp_path), '--output_dir', str(tmp_path)]))
+    assert seen == [None]
+
+
+# ------------------------------------------------------------------------------------------
+# Output folders are checked before any work
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('flag, mode', [('--output_dir', 'for_v'), ('--log_dir', 'ann'), ('--output_dir', 'snn'),
+                                        ('--results', 'ann')])
+def test_unwritable_output_is_an_error_at_start(tmp_path, weights, for_v_checkpoint, flag, mode):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('not a folder')
+    target = str(blocker / 'r.json') if flag == '--results' else str(blocker)
+    model_path = for_v_checkpoint if mode == 'snn' else weights
+    values = {'--output_dir': str(tmp_path), '--log_dir': str(tmp_path), flag: target}
+    extra = [item for pair in values.items() for item in pair]
+    proc = cli_subprocess('--test_mode', mode, '--model_path', str(model_path), *extra, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert 'error: cannot write to' in proc.stderr and 'a_file' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    assert 'transform:' not in proc.stdout and not list(tmp_path.glob('log_*.txt'))  # nothing was run
+
+
+def test_ann_does_not_need_the_output_dir(tmp_path, weights):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('x')
+    parsed = cli.get_args_parser().parse_args(COMMON + ['--test_mode', 'ann', '--model_path', str(weights),
+                                                        '--log_dir', str(tmp_path), '--output_dir', str(blocker)])
+    assert cli.main(parsed)['n'] == 450
+
+
+# ------------------------------------------------------------------------------------------
+# A position embedding of another size is an error naming both sizes, or resampled on request
+# ------------------------------------------------------------------------------------------
+def test_vit_pos_embed_of_another_size(tmp_path, weights, capsys):
+    args = list(COMMON)
+    args[args.index('--input_size') + 1] = '24'  # a 6x6 grid; the checkpoint has 4x4 (16 px)
+    base = args + ['--test_mode', 'ann', '--model_path', str(weights), '--log_dir', str(tmp_path)]
+    with pytest.raises(UserError) as info:
+        cli.main(cli.get_args_parser().parse_args(base))
+    message = str(info.value)
+    assert 'a 4x4 grid of patches (input size 16 at patch 4)' in message
+    assert 'a 6x6 grid of patches (--input_size 24 at patch 4)' in message and '--resample_pos_embed' in message
+    record = cli.main(cli.get_args_parser().parse_args(base + ['--resample_pos_embed']))
+    assert record['n'] == 450
+    assert 'resampled the position embedding' in capsys.readouterr().out
+
+
+def test_eva_pos_embed_of_another_grid(tmp_path, capsys):
+    from test_eva_checkpoint import baai_state_dict
+    path = tmp_path / 'baai.pth'
+    torch.save({'module': baai_state_dict(grid=6)}, path)  # made for 24 px at patch 4
+    args = ['--model', 'eva_g_patch14', '--model_kwargs', 'patch_size=4', 'embed_dim=32', 'depth=2', 'num_heads=2',
+            'mlp_ratio=3.0'] + COMMON[COMMON.index('--input_size'):] + ['--test_mode', 'ann', '--model_path', str(path),
+                                                                         '--log_dir', str(tmp_path)]
+    with pytest.raises(UserError) as info:
+        cli.main(cli.get_args_parser().parse_args(args))
+    assert 'a 6x6 grid of patches (input size 24 at patch 4)' in str(info.value)
+    assert 'a 4x4 grid of patches (--input_size 16 at patch 4)' in str(info.value)
+    capsys.readouterr()
+    record = cli.main(cli.get_args_parser().parse_args(args + ['--resample_pos_embed']))
+    out = capsys.readouterr().out
+    assert record['n'] == 450
+    assert 'resampled the position embedding' in out and 'from a 6x6 grid' in out and 'to a 4x4 grid' in out

@@ -1,17 +1,20 @@
 from argparse import Namespace
 
 import pytest
+import timm
 import torch
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from datasets import build_dataset, build_transform
+from datasets import (build_calibration_dataset, build_dataset, build_transform, describe_transform,
+                      same_transform, transform_config)
 from utils import UserError
 
 
 def make_args(**overrides):
     args = dict(data_set="DIGITS", eval_data_path=None, input_size=32, nb_classes=None,
-                imagenet_default_mean_and_std=False, download=False)
+                imagenet_default_mean_and_std=False, download=False, data_config="published",
+                crop_pct=None, calib_data_path=None)
     args.update(overrides)
     return Namespace(**args)
 
@@ -53,11 +56,20 @@ def test_digits_imagenet_normalization():
     args = make_args(input_size=8, imagenet_default_mean_and_std=True)
     val, _ = build_dataset(False, args)
     image, _ = val[0]
-    raw = val.images[0].float() / 16
+    raw = val.images[0].float() / 255
     mean = IMAGENET_DEFAULT_MEAN[0]
     std = build_transform(False, args).transforms[-1].std[0]
     # At the native size the resize is the identity, so only the normalization remains.
-    assert torch.allclose(image[0], (raw - mean) / std, atol=1e-5)
+    assert torch.allclose(image[0], (raw - mean) / std, atol=1e-6)
+
+
+def test_digits_pixels_are_scaled_to_0_255():
+    val, _ = build_dataset(False, make_args())
+    from sklearn.datasets import load_digits
+    source = torch.as_tensor(load_digits().images[val.source_indices])
+    assert torch.equal(val.images.long(), torch.floor(source * 255 / 16 + 0.5).long())
+    picture = val.image(3)
+    assert picture.mode == "RGB" and picture.size == (8, 8)
 
 
 def test_digits_no_random_augmentation():
@@ -143,12 +155,37 @@ def test_image_folder_missing_or_empty(tmp_path):
 
 # ---------------------------------------------------------------- transforms
 
-@pytest.mark.parametrize("size, resize", [(224, 256), (32, 36), (384, 384)])
-def test_eval_transform_follows_crop_pct(size, resize):
-    transform = build_transform(False, make_args(data_set="IMNET", input_size=size))
-    assert transform.transforms[0].size == resize
+@pytest.mark.parametrize("size, crop_pct, resize", [(224, None, 224), (32, None, 32), (384, None, 384),
+                                                     (224, 0.875, 256), (32, 0.875, 36), (33, 0.9, 36)])
+def test_eval_transform_crop_fraction_is_one_unless_given(size, crop_pct, resize):
+    transform = build_transform(False, make_args(data_set="IMNET", input_size=size, crop_pct=crop_pct))
+    assert transform.transforms[0].size == resize  # floor(size / crop_pct), as timm computes it
     out = transform(Image.new("RGB", (500, 375)))
     assert out.shape == (3, size, size)
+
+
+def test_transform_record_is_plain_and_described_in_one_line():
+    record = transform_config(make_args(data_set="CIFAR10", input_size=32))
+    assert record == {"data_config": "published", "input_size": 32, "interpolation": "bicubic",
+                      "crop_pct": 1.0, "crop_mode": "center", "mean": list(OPENAI_CLIP_MEAN),
+                      "std": list(OPENAI_CLIP_STD)}
+    line = describe_transform(record)
+    assert "\n" not in line and "center crop 32x32 (crop_pct 1.0)" in line and "0.4815" in line
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=16, depth=1)
+    other = transform_config(make_args(input_size=32, data_config="timm"), model)
+    assert not same_transform(record, other)  # timm's crop 0.9 and mean 0.5
+    assert same_transform(record, dict(record, data_config="timm"))  # the origin does not matter
+    with pytest.raises(UserError, match="--crop_pct must be in"):
+        transform_config(make_args(crop_pct=1.5))
+
+
+def test_calibration_dataset_is_the_evaluation_set_unless_a_path_is_given():
+    evaluation, _ = build_calibration_dataset(make_args())
+    assert len(evaluation) == 450
+    train, _ = build_calibration_dataset(make_args(calib_data_path="anything"))
+    assert len(train) == 1347
+    # The calibration images get the evaluation transform (no random augmentation).
+    assert torch.equal(train[0][0], build_transform(False, make_args())(train.image(0)))
 
 
 def test_train_transform_size_and_randomness():

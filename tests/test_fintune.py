@@ -53,6 +53,7 @@ def test_main_trains_and_writes_outputs(tmp_path):
     assert saved["history"][saved["best_epoch"]]["val_acc1"] == best
     assert saved["history"][1]["train_loss"] < saved["history"][0]["train_loss"]
     assert saved["seconds"] > 0
+    assert saved["transform"]["crop_pct"] == 1.0 and saved["transform"]["input_size"] == 16
 
     # The best checkpoint is a plain {'model': timm state dict}, loadable safely and strictly.
     checkpoint = torch.load(tmp_path / "tiny_best.pth", map_location="cpu", weights_only=True)

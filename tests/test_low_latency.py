@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import low_latency
@@ -84,10 +86,10 @@ def search(weights):
     return model, record
 
 
-def test_search_never_reads_the_evaluation_set(weights):
-    """The for_v flow (the ANN pass over the evaluation images, then the search on calibration
-    images): changing the evaluation images leaves every threshold where it was; changing the
-    calibration images moves them (so the comparison can fail)."""
+def test_api_search_never_reads_the_evaluation_set(weights):
+    """Through the API (an ANN pass over evaluation images, then the search on calibration images):
+    changing the evaluation images leaves every threshold where it was; changing the calibration
+    images moves them (so the comparison can fail)."""
     calib = digits_loader(True, 150)
     evaluation = digits_loader(False, 150)
     images = torch.stack([x for x, _ in evaluation.dataset])
@@ -104,6 +106,37 @@ def test_search_never_reads_the_evaluation_set(weights):
     assert p1 == p2 and s1 == s2
     assert all(torch.equal(first[name], second[name]) for name in first)
     assert any(not torch.equal(first[name], other[name]) for name in first)
+
+
+def image_folder(root: Path, seed: int, per_class: int = 4) -> Path:
+    """One folder per class of the 10, of small real PNG images (gradient plus noise)."""
+    rng = np.random.default_rng(seed)
+    for label in range(10):
+        (root / str(label)).mkdir(parents=True)
+        for index in range(per_class):
+            pixels = rng.uniform(0, 255, (16, 16, 3)) * 0.5 + np.linspace(0, 127, 16)[None, :, None] * (label % 3)
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8), 'RGB').save(root / str(label) / f'{index}.png')
+    return root
+
+
+def test_cli_search_never_reads_the_evaluation_set_when_a_calibration_set_is_given(tmp_path, weights):
+    """for_v --target_T --calib_data_path: other evaluation images, the same thresholds, percent and
+    scales; other calibration images move them (so the comparison can fail)."""
+    calib, other_calib = image_folder(tmp_path / 'calib', 0), image_folder(tmp_path / 'calib2', 1)
+    eval_a, eval_b = image_folder(tmp_path / 'eval_a', 2), image_folder(tmp_path / 'eval_b', 3, per_class=2)
+    chosen = []
+    for name, calib_path, eval_path in (('a', calib, eval_a), ('b', calib, eval_b), ('c', other_calib, eval_a)):
+        record = run(tmp_path, '--data_set', 'image_folder', '--test_mode', 'for_v', '--model_path', str(weights),
+                     '--savename', name, '--calib_data_path', str(calib_path), '--eval_data_path', str(eval_path),
+                     '--target_T', '1', '--search_budget', '10', '--search_images', '40')
+        saved = torch.load(tmp_path / f'{name}.pth', weights_only=True)
+        thresholds_of = {k: v for k, v in saved['model'].items() if k.endswith(('scale_p', 'scale_n'))}
+        chosen.append((thresholds_of, record['low_latency']['percent'], record['low_latency']['scales']))
+        assert record['n'] == 40 and saved['calibration']['split'] == 'train'
+    (first, p1, s1), (second, p2, s2), (other, _, _) = chosen
+    assert p1 == p2 and s1 == s2
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
 
 
 def test_percent_quantiles_are_the_published_calibration(weights):
@@ -153,7 +186,7 @@ def test_recorded_scales_reproduce_the_snn(tmp_path, weights):
     quantiles at that percent times those scales are the saved thresholds, and the SNN of the
     checkpoint (--test_mode snn) gives the same per-step logits as one rebuilt from the record."""
     run(tmp_path, '--test_mode', 'for_v', '--model_path', str(weights), '--savename', 'fast',
-        '--target_T', '2', '--search_budget', '12', '--search_images', '150',
+        '--target_T', '2', '--search_budget', '12', '--search_images', '150', '--calib_data_path', 'train',
         '--results', str(tmp_path / 'for_v.json'))
     saved = torch.load(tmp_path / 'fast.pth', weights_only=True)
     record = saved['low_latency']
@@ -161,10 +194,11 @@ def test_recorded_scales_reproduce_the_snn(tmp_path, weights):
     assert record['target_T'] == 2 and record['evaluations'] == 12 and record['search_images'] == 150
     assert record['conversion']['fc2_thresholds'] == list(FC2)
 
-    # Rebuild from the record: the quantiles at the recorded percent (on the same calibration
-    # images: in this worktree the for_v loader), times the recorded scales.
+    assert saved['calibration']['split'] == 'train' and saved['calibration']['percent'] == record['percent']
+    # Rebuild from the record: the quantiles at the recorded percent on the same calibration
+    # images (the training split), times the recorded scales.
     rebuilt = calibrating_model(weights)
-    data, _ = build_dataset(False, parse())
+    data, _ = build_dataset(True, parse())
     loader = DataLoader(data, batch_size=150)
     quantiles, images, _, _ = low_latency.record_quantiles(rebuilt, loader, [record['percent']], CPU,
                                                            keep_images=150)
@@ -188,7 +222,7 @@ def test_without_target_T_the_published_calibration_is_unchanged(tmp_path, weigh
     record = run(tmp_path, '--test_mode', 'for_v', '--model_path', str(weights), '--savename', 'published')
     assert 'low_latency' not in record
     saved = torch.load(tmp_path / 'published.pth', weights_only=True)
-    assert set(saved) == {'model'}
+    assert 'low_latency' not in saved and saved['calibration']['percent'] == 0.99
     data, _ = build_dataset(False, parse())
     quantiles, _, _, _ = low_latency.record_quantiles(calibrating_model(weights), DataLoader(data, batch_size=150),
                                                       [0.99], CPU)

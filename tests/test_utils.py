@@ -10,8 +10,8 @@ from torch import nn
 import utils
 
 from utils import (UserError, accuracy, append_log, load_checkpoint, load_model_weights,
-                   parse_model_kwargs, resolve_device, save_checkpoint, seed_everything,
-                   write_json)
+                   parse_model_kwargs, read_checkpoint, resolve_device, save_checkpoint,
+                   seed_everything, write_json)
 
 
 class TinyNet(nn.Module):
@@ -82,11 +82,93 @@ def test_load_checkpoint_truncated_or_empty(tmp_path, keep):
     assert "\n" not in str(info.value)
 
 
-def test_load_checkpoint_pickled_objects_rejected(tmp_path):
+class Pickled:
+    """A class of this module: loading it would run code of a module of the file's choosing."""
+
+
+def test_load_checkpoint_published_layout_with_namespace(tmp_path):
     import argparse
-    torch.save({"model": _sd(), "args": argparse.Namespace(lr=1)}, tmp_path / "ck.pth")
-    with pytest.raises(UserError, match="besides tensors"):
+    sd = _sd()
+    torch.save({"model": sd, "args": argparse.Namespace(lr=1, model="vit")}, tmp_path / "ck.pth")
+    loaded, extras = read_checkpoint(tmp_path / "ck.pth")
+    assert loaded.keys() == sd.keys() and torch.equal(loaded["a.weight"], sd["a.weight"])
+    assert extras == {"args": {"lr": 1, "model": "vit"}}  # a plain dict, not a Namespace
+    assert load_checkpoint(tmp_path / "ck.pth").keys() == sd.keys()
+
+
+@pytest.mark.parametrize("thing", [Pickled(), stat.S_IMODE, OrderedDict.fromkeys])
+def test_load_checkpoint_other_pickled_objects_rejected(tmp_path, thing):
+    torch.save({"model": _sd(), "extra": thing}, tmp_path / "ck.pth")
+    with pytest.raises(UserError, match="besides tensors and an argparse.Namespace"):
         load_checkpoint(tmp_path / "ck.pth")
+
+
+def test_read_checkpoint_extras_are_the_entries_beside_the_state_dict(tmp_path):
+    torch.save({"model": _sd(), "calibration": {"percent": 0.99}}, tmp_path / "a.pth")
+    assert read_checkpoint(tmp_path / "a.pth")[1] == {"calibration": {"percent": 0.99}}
+    torch.save(_sd(), tmp_path / "b.pth")
+    assert read_checkpoint(tmp_path / "b.pth")[1] == {}
+
+
+# ---------------------------------------------------------------- published placeholder names
+
+PUBLISHED = {"x_in_test": "place_fc_qkv", "q_out_test": "place_q", "k_out_test": "place_k",
+             "v_out_test": "place_v", "attn_out_test": "place_s", "x_out_test": "place_fc_out"}
+
+
+def test_convert_published_places_maps_every_name_and_nothing_else():
+    published = {"blocks.3.attn.qkv.weight": torch.ones(6, 2), "head.bias": torch.zeros(3)}
+    for i in range(2):
+        for name in PUBLISHED:
+            published[f"blocks.{i}.attn.{name}.scale_p"] = torch.full([1], float(i))
+            published[f"blocks.{i}.attn.{name}.scale_n"] = torch.full([1], -1.0)
+        for name in ("x1_in_test", "x2_in_test"):
+            published[f"blocks.{i}.mlp.{name}.scale_p"] = torch.full([1], 2.0)
+    before = dict(published)
+    converted = utils.convert_published_places(published)
+    assert published == before  # pure: the input is left as it is
+    assert converted["blocks.3.attn.qkv.weight"] is published["blocks.3.attn.qkv.weight"]
+    assert "head.bias" in converted and len(converted) == len(published)
+    for name, ours in PUBLISHED.items():
+        assert converted[f"blocks.1.attn.{ours}.scale_p"] is published[f"blocks.1.attn.{name}.scale_p"]
+    assert converted["blocks.0.mlp.place_fc1.scale_p"] is published["blocks.0.mlp.x1_in_test.scale_p"]
+    assert converted["blocks.1.mlp.place_fc2.scale_p"] is published["blocks.1.mlp.x2_in_test.scale_p"]
+    assert not any(k.endswith("_test.scale_p") for k in converted)
+    assert utils.has_published_place_names(published) and not utils.has_published_place_names(converted)
+
+
+def test_convert_published_places_leaves_lookalikes():
+    # An mlp name under attn (or an unknown *_test) is not a published place: left as it is.
+    sd = {"blocks.0.attn.x1_in_test.scale_p": torch.ones(1), "blocks.0.mlp.q_out_test.scale_p": torch.ones(1),
+          "latest_test.weight": torch.ones(1)}
+    assert utils.convert_published_places(sd) == sd and not utils.has_published_place_names(sd)
+
+
+# ---------------------------------------------------------------- output folders
+
+def test_check_writable_dir_creates_and_probes(tmp_path):
+    utils.check_writable_dir(tmp_path / "a" / "b", "--output_dir")
+    assert (tmp_path / "a" / "b").is_dir() and os.listdir(tmp_path / "a" / "b") == []
+
+
+def test_check_writable_dir_refuses_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match=r"cannot write to --log_dir .*f: it is a file, not a folder"):
+        utils.check_writable_dir(tmp_path / "f", "--log_dir")
+    with pytest.raises(UserError, match="a part of the path is a file"):
+        utils.check_writable_dir(tmp_path / "f" / "sub", "--output_dir")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_check_writable_dir_refuses_a_read_only_folder(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(UserError, match="cannot write to --output_dir .*Permission denied"):
+            utils.check_writable_dir(folder, "--output_dir")
+    finally:
+        folder.chmod(0o755)
 
 
 @pytest.mark.parametrize("obj, found", [([torch.ones(1)], "list"),
