@@ -29,6 +29,7 @@ calibration images); :func:`run_for_args` is what ``run_class_finetuning.py --ta
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -336,6 +337,10 @@ def run_for_args(model: nn.Module, calib_loader: Iterable, args, device, amp: Op
     batches). One process only: the search is not distributed."""
     if utils.get_world_size() > 1:
         raise utils.UserError('--target_T runs in one process: start it without torchrun')
+    if not getattr(args, 'calib_data_path', None):
+        print('warning: --target_T without --calib_data_path chooses the thresholds on the evaluation '
+              'images (tuning on the test set); pass --calib_data_path to calibrate on a training split',
+              file=sys.stderr)
     return choose_thresholds(model, calib_loader, args.target_T, device, percents=args.target_percents,
                              budget=args.search_budget, search_images=args.search_images, amp=amp,
                              conversion=conversion, log=log)
