@@ -19,8 +19,9 @@ output over the T steps (the cumulative logits / T, which EC makes an unbiased e
 ANN's logits), averaged over the search images. It needs no labels (the ANN's outputs are the
 target), it is continuous where agreement or accuracy on training images saturates near 100 %,
 it ignores a shift common to all logits (which no prediction depends on), and it weighs errors by
-the ANN's own confidence. Every step of the search only accepts a candidate that lowers it, so it
-never increases. The search's cost is one T-step simulation of the search images per candidate,
+the ANN's own confidence. ``objective='mse'`` (the mean squared error of the same mean logits
+against the ANN's) is the alternative measured in the README. Every step of the search only
+accepts a candidate that lowers the objective, so it never increases. The search's cost is one T-step simulation of the search images per candidate,
 bounded by ``budget``.
 
 :func:`choose_thresholds` is the API (a model holding calibrating TestNeurons and a DataLoader of
@@ -55,7 +56,6 @@ DEFAULT_BUDGET = 64
 DEFAULT_SEARCH_IMAGES = 512
 #: Multiplicative steps of the per-place coordinate search, tried in turn (largest first).
 SCALE_FACTORS = (2 ** 0.5, 2 ** 0.25, 2 ** 0.125)
-OBJECTIVE = 'kl(ann || snn mean logits over T steps)'
 
 
 @torch.no_grad()
@@ -87,6 +87,19 @@ def kl_objective(snn_steps: torch.Tensor, ann_logits: torch.Tensor) -> torch.Ten
     log_snn = F.log_softmax(mean.double(), dim=-1)
     log_ann = F.log_softmax(ann_logits.double(), dim=-1)
     return (log_ann.exp() * (log_ann - log_snn)).sum()
+
+
+def mse_objective(snn_steps: torch.Tensor, ann_logits: torch.Tensor) -> torch.Tensor:
+    """Sum over images of the mean squared difference between the SNN's mean logits over T steps
+    and the ANN's logits, float64, 0-d."""
+    mean = snn_steps.sum(0) / snn_steps.shape[0]
+    return (mean.double() - ann_logits.double()).pow(2).mean(-1).sum()
+
+
+#: The objectives of the search, by name (``--search_objective``).
+OBJECTIVES = {'kl': kl_objective, 'mse': mse_objective}
+OBJECTIVE_TEXT = {'kl': 'kl(ann || snn mean logits over T steps)',
+                  'mse': 'mse(snn mean logits over T steps, ann logits)'}
 
 
 @torch.no_grad()
@@ -158,11 +171,12 @@ class _Search:
     """The SNN (a converted copy of the model) and the objective of a set of thresholds."""
 
     def __init__(self, snn: nn.Module, places: List[str], images: List[torch.Tensor],
-                 logits: List[torch.Tensor], T: int, amp: Optional[str], budget: int) -> None:
+                 logits: List[torch.Tensor], T: int, amp: Optional[str], budget: int,
+                 objective: Callable = kl_objective) -> None:
         modules = dict(snn.named_modules())
         self.snn, self.neurons = snn, [modules[name] for name in places]
         self.images, self.logits, self.T, self.amp = images, logits, T, amp
-        self.budget, self.evaluations = budget, 0
+        self.budget, self.evaluations, self.function = budget, 0, objective
         self.count = sum(int(x.shape[0]) for x in images)
         self.seconds = 0.0
 
@@ -180,7 +194,7 @@ class _Search:
         self.set(thresholds)
         total = torch.zeros((), dtype=torch.float64, device=self.logits[0].device)
         for images, logits in zip(self.images, self.logits):
-            total += kl_objective(_simulate(self.snn, images, self.T, amp=self.amp), logits)
+            total += self.function(_simulate(self.snn, images, self.T, amp=self.amp), logits)
         self.evaluations += 1
         value = float(total) / self.count
         self.seconds += time.perf_counter() - start
@@ -223,7 +237,7 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
                       percents: Sequence[float] = DEFAULT_PERCENTS, budget: int = DEFAULT_BUDGET,
                       search_images: int = DEFAULT_SEARCH_IMAGES, max_batches: Optional[int] = None,
                       amp: Optional[str] = None, conversion: Optional[Dict] = None,
-                      log: Callable[[str], None] = print) -> Dict:
+                      objective: str = 'kl', log: Callable[[str], None] = print) -> Dict:
     """Choose the thresholds of ``model`` for ``target_T`` steps on ``calib_loader`` alone.
 
     ``model`` holds calibrating :class:`TestNeuron` s (``for_v``); ``calib_loader`` yields
@@ -237,6 +251,8 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
     """
     percents = [float(p) for p in percents]
     check_search_args(target_T, percents, budget, search_images)
+    if objective not in OBJECTIVES:
+        raise utils.UserError(f'unknown search objective {objective!r}; choose one of {", ".join(OBJECTIVES)}')
     conversion = dict(conversion or {})
     start = time.perf_counter()
     quantiles, images, logits, batches = record_quantiles(
@@ -253,10 +269,10 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
     snn = convert_to_snn(copied, **conversion).eval()
     places = [name for name, neuron in get_modules(snn, (TwoSideNeuron,))
               if name in quantiles and threshold_config(neuron.place, **conversion)[1] is None]
-    search = _Search(snn, places, images, logits, target_T, amp, budget)
+    search = _Search(snn, places, images, logits, target_T, amp, budget, OBJECTIVES[objective])
     log(f'low-latency calibration for T={target_T}: {len(places)} places searched, quantiles of '
         f'{len(percents)} percents recorded on {batches} batches in {record_seconds:.1f} s; objective '
-        f'{OBJECTIVE} on {search.count} calibration images, at most {budget} evaluations')
+        f'{OBJECTIVE_TEXT[objective]} on {search.count} calibration images, at most {budget} evaluations')
 
     history: List[float] = []
     percent_objectives = []
@@ -316,7 +332,7 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
     log(f'  chosen: percent {percent:g}; agreement with the ANN on the search images {steps}; '
         f'energy vs ANN at t={target_T}: {final["energy_ratio"][-1]:.4f}')
     return {
-        'target_T': target_T, 'objective': OBJECTIVE, 'percent': percent,
+        'target_T': target_T, 'objective': objective, 'percent': percent,
         'percent_objectives': percent_objectives, 'percent_objective': percent_objective,
         'final_objective': best, 'scales': chosen, 'scale_factors': list(SCALE_FACTORS),
         'objective_history': history, 'evaluations': search.evaluations, 'budget': budget,
@@ -343,4 +359,4 @@ def run_for_args(model: nn.Module, calib_loader: Iterable, args, device, amp: Op
               file=sys.stderr)
     return choose_thresholds(model, calib_loader, args.target_T, device, percents=args.target_percents,
                              budget=args.search_budget, search_images=args.search_images, amp=amp,
-                             conversion=conversion, log=log)
+                             conversion=conversion, objective=args.search_objective, log=log)

@@ -112,6 +112,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'search images), the candidate percents included')
     g.add_argument('--search_images', default=low_latency.DEFAULT_SEARCH_IMAGES, type=int, metavar='M',
                    help='--target_T: the objective is computed on the first M calibration images')
+    g.add_argument('--search_objective', default='kl', choices=tuple(low_latency.OBJECTIVES),
+                   help="--target_T: kl: KL divergence from the ANN's softmax to that of the SNN's mean logits "
+                        "over N steps; mse: mean squared error of those logits against the ANN's")
     # -- end of low-latency calibration --
 
     g = parser.add_argument_group('run and outputs')

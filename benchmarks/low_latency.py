@@ -90,8 +90,8 @@ def main(args):
         model = copy.deepcopy(base)
         record = low_latency.choose_thresholds(
             model, calib_loader, target, device, percents=args.target_percents, budget=args.search_budget,
-            search_images=args.search_images, amp=amp,
-            conversion=conversion)
+            search_images=args.search_images, amp=amp, conversion=conversion,
+            objective=args.search_objective)
         rows.append({'calibration': f'--target_T {target}', 'target_T': target,
                      'calibration_seconds': record['seconds'], 'search': record,
                      **run_snn(model, args, eval_loader, device, amp)})

@@ -256,3 +256,15 @@ def test_bad_target_T_exits_2_with_one_line(tmp_path, weights):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == 'error: --target_T must be a number of time steps >= 1, got 0'
     assert not (tmp_path / 'output').exists()
+
+
+@pytest.mark.parametrize('name', ['kl', 'mse'])
+def test_objectives_compare_the_mean_over_steps_with_the_ann(name):
+    """Zero when the mean of the per-step outputs is the ANN's logits (whatever the single steps
+    are), positive otherwise."""
+    objective = low_latency.OBJECTIVES[name]
+    ann = torch.randn(5, 10, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(2, 5, 10, generator=torch.Generator().manual_seed(1))
+    steps = torch.stack([ann + noise[0], ann - noise[0]])
+    assert float(objective(steps, ann)) == pytest.approx(0.0, abs=1e-12)
+    assert float(objective(steps + noise, ann)) > 1e-3
