@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import datasets
+import low_latency
 import native_kernels
 import utils
 from datasets import DATA_CONFIGS, DATA_SETS, build_calibration_dataset, build_dataset
@@ -100,6 +101,24 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='snn: count synaptic operations, report firing rate and energy (default on; '
                         '--monitor False or --no-monitor turns it off)')
     g.add_argument('--no-monitor', dest='monitor', action='store_false', help='the same as --monitor False')
+
+    # -- low-latency calibration (issue 15) --
+    g = parser.add_argument_group('low-latency calibration (for_v --target_T)')
+    g.add_argument('--target_T', default=None, type=int, metavar='N',
+                   help='for_v: choose the thresholds for N time steps on the calibration images (best '
+                        'global percent, then a scale per place), judged by how close the SNN after N steps '
+                        'is to the ANN; default: the published calibration at --percent')
+    g.add_argument('--target_percents', nargs='+', type=float, default=list(low_latency.DEFAULT_PERCENTS),
+                   metavar='P', help='candidate global percents of --target_T (all recorded in one pass)')
+    g.add_argument('--search_budget', default=low_latency.DEFAULT_BUDGET, type=int, metavar='K',
+                   help='--target_T: at most K candidate evaluations (each one N-step simulation of the '
+                        'search images), the candidate percents included')
+    g.add_argument('--search_images', default=low_latency.DEFAULT_SEARCH_IMAGES, type=int, metavar='M',
+                   help='--target_T: the objective is computed on the first M calibration images')
+    g.add_argument('--search_objective', default='kl', choices=tuple(low_latency.OBJECTIVES),
+                   help="--target_T: kl: KL divergence from the ANN's softmax to that of the SNN's mean logits "
+                        "over N steps; mse: mean squared error of those logits against the ANN's")
+    # -- end of low-latency calibration --
 
     g = parser.add_argument_group('run and outputs')
     g.add_argument('--device', default=None, type=str, help='cuda or cpu (default: cuda if available)')
@@ -181,6 +200,11 @@ def check_args(args) -> None:
     if args.calib_data_path and args.test_mode != 'for_v':
         raise utils.UserError('--calib_data_path is for --test_mode for_v (the calibration); '
                               f'--test_mode {args.test_mode} evaluates on --eval_data_path')
+    if args.target_T is not None:  # low-latency calibration (issue 15)
+        if args.test_mode != 'for_v':
+            raise utils.UserError(f'--target_T chooses thresholds: it needs --test_mode for_v, not {args.test_mode}')
+        low_latency.check_search_args(args.target_T, args.target_percents, args.search_budget,
+                                      args.search_images)
 
 
 def check_output_folders(args) -> None:
@@ -460,10 +484,22 @@ def main(args) -> dict:
         if args.test_mode == 'for_v':
             check_thresholds_finite(model)
             record['calibration'] = calibration_record(args, transform, results['n'])
+        if args.test_mode == 'for_v' and args.target_T is not None:
+            # -- low-latency calibration (issue 15): thresholds for --target_T steps, chosen on the
+            # calibration loader alone (--calib_data_path's images; the evaluation set without it).
+            conversion = dict(linear_num=args.linear_num, qkv_num=args.qkv_num, softmax_num=args.softmax_num,
+                              softmax_p=args.softmax_p, fc2_thresholds=fc2_thresholds(args, model))
+            record['low_latency'] = low_latency.run_for_args(
+                model, loader, args, device, amp, conversion,
+                log=lambda line: (print(line), utils.append_log(log_path, line)))
+            record['calibration']['percent'] = record['low_latency']['percent']  # times its scales
         if args.test_mode == 'for_v' and main_process:
             path = Path(args.output_dir) / f'{args.savename or "test"}.pth'
-            utils.save_checkpoint({'model': {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                                   'calibration': record['calibration']}, path)
+            checkpoint = {'model': {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                          'calibration': record['calibration']}
+            if 'low_latency' in record:
+                checkpoint['low_latency'] = record['low_latency']
+            utils.save_checkpoint(checkpoint, path)
             record['checkpoint'] = str(path)
             print(f'thresholds of {len(get_modules(model, (TestNeuron,)))} places saved with the weights '
                   f'to {path}')

@@ -1,0 +1,154 @@
+"""Accuracy and energy per time step under the published calibration and under --target_T N.
+
+For one model and data set: the thresholds are calibrated on the calibration images (the training
+split of ``--calib_data_path``, as ``for_v`` reads it; the evaluation set without it), once as
+published (``--percent``, 0.99) and once per target N (``low_latency.choose_thresholds``); each SNN
+then runs T = 1..``--bench_T`` steps on
+the evaluation images, with the energy monitor. Writes ``low_latency.md`` (the table),
+``low_latency.json`` (every figure) and, with matplotlib, ``low_latency.png`` (top-1 against energy
+relative to the ANN, one point per step) to ``--bench_out``. A benchmark, not a test:
+
+    python benchmarks/low_latency.py --model vit_tiny_patch16_224 \\
+        --model_kwargs patch_size=4 embed_dim=96 depth=4 num_heads=3 --input_size 32 --nb_classes 10 \\
+        --data_set DIGITS --calib_data_path train --num_workers 0 --model_path digits_vit_best.pth \
+        --bench_out bench_ll
+
+It takes the command line of ``run_class_finetuning.py`` (model, data, conversion and search
+flags) plus the ``benchmark`` group below; ``--test_mode`` and ``--target_T`` are set here.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import low_latency  # noqa: E402
+import run_class_finetuning as cli  # noqa: E402
+import utils  # noqa: E402
+from datasets import build_dataset  # noqa: E402
+from engine_for_finetuning import evaluate, evaluate_snn  # noqa: E402
+from trans_utils import SOPMonitor, TestNeuron, convert_to_snn  # noqa: E402
+
+
+def get_args_parser():
+    parser = cli.get_args_parser()
+    g = parser.add_argument_group('benchmark')
+    g.add_argument('--bench_targets', nargs='+', type=int, default=[1, 2, 4], metavar='N',
+                   help='the --target_T values to compare with the published calibration')
+    g.add_argument('--bench_T', default=8, type=int, help='time steps simulated on the evaluation images')
+    g.add_argument('--bench_out', default='bench_low_latency', type=str, help='folder of the outputs')
+    return parser
+
+
+def run_snn(model, args, loader, device, amp):
+    convert_to_snn(model, linear_num=args.linear_num, qkv_num=args.qkv_num, softmax_num=args.softmax_num,
+                   softmax_p=args.softmax_p, fc2_thresholds=cli.fc2_thresholds(args, model))
+    with SOPMonitor(model) as monitor:
+        return evaluate_snn(model, loader, device, args.bench_T, amp=amp, monitor=monitor,
+                            show_progress=not args.no_progress)
+
+
+def main(args):
+    args.test_mode, args.target_T = 'for_v', None
+    cli.check_args(args)
+    for target in args.bench_targets:
+        low_latency.check_search_args(target, args.target_percents, args.search_budget, args.search_images)
+    utils.seed_everything(args.seed)
+    device = utils.resolve_device(args.device)
+    amp = cli.resolve_amp(args.amp, device)
+    out = Path(args.bench_out)
+    base = cli.build_model(args).to(device).eval()
+    calib_loader = cli.build_calibration_loader(args, base)  # the first --calib_batches batches
+    calib_split = 'training' if args.calib_data_path else 'evaluation'
+    eval_loader = DataLoader(build_dataset(False, args, base)[0], batch_size=args.batch_size, shuffle=False,
+                             num_workers=args.num_workers)
+
+    ann = copy.deepcopy(base)
+    for neuron in ann.modules():
+        if isinstance(neuron, TestNeuron):
+            neuron.calibrate = False  # a plain ANN pass: the TestNeurons are identities
+    ann_acc1 = evaluate(ann, eval_loader, device, amp=amp, show_progress=False)['acc1']
+    print(f'ANN top-1 {ann_acc1:.2f}% on {len(eval_loader.dataset)} evaluation images; calibration on '
+          f'{len(calib_loader.dataset)} {calib_split} images')
+
+    rows = []
+    published = copy.deepcopy(base)
+    start = time.perf_counter()
+    evaluate(published, calib_loader, device, amp=amp, show_progress=False)
+    calib_seconds = time.perf_counter() - start
+    rows.append({'calibration': f'published (percent {args.percent:g})', 'target_T': None,
+                 'calibration_seconds': calib_seconds, **run_snn(published, args, eval_loader, device, amp)})
+    conversion = dict(linear_num=args.linear_num, qkv_num=args.qkv_num, softmax_num=args.softmax_num,
+                      softmax_p=args.softmax_p, fc2_thresholds=cli.fc2_thresholds(args, base))
+    for target in args.bench_targets:
+        model = copy.deepcopy(base)
+        record = low_latency.choose_thresholds(
+            model, calib_loader, target, device, percents=args.target_percents, budget=args.search_budget,
+            search_images=args.search_images, amp=amp, conversion=conversion,
+            objective=args.search_objective)
+        rows.append({'calibration': f'--target_T {target}', 'target_T': target,
+                     'calibration_seconds': record['seconds'], 'search': record,
+                     **run_snn(model, args, eval_loader, device, amp)})
+        print_row(rows[-1], ann_acc1)
+    print_row(rows[0], ann_acc1)
+
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(rows, ann_acc1, args)
+    (out / 'low_latency.md').write_text(table)
+    utils.write_json({'model': args.model, 'model_kwargs': args.model_kwargs, 'data_set': args.data_set,
+                      'calib_split': calib_split, 'ann_acc1': ann_acc1, 'rows': rows},
+                     out / 'low_latency.json')
+    print(table)
+    try:
+        plot(rows, ann_acc1, out / 'low_latency.png')
+    except ImportError:
+        print('matplotlib is not installed: no figure written')
+    print(f'written to {out}')
+
+
+def print_row(row, ann_acc1):
+    steps = ' '.join(f'{a:.2f}' for a in row['acc1'])
+    print(f'{row["calibration"]}: top-1 t=1..{row["T"]}: {steps} (ANN {ann_acc1:.2f})')
+
+
+def markdown_table(rows, ann_acc1, args) -> str:
+    T = args.bench_T
+    head = '| calibration | ' + ' | '.join(f't={t}' for t in range(1, T + 1)) + ' | calibration s | evaluations |'
+    lines = [f'ANN top-1 {ann_acc1:.2f}%. Each cell: SNN top-1 % / energy relative to the ANN, after t steps.',
+             '', head, '|---' * (T + 3) + '|']
+    for row in rows:
+        cells = [f'{a:.2f} / {e:.3f}' for a, e in zip(row['acc1'], row['energy_ratio'])]
+        search = row.get('search')
+        evaluations = f'{search["evaluations"]} (percent {search["percent"]:g})' if search else '-'
+        lines.append(f'| {row["calibration"]} | ' + ' | '.join(cells)
+                     + f' | {row["calibration_seconds"]:.1f} | {evaluations} |')
+    return '\n'.join(lines) + '\n'
+
+
+def plot(rows, ann_acc1, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for row in rows:
+        ax.plot(row['energy_ratio'], row['acc1'], marker='o', label=row['calibration'])
+        ax.annotate('t=1', (row['energy_ratio'][0], row['acc1'][0]), textcoords='offset points',
+                    xytext=(4, -10), fontsize=7)
+    ax.axhline(ann_acc1, color='black', linestyle='--', linewidth=1, label='ANN')
+    ax.set_xlabel('energy relative to the ANN (after t steps, t = 1, 2, ...)')
+    ax.set_ylabel('top-1 (%)')
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == '__main__':
+    utils.run_cli(main, get_args_parser())

@@ -1,0 +1,362 @@
+"""Low-latency calibration: thresholds chosen for the number of time steps a user will run.
+
+The published calibration (ECMT_SPEC 3) takes one quantile (``percent``, 0.99) of every place's
+input, whatever the number of steps T. An MT neuron fires its smallest spike once the membrane
+reaches half its base threshold, so a high threshold leaves small inputs silent for the first
+steps: at T = 1 or 2 the network is far from the ANN. This module chooses the thresholds for a
+given T on calibration images only, in two stages:
+
+1. one calibration pass records, for every place, the running mean of the quantiles of SEVERAL
+   candidate percents (the published statistic, per batch, each batch weighted equally); the
+   candidate whose thresholds bring the SNN's output after T steps closest to the ANN's wins;
+2. a coordinate search refines one scale factor per place (the threshold of the place, both sides,
+   is the quantile at the chosen percent times the scale): each place in turn tries its scale
+   divided and multiplied by a factor, keeps a change only if the objective falls, and the factor
+   shrinks (2^(1/2), 2^(1/4), 2^(1/8)) once a whole sweep finds nothing.
+
+The objective is the KL divergence from the ANN's softmax to the softmax of the SNN's mean head
+output over the T steps (the cumulative logits / T, which EC makes an unbiased estimate of the
+ANN's logits), averaged over the search images. It needs no labels (the ANN's outputs are the
+target), it is continuous where agreement or accuracy on training images saturates near 100 %,
+it ignores a shift common to all logits (which no prediction depends on), and it weighs errors by
+the ANN's own confidence. ``objective='mse'`` (the mean squared error of the same mean logits
+against the ANN's) is the alternative measured in the README. Every step of the search only
+accepts a candidate that lowers the objective, so it never increases. The search's cost is one T-step simulation of the search images per candidate,
+bounded by ``budget``.
+
+:func:`choose_thresholds` is the API (a model holding calibrating TestNeurons and a DataLoader of
+calibration images); :func:`run_for_args` is what ``run_class_finetuning.py --target_T`` calls.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import engine_for_finetuning
+import utils
+from engine_for_finetuning import autocast_context
+from trans_utils import (SOPMonitor, TestNeuron, TwoSideNeuron, convert_to_snn, get_modules,
+                         reset_net, tail_quantiles, threshold_config)
+
+__all__ = ['DEFAULT_PERCENTS', 'DEFAULT_BUDGET', 'DEFAULT_SEARCH_IMAGES', 'SCALE_FACTORS',
+           'record_quantiles', 'choose_thresholds', 'kl_objective', 'check_search_args',
+           'run_for_args']
+
+#: Candidate global percents, highest first: on equal objectives the first (fewer spikes) wins.
+DEFAULT_PERCENTS = (0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8)
+#: Candidate evaluations in all (the percents' included): each is one T-step simulation.
+DEFAULT_BUDGET = 64
+#: Calibration images the objective is computed on (the first ones of the calibration loader).
+DEFAULT_SEARCH_IMAGES = 512
+#: Multiplicative steps of the per-place coordinate search, tried in turn (largest first).
+SCALE_FACTORS = (2 ** 0.5, 2 ** 0.25, 2 ** 0.125)
+
+
+@torch.no_grad()
+def _simulate(model: nn.Module, images: torch.Tensor, T: int, *, time_chunk: Optional[int] = None,
+              amp: Optional[str] = None, monitor=None) -> torch.Tensor:
+    """Per-step head outputs [T, B, classes] (float32, not cumulative) of the SNN, reset before
+    and after. Calls ``engine_for_finetuning.simulate`` (the multi-step engine) when it exists;
+    the step-by-step loop below is its stand-in until then (delete it at the merge)."""
+    simulate = getattr(engine_for_finetuning, 'simulate', None)
+    if simulate is not None:
+        return simulate(model, images, T, time_chunk=time_chunk, amp=amp, monitor=monitor)
+    reset_net(model)
+    if monitor is not None:
+        monitor.new_batch()
+    outputs = []
+    for t in range(T):
+        if monitor is not None:
+            monitor.step = t
+        with autocast_context(images.device, amp):
+            outputs.append(model(images).float())
+    reset_net(model)
+    return torch.stack(outputs)
+
+
+def kl_objective(snn_steps: torch.Tensor, ann_logits: torch.Tensor) -> torch.Tensor:
+    """Sum over images of KL(softmax(ANN logits) || softmax(SNN mean logits)), float64, 0-d.
+    ``snn_steps`` are the per-step head outputs [T, B, C]; their mean over T is compared."""
+    mean = snn_steps.sum(0) / snn_steps.shape[0]
+    log_snn = F.log_softmax(mean.double(), dim=-1)
+    log_ann = F.log_softmax(ann_logits.double(), dim=-1)
+    return (log_ann.exp() * (log_ann - log_snn)).sum()
+
+
+def mse_objective(snn_steps: torch.Tensor, ann_logits: torch.Tensor) -> torch.Tensor:
+    """Sum over images of the mean squared difference between the SNN's mean logits over T steps
+    and the ANN's logits, float64, 0-d."""
+    mean = snn_steps.sum(0) / snn_steps.shape[0]
+    return (mean.double() - ann_logits.double()).pow(2).mean(-1).sum()
+
+
+#: The objectives of the search, by name (``--search_objective``).
+OBJECTIVES = {'kl': kl_objective, 'mse': mse_objective}
+OBJECTIVE_TEXT = {'kl': 'kl(ann || snn mean logits over T steps)',
+                  'mse': 'mse(snn mean logits over T steps, ann logits)'}
+
+
+@torch.no_grad()
+def record_quantiles(model: nn.Module, loader: Iterable, percents: Sequence[float], device, *,
+                     amp: Optional[str] = None, max_batches: Optional[int] = None,
+                     keep_images: int = 0) -> Tuple[Dict[str, torch.Tensor], List[torch.Tensor],
+                                                    List[torch.Tensor], int]:
+    """One calibration pass recording every percent of ``percents`` at every calibrated place.
+
+    ``model`` holds :class:`TestNeuron` s; they are identities during the pass (their own
+    thresholds do not move) and a hook takes the quantiles. Per place the result is a float32
+    tensor [len(percents), 2] of (scale_p, scale_n): the running mean over batches of the
+    ``percent`` quantile and of the negated ``1 - percent`` quantile, each batch weighted equally,
+    summed in float64: for any percent exactly what ``--test_mode for_v --percent p`` computes.
+    The first ``keep_images`` images and the ANN's logits on them are kept (on ``device``) in
+    batches for the search. Returns (quantiles by place name, image batches, logit batches,
+    number of batches).
+    """
+    neurons = [(name, m) for name, m in get_modules(model, (TestNeuron,)) if m.calibrate]
+    sums = {name: torch.zeros(len(percents), 2, dtype=torch.float64, device=device) for name, _ in neurons}
+
+    def hook(name):
+        def record(module, inputs):
+            for i, p in enumerate(percents):
+                q_hi, q_lo = tail_quantiles(inputs[0], p)
+                sums[name][i, 0] += q_hi.double().to(device)
+                sums[name][i, 1] -= q_lo.double().to(device)
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in neurons]
+    for _, m in neurons:
+        m.calibrate = False
+    images_kept, logits_kept, batches, kept = [], [], 0, 0
+    try:
+        model.eval()
+        for index, (images, _) in enumerate(loader):
+            if max_batches is not None and index >= max_batches:
+                break
+            images = images.to(device, non_blocking=True)
+            with autocast_context(images.device, amp):
+                logits = model(images).float()
+            batches += 1
+            if kept < keep_images:
+                take = min(keep_images - kept, images.shape[0])
+                images_kept.append(images[:take])
+                logits_kept.append(logits[:take])
+                kept += take
+    finally:
+        for handle in handles:
+            handle.remove()
+        for _, m in neurons:
+            m.calibrate = True
+    if batches == 0:
+        raise utils.UserError('the calibration loader gave no images')
+    quantiles = {name: (total / batches).float() for name, total in sums.items()}
+    bad = [name for name, q in quantiles.items() if not bool(torch.isfinite(q).all())]
+    if bad:
+        raise utils.UserError(f'calibration gave non-finite thresholds at {len(bad)} places '
+                              f'({", ".join(bad[:5])}): the activations there hold NaN or inf values')
+    return quantiles, images_kept, logits_kept, batches
+
+
+def _thresholds(quantile: torch.Tensor, scale: float) -> torch.Tensor:
+    """(scale_p, scale_n), float32 [2], of a place: its quantiles times its scale (in float64)."""
+    return (quantile.double() * scale).float()
+
+
+class _Search:
+    """The SNN (a converted copy of the model) and the objective of a set of thresholds."""
+
+    def __init__(self, snn: nn.Module, places: List[str], images: List[torch.Tensor],
+                 logits: List[torch.Tensor], T: int, amp: Optional[str], budget: int,
+                 objective: Callable = kl_objective) -> None:
+        modules = dict(snn.named_modules())
+        self.snn, self.neurons = snn, [modules[name] for name in places]
+        self.images, self.logits, self.T, self.amp = images, logits, T, amp
+        self.budget, self.evaluations, self.function = budget, 0, objective
+        self.count = sum(int(x.shape[0]) for x in images)
+        self.seconds = 0.0
+
+    def set(self, thresholds: List[torch.Tensor]) -> None:
+        for neuron, value in zip(self.neurons, thresholds):
+            neuron.scale_p.copy_(value[0:1])
+            neuron.scale_n.copy_(value[1:2])
+
+    @torch.no_grad()
+    def objective(self, thresholds: List[torch.Tensor]) -> float:
+        """The mean objective over the search images; counts one evaluation of the budget."""
+        if self.evaluations >= self.budget:
+            raise RuntimeError('the search budget is spent')
+        start = time.perf_counter()
+        self.set(thresholds)
+        total = torch.zeros((), dtype=torch.float64, device=self.logits[0].device)
+        for images, logits in zip(self.images, self.logits):
+            total += self.function(_simulate(self.snn, images, self.T, amp=self.amp), logits)
+        self.evaluations += 1
+        value = float(total) / self.count
+        self.seconds += time.perf_counter() - start
+        return value
+
+    @torch.no_grad()
+    def final_figures(self, thresholds: List[torch.Tensor]) -> Dict:
+        """Agreement with the ANN's top-1 after every step, and the energy per step (SOPMonitor),
+        of the chosen thresholds on the search images (one more run, outside the budget)."""
+        self.set(thresholds)
+        agree = torch.zeros(self.T, dtype=torch.float64)
+        with SOPMonitor(self.snn) as monitor:
+            for images, logits in zip(self.images, self.logits):
+                cumulative = _simulate(self.snn, images, self.T, amp=self.amp, monitor=monitor).cumsum(0)
+                agree += (cumulative.argmax(-1) == logits.argmax(-1)).sum(1).double().cpu()
+            energy = monitor.summary()
+        return {'agreement': (100.0 * agree / self.count).tolist(), 'fire_rate': energy['fire_rate'],
+                'energy_ratio': energy['energy_ratio']}
+
+
+def check_search_args(target_T: int, percents: Sequence[float], budget: int, search_images: int) -> None:
+    """Refuse bad search settings with a :class:`utils.UserError` naming the flag."""
+    if isinstance(target_T, bool) or not isinstance(target_T, int) or target_T < 1:
+        raise utils.UserError(f'--target_T must be a number of time steps >= 1, got {target_T!r}')
+    if not percents:
+        raise utils.UserError('--target_percents needs at least one percent')
+    bad = [p for p in percents if not 0.0 < p <= 1.0]
+    if bad:
+        raise utils.UserError(f'--target_percents must lie in (0, 1], got {bad[0]}')
+    if len(set(percents)) != len(percents):
+        raise utils.UserError('--target_percents holds the same percent twice')
+    if budget < len(percents):
+        raise utils.UserError(f'--search_budget {budget} is smaller than the {len(percents)} candidate '
+                              'percents it must evaluate first')
+    if search_images < 1:
+        raise utils.UserError(f'--search_images must be >= 1, got {search_images}')
+
+
+def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, device, *,
+                      percents: Sequence[float] = DEFAULT_PERCENTS, budget: int = DEFAULT_BUDGET,
+                      search_images: int = DEFAULT_SEARCH_IMAGES, max_batches: Optional[int] = None,
+                      amp: Optional[str] = None, conversion: Optional[Dict] = None,
+                      objective: str = 'kl', log: Callable[[str], None] = print) -> Dict:
+    """Choose the thresholds of ``model`` for ``target_T`` steps on ``calib_loader`` alone.
+
+    ``model`` holds calibrating :class:`TestNeuron` s (``for_v``); ``calib_loader`` yields
+    (images, labels) batches, of which the labels are never read; ``conversion`` are the keyword
+    arguments of :func:`trans_utils.convert_to_snn` the SNN will be run with (levels, ``softmax_p``,
+    ``fc2_thresholds``): places whose thresholds they fix are not searched. On return every
+    calibrated TestNeuron's ``scale_p``/``scale_n`` hold the chosen thresholds (the quantiles at
+    the chosen percent times the place's scale; 1 for places not searched), so that a checkpoint
+    of the model gives ``--test_mode snn`` exactly the SNN the search judged. Returns the search's
+    record (plain values only: it goes into the checkpoint and the --results JSON).
+    """
+    percents = [float(p) for p in percents]
+    check_search_args(target_T, percents, budget, search_images)
+    if objective not in OBJECTIVES:
+        raise utils.UserError(f'unknown search objective {objective!r}; choose one of {", ".join(OBJECTIVES)}')
+    conversion = dict(conversion or {})
+    start = time.perf_counter()
+    quantiles, images, logits, batches = record_quantiles(
+        model, calib_loader, percents, device, amp=amp, max_batches=max_batches, keep_images=search_images)
+    record_seconds = time.perf_counter() - start
+
+    # The SNN judged by the search: a converted copy, its thresholds set per candidate. Any
+    # thresholds do for the conversion (it refuses uncalibrated places); the first percent's here.
+    copied = copy.deepcopy(model)
+    for name, neuron in get_modules(copied, (TestNeuron,)):
+        if name in quantiles:
+            neuron.scale_p.copy_(quantiles[name][0, 0:1])
+            neuron.scale_n.copy_(quantiles[name][0, 1:2])
+    snn = convert_to_snn(copied, **conversion).eval()
+    places = [name for name, neuron in get_modules(snn, (TwoSideNeuron,))
+              if name in quantiles and threshold_config(neuron.place, **conversion)[1] is None]
+    search = _Search(snn, places, images, logits, target_T, amp, budget, OBJECTIVES[objective])
+    log(f'low-latency calibration for T={target_T}: {len(places)} places searched, quantiles of '
+        f'{len(percents)} percents recorded on {batches} batches in {record_seconds:.1f} s; objective '
+        f'{OBJECTIVE_TEXT[objective]} on {search.count} calibration images, at most {budget} evaluations')
+
+    history: List[float] = []
+    percent_objectives = []
+    best_index, best = 0, float('inf')
+    for index, percent in enumerate(percents):
+        value = search.objective([quantiles[name][index] for name in places])
+        percent_objectives.append({'percent': percent, 'objective': value})
+        log(f'  percent {percent:g}: objective {value:.5f}')
+        if value < best:
+            best_index, best = index, value
+        history.append(best)
+    percent = percents[best_index]
+    base = [quantiles[name][best_index] for name in places]
+    percent_objective = best
+
+    scales = [1.0] * len(places)
+    current = [_thresholds(q, 1.0) for q in base]
+    accepted = 0
+    for factor in SCALE_FACTORS:
+        improved = True
+        while improved and search.evaluations < budget:
+            improved = False
+            for i in range(len(places)):
+                # Lower first: at few steps thresholds mostly need to come down.
+                for candidate in (scales[i] / factor, scales[i] * factor):
+                    if search.evaluations >= budget:
+                        break
+                    trial = list(current)
+                    trial[i] = _thresholds(base[i], candidate)
+                    value = search.objective(trial)
+                    better = value < best
+                    if better:
+                        best, scales[i], current = value, candidate, trial
+                        improved = True
+                        accepted += 1
+                    history.append(best)
+                    if better:
+                        break
+        if search.evaluations >= budget:
+            break
+    log(f'  per-place scales: {accepted} changes accepted, objective {percent_objective:.5f} -> {best:.5f}')
+
+    # The chosen thresholds go into the calibrating model: quantiles at the chosen percent times
+    # the scales (1 where a place was not searched, e.g. a fixed fc2 or an unused one).
+    chosen = dict(zip(places, scales))
+    for name, neuron in get_modules(model, (TestNeuron,)):
+        if name in quantiles:
+            value = _thresholds(quantiles[name][best_index], chosen.get(name, 1.0))
+            neuron.scale_p.copy_(value[0:1])
+            neuron.scale_n.copy_(value[1:2])
+    final = search.final_figures(current)
+    seconds = time.perf_counter() - start
+    log(f'  search cost: {search.evaluations} evaluations of {target_T} steps on {search.count} images, '
+        f'{search.seconds:.1f} s ({search.seconds / max(search.evaluations, 1):.2f} s each); '
+        f'{seconds:.1f} s in all')
+    steps = ', '.join(f't={t}: {a:.2f}%' for t, a in enumerate(final['agreement'], 1))
+    log(f'  chosen: percent {percent:g}; agreement with the ANN on the search images {steps}; '
+        f'energy vs ANN at t={target_T}: {final["energy_ratio"][-1]:.4f}')
+    return {
+        'target_T': target_T, 'objective': objective, 'percent': percent,
+        'percent_objectives': percent_objectives, 'percent_objective': percent_objective,
+        'final_objective': best, 'scales': chosen, 'scale_factors': list(SCALE_FACTORS),
+        'objective_history': history, 'evaluations': search.evaluations, 'budget': budget,
+        'accepted_changes': accepted, 'search_images': search.count, 'calibration_batches': batches,
+        'seconds_quantiles': record_seconds, 'seconds_search': search.seconds, 'seconds': seconds,
+        'conversion': _plain(conversion), **{f'search_{k}': v for k, v in final.items()},
+    }
+
+
+def _plain(conversion: Dict) -> Dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in conversion.items()}
+
+
+def run_for_args(model: nn.Module, calib_loader: Iterable, args, device, amp: Optional[str],
+                 conversion: Dict, log: Callable[[str], None] = print) -> Dict:
+    """``run_class_finetuning.py --test_mode for_v --target_T N``: the search with the command
+    line's settings on ``calib_loader`` (which already holds only the first --calib_batches
+    batches). One process only: the search is not distributed."""
+    if utils.get_world_size() > 1:
+        raise utils.UserError('--target_T runs in one process: start it without torchrun')
+    if not getattr(args, 'calib_data_path', None):
+        print('warning: --target_T without --calib_data_path chooses the thresholds on the evaluation '
+              'images (tuning on the test set); pass --calib_data_path to calibrate on a training split',
+              file=sys.stderr)
+    return choose_thresholds(model, calib_loader, args.target_T, device, percents=args.target_percents,
+                             budget=args.search_budget, search_images=args.search_images, amp=amp,
+                             conversion=conversion, objective=args.search_objective, log=log)

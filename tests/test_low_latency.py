@@ -1,0 +1,270 @@
+"""Low-latency calibration (``for_v --target_T``, low_latency.py): thresholds chosen for T steps on
+calibration images only; the recorded percent and scales reproduce the SNN; the objective never
+increases; bad settings are refused; without --target_T the published calibration is unchanged."""
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+import low_latency
+import run_class_finetuning as cli
+from datasets import build_dataset
+from engine_for_finetuning import evaluate
+import trans_utils
+from trans_utils import convert_to_snn, get_modules
+
+CALIBRATING = (trans_utils.TestNeuron,)  # not imported by name: pytest would try to collect it
+from utils import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+ARCH = ['--model_kwargs', 'patch_size=4', 'embed_dim=32', 'depth=2', 'num_heads=2']
+COMMON = ['--model', 'vit_tiny_patch16_224', *ARCH, '--input_size', '16', '--nb_classes', '10',
+          '--data_set', 'DIGITS', '--num_workers', '0', '--batch_size', '150', '--device', 'cpu',
+          '--no_progress']
+CPU = torch.device('cpu')
+FC2 = (0.25, 0.08)  # the ViT default of the command line
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    model = timm.create_model('vit_tiny_patch16_224', num_classes=10, img_size=16, patch_size=4,
+                              embed_dim=32, depth=2, num_heads=2)
+    path = tmp_path_factory.mktemp('ckpt') / 'tiny.pth'
+    torch.save({'model': model.state_dict()}, path)
+    return path
+
+
+def parse(*extra):
+    return cli.get_args_parser().parse_args(COMMON + list(extra))
+
+
+def calibrating_model(weights):
+    return cli.build_model(parse('--test_mode', 'for_v', '--model_path', str(weights))).eval()
+
+
+def digits_loader(train: bool, count: int, batch_size: int = 75) -> DataLoader:
+    data, _ = build_dataset(train, parse())
+    return DataLoader(Subset(data, range(count)), batch_size=batch_size)
+
+
+def thresholds(model):
+    return {name: torch.cat([m.scale_p, m.scale_n]).clone() for name, m in get_modules(model, CALIBRATING)}
+
+
+def run(tmp_path, *extra):
+    return cli.main(parse('--log_dir', str(tmp_path), '--output_dir', str(tmp_path), *extra))
+
+
+def step_logits(snn, images, T):
+    return low_latency._simulate(snn, images, T)
+
+
+@pytest.fixture(scope='module')
+def search(weights):
+    """One search for T=2 on 150 training images: (calibrated model, record)."""
+    model = calibrating_model(weights)
+    record = low_latency.choose_thresholds(model, digits_loader(True, 150), 2, CPU, budget=16,
+                                           search_images=150, conversion={'fc2_thresholds': FC2},
+                                           log=lambda line: None)
+    return model, record
+
+
+def test_api_search_never_reads_the_evaluation_set(weights):
+    """Through the API (an ANN pass over evaluation images, then the search on calibration images):
+    changing the evaluation images leaves every threshold where it was; changing the calibration
+    images moves them (so the comparison can fail)."""
+    calib = digits_loader(True, 150)
+    evaluation = digits_loader(False, 150)
+    images = torch.stack([x for x, _ in evaluation.dataset])
+    labels = torch.tensor([y for _, y in evaluation.dataset])
+    noisy = DataLoader(TensorDataset(images + torch.randn_like(images), labels), batch_size=75)
+    chosen = []
+    for eval_loader, calib_loader in ((evaluation, calib), (noisy, calib), (evaluation, digits_loader(True, 300))):
+        model = calibrating_model(weights)
+        evaluate(model, eval_loader, CPU, show_progress=False)
+        record = low_latency.choose_thresholds(model, calib_loader, 1, CPU, budget=10, search_images=150,
+                                               conversion={'fc2_thresholds': FC2}, log=lambda line: None)
+        chosen.append((thresholds(model), record['percent'], record['scales']))
+    (first, p1, s1), (second, p2, s2), (other, _, _) = chosen
+    assert p1 == p2 and s1 == s2
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert any(not torch.equal(first[name], other[name]) for name in first)
+
+
+def image_folder(root: Path, seed: int, per_class: int = 4) -> Path:
+    """One folder per class of the 10, of small real PNG images (gradient plus noise)."""
+    rng = np.random.default_rng(seed)
+    for label in range(10):
+        (root / str(label)).mkdir(parents=True)
+        for index in range(per_class):
+            pixels = rng.uniform(0, 255, (16, 16, 3)) * 0.5 + np.linspace(0, 127, 16)[None, :, None] * (label % 3)
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8), 'RGB').save(root / str(label) / f'{index}.png')
+    return root
+
+
+def test_cli_search_never_reads_the_evaluation_set_when_a_calibration_set_is_given(tmp_path, weights):
+    """for_v --target_T --calib_data_path: other evaluation images, the same thresholds, percent and
+    scales; other calibration images move them (so the comparison can fail)."""
+    calib, other_calib = image_folder(tmp_path / 'calib', 0), image_folder(tmp_path / 'calib2', 1)
+    eval_a, eval_b = image_folder(tmp_path / 'eval_a', 2), image_folder(tmp_path / 'eval_b', 3, per_class=2)
+    chosen = []
+    for name, calib_path, eval_path in (('a', calib, eval_a), ('b', calib, eval_b), ('c', other_calib, eval_a)):
+        record = run(tmp_path, '--data_set', 'image_folder', '--test_mode', 'for_v', '--model_path', str(weights),
+                     '--savename', name, '--calib_data_path', str(calib_path), '--eval_data_path', str(eval_path),
+                     '--target_T', '1', '--search_budget', '10', '--search_images', '40')
+        saved = torch.load(tmp_path / f'{name}.pth', weights_only=True)
+        thresholds_of = {k: v for k, v in saved['model'].items() if k.endswith(('scale_p', 'scale_n'))}
+        chosen.append((thresholds_of, record['low_latency']['percent'], record['low_latency']['scales']))
+        assert record['n'] == 40 and saved['calibration']['split'] == 'train'
+    (first, p1, s1), (second, p2, s2), (other, _, _) = chosen
+    assert p1 == p2 and s1 == s2
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+def test_percent_quantiles_are_the_published_calibration(weights):
+    """The multi-percent pass gives, for each percent, bit for bit what for_v --percent p computes."""
+    loader = digits_loader(True, 150)
+    model = calibrating_model(weights)
+    quantiles, _, _, batches = low_latency.record_quantiles(model, loader, [0.99, 0.9], CPU)
+    assert batches == 2
+    assert all(torch.equal(m.scale_p, torch.zeros(1)) for _, m in get_modules(model, CALIBRATING))
+    for index, percent in enumerate((0.99, 0.9)):
+        published = cli.build_model(parse('--test_mode', 'for_v', '--model_path', str(weights),
+                                           '--percent', str(percent))).eval()
+        evaluate(published, loader, CPU, show_progress=False)
+        got = thresholds(published)
+        assert set(quantiles) == {n for n, m in get_modules(published, CALIBRATING) if m.calibrate}
+        for name, q in quantiles.items():
+            assert torch.equal(q[index], got[name]), name
+
+
+def test_objective_never_increases_and_refinement_lowers_it(search):
+    model, record = search
+    history = record['objective_history']
+    assert len(history) == record['evaluations'] == record['budget'] == 16
+    assert all(b <= a for a, b in zip(history, history[1:]))
+    percents = [entry['objective'] for entry in record['percent_objectives']]
+    assert record['percent_objective'] == min(percents) == history[len(percents) - 1]
+    assert record['final_objective'] == history[-1] < record['percent_objective']
+    assert record['accepted_changes'] >= 1 and any(s != 1.0 for s in record['scales'].values())
+    assert record['percent'] in low_latency.DEFAULT_PERCENTS
+    # The places with fixed thresholds (s, and fc2 under the ViT default) are not searched.
+    assert record['scales'] and not any(name.endswith(('place_s', 'place_fc2')) for name in record['scales'])
+    assert len(record['search_energy_ratio']) == len(record['search_agreement']) == 2
+
+
+def test_final_objective_is_that_of_the_stored_thresholds(search, weights):
+    """The thresholds left in the model are the ones the search judged last."""
+    model, record = search
+    snn = convert_to_snn(copy.deepcopy(model), fc2_thresholds=FC2).eval()
+    _, images, logits, _ = low_latency.record_quantiles(calibrating_model(weights), digits_loader(True, 150),
+                                                        [0.99], CPU, keep_images=150)
+    total = sum(float(low_latency.kl_objective(step_logits(snn, x, 2), y)) for x, y in zip(images, logits))
+    assert total / 150 == pytest.approx(record['final_objective'], rel=1e-9)
+
+
+def test_recorded_scales_reproduce_the_snn(tmp_path, weights):
+    """for_v --target_T 2 records its percent and scales in the checkpoint and the JSON; the
+    quantiles at that percent times those scales are the saved thresholds, and the SNN of the
+    checkpoint (--test_mode snn) gives the same per-step logits as one rebuilt from the record."""
+    run(tmp_path, '--test_mode', 'for_v', '--model_path', str(weights), '--savename', 'fast',
+        '--target_T', '2', '--search_budget', '12', '--search_images', '150', '--calib_data_path', 'train',
+        '--results', str(tmp_path / 'for_v.json'))
+    saved = torch.load(tmp_path / 'fast.pth', weights_only=True)
+    record = saved['low_latency']
+    assert json.loads((tmp_path / 'for_v.json').read_text())['low_latency'] == json.loads(json.dumps(record))
+    assert record['target_T'] == 2 and record['evaluations'] == 12 and record['search_images'] == 150
+    assert record['conversion']['fc2_thresholds'] == list(FC2)
+
+    assert saved['calibration']['split'] == 'train' and saved['calibration']['percent'] == record['percent']
+    # Rebuild from the record: the quantiles at the recorded percent on the same calibration
+    # images (the training split), times the recorded scales.
+    rebuilt = calibrating_model(weights)
+    data, _ = build_dataset(True, parse())
+    loader = DataLoader(data, batch_size=150)
+    quantiles, images, _, _ = low_latency.record_quantiles(rebuilt, loader, [record['percent']], CPU,
+                                                           keep_images=150)
+    for name, neuron in get_modules(rebuilt, CALIBRATING):
+        if name in quantiles:
+            value = low_latency._thresholds(quantiles[name][0], record['scales'].get(name, 1.0))
+            neuron.scale_p.copy_(value[0:1])
+            neuron.scale_n.copy_(value[1:2])
+            assert torch.equal(value, torch.cat([saved['model'][f'{name}.scale_p'],
+                                                 saved['model'][f'{name}.scale_n']])), name
+
+    snn_args = parse('--test_mode', 'snn', '--model_path', str(tmp_path / 'fast.pth'))
+    from_checkpoint = convert_to_snn(cli.build_model(snn_args), fc2_thresholds=cli.fc2_thresholds(snn_args, rebuilt))
+    from_record = convert_to_snn(rebuilt, fc2_thresholds=FC2)
+    want = step_logits(from_record.eval(), images[0], 3)
+    got = step_logits(from_checkpoint.eval(), images[0], 3)
+    assert torch.equal(got, want)
+
+
+def test_without_target_T_the_published_calibration_is_unchanged(tmp_path, weights):
+    record = run(tmp_path, '--test_mode', 'for_v', '--model_path', str(weights), '--savename', 'published')
+    assert 'low_latency' not in record
+    saved = torch.load(tmp_path / 'published.pth', weights_only=True)
+    assert 'low_latency' not in saved and saved['calibration']['percent'] == 0.99
+    data, _ = build_dataset(False, parse())
+    quantiles, _, _, _ = low_latency.record_quantiles(calibrating_model(weights), DataLoader(data, batch_size=150),
+                                                      [0.99], CPU)
+    for name, q in quantiles.items():
+        assert torch.equal(q[0], torch.cat([saved['model'][f'{name}.scale_p'], saved['model'][f'{name}.scale_n']]))
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--target_T', '0'], '--target_T must be a number of time steps >= 1, got 0'),
+    (['--target_T', '-2'], '--target_T must be a number of time steps >= 1, got -2'),
+    (['--target_T', '2', '--search_budget', '5'], '--search_budget 5 is smaller than the 8 candidate'),
+    (['--target_T', '2', '--target_percents', '0.9', '1.5'], '--target_percents must lie in (0, 1], got 1.5'),
+    (['--target_T', '2', '--target_percents', '0.9', '0.9'], 'the same percent twice'),
+    (['--target_T', '2', '--search_images', '0'], '--search_images must be >= 1, got 0'),
+])
+def test_bad_search_settings_are_refused(tmp_path, weights, extra, message):
+    with pytest.raises(UserError, match=message.replace('(', r'\(').replace(')', r'\)')):
+        run(tmp_path, '--test_mode', 'for_v', '--model_path', str(weights), *extra)
+
+
+@pytest.mark.parametrize('mode', ['ann', 'snn'])
+def test_target_T_needs_for_v(tmp_path, weights, mode):
+    with pytest.raises(UserError, match=f'--target_T chooses thresholds: it needs --test_mode for_v, not {mode}'):
+        run(tmp_path, '--test_mode', mode, '--model_path', str(weights), '--target_T', '2')
+
+
+def test_bad_target_T_exits_2_with_one_line(tmp_path, weights):
+    result = subprocess.run([sys.executable, str(REPO / 'run_class_finetuning.py'), *COMMON, '--test_mode', 'for_v',
+                             '--model_path', str(weights), '--target_T', '0', '--log_dir', str(tmp_path)],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == 'error: --target_T must be a number of time steps >= 1, got 0'
+    assert not (tmp_path / 'output').exists()
+
+
+@pytest.mark.parametrize('name', ['kl', 'mse'])
+def test_objectives_compare_the_mean_over_steps_with_the_ann(name):
+    """Zero when the mean of the per-step outputs is the ANN's logits (whatever the single steps
+    are), positive otherwise."""
+    objective = low_latency.OBJECTIVES[name]
+    ann = torch.randn(5, 10, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(2, 5, 10, generator=torch.Generator().manual_seed(1))
+    steps = torch.stack([ann + noise[0], ann - noise[0]])
+    assert float(objective(steps, ann)) == pytest.approx(0.0, abs=1e-12)
+    assert float(objective(steps + noise, ann)) > 1e-3
