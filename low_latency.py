@@ -38,11 +38,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import engine_for_finetuning
 import utils
-from engine_for_finetuning import autocast_context
+from engine_for_finetuning import autocast_context, simulate
 from trans_utils import (SOPMonitor, TestNeuron, TwoSideNeuron, convert_to_snn, get_modules,
-                         reset_net, tail_quantiles, threshold_config)
+                         tail_quantiles, threshold_config)
 
 __all__ = ['DEFAULT_PERCENTS', 'DEFAULT_BUDGET', 'DEFAULT_SEARCH_IMAGES', 'SCALE_FACTORS',
            'record_quantiles', 'choose_thresholds', 'kl_objective', 'check_search_args',
@@ -56,28 +55,6 @@ DEFAULT_BUDGET = 64
 DEFAULT_SEARCH_IMAGES = 512
 #: Multiplicative steps of the per-place coordinate search, tried in turn (largest first).
 SCALE_FACTORS = (2 ** 0.5, 2 ** 0.25, 2 ** 0.125)
-
-
-@torch.no_grad()
-def _simulate(model: nn.Module, images: torch.Tensor, T: int, *, time_chunk: Optional[int] = None,
-              amp: Optional[str] = None, monitor=None) -> torch.Tensor:
-    """Per-step head outputs [T, B, classes] (float32, not cumulative) of the SNN, reset before
-    and after. Calls ``engine_for_finetuning.simulate`` (the multi-step engine) when it exists;
-    the step-by-step loop below is its stand-in until then (delete it at the merge)."""
-    simulate = getattr(engine_for_finetuning, 'simulate', None)
-    if simulate is not None:
-        return simulate(model, images, T, time_chunk=time_chunk, amp=amp, monitor=monitor)
-    reset_net(model)
-    if monitor is not None:
-        monitor.new_batch()
-    outputs = []
-    for t in range(T):
-        if monitor is not None:
-            monitor.step = t
-        with autocast_context(images.device, amp):
-            outputs.append(model(images).float())
-    reset_net(model)
-    return torch.stack(outputs)
 
 
 def kl_objective(snn_steps: torch.Tensor, ann_logits: torch.Tensor) -> torch.Tensor:
@@ -194,7 +171,7 @@ class _Search:
         self.set(thresholds)
         total = torch.zeros((), dtype=torch.float64, device=self.logits[0].device)
         for images, logits in zip(self.images, self.logits):
-            total += self.function(_simulate(self.snn, images, self.T, amp=self.amp), logits)
+            total += self.function(simulate(self.snn, images, self.T, amp=self.amp), logits)
         self.evaluations += 1
         value = float(total) / self.count
         self.seconds += time.perf_counter() - start
@@ -208,7 +185,7 @@ class _Search:
         agree = torch.zeros(self.T, dtype=torch.float64)
         with SOPMonitor(self.snn) as monitor:
             for images, logits in zip(self.images, self.logits):
-                cumulative = _simulate(self.snn, images, self.T, amp=self.amp, monitor=monitor).cumsum(0)
+                cumulative = simulate(self.snn, images, self.T, amp=self.amp, monitor=monitor).cumsum(0)
                 agree += (cumulative.argmax(-1) == logits.argmax(-1)).sum(1).double().cpu()
             energy = monitor.summary()
         return {'agreement': (100.0 * agree / self.count).tolist(), 'fire_rate': energy['fire_rate'],

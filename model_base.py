@@ -35,6 +35,7 @@ from trans_utils import (EC_MODULE_TYPES, ConversionError, MyAt, MyMul, MyTestPl
 __all__ = ['ConvertibleAttention', 'ConvertibleMlp', 'ConvertibleGluMlp', 'ConvertibleAttentionPool',
            'swap_convertible_modules', 'check_structure', 'Family', 'register_family',
            'resolve_model_name', 'create_model', 'unconvertible_reason', 'default_fc2_thresholds',
+           'uses_gated_mlp',
            'CONTAINERS']
 
 
@@ -395,6 +396,12 @@ def default_fc2_thresholds(model: nn.Module) -> Optional[Tuple[float, float]]:
     family's (0.25, 0.08)), except in a model with gated MLPs, whose fc2 input is a product and not
     the GELU output those fixed thresholds were set for (calibrated thresholds then)."""
     family = _FAMILIES.get(getattr(model, 'ecmt_family', None))
-    if family is None or any(isinstance(m, ConvertibleGluMlp) for m in model.modules()):
+    if family is None or uses_gated_mlp(model):
         return None
     return family.fc2_thresholds
+
+
+def uses_gated_mlp(model: nn.Module) -> bool:
+    """Whether ``model`` has a gated MLP (SwiGLU/GluMlp), whose fc2 input is an element-wise
+    product: the fixed ViT fc2 thresholds were set for a GELU output and never apply there."""
+    return any(isinstance(m, ConvertibleGluMlp) for m in model.modules())

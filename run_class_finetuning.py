@@ -28,6 +28,7 @@ import native_kernels
 import utils
 from datasets import DATA_CONFIGS, DATA_SETS, build_calibration_dataset, build_dataset
 from engine_for_finetuning import evaluate, evaluate_snn
+from model_base import unconvertible_reason, uses_gated_mlp
 from model_vit import VIT_FC2_THRESHOLDS, create_model
 from trans_utils import (ConversionError, TestNeuron, convert_to_snn, get_modules,
                          replace_test_by_testneuron, sync_calibration)
@@ -232,9 +233,15 @@ def build_model(args, state_dict=None) -> torch.nn.Module:
         if key in kwargs:
             raise utils.UserError(f'--model_kwargs {key}=... is set by --nb_classes/--input_size')
     try:
-        model = create_model(args.model, num_classes=args.nb_classes, img_size=args.input_size, **kwargs)
+        # ann needs no conversion: a model the method cannot convert is evaluated as plain timm.
+        model = create_model(args.model, allow_unconvertible=args.test_mode == 'ann',
+                             num_classes=args.nb_classes, img_size=args.input_size, **kwargs)
     except ConversionError as exc:
         raise utils.UserError(str(exc)) from None
+    reason = unconvertible_reason(model)
+    if reason is not None and utils.is_main_process():
+        print(f'note: --model {args.model} is evaluated as a plain timm network; --test_mode for_v and '
+              f'snn will refuse it: {reason}', file=sys.stderr)
     if args.test_mode in ('for_v', 'snn'):
         replace_test_by_testneuron(model, args.percent)
     if not args.model_path:
@@ -328,12 +335,13 @@ def _check_thresholds_present(model, state_dict, args) -> None:
 def fc2_thresholds(args, model):
     """The fixed fc2 thresholds of this run, or None for the calibrated ones. By default the
     published override (0.25, 0.08) where the published code applies it: a --model name that
-    contains 'vit' (ECMT_SPEC 11; so not deit_* nor eva_g_patch14)."""
+    contains 'vit' (ECMT_SPEC 11; so not deit_* nor eva_g_patch14), unless its MLP is gated: fc2
+    then reads an element-wise product, not the GELU output those thresholds were set for."""
     if args.fc2_calibrated:
         return None
     if args.fc2_thresholds is not None:
         return tuple(args.fc2_thresholds)
-    return VIT_FC2_THRESHOLDS if 'vit' in args.model else None
+    return VIT_FC2_THRESHOLDS if 'vit' in args.model and not uses_gated_mlp(model) else None
 
 
 def build_calibration_loader(args, model=None, *, rank: int = 0, world_size: int = 1,

@@ -163,7 +163,7 @@ def test_snn_zero_thresholds_exit_2_naming_places(tmp_path, for_v_checkpoint):
     (['--test_mode', 'snn'], 'needs --model_path'),
     (['--test_mode', 'ann', '--model_path', 'WEIGHTS', '--nb_classes', '7'], 'has 10 classes'),
     (['--test_mode', 'ann', '--model', 'no_such_model'], 'unknown model'),
-    (['--test_mode', 'ann', *ARCH, 'global_pool=map'], 'attn_pool'),
+    (['--test_mode', 'for_v', *ARCH, 'global_pool=avgmax'], 'avgmax'),
     (['--test_mode', 'ann', *ARCH, 'depth'], 'depth'),
     (['--test_mode', 'ann', '--data_set', 'CIFAR10', '--eval_data_path', 'DIR'], 'cifar-10-batches-py'),
     (['--test_mode', 'ann', '--percent', '1.5'], '--percent'),
@@ -326,3 +326,33 @@ def test_eva_pos_embed_of_another_grid(tmp_path, capsys):
     out = capsys.readouterr().out
     assert record['n'] == 450
     assert 'resampled the position embedding' in out and 'from a 6x6 grid' in out and 'to a 4x4 grid' in out
+
+
+
+def test_ann_evaluates_an_unconvertible_model_as_plain_timm_and_for_v_refuses_it(tmp_path, capsys):
+    """ann needs no conversion: a model the method cannot convert (here global_pool=avgmax, a max
+    over tokens it has no rule for) is evaluated as the plain timm network, with a note saying why
+    for_v/snn refuse it, and gives plain timm's accuracy; for_v then stops with one error line."""
+    common = ['--model', 'vit_tiny_patch16_224', '--model_kwargs', 'patch_size=4', 'embed_dim=32',
+              'depth=1', 'num_heads=2', 'global_pool=avgmax', '--input_size', '16', '--nb_classes', '10',
+              '--data_set', 'DIGITS', '--num_workers', '0', '--batch_size', '150', '--no_progress',
+              '--log_dir', str(tmp_path), '--output_dir', str(tmp_path)]
+    plain = timm.create_model('vit_tiny_patch16_224', pretrained=False, num_classes=10, img_size=16,
+                              patch_size=4, embed_dim=32, depth=1, num_heads=2, global_pool='avgmax').eval()
+    torch.save(plain.state_dict(), tmp_path / 'plain.pth')
+    common += ['--model_path', str(tmp_path / 'plain.pth')]
+    parser = cli.get_args_parser()
+    record = cli.main(parser.parse_args(common + ['--test_mode', 'ann']))
+    err = capsys.readouterr().err
+    assert 'evaluated as a plain timm network' in err and 'for_v and snn will refuse it' in err
+    assert 'avgmax' in err
+    from datasets import build_dataset
+    args = parser.parse_args(common)
+    dataset, _ = build_dataset(False, args)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    targets = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    with torch.no_grad():
+        want = 100.0 * float((plain(images).argmax(1) == targets).sum()) / len(targets)
+    assert record['n'] == 450 and record['acc1'] == pytest.approx(want, abs=1e-9)
+    with pytest.raises(UserError, match='avgmax'):
+        cli.main(parser.parse_args(common + ['--test_mode', 'for_v']))
