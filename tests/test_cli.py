@@ -163,7 +163,7 @@ def test_snn_zero_thresholds_exit_2_naming_places(tmp_path, for_v_checkpoint):
     (['--test_mode', 'snn'], 'needs --model_path'),
     (['--test_mode', 'ann', '--model_path', 'WEIGHTS', '--nb_classes', '7'], 'has 10 classes'),
     (['--test_mode', 'ann', '--model', 'no_such_model'], 'unknown model'),
-    (['--test_mode', 'ann', *ARCH, 'global_pool=map'], 'attn_pool'),
+    (['--test_mode', 'for_v', *ARCH, 'global_pool=avgmax'], 'avgmax'),
     (['--test_mode', 'ann', *ARCH, 'depth'], 'depth'),
     (['--test_mode', 'ann', '--data_set', 'CIFAR10', '--eval_data_path', 'DIR'], 'cifar-10-batches-py'),
     (['--test_mode', 'ann', '--percent', '1.5'], '--percent'),
