@@ -341,7 +341,8 @@ def fc2_thresholds(args, model):
         return None
     if args.fc2_thresholds is not None:
         return tuple(args.fc2_thresholds)
-    return VIT_FC2_THRESHOLDS if 'vit' in args.model and not uses_gated_mlp(model) else None
+    gated = model is not None and uses_gated_mlp(model)
+    return VIT_FC2_THRESHOLDS if 'vit' in args.model and not gated else None
 
 
 def build_calibration_loader(args, model=None, *, rank: int = 0, world_size: int = 1,

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 import low_latency
 import run_class_finetuning as cli
 from datasets import build_dataset
-from engine_for_finetuning import evaluate
+from engine_for_finetuning import evaluate, simulate
 import trans_utils
 from trans_utils import convert_to_snn, get_modules
 
@@ -73,7 +73,7 @@ def run(tmp_path, *extra):
 
 
 def step_logits(snn, images, T):
-    return low_latency._simulate(snn, images, T)
+    return simulate(snn, images, T)
 
 
 @pytest.fixture(scope='module')

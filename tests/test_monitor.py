@@ -8,7 +8,6 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import model_vit
-import trans_utils
 from trans_utils import (AtNeuron, MulNeuron, SOPMonitor, TwoSideNeuron, convert_to_snn, replace_test_by_testneuron,
                          reset_net, spike_level_counts)
 

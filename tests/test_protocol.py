@@ -351,7 +351,9 @@ def test_snn_refuses_thresholds_of_another_transform(workspace, runs, monkeypatc
 
 
 def test_snn_accuracy_per_step_is_the_argmax_of_summed_head_outputs(workspace, runs, monkeypatch):
-    """Hook on the head during evaluate_snn; the cumulative argmax is computed here."""
+    """Hook on the head during evaluate_snn; the cumulative argmax is computed here. The
+    simulation is multi-step: the head runs once per batch on all T steps, time-major
+    ([T*B, classes], ECMT_SPEC 13)."""
     outputs, real = [], cli.evaluate_snn
 
     def spy(model, loader, *args, **kwargs):
@@ -368,11 +370,11 @@ def test_snn_accuracy_per_step_is_the_argmax_of_summed_head_outputs(workspace, r
     targets = torch.tensor(datasets.build_dataset(False, argparse.Namespace(
         data_set='image_folder', eval_data_path=str(workspace / 'datasets' / 'val'), input_size=SIZE))[0].targets)
     batches = [targets[i:i + 128] for i in range(0, len(targets), 128)]
-    assert len(outputs) == T_steps * len(batches)
+    assert len(outputs) == len(batches)
     correct = [0] * T_steps
-    for b, labels in enumerate(batches):
-        steps = torch.stack(outputs[b * T_steps:(b + 1) * T_steps])  # (T, batch, classes)
-        assert steps.shape == (T_steps, len(labels), 10)
+    for output, labels in zip(outputs, batches):
+        assert output.shape == (T_steps * len(labels), 10)
+        steps = output.view(T_steps, len(labels), 10)  # (T, batch, classes)
         for t, summed in enumerate(steps.cumsum(dim=0)):
             correct[t] += int((summed.argmax(-1) == labels).sum())
     assert record['acc1'] == [100.0 * c / len(targets) for c in correct]
