@@ -28,7 +28,7 @@ import native_kernels
 import utils
 from datasets import DATA_CONFIGS, DATA_SETS, build_calibration_dataset, build_dataset
 from engine_for_finetuning import evaluate, evaluate_snn
-from model_base import unconvertible_reason, uses_gated_mlp
+from model_base import default_fc2_thresholds, unconvertible_reason
 from model_vit import VIT_FC2_THRESHOLDS, create_model
 from trans_utils import (ConversionError, TestNeuron, convert_to_snn, get_modules,
                          replace_test_by_testneuron, sync_calibration)
@@ -335,14 +335,16 @@ def _check_thresholds_present(model, state_dict, args) -> None:
 def fc2_thresholds(args, model):
     """The fixed fc2 thresholds of this run, or None for the calibrated ones. By default the
     published override (0.25, 0.08) where the published code applies it: a --model name that
-    contains 'vit' (ECMT_SPEC 11; so not deit_* nor eva_g_patch14), unless its MLP is gated: fc2
-    then reads an element-wise product, not the GELU output those thresholds were set for."""
+    contains 'vit' (ECMT_SPEC 11; so not deit_* nor eva_g_patch14), and only for the models those
+    thresholds were set for: a timm VisionTransformer with GELU MLPs (model_base's
+    default_fc2_thresholds; not a rotary ViT, which timm builds as an Eva, nor a gated MLP, whose
+    fc2 reads an element-wise product)."""
     if args.fc2_calibrated:
         return None
     if args.fc2_thresholds is not None:
         return tuple(args.fc2_thresholds)
-    gated = model is not None and uses_gated_mlp(model)
-    return VIT_FC2_THRESHOLDS if 'vit' in args.model and not gated else None
+    family_fits = model is None or default_fc2_thresholds(model) is not None
+    return VIT_FC2_THRESHOLDS if 'vit' in args.model and family_fits else None
 
 
 def build_calibration_loader(args, model=None, *, rank: int = 0, world_size: int = 1,

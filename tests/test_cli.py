@@ -255,6 +255,20 @@ def test_fc2_override_follows_the_model_name(name, fc2):
     assert cli.fc2_thresholds(args, model=None) == fc2
 
 
+
+@pytest.mark.parametrize('name, kwargs, fc2', [
+    ('vit_tiny_patch16_224', {}, (0.25, 0.08)),
+    ('vit_base_patch16_siglip_224', {'embed_dim': 32, 'num_heads': 2}, (0.25, 0.08)),  # a VisionTransformer
+    ('deit_tiny_distilled_patch16_224', {}, None),   # not a 'vit' name
+    ('vit_medium_patch16_rope_reg1_gap_256', {'embed_dim': 32, 'num_heads': 2}, None),  # timm builds an Eva
+    ('vit_tiny_patch16_224', {'mlp_layer': 'swiglu'}, None),  # gated MLP: fc2 reads a product
+])
+def test_fc2_override_needs_a_vit_name_and_a_plain_vit_model(name, kwargs, fc2):
+    from timm.layers import SwiGLU
+    kwargs = {k: SwiGLU if v == 'swiglu' else v for k, v in kwargs.items()}
+    model = cli.create_model(name, num_classes=10, img_size=32, patch_size=16, depth=1, **kwargs)
+    assert cli.fc2_thresholds(cli.get_args_parser().parse_args(['--model', name]), model) == fc2
+
 def test_deit_runs_with_its_calibrated_fc2(tmp_path, for_v_checkpoint, monkeypatch):
     seen, real = [], cli.convert_to_snn
     monkeypatch.setattr(cli, 'convert_to_snn', lambda model, **kw: seen.append(kw['fc2_thresholds']) or real(model, **kw))
