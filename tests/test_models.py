@@ -149,7 +149,7 @@ def test_snn_fused_path_matches_eager_closely(fast):
     other = run_snn(model, x, 16)
     assert fast_neuron_enabled() == (not fast)
     trans_utils.set_fast_neuron(fast)
-    assert relative_error(other[-1], means[-1]) < 2e-3  # measured: 9e-8
+    assert relative_error(other[-1], means[-1]) < 1e-5  # measured: 9e-8 (both backends round alike)
 
 
 def test_snn_under_bfloat16_autocast_keeps_float32_state(eager_neuron):
