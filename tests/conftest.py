@@ -27,6 +27,24 @@ def fast_neuron_enabled() -> bool:
     return getter() if getter is not None else trans_utils._FAST_NEURON
 
 
+def run_snn(model, x, steps):
+    """Per-step running mean of the head's outputs, one step per call (the modules' own step-by-step
+    mode): [sum_{s<=t} out_s / t for t in 1..steps]."""
+    import torch
+    from trans_utils import reset_net
+    reset_net(model)
+    means, total = [], 0
+    with torch.no_grad():
+        for t in range(1, steps + 1):
+            total = total + model(x)
+            means.append(total / t)
+    return means
+
+
+def relative_error(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
 @pytest.fixture(params=['native', 'compiled', 'eager'])
 def fast(request, monkeypatch):
     """Run a test with each backend of the neuron/EC modules it builds: the native CPU kernels (the

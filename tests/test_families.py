@@ -13,6 +13,7 @@ import model_base
 import model_eva
 import model_vit
 import trans_utils
+from conftest import relative_error, run_snn
 from trans_utils import (ConversionError, MulNeuron, MyMul, SOPMonitor, TwoSideNeuron,
                          convert_to_snn, exp_comp_neuron, get_modules, replace_test_by_testneuron,
                          reset_net)
@@ -82,21 +83,6 @@ def calibrate(model, batches=3, seed=2):
         for _ in range(batches):
             model(torch.randn(8, 3, 16, 16, generator=g))
     return model
-
-
-def run_snn(model, x, steps):
-    """Per-step running mean of the head's outputs: [sum_{s<=t} out_s / t for t in 1..steps]."""
-    reset_net(model)
-    means, total = [], 0
-    with torch.no_grad():
-        for t in range(1, steps + 1):
-            total = total + model(x)
-            means.append(total / t)
-    return means
-
-
-def relative_error(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 # ---------------------------------------------------------------- timm compatibility

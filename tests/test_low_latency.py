@@ -33,12 +33,7 @@ CPU = torch.device('cpu')
 FC2 = (0.25, 0.08)  # the ViT default of the command line
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 @pytest.fixture(scope='module')

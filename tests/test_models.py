@@ -13,7 +13,7 @@ import torch.nn as nn
 import model_eva
 import model_vit
 import trans_utils
-from conftest import fast_neuron_enabled
+from conftest import fast_neuron_enabled, relative_error, run_snn
 from trans_utils import (AtNeuron, ConversionError, TwoSideNeuron, convert_to_snn,
                          exp_comp_neuron, get_modules, replace_test_by_testneuron, reset_net)
 
@@ -70,21 +70,6 @@ def calibrate_and_convert(model):
         ann = model(x)
     convert_to_snn(model, linear_num=16, qkv_num=16, softmax_num=16, fc2_thresholds=None)
     return x, ann
-
-
-def run_snn(model, x, steps):
-    """Per-step running mean of the head's outputs: [sum_{s<=t} out_s / t for t in 1..steps]."""
-    reset_net(model)
-    means, total = [], 0
-    with torch.no_grad():
-        for t in range(1, steps + 1):
-            total = total + model(x)
-            means.append(total / t)
-    return means
-
-
-def relative_error(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 # ---------------------------------------------------------------- timm compatibility
