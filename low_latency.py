@@ -45,12 +45,12 @@ from trans_utils import (SOPMonitor, TestNeuron, TwoSideNeuron, convert_to_snn, 
 
 __all__ = ['DEFAULT_PERCENTS', 'DEFAULT_BUDGET', 'DEFAULT_SEARCH_IMAGES', 'SCALE_FACTORS',
            'record_quantiles', 'choose_thresholds', 'kl_objective', 'check_search_args',
-           'run_for_args']
+           'apply_fixed_thresholds', 'run_for_args']
 
 #: Candidate global percents, highest first: on equal objectives the first (fewer spikes) wins.
 DEFAULT_PERCENTS = (0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8)
 #: Candidate evaluations in all (the percents' included): each is one T-step simulation.
-DEFAULT_BUDGET = 64
+DEFAULT_BUDGET = 128
 #: Calibration images the objective is computed on (the first ones of the calibration loader).
 DEFAULT_SEARCH_IMAGES = 512
 #: Multiplicative steps of the per-place coordinate search, tried in turn (largest first).
@@ -214,7 +214,7 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
                       percents: Sequence[float] = DEFAULT_PERCENTS, budget: int = DEFAULT_BUDGET,
                       search_images: int = DEFAULT_SEARCH_IMAGES, max_batches: Optional[int] = None,
                       amp: Optional[str] = None, conversion: Optional[Dict] = None,
-                      objective: str = 'kl', log: Callable[[str], None] = print) -> Dict:
+                      objective: str = 'kl', search_fixed: bool = True, log: Callable[[str], None] = print) -> Dict:
     """Choose the thresholds of ``model`` for ``target_T`` steps on ``calib_loader`` alone.
 
     ``model`` holds calibrating :class:`TestNeuron` s (``for_v``); ``calib_loader`` yields
@@ -244,8 +244,17 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
             neuron.scale_p.copy_(quantiles[name][0, 0:1])
             neuron.scale_n.copy_(quantiles[name][0, 1:2])
     snn = convert_to_snn(copied, **conversion).eval()
-    places = [name for name, neuron in get_modules(snn, (TwoSideNeuron,))
-              if name in quantiles and threshold_config(neuron.place, **conversion)[1] is None]
+    places, fixed = [], {}
+    for name, neuron in get_modules(snn, (TwoSideNeuron,)):
+        value = threshold_config(neuron.place, **conversion)[1]
+        if value is None and name in quantiles:
+            places.append(name)
+        elif value is not None and search_fixed:
+            # A place of fixed thresholds (s, a fixed fc2): its base is the fixed value, for
+            # every percent; the per-place search scales it like any other.
+            places.append(name)
+            fixed[name] = torch.tensor([value] * len(percents), dtype=torch.float32)
+    bases = {**quantiles, **fixed}  # per place, per percent
     search = _Search(snn, places, images, logits, target_T, amp, budget, OBJECTIVES[objective])
     log(f'low-latency calibration for T={target_T}: {len(places)} places searched, quantiles of '
         f'{len(percents)} percents recorded on {batches} batches in {record_seconds:.1f} s; objective '
@@ -255,49 +264,68 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
     percent_objectives = []
     best_index, best = 0, float('inf')
     for index, percent in enumerate(percents):
-        value = search.objective([quantiles[name][index] for name in places])
+        value = search.objective([bases[name][index] for name in places])
         percent_objectives.append({'percent': percent, 'objective': value})
         log(f'  percent {percent:g}: objective {value:.5f}')
         if value < best:
             best_index, best = index, value
         history.append(best)
     percent = percents[best_index]
-    base = [quantiles[name][best_index] for name in places]
+    base = [bases[name][best_index] for name in places]
     percent_objective = best
 
     scales = [1.0] * len(places)
     current = [_thresholds(q, 1.0) for q in base]
     accepted = 0
-    for factor in SCALE_FACTORS:
-        improved = True
-        while improved and search.evaluations < budget:
-            improved = False
-            for i in range(len(places)):
-                # Lower first: at few steps thresholds mostly need to come down.
-                for candidate in (scales[i] / factor, scales[i] * factor):
-                    if search.evaluations >= budget:
-                        break
-                    trial = list(current)
-                    trial[i] = _thresholds(base[i], candidate)
-                    value = search.objective(trial)
-                    better = value < best
-                    if better:
-                        best, scales[i], current = value, candidate, trial
-                        improved = True
-                        accepted += 1
-                    history.append(best)
-                    if better:
-                        break
-        if search.evaluations >= budget:
-            break
+
+    def sweep(groups: List[List[int]], factors: Sequence[float], limit: int) -> None:
+        # Coordinate search over groups of places sharing one multiplicative change of scale.
+        nonlocal best, current, accepted
+        for factor in factors:
+            improved = True
+            while improved and search.evaluations < limit:
+                improved = False
+                for group in groups:
+                    # Lower first: at few steps thresholds mostly need to come down.
+                    for change in (1 / factor, factor):
+                        if search.evaluations >= limit:
+                            break
+                        trial = list(current)
+                        for i in group:
+                            trial[i] = _thresholds(base[i], scales[i] * change)
+                        value = search.objective(trial)
+                        better = value < best
+                        history.append(min(best, value))
+                        if better:
+                            best, current = value, trial
+                            for i in group:
+                                scales[i] *= change
+                            improved = True
+                            accepted += 1
+                            break
+            if search.evaluations >= limit:
+                break
+
+    kinds: Dict[str, List[int]] = {}
+    for i, name in enumerate(places):
+        kinds.setdefault(search.neurons[i].place, []).append(i)
+    if len(kinds) < len(places):
+        # Stage 2a: one scale per kind of place (q, s, fc1, ...), with at most half the budget left.
+        sweep(list(kinds.values()), SCALE_FACTORS[:2], search.evaluations + (budget - search.evaluations) // 2)
+    kind_scales = {kind: scales[group[0]] for kind, group in kinds.items()}
+    kind_accepted, kind_evaluations = accepted, search.evaluations
+    # Stage 2b: one scale per place.
+    sweep([[i] for i in range(len(places))], SCALE_FACTORS, budget)
     log(f'  per-place scales: {accepted} changes accepted, objective {percent_objective:.5f} -> {best:.5f}')
 
     # The chosen thresholds go into the calibrating model: quantiles at the chosen percent times
     # the scales (1 where a place was not searched, e.g. a fixed fc2 or an unused one).
     chosen = dict(zip(places, scales))
+    fixed_thresholds = {name: [float(v) for v in _thresholds(fixed[name][best_index], chosen[name])]
+                        for name in places if name in fixed}
     for name, neuron in get_modules(model, (TestNeuron,)):
-        if name in quantiles:
-            value = _thresholds(quantiles[name][best_index], chosen.get(name, 1.0))
+        if name in quantiles:  # a fixed fc2 keeps its quantile: its searched value is recorded
+            value = _thresholds(quantiles[name][best_index], 1.0 if name in fixed else chosen.get(name, 1.0))
             neuron.scale_p.copy_(value[0:1])
             neuron.scale_n.copy_(value[1:2])
     final = search.final_figures(current)
@@ -313,10 +341,35 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
         'percent_objectives': percent_objectives, 'percent_objective': percent_objective,
         'final_objective': best, 'scales': chosen, 'scale_factors': list(SCALE_FACTORS),
         'objective_history': history, 'evaluations': search.evaluations, 'budget': budget,
-        'accepted_changes': accepted, 'search_images': search.count, 'calibration_batches': batches,
+        'accepted_changes': accepted, 'kind_scales': kind_scales, 'kind_accepted_changes': kind_accepted,
+        'kind_stage_evaluations': kind_evaluations, 'search_images': search.count, 'calibration_batches': batches,
         'seconds_quantiles': record_seconds, 'seconds_search': search.seconds, 'seconds': seconds,
-        'conversion': _plain(conversion), **{f'search_{k}': v for k, v in final.items()},
+        'conversion': _plain(conversion), 'search_fixed': search_fixed, 'fixed_thresholds': fixed_thresholds,
+        **{f'search_{k}': v for k, v in final.items()},
     }
+
+
+def apply_fixed_thresholds(snn: nn.Module, record: Optional[Dict], log: Callable[[str], None] = print) -> int:
+    """``snn`` mode: give the places of fixed thresholds (``s``, a fixed ``fc2``) of a converted
+    model the thresholds a ``--target_T`` search chose for them (``record``: the checkpoint's
+    ``low_latency`` entry; nothing to do without one or for a search that kept them fixed), so
+    that the SNN is the one the search judged. Returns the number of places set."""
+    chosen = (record or {}).get('fixed_thresholds') or {}
+    if not chosen:
+        return 0
+    modules = dict(get_modules(snn, (TwoSideNeuron,)))
+    missing = [name for name in chosen if name not in modules]
+    if missing:
+        raise utils.UserError(f'the checkpoint\'s low-latency record names {len(missing)} places this model '
+                              f'does not have ({", ".join(missing[:3])}): it was searched for another model')
+    for name, (theta_p, theta_n) in chosen.items():
+        modules[name].scale_p.fill_(theta_p)
+        modules[name].scale_n.fill_(theta_n)
+    kinds = sorted({modules[name].place for name in chosen})
+    log(f'thresholds of {len(chosen)} places of fixed thresholds ({", ".join(kinds)}) as chosen by for_v '
+        f'--target_T {record.get("target_T")} (recorded in the checkpoint; --softmax_p and --fc2_thresholds '
+        'do not apply to them)')
+    return len(chosen)
 
 
 def _plain(conversion: Dict) -> Dict:
@@ -336,4 +389,5 @@ def run_for_args(model: nn.Module, calib_loader: Iterable, args, device, amp: Op
               file=sys.stderr)
     return choose_thresholds(model, calib_loader, args.target_T, device, percents=args.target_percents,
                              budget=args.search_budget, search_images=args.search_images, amp=amp,
-                             conversion=conversion, objective=args.search_objective, log=log)
+                             conversion=conversion, objective=args.search_objective,
+                             search_fixed=args.search_fixed, log=log)

@@ -119,6 +119,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--search_objective', default='kl', choices=tuple(low_latency.OBJECTIVES),
                    help="--target_T: kl: KL divergence from the ANN's softmax to that of the SNN's mean logits "
                         "over N steps; mse: mean squared error of those logits against the ANN's")
+    g.add_argument('--search_fixed', nargs='?', const=True, default=True, type=_true_or_false,
+                   metavar='True|False', help='--target_T: also search the places of fixed thresholds (s at '
+                   '--softmax_p, a fixed fc2), starting from their fixed values (default on; the chosen '
+                   'values are recorded in the checkpoint and used by snn)')
     # -- end of low-latency calibration --
 
     g = parser.add_argument_group('run and outputs')
@@ -449,6 +453,8 @@ def main(args) -> dict:
                            fc2_thresholds=fc2_thresholds(args, model))
         except ConversionError as exc:
             raise utils.UserError(str(exc)) from None
+        low_latency.apply_fixed_thresholds(model, extras.get('low_latency'),
+                                           log=print if main_process else (lambda line: None))
         count_levels = args.level_batches != 0
         monitor = (SOPMonitor(model, count_levels=count_levels, level_batches=args.level_batches or None)
                    if args.monitor else None)

@@ -45,9 +45,10 @@ def get_args_parser():
     return parser
 
 
-def run_snn(model, args, loader, device, amp):
+def run_snn(model, args, loader, device, amp, record=None):
     convert_to_snn(model, linear_num=args.linear_num, qkv_num=args.qkv_num, softmax_num=args.softmax_num,
                    softmax_p=args.softmax_p, fc2_thresholds=cli.fc2_thresholds(args, model))
+    low_latency.apply_fixed_thresholds(model, record)  # the searched s / fixed fc2 thresholds
     with SOPMonitor(model) as monitor:
         return evaluate_snn(model, loader, device, args.bench_T, amp=amp, monitor=monitor,
                             show_progress=not args.no_progress)
@@ -93,7 +94,7 @@ def main(args):
             objective=args.search_objective)
         rows.append({'calibration': f'--target_T {target}', 'target_T': target,
                      'calibration_seconds': record['seconds'], 'search': record,
-                     **run_snn(model, args, eval_loader, device, amp)})
+                     **run_snn(model, args, eval_loader, device, amp, record)})
         print_row(rows[-1], ann_acc1)
     print_row(rows[0], ann_acc1)
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 import low_latency
 import run_class_finetuning as cli
 from datasets import build_dataset
-from engine_for_finetuning import evaluate, simulate
+from engine_for_finetuning import evaluate, evaluate_snn, simulate
 import trans_utils
 from trans_utils import convert_to_snn, get_modules
 
@@ -73,9 +73,10 @@ def step_logits(snn, images, T):
 
 @pytest.fixture(scope='module')
 def search(weights):
-    """One search for T=2 on 150 training images: (calibrated model, record)."""
+    """One search for T=2 on 150 training images (budget 40: the per-kind stage reaches every kind):
+    (calibrated model, record)."""
     model = calibrating_model(weights)
-    record = low_latency.choose_thresholds(model, digits_loader(True, 150), 2, CPU, budget=16,
+    record = low_latency.choose_thresholds(model, digits_loader(True, 150), 2, CPU, budget=40,
                                            search_images=150, conversion={'fc2_thresholds': FC2},
                                            log=lambda line: None)
     return model, record
@@ -154,22 +155,58 @@ def test_percent_quantiles_are_the_published_calibration(weights):
 def test_objective_never_increases_and_refinement_lowers_it(search):
     model, record = search
     history = record['objective_history']
-    assert len(history) == record['evaluations'] == record['budget'] == 16
+    assert len(history) == record["evaluations"] == record["budget"] == 40
     assert all(b <= a for a, b in zip(history, history[1:]))
     percents = [entry['objective'] for entry in record['percent_objectives']]
     assert record['percent_objective'] == min(percents) == history[len(percents) - 1]
     assert record['final_objective'] == history[-1] < record['percent_objective']
     assert record['accepted_changes'] >= 1 and any(s != 1.0 for s in record['scales'].values())
     assert record['percent'] in low_latency.DEFAULT_PERCENTS
-    # The places with fixed thresholds (s, and fc2 under the ViT default) are not searched.
-    assert record['scales'] and not any(name.endswith(('place_s', 'place_fc2')) for name in record['scales'])
     assert len(record['search_energy_ratio']) == len(record['search_agreement']) == 2
+    # The places of fixed thresholds (s at softmax_p, fc2 under the ViT default) are searched from
+    # their fixed values; the chosen thresholds are recorded (the calibrating model has no use for them).
+    fixed = record['fixed_thresholds']
+    assert record['search_fixed'] and sorted(fixed) == sorted(n for n in record['scales']
+                                                              if n.endswith(('place_s', 'place_fc2')))
+    assert len(fixed) == 4  # two blocks: s and fc2 each
+    for name, value in fixed.items():
+        base = (0.0125, 0.0125) if name.endswith('place_s') else FC2
+        assert value == [float(torch.tensor(b * record['scales'][name], dtype=torch.float64).float()) for b in base]
+    assert {name for name in fixed if record['scales'][name] != 1.0}, 'no fixed place moved: the test is void'
+
+
+def test_search_fixed_false_keeps_the_fixed_thresholds(weights):
+    model = calibrating_model(weights)
+    record = low_latency.choose_thresholds(model, digits_loader(True, 150), 2, CPU, budget=10,
+                                           search_images=150, conversion={'fc2_thresholds': FC2},
+                                           search_fixed=False, log=lambda line: None)
+    assert record['fixed_thresholds'] == {} and not record['search_fixed']
+    assert record['scales'] and not any(name.endswith(('place_s', 'place_fc2')) for name in record['scales'])
+    snn = convert_to_snn(copy.deepcopy(model), fc2_thresholds=FC2)
+    assert low_latency.apply_fixed_thresholds(snn, record) == 0
+
+
+def test_per_kind_stage_moves_places_of_one_kind_together(weights):
+    """Stage 2a scales all places of one kind at once (here it accepts a change); stage 2b then
+    moves single places, each accepted change at most one place away from its kind's scale."""
+    model = calibrating_model(weights)
+    record = low_latency.choose_thresholds(model, digits_loader(True, 150), 2, CPU, budget=14,
+                                           search_images=150, conversion={'fc2_thresholds': FC2},
+                                           log=lambda line: None)
+    assert record['kind_accepted_changes'] >= 1 and record['kind_stage_evaluations'] == 11
+    moved = [kind for kind, scale in record['kind_scales'].items() if scale != 1.0]
+    assert moved
+    kind_of = {name: name.rsplit('place_', 1)[1] for name in record['scales']}
+    assert all(sum(kind_of[name] == kind for name in record['scales']) == 2 for kind in moved)  # 2 blocks
+    off_kind = [name for name, scale in record['scales'].items() if scale != record['kind_scales'][kind_of[name]]]
+    assert len(off_kind) <= record['accepted_changes'] - record['kind_accepted_changes']
 
 
 def test_final_objective_is_that_of_the_stored_thresholds(search, weights):
     """The thresholds left in the model are the ones the search judged last."""
     model, record = search
     snn = convert_to_snn(copy.deepcopy(model), fc2_thresholds=FC2).eval()
+    assert low_latency.apply_fixed_thresholds(snn, record, log=lambda line: None) == 4
     _, images, logits, _ = low_latency.record_quantiles(calibrating_model(weights), digits_loader(True, 150),
                                                         [0.99], CPU, keep_images=150)
     total = sum(float(low_latency.kl_objective(step_logits(snn, x, 2), y)) for x, y in zip(images, logits))
@@ -181,12 +218,12 @@ def test_recorded_scales_reproduce_the_snn(tmp_path, weights):
     quantiles at that percent times those scales are the saved thresholds, and the SNN of the
     checkpoint (--test_mode snn) gives the same per-step logits as one rebuilt from the record."""
     run(tmp_path, '--test_mode', 'for_v', '--model_path', str(weights), '--savename', 'fast',
-        '--target_T', '2', '--search_budget', '12', '--search_images', '150', '--calib_data_path', 'train',
+        '--target_T', '2', '--search_budget', '40', '--search_images', '150', '--calib_data_path', 'train',
         '--results', str(tmp_path / 'for_v.json'))
     saved = torch.load(tmp_path / 'fast.pth', weights_only=True)
     record = saved['low_latency']
     assert json.loads((tmp_path / 'for_v.json').read_text())['low_latency'] == json.loads(json.dumps(record))
-    assert record['target_T'] == 2 and record['evaluations'] == 12 and record['search_images'] == 150
+    assert record['target_T'] == 2 and record['evaluations'] == 40 and record['search_images'] == 150
     assert record['conversion']['fc2_thresholds'] == list(FC2)
 
     assert saved['calibration']['split'] == 'train' and saved['calibration']['percent'] == record['percent']
@@ -199,18 +236,40 @@ def test_recorded_scales_reproduce_the_snn(tmp_path, weights):
                                                            keep_images=150)
     for name, neuron in get_modules(rebuilt, CALIBRATING):
         if name in quantiles:
-            value = low_latency._thresholds(quantiles[name][0], record['scales'].get(name, 1.0))
+            # A fixed fc2 keeps its quantile (its scale is that of the fixed value, below).
+            scale = 1.0 if name in record['fixed_thresholds'] else record['scales'].get(name, 1.0)
+            value = low_latency._thresholds(quantiles[name][0], scale)
             neuron.scale_p.copy_(value[0:1])
             neuron.scale_n.copy_(value[1:2])
             assert torch.equal(value, torch.cat([saved['model'][f'{name}.scale_p'],
                                                  saved['model'][f'{name}.scale_n']])), name
 
+    # The places of fixed thresholds: their fixed values times the recorded scales.
+    assert record['fixed_thresholds']
+    from_record = convert_to_snn(rebuilt, fc2_thresholds=FC2).eval()
+    modules = dict(get_modules(from_record, (trans_utils.TwoSideNeuron,)))
+    for name, (theta_p, theta_n) in record['fixed_thresholds'].items():
+        base = (0.0125, 0.0125) if name.endswith('place_s') else FC2
+        value = low_latency._thresholds(torch.tensor(base), record['scales'][name])
+        assert value.tolist() == [theta_p, theta_n]
+        modules[name].scale_p.copy_(value[0:1])
+        modules[name].scale_n.copy_(value[1:2])
+
     snn_args = parse('--test_mode', 'snn', '--model_path', str(tmp_path / 'fast.pth'))
     from_checkpoint = convert_to_snn(cli.build_model(snn_args), fc2_thresholds=cli.fc2_thresholds(snn_args, rebuilt))
-    from_record = convert_to_snn(rebuilt, fc2_thresholds=FC2)
-    want = step_logits(from_record.eval(), images[0], 3)
+    low_latency.apply_fixed_thresholds(from_checkpoint, record, log=lambda line: None)
+    want = step_logits(from_record, images[0], 3)
     got = step_logits(from_checkpoint.eval(), images[0], 3)
     assert torch.equal(got, want)
+
+    # The command line's snn run is that SNN: the same top-1 after every step on the evaluation set.
+    result = run(tmp_path, '--test_mode', 'snn', '--model_path', str(tmp_path / 'fast.pth'), '--test_T', '3')
+    data, _ = build_dataset(False, parse())
+    expected = evaluate_snn(from_record, DataLoader(data, batch_size=150), CPU, 3, show_progress=False)
+    assert result['acc1'] == expected['acc1']
+    # Without the recorded fixed thresholds the SNN differs (so the comparisons above can fail).
+    plain = convert_to_snn(cli.build_model(snn_args), fc2_thresholds=FC2).eval()
+    assert not torch.equal(step_logits(plain, images[0], 3), got)
 
 
 def test_without_target_T_the_published_calibration_is_unchanged(tmp_path, weights):
@@ -263,3 +322,13 @@ def test_objectives_compare_the_mean_over_steps_with_the_ann(name):
     steps = torch.stack([ann + noise[0], ann - noise[0]])
     assert float(objective(steps, ann)) == pytest.approx(0.0, abs=1e-12)
     assert float(objective(steps + noise, ann)) > 1e-3
+
+
+def test_fixed_thresholds_of_another_model_are_refused(search):
+    """A record naming places the converted model lacks (searched for another model) is an error
+    naming one of them, not a silent partial application."""
+    model, record = search
+    snn = convert_to_snn(copy.deepcopy(model), fc2_thresholds=FC2)
+    foreign = dict(record, fixed_thresholds={'blocks.7.attn.place_s': [0.01, 0.01]})
+    with pytest.raises(UserError, match=r'names 1 places this model does not have \(blocks\.7\.attn\.place_s\)'):
+        low_latency.apply_fixed_thresholds(snn, foreign)
