@@ -4,15 +4,19 @@ The published calibration (ECMT_SPEC 3) takes one quantile (``percent``, 0.99) o
 input, whatever the number of steps T. An MT neuron fires its smallest spike once the membrane
 reaches half its base threshold, so a high threshold leaves small inputs silent for the first
 steps: at T = 1 or 2 the network is far from the ANN. This module chooses the thresholds for a
-given T on calibration images only, in two stages:
+given T on calibration images only, in three stages:
 
 1. one calibration pass records, for every place, the running mean of the quantiles of SEVERAL
    candidate percents (the published statistic, per batch, each batch weighted equally); the
    candidate whose thresholds bring the SNN's output after T steps closest to the ANN's wins;
-2. a coordinate search refines one scale factor per place (the threshold of the place, both sides,
-   is the quantile at the chosen percent times the scale): each place in turn tries its scale
-   divided and multiplied by a factor, keeps a change only if the objective falls, and the factor
-   shrinks (2^(1/2), 2^(1/4), 2^(1/8)) once a whole sweep finds nothing.
+2. a coordinate search refines one scale factor per KIND of place (all q places share one, all
+   s, ...), then 3. one per place (the threshold of the place, both sides, is its base threshold
+   times the scale): each group in turn tries its scale divided and multiplied by a factor, keeps
+   a change only if the objective falls, and the factor shrinks (2^(1/2), 2^(1/4), 2^(1/8)) once
+   a whole sweep finds nothing. A place's base threshold is its quantile at the chosen percent, or
+   for a place of fixed thresholds (s at softmax_p, a fixed fc2) that fixed value (``search_fixed``);
+   the values chosen for those are recorded (``fixed_thresholds``) and :func:`apply_fixed_thresholds`
+   gives them to the ``snn`` model.
 
 The objective is the KL divergence from the ANN's softmax to the softmax of the SNN's mean head
 output over the T steps (the cumulative logits / T, which EC makes an unbiased estimate of the

@@ -144,6 +144,8 @@ def _load(path: str) -> ctypes.CDLL:
     lib.ecmt_scaled_differences.restype = None
     lib.ecmt_tail_quantiles.argtypes = [p, i32, p, p, p, i64, i64, i64, i64, i64, p, p, i32]
     lib.ecmt_tail_quantiles.restype = i32
+    lib.ecmt_nonzero_counts.argtypes = [p, i64, i64, i64, i64, i64, i64, i32, p, i32]
+    lib.ecmt_nonzero_counts.restype = i32
     return lib
 
 
@@ -274,6 +276,32 @@ def scaled_differences(totals: torch.Tensor, prev: Optional[torch.Tensor], t0: i
     library().ecmt_scaled_differences(totals.data_ptr(), _ptr(prev), _ptr(last), float(t0), totals.shape[0], n,
                                       torch.get_num_threads())
     return totals, last
+
+
+def nonzero_counts(x: torch.Tensor, dim: int) -> Optional[torch.Tensor]:
+    """The non-zero elements of a float32 CPU tensor ``x`` [..., R, C] counted along ``dim``
+    (-2: per column, [..., C]; -1: per row, [..., R]), float32 (exact integers), in one read of x
+    whatever the strides of its last two dimensions; None where the leading dimensions do not
+    merge into one stride (the caller counts with torch then)."""
+    if x.dim() < 2 or dim not in (-1, -2) or x.dtype != torch.float32 or x.device.type != 'cpu':
+        raise ValueError('nonzero_counts: x must be float32 on the CPU with >= 2 dimensions, dim -1 or -2')
+    lead = x.shape[:-2]
+    outer, outer_stride = 1, 0
+    for size, stride in zip(reversed(lead), reversed(x.stride()[:-2])):  # innermost leading dim first
+        if size == 1:
+            continue
+        if outer > 1 and stride != outer_stride * outer:
+            return None
+        if outer == 1:
+            outer_stride = stride
+        outer *= size
+    R, C = x.shape[-2], x.shape[-1]
+    out = torch.empty(*lead, C if dim == -2 else R, dtype=torch.float32)
+    status = library().ecmt_nonzero_counts(x.data_ptr(), outer, R, C, outer_stride, x.stride(-2), x.stride(-1),
+                                           1 if dim == -2 else 2, out.data_ptr(), torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f'ecmt_nonzero_counts rejected its arguments (status {status})')
+    return out
 
 
 def tail_quantiles(x: torch.Tensor, sample: torch.Tensor, r_hi: int, r_lo: int, k_hi: int, k_lo: int

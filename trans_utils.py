@@ -739,6 +739,17 @@ def _mask(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x).abs_()
 
 
+def _nonzero_counts(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Non-zero elements of ``x`` along ``dim``, float64 (exact)."""
+    return _mask(x).sum(dim=dim).double()
+
+
+def _native_nonzero_counts(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """:func:`_nonzero_counts` in one native pass over ``x`` (no temporaries of its size)."""
+    counts = native_kernels.nonzero_counts(x, dim) if x.dtype == torch.float32 else None
+    return _nonzero_counts(x, dim) if counts is None else counts.double()
+
+
 class _ECProduct(StatefulModule):
     """Expectation compensation of a product of two time-varying operands (ECMT_SPEC 6); the
     subclasses supply the product (:meth:`_op`) and its operation count (:meth:`_operations`).
@@ -816,8 +827,9 @@ class AtNeuron(_ECProduct):
         """Per step: nz(a)·nz(b) + nz(a)·nz(B) + nz(A)·nz(b), each the multiply-adds of ``a @ b``
         whose two factors are non-zero, from non-zero counts per column of the left operand and
         per row of the right one (no matrix product). Float32 sums of 0/1 are exact."""
-        cols_a, cols_cum_a = _mask(a).sum(dim=-2).double(), _mask(cum_a).sum(dim=-2).double()
-        rows_b, rows_cum_b = _mask(b).sum(dim=-1).double(), _mask(cum_b).sum(dim=-1).double()
+        count = _native_nonzero_counts if self.backend == 'native' else _nonzero_counts
+        cols_a, cols_cum_a = count(a, -2), count(cum_a, -2)
+        rows_b, rows_cum_b = count(b, -1), count(cum_b, -1)
         return (cols_a * (rows_b + rows_cum_b) + cols_cum_a * rows_b).flatten(1).sum(1)
 
     def dense_operations(self, a, b, out):

@@ -776,3 +776,47 @@ void ecmt_scaled_differences(float* totals, const float* prev, float* last, floa
 }
 
 }  // extern "C"
+
+
+// ---- the energy monitor's non-zero counts of an EC product's operands ---------------------------
+extern "C" {
+
+// Non-zero elements of x viewed as [outer, R, C] (strides in elements: so, sr, sc), counted along
+// R (axis 1: out [outer, C], a left operand's columns) or along C (axis 2: out [outer, R], a right
+// operand's rows), as float32 (exact: the counts are far below 2^24). One read of x, no
+// temporaries. Returns 0, or -1 for bad arguments.
+int ecmt_nonzero_counts(const float* x, int64_t outer, int64_t R, int64_t C, int64_t so, int64_t sr, int64_t sc,
+                        int axis, float* out, int threads) {
+    if (outer < 0 || R < 0 || C < 0 || (axis != 1 && axis != 2)) return -1;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && outer > 1 && outer * R * C > 16384)
+    for (int64_t o = 0; o < outer; ++o) {
+        const float* base = x + o * so;
+        if (axis == 1) {
+            float* counts = out + o * C;
+            for (int64_t c = 0; c < C; ++c) counts[c] = 0.0f;
+            for (int64_t r = 0; r < R; ++r) {
+                const float* row = base + r * sr;
+                if (sc == 1) {
+                    for (int64_t c = 0; c < C; ++c) counts[c] += row[c] != 0.0f ? 1.0f : 0.0f;
+                } else {
+                    for (int64_t c = 0; c < C; ++c) counts[c] += row[c * sc] != 0.0f ? 1.0f : 0.0f;
+                }
+            }
+        } else {
+            float* counts = out + o * R;
+            for (int64_t r = 0; r < R; ++r) {
+                const float* row = base + r * sr;
+                int64_t n = 0;
+                if (sc == 1) {
+                    for (int64_t c = 0; c < C; ++c) n += row[c] != 0.0f;
+                } else {
+                    for (int64_t c = 0; c < C; ++c) n += row[c * sc] != 0.0f;
+                }
+                counts[r] = static_cast<float>(n);
+            }
+        }
+    }
+    return 0;
+}
+
+}  // extern "C"

@@ -261,6 +261,27 @@ def test_product_bookkeeping_equals_the_torch_steps_bit_for_bit(native, threads,
 
 
 @needs_compiler
+@pytest.mark.parametrize('layout', ['contiguous', 'transposed', 'sliced', 'unmergeable'])
+@pytest.mark.parametrize('dim', [-2, -1])
+def test_nonzero_counts_equal_torch(native, threads, layout, dim):
+    """The energy monitor's per-column / per-row non-zero counts of a product operand, in one pass
+    whatever its strides (a transposed k, a slice); leading dimensions that do not merge into one
+    stride are left to torch (None)."""
+    g = torch.Generator().manual_seed(3)
+    full = torch.randn(4, 3, 70, 65, generator=g) * (torch.rand(4, 3, 70, 65, generator=g) < 0.4)
+    full[0, 0, 5] = -0.0  # a negative zero is a zero
+    x = {'contiguous': full, 'transposed': full.transpose(-2, -1), 'sliced': full[:, :, 3:60, ::2],
+         'unmergeable': full[:, :2]}[layout]
+    got = native_kernels.nonzero_counts(x, dim)
+    want = (x != 0).sum(dim=dim).float()
+    if layout == 'unmergeable':
+        assert got is None
+        assert torch.equal(trans_utils._native_nonzero_counts(x, dim), want.double())
+    else:
+        assert got.shape == want.shape and torch.equal(got, want)
+
+
+@needs_compiler
 def test_thread_counts_give_identical_results(native):
     x = torch.randn(3, (1 << 17) + 5, generator=torch.Generator().manual_seed(3))
     table = trans_utils.level_table(torch.tensor(0.2), torch.tensor(0.3), 8)
