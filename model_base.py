@@ -117,7 +117,7 @@ class ConvertibleAttention(nn.Module):
             # come before the copy (a neuron is element-wise: the same spikes, fewer states).
             groups = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        attn = self.qk_matmul(q, k.transpose(-2, -1)) * self.scale
+        attn = self.qk_matmul(q, k.transpose(-2, -1), scale=self.scale)
         attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
         attn = self.softmax(attn)
         attn = self.attn_drop(attn)
@@ -221,7 +221,7 @@ class ConvertibleAttentionPool(nn.Module):
         k, v = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         k, v = self.place_k(k), self.place_v(v)
-        attn = self.qk_matmul(q, k.transpose(-2, -1)) * self.scale
+        attn = self.qk_matmul(q, k.transpose(-2, -1), scale=self.scale)
         attn = self.softmax(maybe_add_mask(attn, attn_mask))
         x = self.av_matmul(attn, v)
         x = x.transpose(1, 2).reshape(B, self.latent_len, self.num_heads * self.head_dim)

@@ -140,7 +140,7 @@ def _load(path: str) -> ctypes.CDLL:
     lib.ecmt_ec_layer_norm_steps.restype = None
     lib.ecmt_running_sums.argtypes = [p, i32, p, p, p, p, i32]
     lib.ecmt_running_sums.restype = i32
-    lib.ecmt_scaled_differences.argtypes = [p, p, p, f32, i64, i64, i32]
+    lib.ecmt_scaled_differences.argtypes = [p, p, p, f32, f32, i64, i64, i32]
     lib.ecmt_scaled_differences.restype = None
     lib.ecmt_tail_quantiles.argtypes = [p, i32, p, p, p, i64, i64, i64, i64, i64, p, p, i32]
     lib.ecmt_tail_quantiles.restype = i32
@@ -261,11 +261,12 @@ def running_sums(x: torch.Tensor, carried: Optional[torch.Tensor]) -> torch.Tens
     return sums
 
 
-def scaled_differences(totals: torch.Tensor, prev: Optional[torch.Tensor], t0: int, keep: bool
-                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def scaled_differences(totals: torch.Tensor, prev: Optional[torch.Tensor], t0: int, keep: bool,
+                       scale: float = 1.0) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """In place on ``totals`` [K, ...] (contiguous float32, products of running sums for steps
     t0+1..t0+K): each becomes ``total_t - total_(t-1)`` with ``total_t = totals[t] / t``, the first
-    less ``prev`` (the last total of the previous chunk; None: nothing). Returns (totals, the
+    less ``prev`` (the last total of the previous chunk; None: nothing), then times ``scale`` (in
+    float32, after the difference, as ``out * scale`` after the product). Returns (totals, the
     chunk's last total shaped like one step, or None without ``keep``)."""
     if not totals.is_contiguous() or totals.dtype != torch.float32 or totals.dim() < 1:
         raise ValueError('scaled_differences: totals must be contiguous float32 [K, ...]')
@@ -273,7 +274,8 @@ def scaled_differences(totals: torch.Tensor, prev: Optional[torch.Tensor], t0: i
     if prev is not None:
         _state(prev, n, False)
     last = torch.empty(totals.shape[1:], dtype=torch.float32) if keep else None
-    library().ecmt_scaled_differences(totals.data_ptr(), _ptr(prev), _ptr(last), float(t0), totals.shape[0], n,
+    library().ecmt_scaled_differences(totals.data_ptr(), _ptr(prev), _ptr(last), float(t0), float(scale),
+                                      totals.shape[0], n,
                                       torch.get_num_threads())
     return totals, last
 

@@ -719,10 +719,12 @@ class exp_comp_neuron(StatefulModule):
 
 
 class MyAt(nn.Module):
-    """Product of two operands, ``a @ b`` (plain; becomes :class:`AtNeuron` in ``snn`` mode)."""
+    """Product of two operands, ``a @ b``, times ``scale`` if given (q·kᵀ times the attention
+    scale: ``(a @ b) * scale``); plain, it becomes :class:`AtNeuron` in ``snn`` mode."""
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return a @ b
+    def forward(self, a: torch.Tensor, b: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+        out = a @ b
+        return out if scale is None else out * scale
 
 
 class MyMul(nn.Module):
@@ -784,7 +786,9 @@ class _ECProduct(StatefulModule):
         """Operations of the dense product of one call (all its steps)."""
         raise NotImplementedError  # pragma: no cover
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def forward(self, a: torch.Tensor, b: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+        """The EC product's output for the chunk's steps, times ``scale`` if given (the same as
+        multiplying the output afterwards, without another pass over it)."""
         a, b = a.detach().float(), b.detach().float()
         single = self.time_steps == 1  # operands as given (any ranks, broadcasting as the op does)
         a_steps = a.unsqueeze(0) if single else self._split_time(a)
@@ -804,11 +808,14 @@ class _ECProduct(StatefulModule):
             self.last_operations = self._operations(a_steps, b_steps, cum_a, cum_b)
         prev, keep = self.prev_total, self.keep_state
         if native:
-            out, last_total = native_kernels.scaled_differences(totals.contiguous(), prev, self.steps, keep)
+            out, last_total = native_kernels.scaled_differences(totals.contiguous(), prev, self.steps, keep,
+                                                                1.0 if scale is None else scale)
         else:
             totals = totals.div_(self._steps_column(totals.dim(), totals.device))
             last_total = totals[-1].clone() if keep else None
             out = _differences(totals, prev)
+            if scale is not None:
+                out = out.mul_(scale)
         if keep:
             last = (lambda t: t[-1]) if single else (lambda t: t[-1].clone())  # not the whole chunk
             self.cum_a, self.cum_b, self.prev_total = last(cum_a), last(cum_b), last_total

@@ -357,12 +357,45 @@ bool make_layout(int ndim, const int64_t* sizes, const int64_t* strides, StepLay
     return true;
 }
 
+// Where a tile of `len` consecutive elements (in the rest's logical order, from element `at`)
+// lies in a step's input: one segment per row it touches (rows of a permuted view, such as the q
+// of a fused qkv, are as short as a head: the tile spans several), found once per tile.
+struct TileSource {
+    int segments = 0;
+    bool direct = false;  // one contiguous segment: read in place
+    int64_t offset[kTile], length[kTile];
+};
+
+inline void tile_source(const StepLayout& l, int64_t at, int64_t len, TileSource& s) {
+    int64_t row = at / l.inner, col = at % l.inner;
+    s.segments = 0;
+    while (len > 0) {
+        const int64_t take = std::min(len, l.inner - col);
+        s.offset[s.segments] = l.row_offset(row) + col * l.inner_stride;
+        s.length[s.segments] = take;
+        ++s.segments;
+        len -= take;
+        ++row;
+        col = 0;
+    }
+    s.direct = s.segments == 1 && l.inner_stride == 1;
+}
+
 // One tile's input at step k, contiguous: where it lies, or gathered into `buffer`.
-inline const float* tile_input(const float* x, const StepLayout& l, int64_t k, int64_t row_offset,
-                               int64_t col, int64_t len, float* buffer) {
-    const float* p = x + k * l.step_stride + row_offset + col * l.inner_stride;
-    if (l.inner_stride == 1) return p;
-    for (int64_t j = 0; j < len; ++j) buffer[j] = p[j * l.inner_stride];
+inline const float* tile_input(const float* x, const StepLayout& l, int64_t k, const TileSource& s, float* buffer) {
+    const float* base = x + k * l.step_stride;
+    if (s.direct) return base + s.offset[0];
+    float* out = buffer;
+    for (int i = 0; i < s.segments; ++i) {
+        const float* p = base + s.offset[i];
+        const int64_t n = s.length[i];
+        if (l.inner_stride == 1) {
+            std::memcpy(out, p, static_cast<size_t>(n) * sizeof(float));
+        } else {
+            for (int64_t j = 0; j < n; ++j) out[j] = p[j * l.inner_stride];
+        }
+        out += n;
+    }
     return buffer;
 }
 
@@ -415,22 +448,22 @@ void mt_steps(const float* x, const StepLayout& l, float* membrane, bool fresh, 
               int64_t width, float* spike, int64_t* counts, int threads) {
     const int64_t n = l.rows * l.inner, K = l.steps;
     for (int64_t k = 0; k < K; ++k) counts[k] = 0;
+    const int64_t items = (n + kItem - 1) / kItem;  // runs of kItem elements in logical order
 #pragma omp parallel num_threads(threads) if (threads > 1 && n > kItem)
     {
         std::vector<int64_t> local(K, 0);
-        const int64_t chunks = (l.inner + kItem - 1) / kItem;
-        const int64_t items = l.rows * chunks;
+        TileSource source;
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; ++item) {
-            const int64_t row = item / chunks, col0 = item % chunks * kItem;
-            const int64_t end = std::min(l.inner, col0 + kItem), offset = l.row_offset(row);
+            const int64_t end = std::min(n, (item + 1) * kItem);
             float v[kTile], buffer[kTile];
-            for (int64_t col = col0; col < end; col += kTile) {
-                const int64_t len = std::min(kTile, end - col), at = row * l.inner + col;
+            for (int64_t at = item * kItem; at < end; at += kTile) {
+                const int64_t len = std::min(kTile, end - at);
+                tile_source(l, at, len, source);
                 for (int64_t j = 0; j < len; ++j) v[j] = fresh ? 0.0f : membrane[at + j];
                 for (int64_t k = 0; k < K; ++k)
-                    mt_tile<W>(v, tile_input(x, l, k, offset, col, len, buffer), table, width,
-                               spike + k * n + at, len, local[k]);
+                    mt_tile<W>(v, tile_input(x, l, k, source, buffer), table, width, spike + k * n + at, len,
+                               local[k]);
                 if (keep)
                     for (int64_t j = 0; j < len; ++j) membrane[at + j] = v[j];
             }
@@ -445,26 +478,29 @@ void mt_steps(const float* x, const StepLayout& l, float* membrane, bool fresh, 
 // batch's first chunk, from the first step itself): the same float additions as one step at a time.
 void running_sums(const float* x, const StepLayout& l, const float* carried, float* sums, int threads) {
     const int64_t n = l.rows * l.inner, K = l.steps;
-    const int64_t chunks = (l.inner + kItem - 1) / kItem;
-    const int64_t items = l.rows * chunks;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && n > kItem)
-    for (int64_t item = 0; item < items; ++item) {
-        const int64_t row = item / chunks, col0 = item % chunks * kItem;
-        const int64_t end = std::min(l.inner, col0 + kItem), offset = l.row_offset(row);
-        float c[kTile], buffer[kTile];
-        for (int64_t col = col0; col < end; col += kTile) {
-            const int64_t len = std::min(kTile, end - col), at = row * l.inner + col;
-            for (int64_t k = 0; k < K; ++k) {
-                const float* xk = tile_input(x, l, k, offset, col, len, buffer);
-                float* out = sums + k * n + at;
-                if (k == 0 && carried == nullptr) {
-                    for (int64_t j = 0; j < len; ++j) c[j] = xk[j];
-                } else if (k == 0) {
-                    for (int64_t j = 0; j < len; ++j) c[j] = carried[at + j] + xk[j];
-                } else {
-                    for (int64_t j = 0; j < len; ++j) c[j] = c[j] + xk[j];
+    const int64_t items = (n + kItem - 1) / kItem;
+#pragma omp parallel num_threads(threads) if (threads > 1 && n > kItem)
+    {
+        TileSource source;
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < items; ++item) {
+            const int64_t end = std::min(n, (item + 1) * kItem);
+            float c[kTile], buffer[kTile];
+            for (int64_t at = item * kItem; at < end; at += kTile) {
+                const int64_t len = std::min(kTile, end - at);
+                tile_source(l, at, len, source);
+                for (int64_t k = 0; k < K; ++k) {
+                    const float* xk = tile_input(x, l, k, source, buffer);
+                    float* out = sums + k * n + at;
+                    if (k == 0 && carried == nullptr) {
+                        for (int64_t j = 0; j < len; ++j) c[j] = xk[j];
+                    } else if (k == 0) {
+                        for (int64_t j = 0; j < len; ++j) c[j] = carried[at + j] + xk[j];
+                    } else {
+                        for (int64_t j = 0; j < len; ++j) c[j] = c[j] + xk[j];
+                    }
+                    for (int64_t j = 0; j < len; ++j) out[j] = c[j];
                 }
-                for (int64_t j = 0; j < len; ++j) out[j] = c[j];
             }
         }
     }
@@ -750,9 +786,11 @@ int ecmt_running_sums(const float* x, int ndim, const int64_t* sizes, const int6
 
 // In place on totals [K, n] (contiguous float32 products of running sums, steps t0+1..t0+K):
 // total_k = totals[k] / s_k with s_k = t0 + k + 1; totals[k] becomes total_k - total_(k-1), and
-// totals[0] total_0 - prev (prev null: total_0 itself); last (n floats, or null) receives total_(K-1).
-void ecmt_scaled_differences(float* totals, const float* prev, float* last, float t0, int64_t K, int64_t n,
-                             int threads) {
+// totals[0] total_0 - prev (prev null: total_0 itself); then each is multiplied by `scale` (the
+// attention scale of q·kᵀ, applied to the product's output as the model does; 1 otherwise);
+// last (n floats, or null) receives total_(K-1).
+void ecmt_scaled_differences(float* totals, const float* prev, float* last, float t0, float scale, int64_t K,
+                             int64_t n, int threads) {
     const int64_t items = (n + kItem - 1) / kItem;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && items > 1)
     for (int64_t item = 0; item < items; ++item) {
@@ -765,7 +803,8 @@ void ecmt_scaled_differences(float* totals, const float* prev, float* last, floa
                 float* row = totals + k * n + col;
                 for (int64_t j = 0; j < len; ++j) {
                     const float total = row[j] / steps;
-                    row[j] = (k == 0 && prev == nullptr) ? total : total - (k == 0 ? prev[col + j] : p[j]);
+                    const float step = (k == 0 && prev == nullptr) ? total : total - (k == 0 ? prev[col + j] : p[j]);
+                    row[j] = step * scale;  // the product's output times a scale (1: exact identity)
                     p[j] = total;
                 }
             }

@@ -153,7 +153,7 @@ class RefProduct(torch.nn.Module):
         super().__init__()
         self.op, self.cum_a, self.cum_b, self.prev, self.t = op, None, None, None, 0
 
-    def forward(self, a, b):
+    def forward(self, a, b, scale=None):
         a, b = a.float(), b.float()
         self.t += 1
         self.cum_a = a.clone() if self.cum_a is None else self.cum_a + a
@@ -161,7 +161,7 @@ class RefProduct(torch.nn.Module):
         total = self.op(self.cum_a, self.cum_b).float() / self.t
         out = total if self.prev is None else total - self.prev
         self.prev = total
-        return out
+        return out if scale is None else out * scale  # the model's (q·kᵀ) * scale
 
 
 def ref_simulate(model: torch.nn.Module, images: torch.Tensor, steps: int) -> torch.Tensor:

@@ -232,7 +232,8 @@ def test_layer_norm_ec_steps_match_float64(native, threads, cols, affine):
 @needs_compiler
 @pytest.mark.parametrize('layout', ['contiguous', 'transposed'])
 @pytest.mark.parametrize('chunks', CHUNKS)
-def test_product_bookkeeping_equals_the_torch_steps_bit_for_bit(native, threads, layout, chunks):
+@pytest.mark.parametrize('scale', [None, 0.125 ** 0.5])
+def test_product_bookkeeping_equals_the_torch_steps_bit_for_bit(native, threads, layout, chunks, scale):
     """The EC products' running sums (of a transposed k, say) and scaled differences along time:
     the same float operations as trans_utils' torch steps, in every chunking."""
     g = torch.Generator().manual_seed(9)
@@ -248,10 +249,14 @@ def test_product_bookkeeping_equals_the_torch_steps_bit_for_bit(native, threads,
         assert sums.is_contiguous() and torch.equal(sums, want)
         cum_native, cum_torch = sums[-1].clone(), want[-1].clone()
         totals = products[first:first + count].clone()
-        out, last = native_kernels.scaled_differences(totals.clone(), prev_native, first, keep)
+        if scale is None:
+            out, last = native_kernels.scaled_differences(totals.clone(), prev_native, first, keep)
+        else:
+            out, last = native_kernels.scaled_differences(totals.clone(), prev_native, first, keep, scale)
         steps = torch.arange(first + 1, first + count + 1, dtype=torch.float32).view(-1, 1, 1, 1)
         scaled = totals / steps
-        assert torch.equal(out, trans_utils._differences(scaled.clone(), prev_torch))
+        want = trans_utils._differences(scaled.clone(), prev_torch)
+        assert torch.equal(out, want if scale is None else want * scale)  # the output times the scale
         if keep:
             assert torch.equal(last, scaled[-1])
         else:
