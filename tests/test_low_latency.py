@@ -332,3 +332,9 @@ def test_fixed_thresholds_of_another_model_are_refused(search):
     foreign = dict(record, fixed_thresholds={'blocks.7.attn.place_s': [0.01, 0.01]})
     with pytest.raises(UserError, match=r'names 1 places this model does not have \(blocks\.7\.attn\.place_s\)'):
         low_latency.apply_fixed_thresholds(snn, foreign)
+
+
+@pytest.mark.parametrize('extra, value', [([], True), (['--search_fixed', 'False'], False),
+                                          (['--search_fixed'], True), (['--search_fixed', 'True'], True)])
+def test_search_fixed_flag(extra, value):
+    assert parse(*extra).search_fixed is value
