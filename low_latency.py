@@ -323,7 +323,8 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
     log(f'  per-place scales: {accepted} changes accepted, objective {percent_objective:.5f} -> {best:.5f}')
 
     # The chosen thresholds go into the calibrating model: quantiles at the chosen percent times
-    # the scales (1 where a place was not searched, e.g. a fixed fc2 or an unused one).
+    # the scales (1 where a place was not searched, or is a fixed fc2, whose searched value is
+    # its fixed one times its scale: fixed_thresholds, applied by snn).
     chosen = dict(zip(places, scales))
     fixed_thresholds = {name: [float(v) for v in _thresholds(fixed[name][best_index], chosen[name])]
                         for name in places if name in fixed}
