@@ -59,6 +59,8 @@ DEFAULT_BUDGET = 128
 DEFAULT_SEARCH_IMAGES = 512
 #: Multiplicative steps of the per-place coordinate search, tried in turn (largest first).
 SCALE_FACTORS = (2 ** 0.5, 2 ** 0.25, 2 ** 0.125)
+#: Memory for the search's block cache (block inputs of the current best thresholds), MiB.
+DEFAULT_CACHE_MIB = 2048
 
 
 def kl_objective(snn_steps: torch.Tensor, ann_logits: torch.Tensor) -> torch.Tensor:
@@ -148,38 +150,135 @@ def _thresholds(quantile: torch.Tensor, scale: float) -> torch.Tensor:
     return (quantile.double() * scale).float()
 
 
+class _Replay(nn.Module):
+    """Stands in for a block the candidate does not change: the last one before the first block
+    that runs gives that block's recorded input; earlier ones pass anything on (it is ignored)."""
+
+    def __init__(self, output: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, x, *args, **kwargs):
+        return x if self.output is None else self.output
+
+
+def _block_of(name: str) -> int:
+    """The index of the block a place sits in (``blocks.<i>.``), or 0 (before any block) for a
+    place elsewhere: the conservative answer, a candidate changing it runs every block."""
+    parts = name.split('.')
+    return int(parts[1]) if len(parts) > 2 and parts[0] == 'blocks' and parts[1].isdigit() else 0
+
+
 class _Search:
-    """The SNN (a converted copy of the model) and the objective of a set of thresholds."""
+    """The SNN (a converted copy of the model) and the objective of a set of thresholds.
+
+    Block cache: a candidate that changes only places in blocks b and later gives the blocks
+    before b the same inputs, thresholds and hence outputs as the current best thresholds, so
+    those blocks are not run again: the input of block b (all T steps of every search batch, as
+    recorded in the current best's own run) is given to block b directly. Kept for as many block
+    inputs as ``cache_bytes`` holds twice (the current best's and a candidate's), evenly spaced
+    over the depth; a candidate starts from the nearest kept block at or before b. Every value is
+    the one a full run gives (the same kernels on the same tensors)."""
 
     def __init__(self, snn: nn.Module, places: List[str], images: List[torch.Tensor],
                  logits: List[torch.Tensor], T: int, amp: Optional[str], budget: int,
-                 objective: Callable = kl_objective) -> None:
+                 objective: Callable = kl_objective, cache_bytes: int = 0) -> None:
         modules = dict(snn.named_modules())
         self.snn, self.neurons = snn, [modules[name] for name in places]
         self.images, self.logits, self.T, self.amp = images, logits, T, amp
         self.budget, self.evaluations, self.function = budget, 0, objective
         self.count = sum(int(x.shape[0]) for x in images)
         self.seconds = 0.0
+        self.place_block = [_block_of(name) for name in places]
+        blocks = getattr(snn, 'blocks', None)
+        self.blocks = blocks if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) > 1 else None
+        self.cache_bytes = int(cache_bytes) if self.blocks is not None else 0
+        self.kept: Optional[List[int]] = None  # the blocks whose inputs are cached; None: not chosen yet
+        self.cache: Dict[int, List[torch.Tensor]] = {}     # block -> its input, per search batch
+        self._pending: Dict[int, List[torch.Tensor]] = {}  # the same, of the last candidate
+        self.blocks_run = 0    # block evaluations (one block on all search images) done
+        self.blocks_total = 0  # the same for full runs
 
     def set(self, thresholds: List[torch.Tensor]) -> None:
         for neuron, value in zip(self.neurons, thresholds):
             neuron.scale_p.copy_(value[0:1])
             neuron.scale_n.copy_(value[1:2])
 
+    def _choose_kept(self, block_bytes: int) -> None:
+        depth = len(self.blocks)
+        fit = self.cache_bytes // max(2 * block_bytes, 1)
+        if fit >= depth - 1:
+            self.kept = list(range(1, depth))
+        else:  # evenly spaced over the depth
+            self.kept = sorted({round((i + 1) * depth / (fit + 1)) for i in range(int(fit))} - {0, depth})
+
+    def _start(self, changed: Optional[Sequence[int]]) -> int:
+        """The first block to run for a candidate changing the places ``changed`` (None: all)."""
+        if changed is None or not self.cache or not changed:
+            return 0
+        first = min(self.place_block[i] for i in changed)
+        return max((b for b in self.cache if b <= first), default=0)
+
     @torch.no_grad()
-    def objective(self, thresholds: List[torch.Tensor]) -> float:
-        """The mean objective over the search images; counts one evaluation of the budget."""
+    def objective(self, thresholds: List[torch.Tensor], changed: Optional[Sequence[int]] = None) -> float:
+        """The mean objective over the search images; counts one evaluation of the budget.
+        ``changed``: the indices of the places whose thresholds differ from the current best's
+        (the last :meth:`accept` ed candidate), for the block cache; None: any."""
         if self.evaluations >= self.budget:
             raise RuntimeError('the search budget is spent')
         start = time.perf_counter()
         self.set(thresholds)
+        first = self._start(changed)
+        capture = self.cache_bytes > 0 and (self.kept is None or any(b > first for b in self.kept))
+        self._pending = {}
         total = torch.zeros((), dtype=torch.float64, device=self.logits[0].device)
-        for images, logits in zip(self.images, self.logits):
-            total += self.function(simulate(self.snn, images, self.T, amp=self.amp), logits)
+        for index, (images, logits) in enumerate(zip(self.images, self.logits)):
+            total += self.function(self._simulate(index, images, first, capture), logits)
+        if self.blocks is not None:
+            depth = len(self.blocks)
+            self.blocks_run += depth - first
+            self.blocks_total += depth
         self.evaluations += 1
         value = float(total) / self.count
         self.seconds += time.perf_counter() - start
         return value
+
+    def _simulate(self, index: int, images: torch.Tensor, first: int, capture: bool) -> torch.Tensor:
+        if first == 0 and not capture:
+            return simulate(self.snn, images, self.T, amp=self.amp)
+        blocks, saved, handles = self.blocks, {}, []
+
+        def keep(block):
+            def hook(module, args):
+                if self.kept is None:  # the first capture: choose what fits, from one input's size
+                    self._choose_kept(args[0].numel() * args[0].element_size() * len(self.images))
+                if block in self.kept and block > first and isinstance(args[0], torch.Tensor):
+                    self._pending.setdefault(block, []).append(args[0])
+            return hook
+        try:
+            for i in range(first):  # the blocks before ``first`` are not run
+                saved[i] = blocks[i]
+                blocks[i] = _Replay(self.cache[first][index] if i == first - 1 else None)
+            if capture:
+                for i in range(max(first, 1), len(blocks)):
+                    handles.append(blocks[i].register_forward_pre_hook(keep(i)))
+            return simulate(self.snn, images, self.T, amp=self.amp)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for i, block in saved.items():
+                blocks[i] = block
+
+    def accept(self) -> None:
+        """The last candidate is the current best: its block inputs replace the cached ones."""
+        self.cache.update({b: v for b, v in self._pending.items() if len(v) == len(self.images)})
+        self._pending = {}
+
+    def cache_figures(self) -> Dict:
+        kept = self.kept or []
+        held = sum(t.numel() * t.element_size() for v in self.cache.values() for t in v)
+        return {'cached_blocks': list(kept), 'cache_mib': held / 2 ** 20,
+                'block_evaluations': self.blocks_run, 'block_evaluations_full': self.blocks_total}
 
     @torch.no_grad()
     def final_figures(self, thresholds: List[torch.Tensor]) -> Dict:
@@ -196,7 +295,8 @@ class _Search:
                 'energy_ratio': energy['energy_ratio']}
 
 
-def check_search_args(target_T: int, percents: Sequence[float], budget: int, search_images: int) -> None:
+def check_search_args(target_T: int, percents: Sequence[float], budget: int, search_images: int,
+                      cache_mib: float = DEFAULT_CACHE_MIB) -> None:
     """Refuse bad search settings with a :class:`utils.UserError` naming the flag."""
     if isinstance(target_T, bool) or not isinstance(target_T, int) or target_T < 1:
         raise utils.UserError(f'--target_T must be a number of time steps >= 1, got {target_T!r}')
@@ -212,13 +312,16 @@ def check_search_args(target_T: int, percents: Sequence[float], budget: int, sea
                               'percents it must evaluate first')
     if search_images < 1:
         raise utils.UserError(f'--search_images must be >= 1, got {search_images}')
+    if not cache_mib >= 0:
+        raise utils.UserError(f'--search_cache_mb must be >= 0 (0: no block cache), got {cache_mib}')
 
 
 def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, device, *,
                       percents: Sequence[float] = DEFAULT_PERCENTS, budget: int = DEFAULT_BUDGET,
                       search_images: int = DEFAULT_SEARCH_IMAGES, max_batches: Optional[int] = None,
                       amp: Optional[str] = None, conversion: Optional[Dict] = None,
-                      objective: str = 'kl', search_fixed: bool = True, log: Callable[[str], None] = print) -> Dict:
+                      objective: str = 'kl', search_fixed: bool = True, cache_mib: float = DEFAULT_CACHE_MIB,
+                      log: Callable[[str], None] = print) -> Dict:
     """Choose the thresholds of ``model`` for ``target_T`` steps on ``calib_loader`` alone.
 
     ``model`` holds calibrating :class:`TestNeuron` s (``for_v``); ``calib_loader`` yields
@@ -231,7 +334,7 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
     record (plain values only: it goes into the checkpoint and the --results JSON).
     """
     percents = [float(p) for p in percents]
-    check_search_args(target_T, percents, budget, search_images)
+    check_search_args(target_T, percents, budget, search_images, cache_mib)
     if objective not in OBJECTIVES:
         raise utils.UserError(f'unknown search objective {objective!r}; choose one of {", ".join(OBJECTIVES)}')
     conversion = dict(conversion or {})
@@ -259,7 +362,8 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
             places.append(name)
             fixed[name] = torch.tensor([value] * len(percents), dtype=torch.float32)
     bases = {**quantiles, **fixed}  # per place, per percent
-    search = _Search(snn, places, images, logits, target_T, amp, budget, OBJECTIVES[objective])
+    search = _Search(snn, places, images, logits, target_T, amp, budget, OBJECTIVES[objective],
+                     cache_bytes=int(cache_mib * 2 ** 20))
     log(f'low-latency calibration for T={target_T}: {len(places)} places searched, quantiles of '
         f'{len(percents)} percents recorded on {batches} batches in {record_seconds:.1f} s; objective '
         f'{OBJECTIVE_TEXT[objective]} on {search.count} calibration images, at most {budget} evaluations')
@@ -273,6 +377,7 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
         log(f'  percent {percent:g}: objective {value:.5f}')
         if value < best:
             best_index, best = index, value
+            search.accept()
         history.append(best)
     percent = percents[best_index]
     base = [bases[name][best_index] for name in places]
@@ -297,10 +402,11 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
                         trial = list(current)
                         for i in group:
                             trial[i] = _thresholds(base[i], scales[i] * change)
-                        value = search.objective(trial)
+                        value = search.objective(trial, changed=group)
                         better = value < best
                         history.append(min(best, value))
                         if better:
+                            search.accept()
                             best, current = value, trial
                             for i in group:
                                 scales[i] *= change
@@ -334,10 +440,16 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
             neuron.scale_p.copy_(value[0:1])
             neuron.scale_n.copy_(value[1:2])
     final = search.final_figures(current)
+    cache = search.cache_figures()
+    search.cache.clear()
     seconds = time.perf_counter() - start
+    skipped = ''
+    if cache['block_evaluations_full']:
+        skipped = (f'; block cache: inputs of {len(cache["cached_blocks"])} blocks kept ({cache["cache_mib"]:.0f} MiB), '
+                   f'{cache["block_evaluations"]} of {cache["block_evaluations_full"]} block evaluations run')
     log(f'  search cost: {search.evaluations} evaluations of {target_T} steps on {search.count} images, '
         f'{search.seconds:.1f} s ({search.seconds / max(search.evaluations, 1):.2f} s each); '
-        f'{seconds:.1f} s in all')
+        f'{seconds:.1f} s in all{skipped}')
     steps = ', '.join(f't={t}: {a:.2f}%' for t, a in enumerate(final['agreement'], 1))
     log(f'  chosen: percent {percent:g}; agreement with the ANN on the search images {steps}; '
         f'energy vs ANN at t={target_T}: {final["energy_ratio"][-1]:.4f}')
@@ -350,6 +462,7 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
         'kind_stage_evaluations': kind_evaluations, 'search_images': search.count, 'calibration_batches': batches,
         'seconds_quantiles': record_seconds, 'seconds_search': search.seconds, 'seconds': seconds,
         'conversion': _plain(conversion), 'search_fixed': search_fixed, 'fixed_thresholds': fixed_thresholds,
+        'cache_mib_limit': cache_mib, **cache,
         **{f'search_{k}': v for k, v in final.items()},
     }
 
@@ -395,4 +508,4 @@ def run_for_args(model: nn.Module, calib_loader: Iterable, args, device, amp: Op
     return choose_thresholds(model, calib_loader, args.target_T, device, percents=args.target_percents,
                              budget=args.search_budget, search_images=args.search_images, amp=amp,
                              conversion=conversion, objective=args.search_objective,
-                             search_fixed=args.search_fixed, log=log)
+                             search_fixed=args.search_fixed, cache_mib=args.search_cache_mb, log=log)

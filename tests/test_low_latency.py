@@ -291,6 +291,8 @@ def test_without_target_T_the_published_calibration_is_unchanged(tmp_path, weigh
     (['--target_T', '2', '--target_percents', '0.9', '1.5'], '--target_percents must lie in (0, 1], got 1.5'),
     (['--target_T', '2', '--target_percents', '0.9', '0.9'], 'the same percent twice'),
     (['--target_T', '2', '--search_images', '0'], '--search_images must be >= 1, got 0'),
+    (['--target_T', '2', '--search_cache_mb', '-1'], '--search_cache_mb must be >= 0 (0: no block cache), got -1.0'),
+    (['--target_T', '2', '--search_cache_mb', 'nan'], '--search_cache_mb must be >= 0 (0: no block cache), got nan'),
 ])
 def test_bad_search_settings_are_refused(tmp_path, weights, extra, message):
     with pytest.raises(UserError, match=message.replace('(', r'\(').replace(')', r'\)')):
@@ -338,3 +340,41 @@ def test_fixed_thresholds_of_another_model_are_refused(search):
                                           (['--search_fixed'], True), (['--search_fixed', 'True'], True)])
 def test_search_fixed_flag(extra, value):
     assert parse(*extra).search_fixed is value
+
+
+def _random_calibrating_model(model, *kwargs):
+    args = cli.get_args_parser().parse_args(
+        ['--model', model, '--model_kwargs', *kwargs, '--input_size', '16', '--nb_classes', '10',
+         '--data_set', 'DIGITS', '--num_workers', '0', '--device', 'cpu', '--test_mode', 'for_v'])
+    torch.manual_seed(1)
+    return cli.build_model(args).eval()
+
+
+@pytest.mark.parametrize('model, kwargs, cache_mib, kept', [
+    # every block input fits: a candidate changing block b runs blocks b.. only
+    ('vit_tiny_patch16_224', ('patch_size=4', 'embed_dim=32', 'depth=3', 'num_heads=2'), 64, [1, 2]),
+    # room for one of the two block inputs (twice 0.65 MB): the later one is kept
+    ('vit_tiny_patch16_224', ('patch_size=4', 'embed_dim=32', 'depth=3', 'num_heads=2'), 1.5, [2]),
+    # EVA-02: blocks in a ModuleList, called with the rotary embedding as a keyword
+    ('eva02_tiny_patch14_224', ('patch_size=4', 'embed_dim=32', 'depth=3', 'num_heads=2'), 64, [1, 2]),
+])
+def test_block_cache_gives_the_search_of_full_runs(model, kwargs, cache_mib, kept):
+    """The search with its block cache judges every candidate exactly as full runs do (same
+    objectives, same choices), while running fewer blocks."""
+    records = []
+    for mib in (0, cache_mib):
+        calibrating = _random_calibrating_model(model, *kwargs)
+        records.append(low_latency.choose_thresholds(
+            calibrating, digits_loader(True, 150), 2, CPU, budget=80, search_images=150,
+            cache_mib=mib, log=lambda line: None))
+        records[-1]['thresholds'] = thresholds(calibrating)
+    full, cached = records
+    assert full['cached_blocks'] == [] and full['block_evaluations'] == full['block_evaluations_full'] == 3 * 80
+    assert cached['cached_blocks'] == kept
+    assert cached['objective_history'] == full['objective_history']
+    assert cached['scales'] == full['scales'] and cached['fixed_thresholds'] == full['fixed_thresholds']
+    assert all(torch.equal(cached['thresholds'][n], t) for n, t in full['thresholds'].items())
+    assert cached['search_agreement'] == full['search_agreement']
+    assert cached['accepted_changes'] > cached['kind_accepted_changes'], 'no per-place change: the test is void'
+    assert cached['block_evaluations'] < full['block_evaluations']
+

@@ -7,6 +7,7 @@ must reproduce the literal level-by-level rule on every element, ties at the thr
 included.
 """
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,3 +199,23 @@ def test_thresholds_are_buffers_and_shown():
     with pytest.raises(ValueError):
         TwoSideNeuron('v', 0.5, 0.25, 0)
     assert math.isclose(neuron.scale_n.item(), 0.25)
+
+
+def test_mean_error_after_T_steps_does_not_depend_on_the_threshold():
+    """benchmarks/mt_error.py's claim: for a constant input the relative error of the mean spike
+    after T steps is a function of x / theta only (the levels are theta * 2^j), so no threshold
+    removes it; its mean at T = 2 is the README's 0.135."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('mt_error', Path(__file__).resolve().parents[1] / 'benchmarks' / 'mt_error.py')
+    mt_error = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mt_error)
+    x = torch.exp(torch.linspace(math.log(0.5), math.log(64.0), 5001, dtype=torch.float64)).float()
+    for T in (1, 2, 4):
+        errors = []
+        for theta in (1.0, 0.375, 3.0):
+            total = sum(ref_mt_neuron([x * theta] * T, theta, theta, 8))
+            errors.append((total / T - x * theta).abs() / (x * theta))
+        assert torch.allclose(errors[1], errors[0], atol=1e-5) and torch.allclose(errors[2], errors[0], atol=1e-5)
+        assert torch.allclose(mt_error.relative_errors(T, points=5001), errors[0], atol=1e-5)
+    rel = mt_error.relative_errors(2)
+    assert float(rel.mean()) == pytest.approx(0.135, abs=5e-4) and float(rel.max()) == pytest.approx(1 / 3, abs=1e-3)
