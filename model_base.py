@@ -88,6 +88,10 @@ class ConvertibleAttention(nn.Module):
         for place in ('fc_qkv', 'q', 'k', 'v', 's', 'fc_out'):
             self.add_module(f'place_{place}', MyTestPlace(place))
 
+    def ecmt_fusable(self):
+        """EC module -> modules between -> MT neuron, in this forward (trans_utils.fuse_ec_neurons)."""
+        return [('softmax', ('attn_drop',), 'place_s'), ('norm', (), 'place_fc_out')]
+
     def _rotate(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         npt = self.num_prefix_tokens
         return torch.cat([x[:, :, :npt, :], apply_rot_embed_cat(x[:, :, npt:, :], rope, half=self.rotate_half)],
@@ -142,6 +146,10 @@ class ConvertibleMlp(nn.Module):
         self.place_fc1 = MyTestPlace('fc1')
         self.place_fc2 = MyTestPlace('fc2')
 
+    def ecmt_fusable(self):
+        """EC module -> modules between -> MT neuron, in this forward (trans_utils.fuse_ec_neurons)."""
+        return [('act', ('drop1', 'norm'), 'place_fc2'), ('norm', (), 'place_fc2')]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(self.place_fc1(x))
         x = self.drop1(self.act(x))
@@ -173,6 +181,10 @@ class ConvertibleGluMlp(nn.Module):
         self.mul = MyMul()
         for place in ('fc1', 'gate', 'up', 'fc2'):
             self.add_module(f'place_{place}', MyTestPlace(place))
+
+    def ecmt_fusable(self):
+        """EC module -> modules between -> MT neuron, in this forward (trans_utils.fuse_ec_neurons)."""
+        return [('act', (), 'place_gate'), ('norm', (), 'place_fc2')]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.place_fc1(x)

@@ -138,6 +138,13 @@ def _load(path: str) -> ctypes.CDLL:
     lib.ecmt_ec_softmax_steps.restype = None
     lib.ecmt_ec_layer_norm_steps.argtypes = [p, p, p, i32, i32, f32, p, p, f32, p, i64, i64, i64, i32]
     lib.ecmt_ec_layer_norm_steps.restype = None
+    lib.ecmt_ec_gelu_mt_steps.argtypes = [p, p, p, i32, i32, f32, i64, i64, i32, p, i64, p, i32, i32, p, p, i32]
+    lib.ecmt_ec_gelu_mt_steps.restype = i32
+    lib.ecmt_ec_softmax_mt_steps.argtypes = [p, p, p, i32, i32, f32, i64, i64, i64, p, i64, p, i32, i32, p, p, i32]
+    lib.ecmt_ec_softmax_mt_steps.restype = i32
+    lib.ecmt_ec_layer_norm_mt_steps.argtypes = [p, p, p, i32, i32, f32, p, p, f32, i64, i64, i64, p, i64, p, i32,
+                                                i32, p, p, i32]
+    lib.ecmt_ec_layer_norm_mt_steps.restype = i32
     lib.ecmt_running_sums.argtypes = [p, i32, p, p, p, p, i32]
     lib.ecmt_running_sums.restype = i32
     lib.ecmt_scaled_differences.argtypes = [p, p, p, f32, f32, i64, i64, i32]
@@ -226,20 +233,63 @@ def ec_softmax_steps(x: torch.Tensor, cum: Optional[torch.Tensor], prev: Optiona
     return (out, cum, prev) if keep else (out, None, None)
 
 
+def _check_affine(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> None:
+    for p in (weight, bias):
+        if p is not None and (p.shape != (x.shape[-1],) or not p.is_contiguous() or p.dtype != torch.float32
+                              or p.device.type != 'cpu'):
+            raise ValueError('ec_layer_norm_steps: weight and bias must be contiguous float32 of cols elements')
+
+
 def ec_layer_norm_steps(x: torch.Tensor, cum: Optional[torch.Tensor], prev: Optional[torch.Tensor], t0: int,
                         keep: bool, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
                         ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """EC LayerNorm steps over the last dimension of ``x`` [K, rows, cols] (biased variance, then
     ``weight`` and ``bias`` of cols elements if given); state and result as :func:`ec_softmax_steps`."""
-    for p in (weight, bias):
-        if p is not None and (p.shape != (x.shape[-1],) or not p.is_contiguous() or p.dtype != torch.float32
-                              or p.device.type != 'cpu'):
-            raise ValueError('ec_layer_norm_steps: weight and bias must be contiguous float32 of cols elements')
+    _check_affine(x, weight, bias)
     x, cum, prev, fresh, out = _ec_arguments('ec_layer_norm_steps', x, cum, prev, keep, 3)
     library().ecmt_ec_layer_norm_steps(x.data_ptr(), _ptr(cum), _ptr(prev), int(fresh), int(bool(keep)),
                                        float(t0), _ptr(weight), _ptr(bias), float(eps), out.data_ptr(),
                                        x.shape[0], x.shape[1], x.shape[2], torch.get_num_threads())
     return (out, cum, prev) if keep else (out, None, None)
+
+
+def ec_mt_steps(kind: str, x: torch.Tensor, cum: Optional[torch.Tensor], prev: Optional[torch.Tensor], t0: int,
+                keep: bool, table: torch.Tensor, membrane: Optional[torch.Tensor], *, approximate: bool = False,
+                weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, eps: float = 0.0
+                ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
+                           Optional[torch.Tensor]]:
+    """An EC kernel (``kind`` 'gelu', 'softmax' or 'layer_norm', with the arguments and state of
+    :func:`ec_gelu_steps` / :func:`ec_softmax_steps` / :func:`ec_layer_norm_steps`) with the MT
+    neuron it feeds fused after it: the EC output never leaves the kernel; the neuron's ``table``
+    and ``membrane`` are those of :func:`mt_steps` (None on a batch's first chunk). The same
+    spikes as :func:`mt_steps` fed the EC kernel's output. Returns (spikes shaped like ``x``,
+    non-zero spikes per step [K] int64, cum, prev, membrane), the states None unless ``keep``."""
+    if table.dim() != 2 or table.shape[0] != 4 or not table.is_contiguous():
+        raise ValueError('ec_mt_steps: table must be a contiguous [4, width] tensor')
+    rank = 2 if kind == 'gelu' else 3
+    if kind == 'layer_norm':
+        _check_affine(x, weight, bias)
+    x, cum, prev, fresh, _ = _ec_arguments(f'ec_mt_steps({kind})', x, cum, prev, keep, rank)
+    membrane, mfresh = _state(membrane, x[0].numel() if x.shape[0] else 0, keep)
+    spike = torch.empty(x.shape, dtype=torch.float32)
+    counts = torch.empty(x.shape[0], dtype=torch.int64)
+    lib, threads = library(), torch.get_num_threads()
+    head = (x.data_ptr(), _ptr(cum), _ptr(prev), int(fresh), int(bool(keep)), float(t0))
+    neuron = (table.data_ptr(), table.shape[1], _ptr(membrane), int(mfresh), int(bool(keep)), spike.data_ptr(),
+              counts.data_ptr(), threads)
+    if kind == 'gelu':
+        status = lib.ecmt_ec_gelu_mt_steps(*head, x.shape[0], x.shape[1], int(bool(approximate)), *neuron)
+    elif kind == 'softmax':
+        status = lib.ecmt_ec_softmax_mt_steps(*head, *x.shape, *neuron)
+    elif kind == 'layer_norm':
+        status = lib.ecmt_ec_layer_norm_mt_steps(*head, _ptr(weight), _ptr(bias), float(eps), *x.shape, *neuron)
+    else:
+        raise ValueError(f'ec_mt_steps: unknown kind {kind!r}')
+    if status != 0:
+        raise RuntimeError(f'ecmt_ec_{kind}_mt_steps rejected its arguments (status {status})')
+    if not keep:
+        cum = prev = membrane = None
+    return spike, counts, cum, prev, membrane
 
 
 def running_sums(x: torch.Tensor, carried: Optional[torch.Tensor]) -> torch.Tensor:

@@ -30,7 +30,7 @@ import math
 import os
 import warnings
 import weakref
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ __all__ = [
     'replace_nonlinear_by_neuron', 'replace_at_by_neuron', 'convert_to_snn', 'get_modules',
     'reset_net', 'set_fast_neuron', 'set_backend', 'choose_backend', 'BACKENDS', 'threshold_config',
     'EC_MODULE_TYPES', 'register_snn_modules', 'check_fully_converted', 'BaseMonitor', 'SOPMonitor',
-    'product_nonzero_macs', 'spike_level_counts',
+    'product_nonzero_macs', 'spike_level_counts', 'fuse_ec_neurons',
 ]
 
 #: Placeholder kinds, in the order they appear in a transformer block (ECMT_SPEC section 2; 'gate'
@@ -546,6 +546,15 @@ class TwoSideNeuron(StatefulModule):
         self._membrane: Optional[torch.Tensor] = None  # flat, one element per element of a step
         self._table: Optional[torch.Tensor] = None     # level_table of this batch's thresholds
         self._shape: Tuple[int, ...] = ()
+        # (spikes, counts) of this chunk, computed by the EC kernel fused with this neuron (see
+        # exp_comp_neuron.fuse): the next call receives those spikes and only records them.
+        self._prefused: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    def level_table(self) -> torch.Tensor:
+        """The level table of this batch (built from the thresholds at a batch's first chunk)."""
+        if self._table is None:
+            self._table = level_table(self.scale_p, self.scale_n, self.levels)
+        return self._table
 
     @property
     def membrane(self) -> Optional[torch.Tensor]:
@@ -553,10 +562,21 @@ class TwoSideNeuron(StatefulModule):
         return None if self._membrane is None else self._membrane.view(self._shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._prefused is not None:  # this chunk's spikes, made by the EC kernel fused with us
+            spike, counts = self._prefused
+            self._prefused = None
+            if x is not spike:
+                raise RuntimeError(f'the {self.place} neuron is fused with the EC module before it, but received '
+                                   'another tensor than that module\'s output: call trans_utils.fuse_ec_neurons('
+                                   'model, False) before changing what lies between them')
+            self.last_nonzero = counts
+            if self.count_levels:
+                self._count(spike)
+            self._finish_chunk()
+            return spike
         xs = self._split_time(x.detach().float())
         self._shape = tuple(xs.shape[1:])
-        if self._table is None:
-            self._table = level_table(self.scale_p, self.scale_n, self.levels)
+        self.level_table()
         keep = self.keep_state
         if self.backend == 'native':
             if xs.device.type != 'cpu':
@@ -656,7 +676,34 @@ class exp_comp_neuron(StatefulModule):
         self.module = module
         self._approximate = (type(module).__name__ == 'GELUTanh'
                              or getattr(module, 'approximate', 'none') != 'none')
+        # The MT neuron this module's output goes to, through identities only (fuse); not a
+        # submodule (it belongs to its own parent), hence kept out of nn.Module's registry.
+        self.__dict__['_fused'] = None
+        self._posting: Optional[Tuple['TwoSideNeuron', torch.Tensor]] = None
         self._clear_state()
+
+    def fuse(self, neuron: Optional['TwoSideNeuron'], between: Sequence[nn.Module] = ()) -> None:
+        """Compute the MT neuron ``neuron``, which takes this module's output through the
+        modules ``between`` (identities, or dropouts that are identities in evaluation), in this
+        module's native kernel: the EC output never goes to memory; the neuron's next call gets the
+        spikes and records them. The same spikes, states and counts as unfused. Only where both run
+        native and ``between`` are identities at the time of the call; None: unfuse."""
+        self.__dict__['_fused'] = None if neuron is None else (neuron, tuple(between))
+
+    @property
+    def fused_neuron(self) -> Optional['TwoSideNeuron']:
+        return None if self._fused is None else self._fused[0]
+
+    def _fusable(self) -> Optional['TwoSideNeuron']:
+        if self._fused is None or self.kind not in FUSABLE_KINDS:
+            return None
+        neuron, between = self._fused
+        if neuron.backend != 'native' or neuron._prefused is not None or neuron.time_steps != self.time_steps:
+            return None
+        if not all(isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and (not m.training or m.p == 0))
+                   for m in between):
+            return None
+        return neuron
 
     def _clear_state(self) -> None:
         self._cum: Optional[torch.Tensor] = None    # running sum of inputs, flat
@@ -684,10 +731,18 @@ class exp_comp_neuron(StatefulModule):
         else:
             out = self._torch_steps(xs)
         self._finish_chunk()
-        return out.view(x.shape)
+        out = out.view(x.shape)
+        if self._posting is not None:
+            neuron, counts = self._posting
+            self._posting = None
+            neuron._prefused = (out, counts)
+        return out
 
     def _native_steps(self, xs: torch.Tensor) -> torch.Tensor:
         K, t0, keep = xs.shape[0], self.steps, self.keep_state
+        neuron = self._fusable()
+        if neuron is not None:
+            return self._fused_steps(xs, neuron)
         if self.kind == 'gelu':
             approximate = self._approximate
             out, self._cum, self._prev = native_kernels.ec_gelu_steps(
@@ -700,6 +755,19 @@ class exp_comp_neuron(StatefulModule):
             out, self._cum, self._prev = native_kernels.ec_layer_norm_steps(
                 xs.reshape(K, -1, xs.shape[-1]), self._cum, self._prev, t0, keep, m.weight, m.bias, m.eps)
         return out
+
+    def _fused_steps(self, xs: torch.Tensor, neuron: 'TwoSideNeuron') -> torch.Tensor:
+        K, keep = xs.shape[0], self.keep_state
+        flat = xs.reshape(K, -1) if self.kind == 'gelu' else xs.reshape(K, -1, xs.shape[-1])
+        m = self.module
+        extra = ({'approximate': self._approximate} if self.kind == 'gelu' else
+                 {'weight': m.weight, 'bias': m.bias, 'eps': m.eps} if self.kind == 'layer_norm' else {})
+        spike, counts, self._cum, self._prev, membrane = native_kernels.ec_mt_steps(
+            self.kind, flat, self._cum, self._prev, self.steps, keep, neuron.level_table(), neuron._membrane,
+            **extra)
+        neuron._membrane, neuron._shape = membrane, tuple(xs.shape[1:])
+        self._posting = (neuron, counts)  # forward posts the spikes as it returns them
+        return spike
 
     def _torch_steps(self, xs: torch.Tensor) -> torch.Tensor:
         step_shape = xs.shape[1:]
@@ -1098,8 +1166,44 @@ def convert_to_snn(model: nn.Module, *, linear_num: int = 8, qkv_num: int = 8, s
     replace_at_by_neuron(model)
     check_fully_converted(model)
     set_backend(model, backend)
+    fuse_ec_neurons(model)
     reset_net(model)
     return model
+
+
+_FUSE = os.environ.get('ECMT_FUSE', '1') != '0'
+#: EC kinds with a native kernel that can compute the MT neuron after it (native_kernels.ec_mt_steps).
+FUSABLE_KINDS = ('gelu', 'softmax', 'layer_norm')
+
+
+def fuse_ec_neurons(model: nn.Module, enabled: Optional[bool] = None) -> int:
+    """Fuse each EC module with the MT neuron its output goes to (:meth:`exp_comp_neuron.fuse`),
+    where a module of the model names such pairs: its ``ecmt_fusable()`` gives (EC attribute,
+    attributes of the modules between, neuron attribute), e.g. a converted MLP's GELU -> drop ->
+    norm -> fc2 place, and the modules between are identities. ``enabled`` False (or
+    ``ECMT_FUSE=0``, the default for None) unfuses every pair. The numbers are the same either
+    way. Returns the number of pairs fused."""
+    enabled = _FUSE if enabled is None else bool(enabled)
+    fused, claimed = 0, set()
+    for module in model.modules():
+        if isinstance(module, exp_comp_neuron):
+            module.fuse(None)
+    if not enabled:
+        return 0
+    for module in model.modules():
+        pairs = getattr(module, 'ecmt_fusable', None)
+        if pairs is None:
+            continue
+        for ec_name, between_names, neuron_name in pairs():
+            ec, neuron = getattr(module, ec_name, None), getattr(module, neuron_name, None)
+            between = [getattr(module, name, None) for name in between_names]
+            if (isinstance(ec, exp_comp_neuron) and ec.kind in FUSABLE_KINDS and isinstance(neuron, TwoSideNeuron)
+                    and all(isinstance(m, (nn.Identity, nn.Dropout)) for m in between)
+                    and ec.fused_neuron is None and neuron not in claimed):
+                ec.fuse(neuron, between)
+                claimed.add(neuron)
+                fused += 1
+    return fused
 
 
 # ---------------------------------------------------------------------------------------------

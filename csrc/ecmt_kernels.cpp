@@ -551,38 +551,77 @@ inline float gelu_tanh(float a) {
 
 // Per element and step s = t0 + k + 1: cum += x; total = s * gelu(cum / s); out = total - prev;
 // prev = total (cum and prev start at zero on a batch's first chunk).
-template <float (*Gelu)(float)>
+// ---- fusion: an MT neuron fed directly by an EC kernel -----------------------------------------
+// The EC output (the neuron's input) stays in a buffer of the thread: the kernel writes spikes,
+// never the differences. The membrane is the neuron's state (n elements, logical order), read
+// unless `fresh`, written if `keep`; counts[k] as ecmt_mt_steps gives them. The neuron performs
+// the same float operations on the same values as mt_steps fed the EC output: the same spikes.
+struct FusedNeuron {
+    const float* table = nullptr;
+    int64_t width = 0;
+    float* membrane = nullptr;
+    bool fresh = true, keep = false;
+    float* spike = nullptr;
+    int64_t* counts = nullptr;
+};
+
+// Runs CALL (a statement using the compile-time table width W) for a neuron's table width.
+#define ECMT_WITH_WIDTH(width, CALL)                 \
+    switch (width) {                                 \
+        case 8: { constexpr int W = 8; CALL; } break;   \
+        case 16: { constexpr int W = 16; CALL; } break; \
+        case 32: { constexpr int W = 32; CALL; } break; \
+        default: { constexpr int W = 0; CALL; } break;  \
+    }
+
+template <float (*Gelu)(float), int W>
 void ec_gelu_steps(const float* x, float* cum, float* prev, bool fresh, bool keep, float t0, float* out,
-                   int64_t K, int64_t n, int threads) {
+                   int64_t K, int64_t n, int threads, const FusedNeuron* neuron = nullptr) {
     const int64_t items = (n + kItem - 1) / kItem;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && items > 1)
-    for (int64_t item = 0; item < items; ++item) {
-        const int64_t end = std::min(n, (item + 1) * kItem);
-        for (int64_t col = item * kItem; col < end; col += kTile) {
-            const int64_t len = std::min(kTile, end - col);
-            float c[kTile], p[kTile];
-            for (int64_t j = 0; j < len; ++j) {
-                c[j] = fresh ? 0.0f : cum[col + j];
-                p[j] = fresh ? 0.0f : prev[col + j];
-            }
-            for (int64_t k = 0; k < K; ++k) {
-                const float steps = t0 + static_cast<float>(k + 1);
-                const float* xk = x + k * n + col;
-                float* ok = out + k * n + col;
+    if (neuron)
+        for (int64_t k = 0; k < K; ++k) neuron->counts[k] = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1 && items > 1)
+    {
+        std::vector<int64_t> local(neuron ? K : 0, 0);
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < items; ++item) {
+            const int64_t end = std::min(n, (item + 1) * kItem);
+            for (int64_t col = item * kItem; col < end; col += kTile) {
+                const int64_t len = std::min(kTile, end - col);
+                float c[kTile], p[kTile], v[kTile], d[kTile];
                 for (int64_t j = 0; j < len; ++j) {
-                    const float a = c[j] + xk[j];
-                    c[j] = a;
-                    const float total = Gelu(a / steps) * steps;
-                    ok[j] = total - p[j];
-                    p[j] = total;
+                    c[j] = fresh ? 0.0f : cum[col + j];
+                    p[j] = fresh ? 0.0f : prev[col + j];
                 }
-            }
-            if (keep) {
-                for (int64_t j = 0; j < len; ++j) {
-                    cum[col + j] = c[j];
-                    prev[col + j] = p[j];
+                if (neuron)
+                    for (int64_t j = 0; j < len; ++j) v[j] = neuron->fresh ? 0.0f : neuron->membrane[col + j];
+                for (int64_t k = 0; k < K; ++k) {
+                    const float steps = t0 + static_cast<float>(k + 1);
+                    const float* xk = x + k * n + col;
+                    float* ok = neuron ? d : out + k * n + col;
+                    for (int64_t j = 0; j < len; ++j) {
+                        const float a = c[j] + xk[j];
+                        c[j] = a;
+                        const float total = Gelu(a / steps) * steps;
+                        ok[j] = total - p[j];
+                        p[j] = total;
+                    }
+                    if (neuron)
+                        mt_tile<W>(v, d, neuron->table, neuron->width, neuron->spike + k * n + col, len, local[k]);
                 }
+                if (keep) {
+                    for (int64_t j = 0; j < len; ++j) {
+                        cum[col + j] = c[j];
+                        prev[col + j] = p[j];
+                    }
+                }
+                if (neuron && neuron->keep)
+                    for (int64_t j = 0; j < len; ++j) neuron->membrane[col + j] = v[j];
             }
+        }
+        if (neuron) {
+#pragma omp critical(ecmt_fused_counts)
+            for (int64_t k = 0; k < K; ++k) neuron->counts[k] += local[k];
         }
     }
 }
@@ -695,14 +734,19 @@ void ec_layer_norm_row(float* __restrict cum, const float* __restrict x, float* 
 
 
 // K steps of a row function (one of the two above) on [K, rows, cols] contiguous inputs: each
-// row's running sum and last total live in a row buffer of the thread for the K steps.
-template <class RowStep>
+// row's running sum and last total live in a row buffer of the thread for the K steps (and, with
+// a fused neuron, its membrane and the step's EC output).
+template <int W, class RowStep>
 void ec_row_steps(const float* x, float* cum, float* prev, bool fresh, bool keep, float t0, float* out,
-                  int64_t K, int64_t rows, int64_t cols, int threads, RowStep row_step) {
+                  int64_t K, int64_t rows, int64_t cols, int threads, RowStep row_step,
+                  const FusedNeuron* neuron = nullptr) {
     const int64_t n = rows * cols;
+    if (neuron)
+        for (int64_t k = 0; k < K; ++k) neuron->counts[k] = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1 && rows > 1)
     {
-        std::vector<float> c(cols), p(cols);
+        std::vector<float> c(cols), p(cols), v(neuron ? cols : 0), d(neuron ? cols : 0);
+        std::vector<int64_t> local(neuron ? K : 0, 0);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; ++r) {
             const int64_t at = r * cols;
@@ -713,12 +757,27 @@ void ec_row_steps(const float* x, float* cum, float* prev, bool fresh, bool keep
                 std::copy_n(cum + at, cols, c.data());
                 std::copy_n(prev + at, cols, p.data());
             }
-            for (int64_t k = 0; k < K; ++k)
-                row_step(c.data(), x + k * n + at, p.data(), t0 + static_cast<float>(k + 1), out + k * n + at, cols);
+            if (neuron) {
+                if (neuron->fresh) std::fill(v.begin(), v.end(), 0.0f);
+                else std::copy_n(neuron->membrane + at, cols, v.data());
+            }
+            for (int64_t k = 0; k < K; ++k) {
+                row_step(c.data(), x + k * n + at, p.data(), t0 + static_cast<float>(k + 1),
+                         neuron ? d.data() : out + k * n + at, cols);
+                if (neuron)
+                    for (int64_t off = 0; off < cols; off += kTile)
+                        mt_tile<W>(v.data() + off, d.data() + off, neuron->table, neuron->width,
+                                   neuron->spike + k * n + at + off, std::min(kTile, cols - off), local[k]);
+            }
             if (keep) {
                 std::copy_n(c.data(), cols, cum + at);
                 std::copy_n(p.data(), cols, prev + at);
             }
+            if (neuron && neuron->keep) std::copy_n(v.data(), cols, neuron->membrane + at);
+        }
+        if (neuron) {
+#pragma omp critical(ecmt_fused_counts)
+            for (int64_t k = 0; k < K; ++k) neuron->counts[k] += local[k];
         }
     }
 }
@@ -751,15 +810,15 @@ int ecmt_mt_steps(const float* x, int ndim, const int64_t* sizes, const int64_t*
 // unless `fresh` and written if `keep`; out [K, n] written. approximate: 0 erf GELU, 1 tanh.
 void ecmt_ec_gelu_steps(const float* x, float* cum, float* prev, int fresh, int keep, float t0, float* out,
                         int64_t K, int64_t n, int approximate, int threads) {
-    if (approximate) ec_gelu_steps<gelu_tanh>(x, cum, prev, fresh, keep, t0, out, K, n, threads);
-    else ec_gelu_steps<gelu_erf>(x, cum, prev, fresh, keep, t0, out, K, n, threads);
+    if (approximate) ec_gelu_steps<gelu_tanh, 8>(x, cum, prev, fresh, keep, t0, out, K, n, threads);
+    else ec_gelu_steps<gelu_erf, 8>(x, cum, prev, fresh, keep, t0, out, K, n, threads);
 }
 
 // K EC softmax steps over the last dimension of [K, rows, cols] contiguous float32 x; cum and
 // prev ([rows, cols]) read unless `fresh`, written if `keep`; out [K, rows, cols] written.
 void ecmt_ec_softmax_steps(const float* x, float* cum, float* prev, int fresh, int keep, float t0, float* out,
                            int64_t K, int64_t rows, int64_t cols, int threads) {
-    ec_row_steps(x, cum, prev, fresh, keep, t0, out, K, rows, cols, threads, ec_softmax_rows);
+    ec_row_steps<8>(x, cum, prev, fresh, keep, t0, out, K, rows, cols, threads, ec_softmax_rows);
 }
 
 // K EC LayerNorm steps over the last dimension (biased variance, then weight and bias of cols
@@ -767,10 +826,53 @@ void ecmt_ec_softmax_steps(const float* x, float* cum, float* prev, int fresh, i
 void ecmt_ec_layer_norm_steps(const float* x, float* cum, float* prev, int fresh, int keep, float t0,
                               const float* weight, const float* bias, float eps, float* out, int64_t K,
                               int64_t rows, int64_t cols, int threads) {
-    ec_row_steps(x, cum, prev, fresh, keep, t0, out, K, rows, cols, threads,
-                 [=](float* c, const float* xr, float* p, float steps, float* o, int64_t n) {
-                     ec_layer_norm_row(c, xr, p, steps, weight, bias, eps, o, n);
-                 });
+    ec_row_steps<8>(x, cum, prev, fresh, keep, t0, out, K, rows, cols, threads,
+                    [=](float* c, const float* xr, float* p, float steps, float* o, int64_t n) {
+                        ec_layer_norm_row(c, xr, p, steps, weight, bias, eps, o, n);
+                    });
+}
+
+// The three EC kernels above with an MT neuron fused after them (FusedNeuron): instead of `out`
+// they write spike [K, n] (n: the elements of a step) and counts [K]; table [4, width] and the
+// membrane (n floats, read unless mfresh, written if mkeep) are the neuron's. Return 0, or -1
+// for bad arguments.
+int ecmt_ec_gelu_mt_steps(const float* x, float* cum, float* prev, int fresh, int keep, float t0, int64_t K,
+                          int64_t n, int approximate, const float* table, int64_t width, float* membrane,
+                          int mfresh, int mkeep, float* spike, int64_t* counts, int threads) {
+    if (table == nullptr || ((!mfresh || mkeep) && membrane == nullptr)) return -1;
+    const FusedNeuron neuron{table, width, membrane, mfresh != 0, mkeep != 0, spike, counts};
+    if (approximate) {
+        ECMT_WITH_WIDTH(width, (ec_gelu_steps<gelu_tanh, W>(x, cum, prev, fresh, keep, t0, nullptr, K, n, threads,
+                                                            &neuron)))
+    } else {
+        ECMT_WITH_WIDTH(width, (ec_gelu_steps<gelu_erf, W>(x, cum, prev, fresh, keep, t0, nullptr, K, n, threads,
+                                                           &neuron)))
+    }
+    return 0;
+}
+
+int ecmt_ec_softmax_mt_steps(const float* x, float* cum, float* prev, int fresh, int keep, float t0, int64_t K,
+                             int64_t rows, int64_t cols, const float* table, int64_t width, float* membrane,
+                             int mfresh, int mkeep, float* spike, int64_t* counts, int threads) {
+    if (table == nullptr || ((!mfresh || mkeep) && membrane == nullptr)) return -1;
+    const FusedNeuron neuron{table, width, membrane, mfresh != 0, mkeep != 0, spike, counts};
+    ECMT_WITH_WIDTH(width, (ec_row_steps<W>(x, cum, prev, fresh, keep, t0, nullptr, K, rows, cols, threads,
+                                            ec_softmax_rows, &neuron)))
+    return 0;
+}
+
+int ecmt_ec_layer_norm_mt_steps(const float* x, float* cum, float* prev, int fresh, int keep, float t0,
+                                const float* weight, const float* bias, float eps, int64_t K, int64_t rows,
+                                int64_t cols, const float* table, int64_t width, float* membrane, int mfresh,
+                                int mkeep, float* spike, int64_t* counts, int threads) {
+    if (table == nullptr || ((!mfresh || mkeep) && membrane == nullptr)) return -1;
+    const FusedNeuron neuron{table, width, membrane, mfresh != 0, mkeep != 0, spike, counts};
+    auto row = [=](float* c, const float* xr, float* p, float steps, float* o, int64_t m) {
+        ec_layer_norm_row(c, xr, p, steps, weight, bias, eps, o, m);
+    };
+    ECMT_WITH_WIDTH(width, (ec_row_steps<W>(x, cum, prev, fresh, keep, t0, nullptr, K, rows, cols, threads, row,
+                                            &neuron)))
+    return 0;
 }
 
 // Running sums along time of x [K, rest...] (float32, sizes and strides in elements, ndim >= 1)

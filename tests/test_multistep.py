@@ -278,3 +278,62 @@ def test_backends_are_chosen_once_from_the_table(monkeypatch):
             steps.chunk(2, last=True)
             raise RuntimeError
     assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def _eva02_swiglu_norms():
+    from model_base import create_model
+    torch.manual_seed(0)
+    model = create_model('eva02_base_patch14_224', img_size=16, num_classes=10, patch_size=4, embed_dim=32,
+                         depth=2, num_heads=2, scale_attn_inner=True).eval()
+    calibrate(model)
+    return convert_to_snn(model)
+
+
+@pytest.mark.parametrize('config, pairs', [
+    ('vit_cls_token', {'softmax': 2, 'gelu': 2}),      # softmax -> s, GELU -> fc2, per block
+    ('eva_giant', {'softmax': 2, 'gelu': 2}),
+    ('eva02_swiglu_norms', {'softmax': 2, 'layer_norm': 4}),  # attention norm -> fc_out, MLP norm -> fc2
+])
+def test_fused_ec_neurons_change_no_number(monkeypatch, config, pairs):
+    """An EC module fused with the MT neuron it feeds (trans_utils.fuse_ec_neurons, on by
+    default) gives the per-step logits, every layer's SOPs per step and the spike counts per level
+    of the unfused pair, bit for bit, for every chunking; the fused kernels do run."""
+    import native_kernels
+    model = _eva02_swiglu_norms() if config == 'eva02_swiglu_norms' else converted(config, 8)
+    fused = [m for m in model.modules() if isinstance(m, trans_utils.exp_comp_neuron) and m.fused_neuron is not None]
+    kinds = {}
+    for m in fused:
+        kinds[m.kind] = kinds.get(m.kind, 0) + 1
+    assert kinds == pairs
+    calls = []
+    real = native_kernels.ec_mt_steps
+    monkeypatch.setattr(native_kernels, 'ec_mt_steps', lambda kind, *a, **k: calls.append(kind) or real(kind, *a, **k))
+    x = images(3)
+    results = {}
+    for on in (True, False):
+        assert trans_utils.fuse_ec_neurons(model, on) == (sum(pairs.values()) if on else 0)
+        for chunks, sizes in CHUNKINGS.items():
+            with torch.no_grad(), trans_utils.SOPMonitor(model, count_levels=True) as monitor:
+                logits = simulate(model, x, T, time_chunk=sizes, monitor=monitor)
+                levels = [n.level_counts.clone() for _, n in monitor.neurons]
+                results[on, chunks] = (logits, monitor.sops.clone(), levels)
+    assert len(calls) == sum(pairs.values()) * sum(len(s) for s in CHUNKINGS.values())
+    want = results[False, '8x1']
+    for key, (logits, sops, levels) in results.items():
+        assert torch.equal(logits, want[0]) and torch.equal(sops, want[1]), key
+        assert all(torch.equal(a, b) for a, b in zip(levels, want[2])), key
+
+
+def test_a_fused_neuron_refuses_a_tensor_other_than_its_ec_modules_output():
+    model = converted('vit_cls_token', 8)
+    mlp = model.blocks[0].mlp
+    assert mlp.act.fused_neuron is mlp.place_fc2
+    mlp.norm = nn.Sequential(nn.Identity(), trans_utils.MyTestPlace('fc2'))  # what lies between changed
+    mlp.norm[1].forward = lambda x: x.clone()
+    with pytest.raises(RuntimeError, match='fuse_ec_neurons'):
+        with torch.no_grad():
+            simulate(model, images(2), 2)
+    trans_utils.fuse_ec_neurons(model)  # re-fusing sees the new module between: that pair stays apart
+    assert mlp.act.fused_neuron is None and model.blocks[1].mlp.act.fused_neuron is not None
+    with torch.no_grad():
+        simulate(model, images(2), 2)

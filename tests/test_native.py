@@ -423,3 +423,48 @@ def test_prepare_builds_on_a_thread_and_callers_wait_for_that_build(monkeypatch,
     native_kernels.prepare()  # loaded: nothing more to do
     time.sleep(0.05)
     assert builds == ['ecmt-native-kernels']
+
+
+def _ec_then_neuron(kind, x, cum, prev, t0, keep, table, membrane, affine):
+    """The unfused pair: the EC kernel's output, then mt_steps on it."""
+    if kind.startswith('gelu'):
+        out, cum, prev = native_kernels.ec_gelu_steps(x, cum, prev, t0, keep, kind == 'gelu_tanh')
+    elif kind == 'softmax':
+        out, cum, prev = native_kernels.ec_softmax_steps(x, cum, prev, t0, keep)
+    else:
+        out, cum, prev = native_kernels.ec_layer_norm_steps(x, cum, prev, t0, keep, *affine, 1e-6)
+    spike, counts, membrane = native_kernels.mt_steps(out, table, membrane, keep)
+    return spike, counts, cum, prev, membrane
+
+
+@needs_compiler
+@pytest.mark.parametrize('kind', ['gelu', 'gelu_tanh', 'softmax', 'layer_norm'])
+@pytest.mark.parametrize('levels', [4, 16, 33])  # table widths 8, 16 and 64 (generic)
+@pytest.mark.parametrize('chunks', CHUNKS)
+def test_fused_ec_neuron_equals_the_two_kernels_bit_for_bit(native, threads, kind, levels, chunks):
+    """ec_mt_steps (an EC kernel with the MT neuron it feeds fused after it) gives the spikes,
+    counts and carried states of the EC kernel followed by mt_steps, whatever the chunking."""
+    g = torch.Generator().manual_seed(levels)
+    rows, cols = 37, 197  # rows longer than a tile, 7289 elements: several tiles and work items
+    xs = torch.randn(4, rows, cols, generator=g) * 3
+    if kind.startswith('gelu'):
+        xs = xs.reshape(4, -1)
+    affine = (torch.randn(cols, generator=g), torch.randn(cols, generator=g))
+    table = trans_utils.level_table(torch.tensor(0.05), torch.tensor(0.03), levels)
+    states = {'fused': [None, None, None], 'apart': [None, None, None]}
+    first = 0
+    for count in CHUNKS[chunks]:
+        x, keep = xs[first:first + count], first + count < 4
+        cum, prev, membrane = states['apart']
+        want = _ec_then_neuron(kind, x, cum, prev, first, keep, table, membrane, affine)
+        cum, prev, membrane = states['fused']
+        extra = ({'approximate': kind == 'gelu_tanh'} if kind.startswith('gelu') else
+                 {'weight': affine[0], 'bias': affine[1], 'eps': 1e-6} if kind == 'layer_norm' else {})
+        got = native_kernels.ec_mt_steps('gelu' if kind.startswith('gelu') else kind, x, cum, prev, first, keep,
+                                         table, membrane, **extra)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert int(got[1].sum()) > 0 and int((got[0] == 0).sum()) > 0  # both fire and rest: not void
+        for a, b in zip(got[2:], want[2:]):
+            assert (a is None and b is None) if not keep else torch.equal(a, b)
+        states['apart'], states['fused'] = list(want[2:]), list(got[2:])
+        first += count
