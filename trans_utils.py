@@ -698,6 +698,10 @@ class exp_comp_neuron(StatefulModule):
         if self._fused is None or self.kind not in FUSABLE_KINDS:
             return None
         neuron, between = self._fused
+        if 'time_steps' not in self.__dict__:
+            # Only inside a MultiStep run (simulate), which calls the whole model: a direct call
+            # of this module alone returns its EC output, as unfused.
+            return None
         if neuron.backend != 'native' or neuron._prefused is not None or neuron.time_steps != self.time_steps:
             return None
         if not all(isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and (not m.training or m.p == 0))

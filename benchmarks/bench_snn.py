@@ -43,8 +43,8 @@ import utils  # noqa: E402
 from steal import CpuSteal  # noqa: E402
 from model_vit import create_model  # noqa: E402
 from engine_for_finetuning import simulate  # noqa: E402
-from trans_utils import (convert_to_snn, fast_neuron_enabled, replace_test_by_testneuron,  # noqa: E402
-                         set_fast_neuron)
+from trans_utils import (convert_to_snn, fast_neuron_enabled, fuse_ec_neurons,  # noqa: E402
+                         replace_test_by_testneuron, set_fast_neuron)
 
 
 class PeakMemory:
@@ -114,7 +114,8 @@ def measure_peak_memory(args, device: torch.device, **overrides):
                '--batch_size', str(args.batch_size), '--T', str(args.T), '--seed', str(args.seed)]
     command += ['--model_kwargs', *args.model_kwargs] if args.model_kwargs else []
     command += ['--time_chunk', str(args.time_chunk)] if args.time_chunk else []
-    command += [flag for flag, on in (('--fc2_calibrated', args.fc2_calibrated), ('--no_compile', args.no_compile))
+    command += [flag for flag, on in (('--fc2_calibrated', args.fc2_calibrated), ('--no_compile', args.no_compile),
+                                      ('--no_fuse', args.no_fuse))
                 if on]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     peaks = json.loads(out.strip().splitlines()[-1])
@@ -202,6 +203,7 @@ def _peak_memory(args, device: torch.device):
     replace_test_by_testneuron(model, 0.99)
     model(images)
     convert_to_snn(model, fc2_thresholds=None if args.fc2_calibrated else (0.25, 0.08))
+    fuse_ec_neurons(model, not args.no_fuse)
 
     def snn_batch():
         simulate(model, images, args.T, time_chunk=args.time_chunk)
@@ -294,6 +296,7 @@ def main(args) -> dict:
             if rep == 0:  # thresholds from the first calibration pass; the SNN runs from rep 1 on
                 snn_model = copy.deepcopy(calib_model)
                 convert_to_snn(snn_model, fc2_thresholds=None if args.fc2_calibrated else (0.25, 0.08))
+                fuse_ec_neurons(snn_model, not args.no_fuse)
         result_mem = measure_peak_memory(args, device)
 
     # rep 0: first calibration pass (cold); rep 1: first SNN pass (cold); warm: the later ones.
@@ -309,7 +312,8 @@ def main(args) -> dict:
     result = {
         'model': args.model, 'model_kwargs': kwargs, 'input_size': args.input_size,
         'batch_size': args.batch_size, 'T': args.T, 'images': images, 'device': str(device),
-        'threads': torch.get_num_threads(), 'fused': fast_neuron_enabled(), 'amp': args.amp,
+        'threads': torch.get_num_threads(), 'fused': fast_neuron_enabled(), 'ec_neuron_fusion': not args.no_fuse,
+        'amp': args.amp,
         'reps': args.reps, 'ann_seconds': ann, 'ann_seconds_all': ann_times,
         'calibration_cold_seconds': calib_cold, 'calibration_warm_seconds': calib_warm,
         'snn_cold_seconds': cold, 'snn_warm_seconds': warm,
@@ -328,7 +332,8 @@ def main(args) -> dict:
         print(json.dumps(result))
     else:
         print(f'{args.model} {kwargs or ""} at {args.input_size}px, batch {args.batch_size}, T={args.T}, '
-              f'{images} images, {device} ({torch.get_num_threads()} threads), fused={result["fused"]}')
+              f'{images} images, {device} ({torch.get_num_threads()} threads), fused kernels={result["fused"]}, '
+              f'EC+neuron fusion={result["ec_neuron_fusion"]}')
         print(f'  ANN pass                {ann:8.2f} s   (median of {len(ann_times)}: '
               f'{min(ann_times):.2f}-{max(ann_times):.2f})')
         print(f'  calibration, cold       {calib_cold:8.2f} s   x{result["calibration_over_ann_cold"]:.2f} of ANN '
@@ -381,6 +386,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default=None, help='cpu or cuda (default: cuda if available)')
     p.add_argument('--amp', default='none', choices=('none', 'fp16', 'bf16'))
     p.add_argument('--no_compile', action='store_true', help='run the eager (unfused) neuron and EC steps')
+    p.add_argument('--no_fuse', action='store_true',
+                   help='compute each MT neuron apart from the EC kernel that feeds it (trans_utils.fuse_ec_neurons)')
     p.add_argument('--fc2_calibrated', action='store_true', help='use calibrated fc2 thresholds')
     p.add_argument('--default_malloc', action='store_true',
                    help="keep glibc's default allocator settings (see utils.keep_freed_memory)")

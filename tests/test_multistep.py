@@ -337,3 +337,15 @@ def test_a_fused_neuron_refuses_a_tensor_other_than_its_ec_modules_output():
     assert mlp.act.fused_neuron is None and model.blocks[1].mlp.act.fused_neuron is not None
     with torch.no_grad():
         simulate(model, images(2), 2)
+
+
+def test_a_fused_ec_module_called_alone_returns_its_ec_output():
+    """Fusion applies inside simulate's multi-step runs only: called directly (the published
+    one-step-per-call use of a module), a fused EC module gives its EC output, not spikes."""
+    model = converted('vit_cls_token', 8)
+    act = model.blocks[0].mlp.act
+    assert act.fused_neuron is model.blocks[0].mlp.place_fc2
+    x = torch.randn(2, 5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(act(x), nn.functional.gelu(x), rtol=1e-6, atol=1e-6)
+    assert model.blocks[0].mlp.place_fc2._prefused is None
