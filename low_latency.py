@@ -81,6 +81,26 @@ def mse_objective(snn_steps: torch.Tensor, ann_logits: torch.Tensor) -> torch.Te
 
 #: The objectives of the search, by name (``--search_objective``).
 OBJECTIVES = {'kl': kl_objective, 'mse': mse_objective}
+#: Weight of the earlier steps in the objective (``--search_prefix_weight``): see objective_of.
+DEFAULT_PREFIX_WEIGHT = 0.13
+
+
+def objective_of(name: str, prefix_weight: float = DEFAULT_PREFIX_WEIGHT) -> Callable:
+    """The search's objective of the per-step head outputs [N, B, C] against the ANN's logits:
+    the objective ``name`` of all N steps, plus ``prefix_weight`` times its mean over the
+    prefixes of 1..N-1 steps (the prediction after each earlier step; nothing to add for N = 1)."""
+    function = OBJECTIVES[name]
+    if not prefix_weight:
+        return function
+
+    def objective(snn_steps: torch.Tensor, ann_logits: torch.Tensor) -> torch.Tensor:
+        value = function(snn_steps, ann_logits)
+        steps = snn_steps.shape[0]
+        if steps > 1:
+            earlier = sum(function(snn_steps[:t], ann_logits) for t in range(1, steps))
+            value = value + prefix_weight * earlier / (steps - 1)
+        return value
+    return objective
 OBJECTIVE_TEXT = {'kl': 'kl(ann || snn mean logits over T steps)',
                   'mse': 'mse(snn mean logits over T steps, ann logits)'}
 
@@ -296,7 +316,7 @@ class _Search:
 
 
 def check_search_args(target_T: int, percents: Sequence[float], budget: int, search_images: int,
-                      cache_mib: float = DEFAULT_CACHE_MIB) -> None:
+                      cache_mib: float = DEFAULT_CACHE_MIB, prefix_weight: float = DEFAULT_PREFIX_WEIGHT) -> None:
     """Refuse bad search settings with a :class:`utils.UserError` naming the flag."""
     if isinstance(target_T, bool) or not isinstance(target_T, int) or target_T < 1:
         raise utils.UserError(f'--target_T must be a number of time steps >= 1, got {target_T!r}')
@@ -314,6 +334,8 @@ def check_search_args(target_T: int, percents: Sequence[float], budget: int, sea
         raise utils.UserError(f'--search_images must be >= 1, got {search_images}')
     if not cache_mib >= 0:
         raise utils.UserError(f'--search_cache_mb must be >= 0 (0: no block cache), got {cache_mib}')
+    if not prefix_weight >= 0:
+        raise utils.UserError(f'--search_prefix_weight must be >= 0, got {prefix_weight}')
 
 
 def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, device, *,
@@ -321,7 +343,7 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
                       search_images: int = DEFAULT_SEARCH_IMAGES, max_batches: Optional[int] = None,
                       amp: Optional[str] = None, conversion: Optional[Dict] = None,
                       objective: str = 'kl', search_fixed: bool = True, cache_mib: float = DEFAULT_CACHE_MIB,
-                      log: Callable[[str], None] = print) -> Dict:
+                      prefix_weight: float = DEFAULT_PREFIX_WEIGHT, log: Callable[[str], None] = print) -> Dict:
     """Choose the thresholds of ``model`` for ``target_T`` steps on ``calib_loader`` alone.
 
     ``model`` holds calibrating :class:`TestNeuron` s (``for_v``); ``calib_loader`` yields
@@ -334,7 +356,7 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
     record (plain values only: it goes into the checkpoint and the --results JSON).
     """
     percents = [float(p) for p in percents]
-    check_search_args(target_T, percents, budget, search_images, cache_mib)
+    check_search_args(target_T, percents, budget, search_images, cache_mib, prefix_weight)
     if objective not in OBJECTIVES:
         raise utils.UserError(f'unknown search objective {objective!r}; choose one of {", ".join(OBJECTIVES)}')
     conversion = dict(conversion or {})
@@ -362,11 +384,14 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
             places.append(name)
             fixed[name] = torch.tensor([value] * len(percents), dtype=torch.float32)
     bases = {**quantiles, **fixed}  # per place, per percent
-    search = _Search(snn, places, images, logits, target_T, amp, budget, OBJECTIVES[objective],
+    search = _Search(snn, places, images, logits, target_T, amp, budget, objective_of(objective, prefix_weight),
                      cache_bytes=int(cache_mib * 2 ** 20))
     log(f'low-latency calibration for T={target_T}: {len(places)} places searched, quantiles of '
         f'{len(percents)} percents recorded on {batches} batches in {record_seconds:.1f} s; objective '
-        f'{OBJECTIVE_TEXT[objective]} on {search.count} calibration images, at most {budget} evaluations')
+        f'{OBJECTIVE_TEXT[objective]}'
+        + (f' + {prefix_weight:g} x its mean over the first 1..{target_T - 1} steps' if prefix_weight and target_T > 1
+           else '')
+        + f' on {search.count} calibration images, at most {budget} evaluations')
 
     history: List[float] = []
     percent_objectives = []
@@ -454,7 +479,7 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
     log(f'  chosen: percent {percent:g}; agreement with the ANN on the search images {steps}; '
         f'energy vs ANN at t={target_T}: {final["energy_ratio"][-1]:.4f}')
     return {
-        'target_T': target_T, 'objective': objective, 'percent': percent,
+        'target_T': target_T, 'objective': objective, 'prefix_weight': prefix_weight, 'percent': percent,
         'percent_objectives': percent_objectives, 'percent_objective': percent_objective,
         'final_objective': best, 'scales': chosen, 'scale_factors': list(SCALE_FACTORS),
         'objective_history': history, 'evaluations': search.evaluations, 'budget': budget,
@@ -508,4 +533,5 @@ def run_for_args(model: nn.Module, calib_loader: Iterable, args, device, amp: Op
     return choose_thresholds(model, calib_loader, args.target_T, device, percents=args.target_percents,
                              budget=args.search_budget, search_images=args.search_images, amp=amp,
                              conversion=conversion, objective=args.search_objective,
-                             search_fixed=args.search_fixed, cache_mib=args.search_cache_mb, log=log)
+                             search_fixed=args.search_fixed, cache_mib=args.search_cache_mb,
+                             prefix_weight=args.search_prefix_weight, log=log)

@@ -123,6 +123,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    metavar='True|False', help='--target_T: also search the places of fixed thresholds (s at '
                    '--softmax_p, a fixed fc2), starting from their fixed values (default on; the chosen '
                    'values are recorded in the checkpoint and used by snn)')
+    g.add_argument('--search_prefix_weight', default=low_latency.DEFAULT_PREFIX_WEIGHT, type=float, metavar='W',
+                   help='--target_T N: the objective of N steps plus W times its mean over the first 1..N-1 steps '
+                        '(the predictions after the earlier steps; 0: N steps only)')
     g.add_argument('--search_cache_mb', default=low_latency.DEFAULT_CACHE_MIB, type=float, metavar='MB',
                    help='--target_T: memory for the inputs of unchanged blocks, kept so that a candidate that '
                         'changes only later blocks does not run the earlier ones again (same values; 0: off)')
@@ -212,7 +215,7 @@ def check_args(args) -> None:
         if args.test_mode != 'for_v':
             raise utils.UserError(f'--target_T chooses thresholds: it needs --test_mode for_v, not {args.test_mode}')
         low_latency.check_search_args(args.target_T, args.target_percents, args.search_budget,
-                                      args.search_images, args.search_cache_mb)
+                                      args.search_images, args.search_cache_mb, args.search_prefix_weight)
 
 
 def check_output_folders(args) -> None:

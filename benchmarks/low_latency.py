@@ -59,7 +59,7 @@ def main(args):
     cli.check_args(args)
     for target in args.bench_targets:
         low_latency.check_search_args(target, args.target_percents, args.search_budget, args.search_images,
-                                      args.search_cache_mb)
+                                      args.search_cache_mb, args.search_prefix_weight)
     utils.seed_everything(args.seed)
     device = utils.resolve_device(args.device)
     amp = cli.resolve_amp(args.amp, device)
@@ -92,7 +92,8 @@ def main(args):
         record = low_latency.choose_thresholds(
             model, calib_loader, target, device, percents=args.target_percents, budget=args.search_budget,
             search_images=args.search_images, amp=amp, conversion=conversion,
-            objective=args.search_objective, search_fixed=args.search_fixed, cache_mib=args.search_cache_mb)
+            objective=args.search_objective, search_fixed=args.search_fixed, cache_mib=args.search_cache_mb,
+            prefix_weight=args.search_prefix_weight)
         rows.append({'calibration': f'--target_T {target}', 'target_T': target,
                      'calibration_seconds': record['seconds'], 'search': record,
                      **run_snn(model, args, eval_loader, device, amp, record)})

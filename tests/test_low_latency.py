@@ -209,7 +209,9 @@ def test_final_objective_is_that_of_the_stored_thresholds(search, weights):
     assert low_latency.apply_fixed_thresholds(snn, record, log=lambda line: None) == 4
     _, images, logits, _ = low_latency.record_quantiles(calibrating_model(weights), digits_loader(True, 150),
                                                         [0.99], CPU, keep_images=150)
-    total = sum(float(low_latency.kl_objective(step_logits(snn, x, 2), y)) for x, y in zip(images, logits))
+    objective = low_latency.objective_of('kl', record['prefix_weight'])
+    assert record['prefix_weight'] == low_latency.DEFAULT_PREFIX_WEIGHT > 0
+    total = sum(float(objective(step_logits(snn, x, 2), y)) for x, y in zip(images, logits))
     assert total / 150 == pytest.approx(record['final_objective'], rel=1e-9)
 
 
@@ -293,6 +295,7 @@ def test_without_target_T_the_published_calibration_is_unchanged(tmp_path, weigh
     (['--target_T', '2', '--search_images', '0'], '--search_images must be >= 1, got 0'),
     (['--target_T', '2', '--search_cache_mb', '-1'], '--search_cache_mb must be >= 0 (0: no block cache), got -1.0'),
     (['--target_T', '2', '--search_cache_mb', 'nan'], '--search_cache_mb must be >= 0 (0: no block cache), got nan'),
+    (['--target_T', '2', '--search_prefix_weight', '-0.5'], '--search_prefix_weight must be >= 0, got -0.5'),
 ])
 def test_bad_search_settings_are_refused(tmp_path, weights, extra, message):
     with pytest.raises(UserError, match=message.replace('(', r'\(').replace(')', r'\)')):
@@ -324,6 +327,20 @@ def test_objectives_compare_the_mean_over_steps_with_the_ann(name):
     steps = torch.stack([ann + noise[0], ann - noise[0]])
     assert float(objective(steps, ann)) == pytest.approx(0.0, abs=1e-12)
     assert float(objective(steps + noise, ann)) > 1e-3
+
+
+@pytest.mark.parametrize('name', ['kl', 'mse'])
+def test_prefix_weight_adds_the_earlier_steps_objectives(name):
+    """objective_of(name, w): the objective of all N steps plus w x its mean over the first
+    1..N-1 steps; w = 0 or N = 1: the objective of the N steps alone."""
+    plain = low_latency.OBJECTIVES[name]
+    ann = torch.randn(5, 10, generator=torch.Generator().manual_seed(0))
+    steps = ann + torch.randn(3, 5, 10, generator=torch.Generator().manual_seed(1))
+    assert low_latency.objective_of(name, 0.0) is plain
+    want = plain(steps, ann) + 0.25 * (plain(steps[:1], ann) + plain(steps[:2], ann)) / 2
+    assert float(low_latency.objective_of(name, 0.25)(steps, ann)) == pytest.approx(float(want), rel=1e-12)
+    assert float(low_latency.objective_of(name, 0.25)(steps[:1], ann)) == float(plain(steps[:1], ann))
+    assert float(want) > float(plain(steps, ann))  # the earlier steps do count
 
 
 def test_fixed_thresholds_of_another_model_are_refused(search):
