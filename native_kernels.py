@@ -197,7 +197,7 @@ def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tens
     return spike, counts, membrane if keep else None
 
 
-def _ec_arguments(name: str, x: torch.Tensor, cum, prev, keep: bool, rank: int):
+def _ec_arguments(name: str, x: torch.Tensor, cum, prev, keep: bool, rank: int, output: bool = True):
     if x.dim() != rank:
         raise ValueError(f'{name}: x must have {rank} dimensions (steps first)')
     x = x.contiguous()
@@ -206,7 +206,7 @@ def _ec_arguments(name: str, x: torch.Tensor, cum, prev, keep: bool, rank: int):
         raise ValueError(f'{name}: the running sum and the last total are carried together')
     cum, fresh = _state(cum, n, keep)
     prev, _ = _state(prev, n, keep)
-    return x, cum, prev, fresh, torch.empty_like(x)
+    return x, cum, prev, fresh, torch.empty_like(x) if output else None
 
 
 def ec_gelu_steps(x: torch.Tensor, cum: Optional[torch.Tensor], prev: Optional[torch.Tensor], t0: int,
@@ -269,7 +269,7 @@ def ec_mt_steps(kind: str, x: torch.Tensor, cum: Optional[torch.Tensor], prev: O
     rank = 2 if kind == 'gelu' else 3
     if kind == 'layer_norm':
         _check_affine(x, weight, bias)
-    x, cum, prev, fresh, _ = _ec_arguments(f'ec_mt_steps({kind})', x, cum, prev, keep, rank)
+    x, cum, prev, fresh, _ = _ec_arguments(f'ec_mt_steps({kind})', x, cum, prev, keep, rank, output=False)
     membrane, mfresh = _state(membrane, x[0].numel() if x.shape[0] else 0, keep)
     spike = torch.empty(x.shape, dtype=torch.float32)
     counts = torch.empty(x.shape[0], dtype=torch.int64)
