@@ -743,35 +743,26 @@ class exp_comp_neuron(StatefulModule):
         return out
 
     def _native_steps(self, xs: torch.Tensor) -> torch.Tensor:
-        K, t0, keep = xs.shape[0], self.steps, self.keep_state
-        neuron = self._fusable()
-        if neuron is not None:
-            return self._fused_steps(xs, neuron)
-        if self.kind == 'gelu':
-            approximate = self._approximate
-            out, self._cum, self._prev = native_kernels.ec_gelu_steps(
-                xs.reshape(K, -1), self._cum, self._prev, t0, keep, approximate)
-        elif self.kind == 'softmax':
-            out, self._cum, self._prev = native_kernels.ec_softmax_steps(
-                xs.reshape(K, -1, xs.shape[-1]), self._cum, self._prev, t0, keep)
-        else:
-            m = self.module
-            out, self._cum, self._prev = native_kernels.ec_layer_norm_steps(
-                xs.reshape(K, -1, xs.shape[-1]), self._cum, self._prev, t0, keep, m.weight, m.bias, m.eps)
-        return out
-
-    def _fused_steps(self, xs: torch.Tensor, neuron: 'TwoSideNeuron') -> torch.Tensor:
-        K, keep = xs.shape[0], self.keep_state
+        K, t0, keep, m = xs.shape[0], self.steps, self.keep_state, self.module
         flat = xs.reshape(K, -1) if self.kind == 'gelu' else xs.reshape(K, -1, xs.shape[-1])
-        m = self.module
-        extra = ({'approximate': self._approximate} if self.kind == 'gelu' else
-                 {'weight': m.weight, 'bias': m.bias, 'eps': m.eps} if self.kind == 'layer_norm' else {})
-        spike, counts, self._cum, self._prev, membrane = native_kernels.ec_mt_steps(
-            self.kind, flat, self._cum, self._prev, self.steps, keep, neuron.level_table(), neuron._membrane,
-            **extra)
-        neuron._membrane, neuron._shape = membrane, tuple(xs.shape[1:])
-        self._posting = (neuron, counts)  # forward posts the spikes as it returns them
-        return spike
+        neuron = self._fusable()
+        if neuron is not None:  # the EC kernel with the neuron it feeds (see fuse)
+            extra = ({'approximate': self._approximate} if self.kind == 'gelu' else
+                     {'weight': m.weight, 'bias': m.bias, 'eps': m.eps} if self.kind == 'layer_norm' else {})
+            spike, counts, self._cum, self._prev, membrane = native_kernels.ec_mt_steps(
+                self.kind, flat, self._cum, self._prev, t0, keep, neuron.level_table(), neuron._membrane, **extra)
+            neuron._membrane, neuron._shape = membrane, tuple(xs.shape[1:])
+            self._posting = (neuron, counts)  # forward posts the spikes as it returns them
+            return spike
+        if self.kind == 'gelu':
+            out, self._cum, self._prev = native_kernels.ec_gelu_steps(
+                flat, self._cum, self._prev, t0, keep, self._approximate)
+        elif self.kind == 'softmax':
+            out, self._cum, self._prev = native_kernels.ec_softmax_steps(flat, self._cum, self._prev, t0, keep)
+        else:
+            out, self._cum, self._prev = native_kernels.ec_layer_norm_steps(
+                flat, self._cum, self._prev, t0, keep, m.weight, m.bias, m.eps)
+        return out
 
     def _torch_steps(self, xs: torch.Tensor) -> torch.Tensor:
         step_shape = xs.shape[1:]
