@@ -29,7 +29,7 @@ from timm.layers import DropPath, GluMlp, LayerScale, Mlp, PatchDropout, SwiGLU
 from timm.layers import AttentionPoolLatent, apply_rot_embed_cat
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
-from trans_utils import (EC_MODULE_TYPES, ConversionError, MyAt, MyMul, MyTestPlace,
+from trans_utils import (EC_MODULE_TYPES, ConversionError, MyAt, MyMul, MyTestPlace, qkv_neurons,
                          register_snn_modules)
 
 __all__ = ['ConvertibleAttention', 'ConvertibleMlp', 'ConvertibleGluMlp', 'ConvertibleAttentionPool',
@@ -88,9 +88,19 @@ class ConvertibleAttention(nn.Module):
         for place in ('fc_qkv', 'q', 'k', 'v', 's', 'fc_out'):
             self.add_module(f'place_{place}', MyTestPlace(place))
 
+    #: Whether the q, k and v neurons run as one kernel on the fused qkv output (set by
+    #: trans_utils.fuse_ec_neurons where ecmt_qkv_fusable() holds; see trans_utils.qkv_neurons).
+    fuse_qkv = False
+
     def ecmt_fusable(self):
         """EC module -> modules between -> MT neuron, in this forward (trans_utils.fuse_ec_neurons)."""
         return [('softmax', ('attn_drop',), 'place_s'), ('norm', (), 'place_fc_out')]
+
+    def ecmt_qkv_fusable(self) -> bool:
+        """Whether q, k and v go from the fused qkv linear layer straight to their places (no q/k
+        norm between; a rotary embedding, given per call, turns the fusion off for that call)."""
+        return (self.qkv is not None and isinstance(self.q_norm, nn.Identity)
+                and isinstance(self.k_norm, nn.Identity))
 
     def _rotate(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         npt = self.num_prefix_tokens
@@ -107,7 +117,13 @@ class ConvertibleAttention(nn.Module):
                 # Added after the linear layer (not inside F.linear) so that hooks on every
                 # nn.Linear (the energy monitor) see this one too.
                 qkv = qkv + torch.cat((self.q_bias, self.k_bias, self.v_bias))
-            q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            spikes = None
+            if self.fuse_qkv and rope is None:  # the q, k and v neurons in one pass over qkv
+                spikes = qkv_neurons((self.place_q, self.place_k, self.place_v), qkv, self.num_heads)
+            if spikes is not None:
+                q, k, v = spikes
+            else:
+                q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         else:
             q = self.q_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
             k = self.k_proj(x).reshape(B, N, self.num_kv_heads, -1).transpose(1, 2)

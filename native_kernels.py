@@ -20,7 +20,7 @@ import ctypes
 import os
 import threading
 import warnings
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -132,6 +132,8 @@ def _load(path: str) -> ctypes.CDLL:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.ecmt_mt_steps.argtypes = [p, i32, p, p, p, i32, i32, p, i64, p, p, i32]
     lib.ecmt_mt_steps.restype = i32
+    lib.ecmt_qkv_mt_steps.argtypes = [p, i64, i64, i64, i64, i64, p, p, p, i64, p, p, p, i32, i32, p, p, p, p, i32]
+    lib.ecmt_qkv_mt_steps.restype = i32
     lib.ecmt_ec_gelu_steps.argtypes = [p, p, p, i32, i32, f32, p, i64, i64, i32, i32]
     lib.ecmt_ec_gelu_steps.restype = None
     lib.ecmt_ec_softmax_steps.argtypes = [p, p, p, i32, i32, f32, p, i64, i64, i64, i32]
@@ -195,6 +197,37 @@ def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tens
     if status != 0:
         raise RuntimeError(f'ecmt_mt_steps rejected its arguments (status {status})')
     return spike, counts, membrane if keep else None
+
+
+def qkv_mt_steps(qkv: torch.Tensor, heads: int, tables: Sequence[torch.Tensor],
+                 membranes: Sequence[Optional[torch.Tensor]], keep: bool
+                 ) -> Tuple[List[torch.Tensor], torch.Tensor, List[Optional[torch.Tensor]]]:
+    """K steps of the q, k and v MT neurons of a fused qkv linear output ``qkv``: float32 CPU
+    [K, B, N, 3 * heads * D] contiguous, read in place. ``tables``: the three neurons' tables
+    (one width); ``membranes``: their flat [B, heads, N, D] states (None on a batch's first
+    chunk), as :func:`mt_steps` keeps them for the permuted views. The same spikes, counts and
+    states as :func:`mt_steps` on ``qkv.view(K, B, N, 3, heads, D).permute(3, 0, 1, 4, 2, 5)[i]``.
+    Returns ([q, k, v] spikes [K, B, heads, N, D] contiguous, non-zero spikes [3, K] int64,
+    the three membranes or Nones without ``keep``)."""
+    if qkv.dim() != 4 or not qkv.is_contiguous() or qkv.dtype != torch.float32 or qkv.shape[-1] % (3 * heads):
+        raise ValueError('qkv_mt_steps: qkv must be a contiguous float32 [K, B, N, 3 * heads * D] tensor')
+    if len(tables) != 3 or len({t.shape for t in tables}) != 1 or not all(
+            t.dim() == 2 and t.shape[0] == 4 and t.is_contiguous() for t in tables):
+        raise ValueError('qkv_mt_steps: tables must be three contiguous [4, width] tensors of one width')
+    K, B, N, _ = qkv.shape
+    D = qkv.shape[-1] // (3 * heads)
+    states = [_state(m, B * heads * N * D if K else 0, keep) for m in membranes]
+    if len({fresh for _, fresh in states}) != 1:
+        raise ValueError('qkv_mt_steps: the three membranes must all be carried or all start at zero')
+    spikes = [torch.empty(K, B, heads, N, D, dtype=torch.float32) for _ in range(3)]
+    counts = torch.empty(3, K, dtype=torch.int64)
+    status = library().ecmt_qkv_mt_steps(qkv.data_ptr(), K, B, N, heads, D, *(t.data_ptr() for t in tables),
+                                         tables[0].shape[1], *(_ptr(m) for m, _ in states), int(states[0][1]),
+                                         int(bool(keep)), *(s.data_ptr() for s in spikes), counts.data_ptr(),
+                                         torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f'ecmt_qkv_mt_steps rejected its arguments (status {status})')
+    return spikes, counts, [m if keep else None for m, _ in states]
 
 
 def _ec_arguments(name: str, x: torch.Tensor, cum, prev, keep: bool, rank: int, output: bool = True):

@@ -45,7 +45,7 @@ __all__ = [
     'replace_nonlinear_by_neuron', 'replace_at_by_neuron', 'convert_to_snn', 'get_modules',
     'reset_net', 'set_fast_neuron', 'set_backend', 'choose_backend', 'BACKENDS', 'threshold_config',
     'EC_MODULE_TYPES', 'register_snn_modules', 'check_fully_converted', 'BaseMonitor', 'SOPMonitor',
-    'product_nonzero_macs', 'spike_level_counts', 'fuse_ec_neurons',
+    'product_nonzero_macs', 'spike_level_counts', 'fuse_ec_neurons', 'qkv_neurons',
 ]
 
 #: Placeholder kinds, in the order they appear in a transformer block (ECMT_SPEC section 2; 'gate'
@@ -1171,21 +1171,62 @@ _FUSE = os.environ.get('ECMT_FUSE', '1') != '0'
 FUSABLE_KINDS = ('gelu', 'softmax', 'layer_norm')
 
 
+def qkv_neurons(neurons: Sequence['TwoSideNeuron'], qkv: torch.Tensor, heads: int
+                ) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The spikes of an attention's q, k and v neurons (``neurons``) for this chunk, computed in
+    one pass over the fused qkv linear output ``qkv`` ([K*B, N, 3*heads*D], what the neurons'
+    inputs are the head-split views of) by :func:`native_kernels.qkv_mt_steps`, which reads it
+    row after row instead of through three strided views. Each neuron's next call receives its
+    spikes ([K*B, heads, N, D], as its own call would return them) and records them; states and
+    counts are the ones its own kernel would have left. None (nothing done: the caller splits
+    qkv and each neuron runs alone) unless inside a MultiStep run (simulate), with the three
+    native, on a float32 contiguous CPU tensor, with tables of one width."""
+    if not all(isinstance(n, TwoSideNeuron) and n.backend == 'native' and n._prefused is None
+               and 'time_steps' in n.__dict__ for n in neurons):
+        return None
+    steps = neurons[0].time_steps
+    if (any(n.time_steps != steps or n.keep_state != neurons[0].keep_state for n in neurons)
+            or qkv.device.type != 'cpu' or qkv.dtype != torch.float32 or qkv.dim() != 3
+            or not qkv.is_contiguous() or qkv.shape[0] % steps or qkv.shape[-1] % (3 * heads)):
+        return None
+    tables = [n.level_table() for n in neurons]
+    if len({t.shape for t in tables}) != 1 or len({n._membrane is None for n in neurons}) != 1:
+        return None
+    spikes, counts, membranes = native_kernels.qkv_mt_steps(
+        qkv.detach().unflatten(0, (steps, -1)), heads, tables, [n._membrane for n in neurons], neurons[0].keep_state)
+    out = []
+    for neuron, spike, count, membrane in zip(neurons, spikes, counts, membranes):
+        neuron._membrane, neuron._shape = membrane, tuple(spike.shape[1:])
+        spike = spike.flatten(0, 1)
+        neuron._prefused = (spike, count)
+        out.append(spike)
+    return tuple(out)
+
+
 def fuse_ec_neurons(model: nn.Module, enabled: Optional[bool] = None) -> int:
     """Fuse each EC module with the MT neuron its output goes to (:meth:`exp_comp_neuron.fuse`),
     where a module of the model names such pairs: its ``ecmt_fusable()`` gives (EC attribute,
     attributes of the modules between, neuron attribute), e.g. a converted MLP's GELU -> drop ->
-    norm -> fc2 place, and the modules between are identities. ``enabled`` False (or
-    ``ECMT_FUSE=0``, the default for None) unfuses every pair. The numbers are the same either
-    way. Returns the number of pairs fused."""
+    norm -> fc2 place, and the modules between are identities; and where an attention's q, k and v
+    places take the fused qkv linear output directly (its ``ecmt_qkv_fusable()``), the three
+    neurons run as one kernel (:func:`qkv_neurons`). ``enabled`` False (or ``ECMT_FUSE=0``, the
+    default for None) unfuses everything. The numbers are the same either way. Returns the number
+    of pairs and q/k/v triples fused."""
     enabled = _FUSE if enabled is None else bool(enabled)
     fused, claimed = 0, set()
     for module in model.modules():
         if isinstance(module, exp_comp_neuron):
             module.fuse(None)
+        if hasattr(module, 'ecmt_qkv_fusable'):
+            module.fuse_qkv = False
     if not enabled:
         return 0
     for module in model.modules():
+        qkv = getattr(module, 'ecmt_qkv_fusable', None)
+        if qkv is not None and qkv() and all(isinstance(getattr(module, f'place_{p}', None), TwoSideNeuron)
+                                             for p in 'qkv'):
+            module.fuse_qkv = True  # its q, k and v neurons in one kernel (qkv_neurons)
+            fused += 1
         pairs = getattr(module, 'ecmt_fusable', None)
         if pairs is None:
             continue

@@ -1,6 +1,7 @@
 // Native CPU kernels of the ECMT toolkit, built once per machine by native_kernels.py
 // (c++ -O3 -march=native -fopenmp, cached on disk) and called through ctypes:
 //   ecmt_mt_steps        K steps of the multi-threshold neuron (ECMT_SPEC 4);
+//   ecmt_qkv_mt_steps    the q, k and v neurons of a fused qkv output in one pass;
 //   ecmt_ec_gelu_steps   K expectation-compensated GELU steps (ECMT_SPEC 5);
 //   ecmt_ec_softmax_steps     K EC softmax steps over rows;
 //   ecmt_ec_layer_norm_steps  K EC LayerNorm steps over rows;
@@ -473,6 +474,66 @@ void mt_steps(const float* x, const StepLayout& l, float* membrane, bool fresh, 
     }
 }
 
+// The q, k and v neurons of one fused qkv linear output, [K, B, N, 3, H, D] contiguous, in one
+// pass that reads it in place (row after row, as the linear layer wrote it) and writes each
+// neuron's spikes head-major, [K, B, H, N, D], the layout the attention products take. Each
+// element goes through mt_tile as in mt_steps: the same spikes, membranes (kept head-major, the
+// logical order of the neuron's [B, H, N, D] input) and counts as three mt_steps calls on the
+// permuted views, which read that layout with a stride of 3*H*D between tokens.
+template <int W>
+void qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H, int64_t D,
+                  const float* const* tables, int64_t width, float* const* membranes, bool fresh, bool keep,
+                  float* const* spikes, int64_t* counts, int threads) {
+    const int64_t C = H * D, row = 3 * C, step_in = B * N * row, step_out = B * N * C;
+    for (int64_t i = 0; i < 3 * K; ++i) counts[i] = 0;
+    // Work items: blocks of up to `span` tokens of one image, whose membranes (span x 3C) stay in
+    // a thread buffer over the K steps; each step reads the block's rows in one sweep and writes
+    // 3H runs of span x D spikes.
+    const int64_t span = std::max<int64_t>(1, std::min<int64_t>(N, 16384 / std::max<int64_t>(row, 1)));
+    const int64_t blocks = (N + span - 1) / span, items = B * blocks;
+#pragma omp parallel num_threads(threads) if (threads > 1 && items > 1)
+    {
+        std::vector<int64_t> local(3 * K, 0);
+        std::vector<float> state(static_cast<size_t>(span * row));
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < items; ++item) {
+            const int64_t b = item / blocks, n0 = (item % blocks) * span, count = std::min(span, N - n0);
+            float* v = state.data();
+            for (int64_t i = 0; i < count; ++i)
+                for (int p = 0; p < 3; ++p)
+                    for (int64_t h = 0; h < H; ++h) {
+                        float* to = v + i * row + p * C + h * D;
+                        if (fresh) {
+                            std::fill(to, to + D, 0.0f);
+                        } else {
+                            std::memcpy(to, membranes[p] + ((b * H + h) * N + n0 + i) * D,
+                                        static_cast<size_t>(D) * sizeof(float));
+                        }
+                    }
+            for (int64_t k = 0; k < K; ++k) {
+                const float* in = x + k * step_in + (b * N + n0) * row;
+                for (int64_t i = 0; i < count; ++i)
+                    for (int p = 0; p < 3; ++p)
+                        for (int64_t h = 0; h < H; ++h) {
+                            const int64_t at = i * row + p * C + h * D;
+                            float* out = spikes[p] + k * step_out + ((b * H + h) * N + n0 + i) * D;
+                            for (int64_t d0 = 0; d0 < D; d0 += kTile)
+                                mt_tile<W>(v + at + d0, in + at + d0, tables[p], width, out + d0,
+                                           std::min(kTile, D - d0), local[p * K + k]);
+                        }
+            }
+            if (keep)
+                for (int64_t i = 0; i < count; ++i)
+                    for (int p = 0; p < 3; ++p)
+                        for (int64_t h = 0; h < H; ++h)
+                            std::memcpy(membranes[p] + ((b * H + h) * N + n0 + i) * D, v + i * row + p * C + h * D,
+                                        static_cast<size_t>(D) * sizeof(float));
+        }
+#pragma omp critical(ecmt_qkv_counts)
+        for (int64_t i = 0; i < 3 * K; ++i) counts[i] += local[i];
+    }
+}
+
 // ---- expectation-compensated products: running sums and scaled differences ---------------------
 // Running sums along time of a [K, rest...] input of any strides, from the carried sums (or, on a
 // batch's first chunk, from the first step itself): the same float additions as one step at a time.
@@ -802,6 +863,30 @@ int ecmt_mt_steps(const float* x, int ndim, const int64_t* sizes, const int64_t*
         case 16: mt_steps<16>(x, l, membrane, fresh, keep, table, width, spike, counts, threads); break;
         case 32: mt_steps<32>(x, l, membrane, fresh, keep, table, width, spike, counts, threads); break;
         default: mt_steps<0>(x, l, membrane, fresh, keep, table, width, spike, counts, threads); break;
+    }
+    return 0;
+}
+
+// The q, k and v MT neurons of a fused qkv output x: float32 [K, B, N, 3, H, D] contiguous.
+// tables[3]: each neuron's [4, width] table (one width for the three); membranes[3]: each
+// neuron's [B, H, N, D] state in row-major order, read unless `fresh`, written if `keep`;
+// spikes[3]: [K, B, H, N, D] contiguous, written; counts [3, K]: non-zero spikes per neuron and
+// step. Returns 0, or -1 for bad arguments.
+int ecmt_qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H, int64_t D,
+                      const float* table_q, const float* table_k, const float* table_v, int64_t width,
+                      float* membrane_q, float* membrane_k, float* membrane_v, int fresh, int keep,
+                      float* spike_q, float* spike_k, float* spike_v, int64_t* counts, int threads) {
+    if (K < 0 || B < 0 || N < 0 || H < 0 || D < 0 || width < 1) return -1;
+    const float* tables[3] = {table_q, table_k, table_v};
+    float* membranes[3] = {membrane_q, membrane_k, membrane_v};
+    float* spikes[3] = {spike_q, spike_k, spike_v};
+    for (int p = 0; p < 3; ++p)
+        if (tables[p] == nullptr || spikes[p] == nullptr || ((!fresh || keep) && membranes[p] == nullptr)) return -1;
+    switch (width) {
+        case 8: qkv_mt_steps<8>(x, K, B, N, H, D, tables, width, membranes, fresh, keep, spikes, counts, threads); break;
+        case 16: qkv_mt_steps<16>(x, K, B, N, H, D, tables, width, membranes, fresh, keep, spikes, counts, threads); break;
+        case 32: qkv_mt_steps<32>(x, K, B, N, H, D, tables, width, membranes, fresh, keep, spikes, counts, threads); break;
+        default: qkv_mt_steps<0>(x, K, B, N, H, D, tables, width, membranes, fresh, keep, spikes, counts, threads); break;
     }
     return 0;
 }

@@ -68,7 +68,8 @@ def run(tmp_path, *extra):
 
 
 def step_logits(snn, images, T):
-    return simulate(snn, images, T)
+    with torch.no_grad():
+        return simulate(snn, images, T)
 
 
 @pytest.fixture(scope='module')

@@ -289,15 +289,18 @@ def _eva02_swiglu_norms():
     return convert_to_snn(model)
 
 
-@pytest.mark.parametrize('config, pairs', [
-    ('vit_cls_token', {'softmax': 2, 'gelu': 2}),      # softmax -> s, GELU -> fc2, per block
-    ('eva_giant', {'softmax': 2, 'gelu': 2}),
-    ('eva02_swiglu_norms', {'softmax': 2, 'layer_norm': 4}),  # attention norm -> fc_out, MLP norm -> fc2
+@pytest.mark.parametrize('config, pairs, triples, qkv_runs', [
+    ('vit_cls_token', {'softmax': 2, 'gelu': 2}, 2, 2),      # softmax -> s, GELU -> fc2, q/k/v, per block
+    ('eva_giant', {'softmax': 2, 'gelu': 2}, 2, 2),          # q/v biases added to the fused qkv
+    # attention norm -> fc_out, MLP norm -> fc2; separate q/k/v projections: no q/k/v triple
+    ('eva02_swiglu_norms', {'softmax': 2, 'layer_norm': 4}, 0, 0),
 ])
-def test_fused_ec_neurons_change_no_number(monkeypatch, config, pairs):
-    """An EC module fused with the MT neuron it feeds (trans_utils.fuse_ec_neurons, on by
-    default) gives the per-step logits, every layer's SOPs per step and the spike counts per level
-    of the unfused pair, bit for bit, for every chunking; the fused kernels do run."""
+def test_fused_ec_neurons_change_no_number(monkeypatch, config, pairs, triples, qkv_runs):
+    """An EC module fused with the MT neuron it feeds, and an attention's q, k and v neurons run
+    as one kernel on the qkv output (trans_utils.fuse_ec_neurons, on by default), give the
+    per-step logits, every layer's SOPs per step and the spike counts per level of the unfused
+    modules, bit for bit, for every chunking (membranes carried between chunks); the fused kernels
+    do run."""
     import native_kernels
     model = _eva02_swiglu_norms() if config == 'eva02_swiglu_norms' else converted(config, 8)
     fused = [m for m in model.modules() if isinstance(m, trans_utils.exp_comp_neuron) and m.fused_neuron is not None]
@@ -305,19 +308,22 @@ def test_fused_ec_neurons_change_no_number(monkeypatch, config, pairs):
     for m in fused:
         kinds[m.kind] = kinds.get(m.kind, 0) + 1
     assert kinds == pairs
-    calls = []
-    real = native_kernels.ec_mt_steps
+    calls, qkv_calls = [], []
+    real, real_qkv = native_kernels.ec_mt_steps, native_kernels.qkv_mt_steps
     monkeypatch.setattr(native_kernels, 'ec_mt_steps', lambda kind, *a, **k: calls.append(kind) or real(kind, *a, **k))
+    monkeypatch.setattr(native_kernels, 'qkv_mt_steps', lambda *a, **k: qkv_calls.append(1) or real_qkv(*a, **k))
     x = images(3)
     results = {}
     for on in (True, False):
-        assert trans_utils.fuse_ec_neurons(model, on) == (sum(pairs.values()) if on else 0)
+        assert trans_utils.fuse_ec_neurons(model, on) == (sum(pairs.values()) + triples if on else 0)
         for chunks, sizes in CHUNKINGS.items():
             with torch.no_grad(), trans_utils.SOPMonitor(model, count_levels=True) as monitor:
                 logits = simulate(model, x, T, time_chunk=sizes, monitor=monitor)
                 levels = [n.level_counts.clone() for _, n in monitor.neurons]
                 results[on, chunks] = (logits, monitor.sops.clone(), levels)
-    assert len(calls) == sum(pairs.values()) * sum(len(s) for s in CHUNKINGS.values())
+    chunk_runs = sum(len(s) for s in CHUNKINGS.values())
+    assert len(calls) == sum(pairs.values()) * chunk_runs
+    assert len(qkv_calls) == qkv_runs * chunk_runs
     want = results[False, '8x1']
     for key, (logits, sops, levels) in results.items():
         assert torch.equal(logits, want[0]) and torch.equal(sops, want[1]), key

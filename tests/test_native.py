@@ -468,3 +468,48 @@ def test_fused_ec_neuron_equals_the_two_kernels_bit_for_bit(native, threads, kin
             assert (a is None and b is None) if not keep else torch.equal(a, b)
         states['apart'], states['fused'] = list(want[2:]), list(got[2:])
         first += count
+
+
+@needs_compiler
+@pytest.mark.parametrize('levels', [4, 16, 33])  # table widths 8, 16 and 64 (generic)
+@pytest.mark.parametrize('chunks', CHUNKS)
+@pytest.mark.parametrize('shape', [(3, 7, 2, 32), (2, 65, 3, 5), (1, 4, 2, 88), (2, 150, 1, 64)],
+                         ids=['heads32', 'odd_head', 'head_over_a_tile', 'long_block'])
+def test_qkv_neurons_equal_three_neurons_on_the_views_bit_for_bit(native, threads, levels, chunks, shape):
+    """qkv_mt_steps (the q, k and v neurons of a fused qkv output in one pass) gives each neuron's
+    spikes, counts and carried membranes of mt_steps on its head-split view, for every chunking:
+    heads shorter than, as long as and longer than a tile (88 = 64 + 24), token blocks of an image
+    split over several work items (150 tokens of 3 x 64)."""
+    B, N, H, D = shape
+    g = torch.Generator().manual_seed(levels * 7 + N)
+    xs = torch.randn(4, B, N, 3 * H * D, generator=g) * 0.4
+    xs[0, 0, 0, :5] = -0.0
+    tables = [trans_utils.level_table(torch.tensor(p), torch.tensor(n), levels)
+              for p, n in ((0.05, 0.03), (0.02, 0.07), (0.04, 0.04))]
+    views = xs.view(4, B, N, 3, H, D).permute(3, 0, 1, 4, 2, 5)
+    fused, apart, first = [None] * 3, [None] * 3, 0
+    for count in CHUNKS[chunks]:
+        keep = first + count < 4
+        want = [native_kernels.mt_steps(views[p, first:first + count], tables[p], apart[p], keep) for p in range(3)]
+        spikes, counts, fused = native_kernels.qkv_mt_steps(xs[first:first + count].contiguous(), H, tables,
+                                                            fused, keep)
+        for p in range(3):
+            assert spikes[p].shape == (count, B, H, N, D)
+            assert torch.equal(spikes[p], want[p][0]) and torch.equal(counts[p], want[p][1]), p
+            assert int(counts[p].sum()) > 0 and int((spikes[p] == 0).sum()) > 0  # both fire and rest
+            assert (fused[p] is None and want[p][2] is None) if not keep else torch.equal(fused[p], want[p][2])
+        apart = [w[2] for w in want]
+        first += count
+
+
+def test_qkv_neurons_refuse_mismatched_arguments(native):
+    table = trans_utils.level_table(torch.tensor(0.1), torch.tensor(0.1), 4)
+    with pytest.raises(ValueError, match='contiguous float32'):
+        native_kernels.qkv_mt_steps(torch.randn(2, 3, 2, 12).transpose(1, 2), 2, [table] * 3, [None] * 3, False)
+    with pytest.raises(ValueError, match='3 \\* heads'):
+        native_kernels.qkv_mt_steps(torch.randn(2, 1, 3, 10), 2, [table] * 3, [None] * 3, False)
+    wide = trans_utils.level_table(torch.tensor(0.1), torch.tensor(0.1), 9)
+    with pytest.raises(ValueError, match='one width'):
+        native_kernels.qkv_mt_steps(torch.randn(2, 1, 3, 12), 2, [table, table, wide], [None] * 3, False)
+    with pytest.raises(ValueError, match='all be carried'):
+        native_kernels.qkv_mt_steps(torch.randn(2, 1, 3, 12), 2, [table] * 3, [torch.zeros(12), None, None], True)
