@@ -568,8 +568,6 @@ void running_sums(const float* x, const StepLayout& l, const float* carried, flo
 }
 
 // ---- expectation-compensated GELU -------------------------------------------------------------
-
-// ---- expectation-compensated GELU -------------------------------------------------------------
 // exp, erf and tanh in plain float arithmetic that the compiler vectorises. exp: Cephes' expf
 // (about 1 ulp); erf: Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), as torch's own
 // vectorised CPU erf. GELU from them is within 5e-7 of the float64 GELU (torch's: 1.2e-6).
@@ -882,12 +880,8 @@ int ecmt_qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H
     float* spikes[3] = {spike_q, spike_k, spike_v};
     for (int p = 0; p < 3; ++p)
         if (tables[p] == nullptr || spikes[p] == nullptr || ((!fresh || keep) && membranes[p] == nullptr)) return -1;
-    switch (width) {
-        case 8: qkv_mt_steps<8>(x, K, B, N, H, D, tables, width, membranes, fresh, keep, spikes, counts, threads); break;
-        case 16: qkv_mt_steps<16>(x, K, B, N, H, D, tables, width, membranes, fresh, keep, spikes, counts, threads); break;
-        case 32: qkv_mt_steps<32>(x, K, B, N, H, D, tables, width, membranes, fresh, keep, spikes, counts, threads); break;
-        default: qkv_mt_steps<0>(x, K, B, N, H, D, tables, width, membranes, fresh, keep, spikes, counts, threads); break;
-    }
+    ECMT_WITH_WIDTH(width, (qkv_mt_steps<W>(x, K, B, N, H, D, tables, width, membranes, fresh, keep, spikes, counts,
+                                            threads)));
     return 0;
 }
 
