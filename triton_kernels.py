@@ -53,6 +53,8 @@ except ImportError:  # the module stays importable; available() is False
 
 #: Floating-point inputs the kernels load (and convert to float32).
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Longest row of the softmax and LayerNorm kernels (a row is one program's tile).
+MAX_ROW = 1 << 16
 
 
 def _interpreting() -> bool:
@@ -122,7 +124,7 @@ if triton is not None:
         u = v + d
         s = _fire(u, table, W)
         tl.store(spike_ptrs, s, mask=mask)
-        tl.atomic_add(count_ptr, tl.sum((mask & (s != 0.0)).to(tl.int32)).to(tl.int64))
+        tl.atomic_add(count_ptr, tl.sum((mask & (s != 0.0)).to(tl.int32)).to(tl.int64), sem='relaxed')
         return u - s
 
     @triton.jit
@@ -514,6 +516,9 @@ def _launch_ec(kind: str, x, cum, prev, fresh, keep, t0, out, neuron, *, approxi
                                                  BLOCK=block, num_warps=4, **state, **_OPTIONS)
         return
     rows, cols = x.shape[1], x.shape[2]
+    if cols > MAX_ROW:
+        raise ValueError(f'{kind}: rows of more than {MAX_ROW} elements are not supported by the Triton kernels '
+                         '(a row lives in one program\'s registers)')
     block_c = _next_power_of_2(cols)
     tile = (1 << 16) if INTERPRETED else 2048
     rows_per_program = max(1, min(_next_power_of_2(rows), tile // block_c))

@@ -144,8 +144,12 @@ def test_neuron_steps_on_strided_inputs_equal_their_contiguous_copy(layout):
         assert torch.equal(spike[t].cpu(), want[t]) and int(counts[t]) == int((want[t] != 0).sum())
 
 
-@pytest.mark.parametrize('levels', [4, 16], ids=lambda n: f'levels{n}')  # table widths 8 and 16
-@pytest.mark.parametrize('chunks', CHUNKS)
+# Every chunking with a table of width 8; a width of 16 in the uneven one (the interpreter is slow
+# on wide tables; test_neuron_steps_equal_the_reference_bit_for_bit covers every width).
+WIDE_ONCE = [(4, '1x8'), (4, '8x1'), (4, '3+5'), (16, '3+5')]
+
+
+@pytest.mark.parametrize('levels, chunks', WIDE_ONCE, ids=[f'levels{n}-{c}' for n, c in WIDE_ONCE])
 @pytest.mark.parametrize('shape', [(2, 7, 2, 16), (1, 5, 3, 5)], ids=['heads16', 'odd_head'])
 def test_qkv_neurons_equal_three_neurons_on_the_views_bit_for_bit(levels, chunks, shape):
     B, N, H, D = shape
@@ -291,9 +295,11 @@ def unfused(kind, x, cum, prev, t0, keep, table, membrane, affine):
     return spike, counts, cum, prev, membrane
 
 
+FUSED_CASES = [(4, '1x8'), (4, '8x1'), (4, '3+5'), (40, '3+5')]  # table widths 8 and 64
+
+
 @pytest.mark.parametrize('kind', ['gelu', 'gelu_tanh', 'softmax', 'layer_norm'])
-@pytest.mark.parametrize('levels', [4, 40], ids=lambda n: f'levels{n}')  # table widths 8 and 64
-@pytest.mark.parametrize('chunks', CHUNKS)
+@pytest.mark.parametrize('levels, chunks', FUSED_CASES, ids=[f'levels{n}-{c}' for n, c in FUSED_CASES])
 def test_fused_ec_neuron_equals_the_two_kernels_bit_for_bit(kind, levels, chunks):
     """ec_mt_steps gives the spikes, counts and carried states of the EC kernel followed by
     mt_steps, whatever the chunking."""
@@ -447,6 +453,9 @@ def test_wrappers_refuse_mismatched_arguments():
     with pytest.raises(ValueError, match='weight and bias'):
         triton_kernels.ec_layer_norm_steps(x.view(2, 2, 5), None, None, 0, False, torch.ones(6, device=DEVICE),
                                            None, 1e-5)
+    with pytest.raises(ValueError, match='rows of more than'):
+        triton_kernels.ec_softmax_steps(torch.zeros(1, 1, triton_kernels.MAX_ROW + 1, device=DEVICE), None, None, 0,
+                                        False)
     with pytest.raises(ValueError, match='unknown kind'):
         triton_kernels.ec_mt_steps('relu', x, None, None, 0, False, table, None)
     with pytest.raises(ValueError, match='contiguous float32'):
