@@ -29,7 +29,7 @@ from timm.layers import DropPath, GluMlp, LayerScale, Mlp, PatchDropout, SwiGLU
 from timm.layers import AttentionPoolLatent, apply_rot_embed_cat
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
-from trans_utils import (EC_MODULE_TYPES, ConversionError, MyAt, MyMul, MyTestPlace, qkv_neurons,
+from trans_utils import (EC_MODULE_TYPES, ConversionError, MyAt, MyMul, MyTestPlace,
                          register_snn_modules)
 
 __all__ = ['ConvertibleAttention', 'ConvertibleMlp', 'ConvertibleGluMlp', 'ConvertibleAttentionPool',
@@ -88,8 +88,8 @@ class ConvertibleAttention(nn.Module):
         for place in ('fc_qkv', 'q', 'k', 'v', 's', 'fc_out'):
             self.add_module(f'place_{place}', MyTestPlace(place))
 
-    #: Whether the q, k and v neurons run as one kernel on the fused qkv output (set by
-    #: trans_utils.fuse_ec_neurons where ecmt_qkv_fusable() holds; see trans_utils.qkv_neurons).
+    #: Whether the q, k and v neurons each read their part of the fused qkv output in place (set
+    #: at conversion by trans_utils.fuse_ec_neurons where ecmt_qkv_fusable() holds).
     fuse_qkv = False
 
     def ecmt_fusable(self):
@@ -117,21 +117,22 @@ class ConvertibleAttention(nn.Module):
                 # Added after the linear layer (not inside F.linear) so that hooks on every
                 # nn.Linear (the energy monitor) see this one too.
                 qkv = qkv + torch.cat((self.q_bias, self.k_bias, self.v_bias))
-            spikes = None
-            if self.fuse_qkv and rope is None:  # the q, k and v neurons in one pass over qkv
-                spikes = qkv_neurons((self.place_q, self.place_k, self.place_v), qkv, self.num_heads)
-            if spikes is not None:
-                q, k, v = spikes
+            placed = self.fuse_qkv and rope is None
+            if placed:  # each of the q, k and v neurons reads its part of qkv in place
+                q, k, v = (place(qkv, qkv_part=(part, self.num_heads))
+                           for part, place in enumerate((self.place_q, self.place_k, self.place_v)))
             else:
                 q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         else:
+            placed = False
             q = self.q_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
             k = self.k_proj(x).reshape(B, N, self.num_kv_heads, -1).transpose(1, 2)
             v = self.v_proj(x).reshape(B, N, self.num_kv_heads, -1).transpose(1, 2)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = self._rotate(q, rope).type_as(v), self._rotate(k, rope).type_as(v)
-        q, k, v = self.place_q(q), self.place_k(k), self.place_v(v)
+        if not placed:
+            q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                q, k = self._rotate(q, rope).type_as(v), self._rotate(k, rope).type_as(v)
+            q, k, v = self.place_q(q), self.place_k(k), self.place_v(v)
         if self.num_kv_heads != self.num_heads:
             # Grouped-query attention: head h reads k/v head h // groups, as in timm. The places
             # come before the copy (a neuron is element-wise: the same spikes, fewer states).

@@ -10,8 +10,8 @@ CPU's instruction set, and written atomically (concurrent processes never load h
 Every later process loads it in about a millisecond.
 
 Where no compiler works, :func:`library` returns None after one warning and the callers use
-torch's kernels (``torch.compile`` or eager for the steps, numpy for the statistics): the same numbers,
-slower. ``ECMT_NATIVE=0`` turns the kernels off. The tests hold every kernel to the plain
+torch's kernels (the eager backend, ``eager_kernels``, for the steps; numpy for the statistics):
+the same numbers, slower. ``ECMT_NATIVE=0`` turns the kernels off. The tests hold every kernel to the plain
 reference implementations (``tests/reference.py``) and to the other paths.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import ctypes
 import os
 import threading
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -28,6 +28,8 @@ import torch
 ENABLED = os.environ.get('ECMT_NATIVE', '1') != '0'
 #: Largest rank the selection kernel accepts (its kMaxDims).
 MAX_DIMS = 25
+#: EC kinds with a kernel of their own (any other function runs through eager_kernels).
+EC_KINDS = ('gelu', 'softmax', 'layer_norm')
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'ecmt_kernels.cpp')
 _library: Optional[ctypes.CDLL] = None
@@ -75,8 +77,13 @@ def library() -> Optional[ctypes.CDLL]:
                 except Exception as exc:  # no compiler, unwritable cache, a failed build
                     _failed = True
                     warnings.warn(f'native kernels unavailable ({type(exc).__name__}: {str(exc)[-300:]}); '
-                                  'using torch.compile and numpy instead (same numbers, slower)')
+                                  'the SNN runs on the eager backend and the calibration on numpy (same numbers, slower)')
     return _library if not _failed else None
+
+
+def available() -> bool:
+    """Whether the library is built and loaded (building it on the first call)."""
+    return library() is not None
 
 
 def prepare() -> None:
@@ -199,35 +206,37 @@ def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tens
     return spike, counts, membrane if keep else None
 
 
-def qkv_mt_steps(qkv: torch.Tensor, heads: int, tables: Sequence[torch.Tensor],
-                 membranes: Sequence[Optional[torch.Tensor]], keep: bool
-                 ) -> Tuple[List[torch.Tensor], torch.Tensor, List[Optional[torch.Tensor]]]:
-    """K steps of the q, k and v MT neurons of a fused qkv linear output ``qkv``: float32 CPU
-    [K, B, N, 3 * heads * D] contiguous, read in place. ``tables``: the three neurons' tables
-    (one width); ``membranes``: their flat [B, heads, N, D] states (None on a batch's first
-    chunk), as :func:`mt_steps` keeps them for the permuted views. The same spikes, counts and
-    states as :func:`mt_steps` on ``qkv.view(K, B, N, 3, heads, D).permute(3, 0, 1, 4, 2, 5)[i]``.
-    Returns ([q, k, v] spikes [K, B, heads, N, D] contiguous, non-zero spikes [3, K] int64,
-    the three membranes or Nones without ``keep``)."""
-    if qkv.dim() != 4 or not qkv.is_contiguous() or qkv.dtype != torch.float32 or qkv.shape[-1] % (3 * heads):
+def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
+                 membrane: Optional[torch.Tensor], keep: bool
+                 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """K steps of the q (``part`` 0), k (1) or v (2) MT neuron of an attention on its part of the
+    fused qkv linear output ``qkv``: float32 CPU [K, B, N, 3 * heads * D] contiguous, read in place
+    row after row (only this part's contiguous third of each token's row), the spikes written
+    head-major. The same spikes, counts and state as :func:`mt_steps` on the permuted view
+    ``qkv.view(K, B, N, 3, heads, D).permute(3, 0, 1, 4, 2, 5)[part]``, which reads with a stride of
+    3 * heads * D between tokens. ``membrane``: the flat [B, heads, N, D] state (None on a batch's
+    first chunk). Returns (spikes [K, B, heads, N, D] contiguous, non-zero spikes per step [K]
+    int64, membrane or None without ``keep``)."""
+    if qkv.dim() != 4 or not qkv.is_contiguous() or qkv.dtype != torch.float32 or heads < 1 \
+            or qkv.shape[-1] % (3 * heads):
         raise ValueError('qkv_mt_steps: qkv must be a contiguous float32 [K, B, N, 3 * heads * D] tensor')
-    if len(tables) != 3 or len({t.shape for t in tables}) != 1 or not all(
-            t.dim() == 2 and t.shape[0] == 4 and t.is_contiguous() for t in tables):
-        raise ValueError('qkv_mt_steps: tables must be three contiguous [4, width] tensors of one width')
+    if part not in (0, 1, 2):
+        raise ValueError(f'qkv_mt_steps: part must be 0 (q), 1 (k) or 2 (v), got {part}')
+    if table.dim() != 2 or table.shape[0] != 4 or not table.is_contiguous():
+        raise ValueError('qkv_mt_steps: table must be a contiguous [4, width] tensor')
     K, B, N, _ = qkv.shape
     D = qkv.shape[-1] // (3 * heads)
-    states = [_state(m, B * heads * N * D if K else 0, keep) for m in membranes]
-    if len({fresh for _, fresh in states}) != 1:
-        raise ValueError('qkv_mt_steps: the three membranes must all be carried or all start at zero')
-    spikes = [torch.empty(K, B, heads, N, D, dtype=torch.float32) for _ in range(3)]
+    membrane, fresh = _state(membrane, B * heads * N * D if K else 0, keep)
+    spike = torch.empty(K, B, heads, N, D, dtype=torch.float32)
     counts = torch.empty(3, K, dtype=torch.int64)
-    status = library().ecmt_qkv_mt_steps(qkv.data_ptr(), K, B, N, heads, D, *(t.data_ptr() for t in tables),
-                                         tables[0].shape[1], *(_ptr(m) for m, _ in states), int(states[0][1]),
-                                         int(bool(keep)), *(s.data_ptr() for s in spikes), counts.data_ptr(),
+    tables, membranes, spikes = [None] * 3, [None] * 3, [None] * 3
+    tables[part], membranes[part], spikes[part] = table.data_ptr(), _ptr(membrane), spike.data_ptr()
+    status = library().ecmt_qkv_mt_steps(qkv.data_ptr(), K, B, N, heads, D, *tables, table.shape[1], *membranes,
+                                         int(fresh), int(bool(keep)), *spikes, counts.data_ptr(),
                                          torch.get_num_threads())
     if status != 0:
         raise RuntimeError(f'ecmt_qkv_mt_steps rejected its arguments (status {status})')
-    return spikes, counts, [m if keep else None for m, _ in states]
+    return spike, counts[part].clone(), membrane if keep else None
 
 
 def _ec_arguments(name: str, x: torch.Tensor, cum, prev, keep: bool, rank: int, output: bool = True):

@@ -136,6 +136,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--amp', default='auto', choices=('auto', 'none', 'fp16', 'bf16'),
                    help='autocast dtype; auto: fp16 on CUDA (as published), none (float32) elsewhere '
                         '(neuron membranes and running sums stay float32)')
+    g.add_argument('--backend', default='auto', choices=('auto', 'native', 'triton', 'eager'),
+                   help='kernels the snn mode runs on (the --target_T search takes auto): auto = native C++ kernels on '
+                        'the CPU, triton on CUDA where Triton imports, else eager (torch operations); under '
+                        'TRITON_INTERPRET=1, triton runs on the CPU in Triton\'s interpreter. A backend that '
+                        'cannot run on --device is an error. Recorded in the results (default: %(default)s)')
     g.add_argument('--seed', default=0, type=int)
     g.add_argument('--output_dir', default='../models', type=str,
                    help='where for_v writes its checkpoint and snn its reports (default ../models, as published)')
@@ -456,9 +461,12 @@ def main(args) -> dict:
         try:
             convert_to_snn(model, linear_num=args.linear_num, qkv_num=args.qkv_num,
                            softmax_num=args.softmax_num, softmax_p=args.softmax_p,
-                           fc2_thresholds=fc2_thresholds(args, model))
+                           fc2_thresholds=fc2_thresholds(args, model), backend=args.backend)
         except ConversionError as exc:
             raise utils.UserError(str(exc)) from None
+        record['backend'] = model.ecmt_backend
+        if main_process:
+            print(f'snn: backend {model.ecmt_backend} on {device}')
         low_latency.apply_fixed_thresholds(model, extras.get('low_latency'),
                                            log=print if main_process else (lambda line: None))
         count_levels = args.level_batches != 0

@@ -15,13 +15,17 @@ keeps state across time steps derives from :class:`StatefulModule`; :func:`reset
 Multi-step simulation (ECMT_SPEC 13): every stateful module takes a chunk of K time steps at once,
 folded time-major into the batch ([K*B, ...], the layout timm's code runs on unchanged), and
 carries its state (membrane, running sums, last totals) to the next chunk; :class:`MultiStep`
-repeats the input of the converted region K times and tells each module its chunk. Linear layers
+repeats the input of the converted region K times and tells the modules the chunk. Linear layers
 thus run once on K*B rows, the MT neuron is one kernel looping over the K steps inside, an EC
 module evaluates its function once over all K running means, an EC product is one batched product
-of running sums. Called directly, a module takes one step per call, as the published ones did.
-The backend of each module (native CPU kernels, ``torch.compile``, eager) is chosen once, when the
-model is converted, from :data:`BACKENDS`. Running state is float32 whatever the autocast dtype,
-and is not kept past a batch's last chunk.
+of running sums. Called directly, a module takes one step per call, as the published ones did:
+K = 1 of the same chunk function. One backend runs a whole model, chosen when it is converted
+(:func:`set_backend`): 'native' (C++ kernels, CPU), 'triton' (CUDA; the CPU under
+``TRITON_INTERPRET=1``) or 'eager' (torch operations, any device), each a module of kernels with
+one signature per kernel (``native_kernels``, ``triton_kernels``, ``eager_kernels``). Fusions
+(an EC module with the neuron it feeds; an attention's q/k/v neurons reading the qkv output) are
+made then too, as modules that own their state. Running state is float32 whatever the autocast
+dtype, and is not kept past a batch's last chunk.
 """
 from __future__ import annotations
 
@@ -36,16 +40,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import eager_kernels
 import native_kernels
 
 __all__ = [
     'PLACES', 'ConversionError', 'StatefulModule', 'MyTestPlace', 'TestNeuron', 'TwoSideNeuron',
-    'exp_comp_neuron', 'MyAt', 'AtNeuron', 'MyMul', 'MulNeuron', 'MultiStep', 'mt_fire',
-    'tail_quantiles', 'replace_test_by_testneuron', 'replace_testneuron_by_twosideneuron',
+    'exp_comp_neuron', 'ECNeuron', 'ECPassThrough', 'MyAt', 'AtNeuron', 'MyMul', 'MulNeuron', 'MultiStep',
+    'Chunk', 'mt_fire', 'tail_quantiles', 'replace_test_by_testneuron', 'replace_testneuron_by_twosideneuron',
     'replace_nonlinear_by_neuron', 'replace_at_by_neuron', 'convert_to_snn', 'get_modules',
-    'reset_net', 'set_fast_neuron', 'set_backend', 'choose_backend', 'BACKENDS', 'threshold_config',
+    'reset_net', 'set_backend', 'set_default_backend', 'resolve_backend', 'backend_problem', 'kernels_of',
+    'BACKENDS', 'BACKEND_CHOICES', 'threshold_config',
     'EC_MODULE_TYPES', 'register_snn_modules', 'check_fully_converted', 'BaseMonitor', 'SOPMonitor',
-    'product_nonzero_macs', 'spike_level_counts', 'fuse_ec_neurons', 'qkv_neurons',
+    'product_nonzero_macs', 'spike_level_counts', 'fuse_ec_neurons',
 ]
 
 #: Placeholder kinds, in the order they appear in a transformer block (ECMT_SPEC section 2; 'gate'
@@ -318,168 +324,205 @@ def _level_width(levels: int) -> int:
 
 def _mt_step_table(membrane: torch.Tensor, x: torch.Tensor, table: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One MT step on flat tensors, by comparing v with every level's threshold in turn: more
-    element-wise work than the closed form, but only comparisons and selections, so it
-    vectorises fully once fused into one kernel. Thresholds grow with j, so the last level
-    passed is the largest that fires; NaN thresholds never pass. Returns (spike, new membrane)."""
-    membrane = membrane + x
-    up = torch.zeros_like(membrane)
-    down = torch.zeros_like(membrane)
-    for j in range(table.shape[1]):
-        up = torch.where(membrane >= table[0, j], table[1, j], up)
-        down = torch.where(-membrane >= table[2, j], table[3, j], down)
-    spike = up - down
-    return spike, membrane - spike
-
-
-def _mt_step_fused(membrane: torch.Tensor, x: torch.Tensor, table: torch.Tensor
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_mt_step_table` for ``torch.compile``: the membrane is updated in place, and the
-    number of non-zero spikes is counted in the same pass (the energy monitor's count of the
-    next linear layer's input, at no extra read)."""
-    spike, new_membrane = _mt_step_table(membrane, x, table)
-    membrane.copy_(new_membrane)
-    return spike, (spike != 0).sum()
-
-
-def _mt_step_eager(membrane: torch.Tensor, x: torch.Tensor, theta_p: torch.Tensor,
-                   theta_n: torch.Tensor, levels: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    membrane = membrane + x
-    spike = mt_fire(membrane, theta_p, theta_n, levels)
-    return spike, membrane - spike
+    """One MT step by comparing ``v + x`` with every level's threshold in turn (the eager
+    backend's step, :func:`eager_kernels.mt_step`). Returns (spike, new membrane)."""
+    return eager_kernels.mt_step(membrane, x, table)
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends: chosen once per module, from one table
+# Backends: one set of kernels per backend, chosen once for a whole model at conversion
 # ---------------------------------------------------------------------------------------------
-#: Implementations of each kind of stateful module, by device type ('default': any other), in
-#: order of preference; a module takes the first that is available when it is converted
-#: (:func:`set_backend`). 'native': the multi-step C++ kernels (``native_kernels``; CPU, float32);
-#: 'compiled': ``torch.compile`` of one step, looped over the chunk's steps; 'eager': torch ops,
-#: f evaluated once over all steps of a chunk. Every backend keeps the same state layout and
-#: computes the same values (the neuron's spikes and the products bit for bit). Not compiled: the
-#: EC functions (inductor's row softmax and LayerNorm were slower than eager on the CPU; on CUDA the
-#: eager form over all K steps is a few large kernels) and the products (one batched matrix
-#: product; on the CPU their running sums and scaled differences are native passes).
-BACKENDS: Dict[str, Dict[str, Tuple[str, ...]]] = {
-    'neuron': {'cpu': ('native', 'compiled', 'eager'), 'default': ('compiled', 'eager')},
-    'gelu': {'cpu': ('native', 'eager'), 'default': ('eager',)},
-    'softmax': {'cpu': ('native', 'eager'), 'default': ('eager',)},
-    'layer_norm': {'cpu': ('native', 'eager'), 'default': ('eager',)},
-    'function': {'default': ('eager',)},
-    'product': {'cpu': ('native', 'eager'), 'default': ('eager',)},
-}
+#: The backends a converted model can run on. Each is a module of kernels with the same names,
+#: arguments, results and state layouts (see ``eager_kernels``): 'native' the C++ CPU kernels
+#: (``native_kernels``), 'triton' the Triton kernels (``triton_kernels``: CUDA, or the CPU under
+#: ``TRITON_INTERPRET=1``), 'eager' torch operations on any device (``eager_kernels``). 'auto'
+#: takes native on the CPU and triton on CUDA where they work, else eager, for the whole model.
+BACKENDS: Tuple[str, ...] = ('native', 'triton', 'eager')
+BACKEND_CHOICES: Tuple[str, ...] = ('auto',) + BACKENDS
 
-_COMPILE = os.environ.get('ECMT_COMPILE', '1') != '0'
+_default_backend = 'auto'
+_warned: set = set()
 
 
-def set_fast_neuron(enabled: bool) -> None:
-    """Whether modules converted (or built) from now on may use the fused backends, 'native' and
-    'compiled' (``True``, the default; ``ECMT_COMPILE=0`` turns it off), or run eager. It changes
-    no module that exists: :func:`set_backend` does that. All backends compute the same values."""
-    global _COMPILE
-    _COMPILE = bool(enabled)
+def _triton_kernels():
+    try:
+        import triton_kernels
+    except ImportError:  # pragma: no cover - the module is part of the toolkit
+        return None
+    return triton_kernels
 
 
-def fast_neuron_enabled() -> bool:
-    return _COMPILE
+def kernels_of(backend: str):
+    """The kernel module of ``backend`` ('native', 'triton' or 'eager')."""
+    if backend == 'native':
+        return native_kernels
+    if backend == 'eager':
+        return eager_kernels
+    if backend == 'triton':
+        module = _triton_kernels()
+        if module is None:  # pragma: no cover
+            raise ConversionError('the triton backend is not available: triton_kernels does not import')
+        return module
+    raise ValueError(f'unknown backend {backend!r}; choose one of {", ".join(BACKEND_CHOICES)}')
 
 
-def choose_backend(kind: str, device: torch.device | str = 'cpu', prefer: Optional[str] = None) -> str:
-    """The backend a module of ``kind`` runs on ``device``: ``prefer`` where the table lists it
-    for that device and it is available, else the first available one of :data:`BACKENDS`."""
+def backend_problem(backend: str, device: torch.device | str = 'cpu') -> Optional[str]:
+    """Why ``backend`` cannot run a model on ``device``, or None if it can."""
     device = torch.device(device)
-    table = BACKENDS[kind]
-    candidates = table.get(device.type, table['default'])
+    if backend == 'eager':
+        return None
+    if backend == 'native':
+        if device.type != 'cpu':
+            return f'the native kernels run on the CPU only, and the model is on {device}'
+        if not native_kernels.ENABLED:
+            return 'the native kernels are turned off (ECMT_NATIVE=0)'
+        if native_kernels.library() is None:
+            return 'the native kernels could not be built (no working C++ compiler: see the warning above)'
+        return None
+    if backend == 'triton':
+        module = _triton_kernels()
+        if module is None or module.triton is None:
+            return 'Triton is not installed (it comes with the CUDA builds of torch: pip install triton)'
+        if device.type == 'cuda' and not module.INTERPRETED:
+            return None
+        if device.type == 'cpu' and module.INTERPRETED:
+            return None
+        return (f'Triton runs on CUDA devices, or on the CPU under TRITON_INTERPRET=1 (set before start), '
+                f'and the model is on {device}' + (' with TRITON_INTERPRET=1 set' if module.INTERPRETED else ''))
+    raise ValueError(f'unknown backend {backend!r}; choose one of {", ".join(BACKEND_CHOICES)}')
 
-    def available(name: str) -> bool:
-        if name == 'eager':
-            return True
-        if not _COMPILE:
-            return False
-        return name != 'native' or (device.type == 'cpu' and native_kernels.library() is not None)
 
-    if prefer is not None and prefer in candidates and available(prefer):
-        return prefer
-    return next(name for name in candidates if available(name))
+def resolve_backend(backend: Optional[str] = None, device: torch.device | str = 'cpu') -> str:
+    """The backend a model on ``device`` runs on: ``backend`` itself (a ConversionError saying why
+    if it cannot run there), or for 'auto' (and None: the default, :func:`set_default_backend`)
+    native on the CPU and triton on CUDA where they work, else eager (warned once)."""
+    backend = backend or _default_backend
+    device = torch.device(device)
+    if backend != 'auto':
+        problem = backend_problem(backend, device)
+        if problem is not None:
+            raise ConversionError(f'backend {backend!r} cannot run here: {problem}')
+        return backend
+    preferred = {'cpu': 'native', 'cuda': 'triton'}.get(device.type, 'eager')
+    problem = backend_problem(preferred, device)
+    if problem is None:
+        return preferred
+    message = f'backend {preferred} unavailable ({problem}): the SNN runs on the eager backend (same numbers, slower)'
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message)
+    return 'eager'
+
+
+def set_default_backend(backend: str) -> str:
+    """The backend that modules built from now on, and conversions given no backend, take
+    ('auto', the default, or a name of :data:`BACKENDS`). Returns the previous default. Changes
+    no existing module: :func:`set_backend` does that."""
+    global _default_backend
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f'unknown backend {backend!r}; choose one of {", ".join(BACKEND_CHOICES)}')
+    previous, _default_backend = _default_backend, backend
+    return previous
+
+
+def model_device(model: nn.Module) -> torch.device:
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device('cpu')
 
 
 def set_backend(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
-    """Choose the backend of every stateful module of ``model`` for the device its weights are on
-    (``backend``: a preferred one, e.g. 'eager'; see :func:`choose_backend`). :func:`convert_to_snn`
-    calls it; call it again after moving a converted model to another device."""
-    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
-    device = tensor.device if tensor is not None else torch.device('cpu')
+    """Run every stateful module of ``model`` on one backend for the device its weights are on
+    (:func:`resolve_backend`: 'auto'/None chooses), resetting their state, and make the fusions
+    that backend has (:func:`fuse_ec_neurons`). :func:`convert_to_snn` calls it; call it again
+    after moving a converted model to another device. The name is in ``model.ecmt_backend``."""
+    name = resolve_backend(backend, model_device(model))
     for module in model.modules():
         if isinstance(module, StatefulModule):
-            module.backend = choose_backend(module.kind, device, backend)
+            module.backend = name
+            module.reset()
+        elif isinstance(module, ECPassThrough):  # the EC module it stands for, if unfused
+            module.backend = name
+    model.ecmt_backend = name
+    fuse_ec_neurons(model)
     return model
 
 
-_compiled: Dict[Callable, Callable] = {}
-
-
-def _compiled_step(fn: Callable) -> Callable:
-    compiled = _compiled.get(fn)
-    if compiled is None:
-        # Every level count (a loop bound) and tensor layout is a graph of its own; dynamo's
-        # default of 8 graphs per function would end fusing for good in a sweep of levels.
-        config = torch._dynamo.config
-        limit = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'
-        setattr(config, limit, max(getattr(config, limit), 64))
-        compiled = _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
-    return compiled
-
-
 # ---------------------------------------------------------------------------------------------
-# Stateful modules: time-major chunks of steps
+# Stateful modules: one chunk function each, time-major chunks of steps
 # ---------------------------------------------------------------------------------------------
+class Chunk:
+    """The chunk of steps a forward pass holds: ``steps`` K, and ``last``: whether they end the
+    batch (a module then keeps no state afterwards). :class:`MultiStep` gives one object to every
+    stateful module of a model and changes it before each pass; a module called on its own runs
+    one step per call and keeps its state (:data:`ONE_STEP`)."""
+    __slots__ = ('steps', 'last')
+
+    def __init__(self, steps: int = 1, last: bool = False) -> None:
+        self.steps, self.last = int(steps), bool(last)
+
+    def __repr__(self) -> str:
+        return f'Chunk(steps={self.steps}, last={self.last})'
+
+
+ONE_STEP = Chunk(1, False)
+
+
 class StatefulModule(nn.Module):
     """Base of every module that keeps state across time steps (neurons, EC modules, EC products).
 
     Inputs and outputs are time-major, the K steps of a chunk folded into the batch: [K*B, ...],
-    the layout timm's code runs on unchanged; only these modules view it as [K, B, ...]. Called
-    directly, a module takes one step per call and keeps its state (K = 1), as the published
-    modules did. :class:`MultiStep` sets the chunk of every module before each forward pass:
-    ``time_steps`` K, and ``keep_state`` False on a batch's last chunk, after which the module
-    holds nothing (so the memory of a run does not grow with depth). ``steps`` counts the steps
-    of the batch so far, the offset t0 of the next chunk. The state across chunks (named by each
-    subclass) is the only state a module keeps; it is None after :meth:`reset` and takes its
-    shape from the first chunk. ``backend`` names the implementation (:data:`BACKENDS`).
+    the layout timm's code runs on unchanged; only these modules view it as [K, B, ...]. Each
+    subclass has ONE chunk function, ``run_chunk(inputs of K steps, state, t0, keep) -> (outputs,
+    per-step non-zero counts or None, state)``, on the kernels of its backend (:func:`kernels_of`),
+    whatever K: called directly, a module takes one step per call (K = 1 of the same function).
+    Its forward only splits time, calls it, keeps the returned state and advances ``steps`` (the
+    steps of the batch so far: the first step number t0 of the next chunk). ``clock`` (a
+    :class:`Chunk`) says how many steps a call holds and whether it ends the batch; after a
+    batch's last chunk the module holds nothing (memory does not grow with depth). The state is
+    None after :meth:`reset` and takes its shape from the first chunk. ``backend`` names the
+    kernels (:func:`set_backend` chooses it for a whole model).
     """
     kind = 'function'
-    time_steps = 1
-    keep_state = True
 
     def __init__(self) -> None:
         super().__init__()
         self.steps = 0
-        self.backend = choose_backend(self.kind)
+        self.clock = ONE_STEP
+        self.backend = resolve_backend(None, 'cpu')
+        self.state = None
+        self.step_shape: Tuple[int, ...] = ()  # of one step's input (the state is kept flat)
+
+    @property
+    def kernels(self):
+        return kernels_of(self.backend)
 
     def reset(self) -> None:
         self.steps = 0
-        self._clear_state()
-
-    def _clear_state(self) -> None:  # pragma: no cover - every subclass overrides it
-        raise NotImplementedError
+        self.state = None
 
     def _split_time(self, x: torch.Tensor) -> torch.Tensor:
         """[K*B, ...] -> [K, B, ...] (a view, whatever the strides)."""
-        if x.dim() == 0 or x.shape[0] % self.time_steps:
+        steps = self.clock.steps
+        if x.dim() == 0 or x.shape[0] % steps:
             raise ValueError(f'{type(self).__name__}: an input of shape {tuple(x.shape)} does not hold '
-                             f'{self.time_steps} time steps along its first dimension')
-        return x.unflatten(0, (self.time_steps, x.shape[0] // self.time_steps))
+                             f'{steps} time steps along its first dimension')
+        return x.unflatten(0, (steps, x.shape[0] // steps))
 
-    def _finish_chunk(self) -> None:
-        if self.keep_state:
-            self.steps += self.time_steps
-        else:
+    def _check_device(self, x: torch.Tensor) -> None:
+        if self.backend == 'native' and x.device.type != 'cpu':
+            raise RuntimeError(f'this {type(self).__name__} was converted for the CPU (native backend): call '
+                               'trans_utils.set_backend(model) after moving the model')
+
+    def _shaped(self, flat: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if flat is None else flat.view(self.step_shape)
+
+    def _advance(self, state) -> None:
+        """Keep the chunk's final state, or nothing after a batch's last chunk."""
+        if self.clock.last:
             self.reset()
-
-    def _steps_column(self, rank: int, device) -> torch.Tensor:
-        """t0+1 .. t0+K as float32 [K, 1, ..., 1] of ``rank`` dimensions (broadcasts along time)."""
-        steps = torch.arange(self.steps + 1, self.steps + self.time_steps + 1, dtype=torch.float32)
-        return steps.to(device).view(-1, *([1] * (rank - 1)))
+        else:
+            self.state = state
+            self.steps += self.clock.steps
 
     def extra_repr(self) -> str:
         return f'steps={self.steps}, backend={self.backend}'
@@ -492,38 +535,17 @@ def reset_net(model: nn.Module) -> None:
             module.reset()
 
 
-def _differences(totals: torch.Tensor, prev: Optional[torch.Tensor]) -> torch.Tensor:
-    """In place along time: totals[k] - totals[k-1], and totals[0] - prev (nothing at t = 1)."""
-    for k in range(totals.shape[0] - 1, 0, -1):
-        totals[k].sub_(totals[k - 1])
-    if prev is not None:
-        totals[0].sub_(prev)
-    return totals
-
-
-def _running_sums(xs: torch.Tensor, carried: Optional[torch.Tensor]) -> torch.Tensor:
-    """Running sums along time of ``xs`` [K, ...] starting from ``carried`` (None: zero), added
-    one step at a time in float32, as the step-by-step order adds them (so every chunking gives
-    the same sums bit for bit; torch.cumsum accumulates in double on the CPU)."""
-    sums = torch.empty(xs.shape, dtype=torch.float32, device=xs.device)
-    for k in range(xs.shape[0]):
-        if carried is None:
-            sums[k].copy_(xs[k])
-        else:
-            torch.add(carried, xs[k], out=sums[k])
-        carried = sums[k]
-    return sums
-
-
 class TwoSideNeuron(StatefulModule):
     """Multi-threshold neuron of ``snn`` mode (ECMT_SPEC 4).
 
     Each step: ``v += x``; emit at most one spike of ``+scale_p * 2^j`` or ``-scale_n * 2^j``
     (``j < levels``); ``v -= spike``. The output is the spike (float32, the shape of ``x``).
-    State: the membrane, and the level table built from ``scale_p``/``scale_n`` at a batch's
-    first chunk (thresholds changed in place after :func:`reset_net` apply to the next batch).
-    Each call also gives the non-zero spikes per step, ``last_nonzero`` ([K] int64), which the
-    energy monitor uses for the linear layer this neuron feeds.
+    State: the membrane (flat), with the level table built from ``scale_p``/``scale_n`` at a
+    batch's first chunk (thresholds changed in place apply from the next batch). Each call also
+    gives the non-zero spikes per step, ``last_nonzero`` ([K] int64), which the energy monitor
+    uses for the linear layer this neuron feeds. Given ``qkv_part=(part, heads)``, the input is an
+    attention's fused qkv linear output [K*B, N, 3*heads*D] and the neuron (q: part 0, k: 1, v: 2)
+    reads its own part of it in place, returning [K*B, heads, N, D] as on the split view.
     """
     kind = 'neuron'
 
@@ -540,15 +562,11 @@ class TwoSideNeuron(StatefulModule):
         # Spike counts per level (positive and negative side), filled only when asked for.
         self.count_levels = False
         self.level_counts: Optional[torch.Tensor] = None
-        self._clear_state()
+        self._table: Optional[torch.Tensor] = None
 
-    def _clear_state(self) -> None:
-        self._membrane: Optional[torch.Tensor] = None  # flat, one element per element of a step
-        self._table: Optional[torch.Tensor] = None     # level_table of this batch's thresholds
-        self._shape: Tuple[int, ...] = ()
-        # (spikes, counts) of this chunk, computed by the EC kernel fused with this neuron (see
-        # exp_comp_neuron.fuse): the next call receives those spikes and only records them.
-        self._prefused: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    def reset(self) -> None:
+        super().reset()
+        self._table = None
 
     def level_table(self) -> torch.Tensor:
         """The level table of this batch (built from the thresholds at a batch's first chunk)."""
@@ -559,68 +577,35 @@ class TwoSideNeuron(StatefulModule):
     @property
     def membrane(self) -> Optional[torch.Tensor]:
         """The membrane potential after the last step (shaped like one step's input), or None."""
-        return None if self._membrane is None else self._membrane.view(self._shape)
+        return self._shaped(self.state)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._prefused is not None:  # this chunk's spikes, made by the EC kernel fused with us
-            spike, counts = self._prefused
-            self._prefused = None
-            if x is not spike:
-                raise RuntimeError(f'the {self.place} neuron is fused with the EC module before it, but received '
-                                   'another tensor than that module\'s output: call trans_utils.fuse_ec_neurons('
-                                   'model, False) before changing what lies between them')
-            self.last_nonzero = counts
-            if self.count_levels:
-                self._count(spike)
-            self._finish_chunk()
-            return spike
-        xs = self._split_time(x.detach().float())
-        self._shape = tuple(xs.shape[1:])
-        self.level_table()
-        keep = self.keep_state
+    def run_chunk(self, xs: torch.Tensor, membrane: Optional[torch.Tensor], t0: int, keep: bool,
+                  qkv_part: Optional[Tuple[int, int]] = None):
+        """K steps: (spikes [K, ...], non-zero spikes per step [K], membrane or None without keep).
+        ``xs``: [K, ...], or the fused qkv output [K, B, N, 3*heads*D] with ``qkv_part``."""
+        kernels = self.kernels
         if self.backend == 'native':
-            if xs.device.type != 'cpu':
-                raise RuntimeError('this neuron was converted for the CPU: call trans_utils.set_backend(model) '
-                                   'after moving the model')
-            spike, counts, self._membrane = native_kernels.mt_steps(xs, self._table, self._membrane, keep)
-        else:
-            spike, counts = self._torch_steps(xs)
-        spike = spike.view(x.shape)
+            xs = xs.float()
+        if qkv_part is not None:
+            part, heads = qkv_part
+            return kernels.qkv_mt_steps(xs.contiguous(), part, heads, self.level_table(), membrane, keep)
+        return kernels.mt_steps(xs, self.level_table(), membrane, keep)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, qkv_part: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        self._check_device(x)
+        xs = self._split_time(x.detach())
+        self.step_shape = tuple(xs.shape[1:]) if qkv_part is None else (xs.shape[1], qkv_part[1], xs.shape[2], -1)
+        spike, counts, membrane = self.run_chunk(xs, self.state, self.steps, not self.clock.last, qkv_part)
+        spike = spike.flatten(0, 1) if qkv_part is not None else spike.view(x.shape)
+        self._record(spike, counts)
+        self._advance(membrane)
+        return spike
+
+    def _record(self, spike: torch.Tensor, counts: torch.Tensor) -> None:
         self.last_nonzero = counts
         if self.count_levels:
             self._count(spike)
-        self._finish_chunk()
-        return spike
-
-    def _torch_steps(self, xs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        spikes, counts = [], []
-        membrane = self._membrane
-        for k in range(xs.shape[0]):
-            if self.backend == 'compiled':
-                if membrane is None:
-                    membrane = torch.zeros(xs[k].numel(), dtype=torch.float32, device=xs.device)
-                try:
-                    spike, count = _compiled_step(_mt_step_fused)(membrane, xs[k].reshape(-1).detach(), self._table)
-                except Exception as exc:  # no C++ toolchain, unsupported backend: stay correct
-                    if spikes:
-                        raise
-                    self._fall_back(exc)
-                    return self._torch_steps(xs)
-            else:
-                shaped = torch.zeros_like(xs[k]) if membrane is None else membrane.view(xs[k].shape)
-                spike, shaped = _mt_step_eager(shaped, xs[k], self.scale_p, self.scale_n, self.levels)
-                membrane, count = shaped.reshape(-1), (spike != 0).sum()
-            spikes.append(spike.view(xs[k].shape))
-            counts.append(count)
-        self._membrane = membrane
-        return torch.stack(spikes), torch.stack(counts)
-
-    def _fall_back(self, exc: Exception) -> None:
-        global _COMPILE
-        warnings.warn(f'torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); '
-                      'running the SNN without fused kernels (same numbers, slower)')
-        _COMPILE = False
-        self.backend = 'eager'
 
     @torch.no_grad()
     def _count(self, spike: torch.Tensor) -> None:
@@ -645,7 +630,7 @@ def _layer_norm_types() -> Tuple[type, ...]:
 
 def _ec_kind(module: nn.Module) -> str:
     """'gelu', 'softmax' (over the last dimension) or 'layer_norm' (over the last dimension) for a
-    function the native kernels know exactly, else 'function' (the module itself is called)."""
+    function the native and Triton kernels know exactly, else 'function' (the module is called)."""
     try:
         from timm.layers import GELU as TimmGELU, GELUTanh
     except ImportError:  # pragma: no cover
@@ -659,126 +644,124 @@ def _ec_kind(module: nn.Module) -> str:
     return 'function'
 
 
+def _gelu_approximate(module: nn.Module) -> bool:
+    return type(module).__name__ == 'GELUTanh' or getattr(module, 'approximate', 'none') != 'none'
+
+
+def _ec_kernel_arguments(kind: str, module: nn.Module, xs: torch.Tensor) -> Tuple[torch.Tensor, Dict]:
+    """(the chunk's input as the EC kernels of ``kind`` take it: [K, n] for GELU, [K, rows, cols]
+    for softmax and LayerNorm; their keyword arguments)."""
+    if kind == 'gelu':
+        return xs.reshape(xs.shape[0], -1), {'approximate': _gelu_approximate(module)}
+    flat = xs.reshape(xs.shape[0], -1, xs.shape[-1])
+    if kind == 'layer_norm':
+        return flat, {'weight': module.weight, 'bias': module.bias, 'eps': module.eps}
+    return flat, {}
+
+
+def _ec_steps(kernels, kind: str, flat: torch.Tensor, cum, prev, t0: int, keep: bool, extra: Dict):
+    if kind == 'gelu':
+        return kernels.ec_gelu_steps(flat, cum, prev, t0, keep, extra['approximate'])
+    if kind == 'softmax':
+        return kernels.ec_softmax_steps(flat, cum, prev, t0, keep)
+    return kernels.ec_layer_norm_steps(flat, cum, prev, t0, keep, extra['weight'], extra['bias'], extra['eps'])
+
+
 class exp_comp_neuron(StatefulModule):
     """Expectation compensation of a nonlinear module f (ECMT_SPEC 5).
 
     With A_t the running sum of inputs after step t, the output is ``t*f(A_t/t) - (t-1)*f(A_(t-1)/(t-1))``,
     so the outputs summed over steps 1..t are ``t * f(mean input)``. A chunk of K steps takes the
     running means of all K steps, evaluates f once over all of them and returns the differences
-    along time. State: the running sum and the last total t*f(A_t/t). The wrapped module is
-    ``self.module``; GELU, and a softmax or LayerNorm over the last dimension, run as native
-    multi-step kernels on the CPU (:data:`BACKENDS`).
+    along time. State: (running sum, last total t*f(A_t/t)), flat. The wrapped module is
+    ``self.module``; GELU, and a softmax or LayerNorm over the last dimension, run as the backend's
+    own multi-step kernels on native and triton; every other function (and every function on
+    eager) is the module itself called once on the K running means.
     """
 
     def __init__(self, module: nn.Module) -> None:
         self.kind = _ec_kind(module)
         super().__init__()
         self.module = module
-        self._approximate = (type(module).__name__ == 'GELUTanh'
-                             or getattr(module, 'approximate', 'none') != 'none')
-        # The MT neuron this module's output goes to, through identities only (fuse); not a
-        # submodule (it belongs to its own parent), hence kept out of nn.Module's registry.
-        self.__dict__['_fused'] = None
-        self._posting: Optional[Tuple['TwoSideNeuron', torch.Tensor]] = None
-        self._clear_state()
-
-    def fuse(self, neuron: Optional['TwoSideNeuron'], between: Sequence[nn.Module] = ()) -> None:
-        """Compute the MT neuron ``neuron``, which takes this module's output through the
-        modules ``between`` (identities, or dropouts that are identities in evaluation), in this
-        module's native kernel: the EC output never goes to memory; the neuron's next call gets the
-        spikes and records them. The same spikes, states and counts as unfused. Only where both run
-        native and ``between`` are identities at the time of the call; None: unfuse."""
-        self.__dict__['_fused'] = None if neuron is None else (neuron, tuple(between))
-
-    @property
-    def fused_neuron(self) -> Optional['TwoSideNeuron']:
-        return None if self._fused is None else self._fused[0]
-
-    def _fusable(self) -> Optional['TwoSideNeuron']:
-        if self._fused is None or self.kind not in FUSABLE_KINDS:
-            return None
-        neuron, between = self._fused
-        if 'time_steps' not in self.__dict__:
-            # Only inside a MultiStep run (simulate), which calls the whole model: a direct call
-            # of this module alone returns its EC output, as unfused.
-            return None
-        if neuron.backend != 'native' or neuron._prefused is not None or neuron.time_steps != self.time_steps:
-            return None
-        if not all(isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and (not m.training or m.p == 0))
-                   for m in between):
-            return None
-        return neuron
-
-    def _clear_state(self) -> None:
-        self._cum: Optional[torch.Tensor] = None    # running sum of inputs, flat
-        self._prev: Optional[torch.Tensor] = None   # t * f(running sum / t) of the last step, flat
-        self._shape: Tuple[int, ...] = ()
 
     @property
     def cum_input(self) -> Optional[torch.Tensor]:
         """The running sum of inputs after the last step (shaped like one step's input), or None."""
-        return None if self._cum is None else self._cum.view(self._shape)
+        return None if self.state is None else self._shaped(self.state[0])
 
     @property
     def prev_total(self) -> Optional[torch.Tensor]:
         """``t * f(cum_input / t)`` of the last step t (shaped like one step's input), or None."""
-        return None if self._prev is None else self._prev.view(self._shape)
+        return None if self.state is None else self._shaped(self.state[1])
+
+    def run_chunk(self, xs: torch.Tensor, state, t0: int, keep: bool):
+        """K steps of [K, B, ...]: (outputs [K, B, ...] float32, None, (cum, prev) or None)."""
+        cum, prev = state if state is not None else (None, None)
+        kernels = self.kernels
+        if self.backend != 'eager' and self.kind in kernels.EC_KINDS:
+            flat, extra = _ec_kernel_arguments(self.kind, self.module, xs.float())
+            out, cum, prev = _ec_steps(kernels, self.kind, flat, cum, prev, t0, keep, extra)
+            out = out.view(xs.shape)
+        else:
+            out, cum, prev = eager_kernels.ec_function_steps(self.module, xs, cum, prev, t0, keep)
+        return out, None, ((cum, prev) if keep else None)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_device(x)
+        xs = self._split_time(x.detach())
+        self.step_shape = tuple(xs.shape[1:])
+        out, _, state = self.run_chunk(xs, self.state, self.steps, not self.clock.last)
+        self._advance(state)
+        return out.view(x.shape)
+
+
+class ECPassThrough(nn.Module):
+    """Where an EC module's output goes straight to an MT neuron and the two are fused
+    (:func:`fuse_ec_neurons`), the EC module's place: it passes its input on unchanged to the
+    :class:`ECNeuron` that computes both. Holds the wrapped function (``module``, so that its
+    parameters keep their names) and no state."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.kind = _ec_kind(module)
+        self.backend = resolve_backend(None, 'cpu')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xs = self._split_time(x.detach().float())
-        self._shape = tuple(xs.shape[1:])
-        if self.backend == 'native':
-            if xs.device.type != 'cpu':
-                raise RuntimeError('this EC module was converted for the CPU: call '
-                                   'trans_utils.set_backend(model) after moving the model')
-            out = self._native_steps(xs)
-        else:
-            out = self._torch_steps(xs)
-        self._finish_chunk()
-        out = out.view(x.shape)
-        if self._posting is not None:
-            neuron, counts = self._posting
-            self._posting = None
-            neuron._prefused = (out, counts)
-        return out
+        return x
 
-    def _native_steps(self, xs: torch.Tensor) -> torch.Tensor:
-        K, t0, keep, m = xs.shape[0], self.steps, self.keep_state, self.module
-        flat = xs.reshape(K, -1) if self.kind == 'gelu' else xs.reshape(K, -1, xs.shape[-1])
-        neuron = self._fusable()
-        if neuron is not None:  # the EC kernel with the neuron it feeds (see fuse)
-            extra = ({'approximate': self._approximate} if self.kind == 'gelu' else
-                     {'weight': m.weight, 'bias': m.bias, 'eps': m.eps} if self.kind == 'layer_norm' else {})
-            spike, counts, self._cum, self._prev, membrane = native_kernels.ec_mt_steps(
-                self.kind, flat, self._cum, self._prev, t0, keep, neuron.level_table(), neuron._membrane, **extra)
-            neuron._membrane, neuron._shape = membrane, tuple(xs.shape[1:])
-            self._posting = (neuron, counts)  # forward posts the spikes as it returns them
-            return spike
-        if self.kind == 'gelu':
-            out, self._cum, self._prev = native_kernels.ec_gelu_steps(
-                flat, self._cum, self._prev, t0, keep, self._approximate)
-        elif self.kind == 'softmax':
-            out, self._cum, self._prev = native_kernels.ec_softmax_steps(flat, self._cum, self._prev, t0, keep)
-        else:
-            out, self._cum, self._prev = native_kernels.ec_layer_norm_steps(
-                flat, self._cum, self._prev, t0, keep, m.weight, m.bias, m.eps)
-        return out
 
-    def _torch_steps(self, xs: torch.Tensor) -> torch.Tensor:
-        step_shape = xs.shape[1:]
-        carried = None if self._cum is None else self._cum.view(step_shape)
-        means = _running_sums(xs, carried)
-        self._cum = means[-1].reshape(-1).clone() if self.keep_state else None
-        steps = self._steps_column(means.dim(), means.device)
-        means.div_(steps)
-        # f once over all K steps, on the folded [K*B, ...] layout the module was written for.
-        totals = self.module(means.flatten(0, 1)).float().view(means.shape)
-        if totals.data_ptr() == means.data_ptr():  # an in-place f: the totals are its own
-            totals = totals.clone()
-        totals.mul_(steps)
-        prev = None if self._prev is None else self._prev.view(step_shape)
-        self._prev = totals[-1].reshape(-1).clone() if self.keep_state else None
-        return _differences(totals, prev)
+class ECNeuron(TwoSideNeuron):
+    """An MT neuron fed by an EC module, the two computed by one kernel of the backend
+    (``ec_mt_steps``): the EC output never goes to memory. Made at conversion by
+    :func:`fuse_ec_neurons` in the neuron's place (same name, thresholds and levels; the EC
+    module's place becomes an :class:`ECPassThrough`), it takes the EC module's input and owns
+    both states: (running sum, last total, membrane). The same spikes, states and counts as the
+    two modules apart. ``ec_kind`` names the function ('gelu', 'softmax', 'layer_norm');
+    ``ec_function`` is the wrapped module (held by the pass-through)."""
+
+    def __init__(self, neuron: TwoSideNeuron, function: nn.Module) -> None:
+        super().__init__(neuron.place, neuron.scale_p, neuron.scale_n, neuron.levels)
+        self.backend = neuron.backend
+        self.count_levels, self.level_counts = neuron.count_levels, neuron.level_counts
+        self.ec_kind = _ec_kind(function)
+        self.__dict__['ec_function'] = function  # a reference, not a submodule (the pass-through holds it)
+
+    def run_chunk(self, xs: torch.Tensor, state, t0: int, keep: bool, qkv_part=None):
+        """K steps of EC then neuron: (spikes [K, ...], counts [K], (cum, prev, membrane) or None)."""
+        cum, prev, membrane = state if state is not None else (None, None, None)
+        flat, extra = _ec_kernel_arguments(self.ec_kind, self.ec_function, xs.float())
+        spike, counts, cum, prev, membrane = self.kernels.ec_mt_steps(
+            self.ec_kind, flat, cum, prev, t0, keep, self.level_table(), membrane, **extra)
+        return spike.view(xs.shape), counts, ((cum, prev, membrane) if keep else None)
+
+    @property
+    def membrane(self) -> Optional[torch.Tensor]:
+        return None if self.state is None else self._shaped(self.state[2])
+
+    def extra_repr(self) -> str:
+        return f'ec={self.ec_kind}, ' + super().extra_repr()
 
 
 class MyAt(nn.Module):
@@ -809,22 +792,17 @@ def _nonzero_counts(x: torch.Tensor, dim: int) -> torch.Tensor:
     return _mask(x).sum(dim=dim).double()
 
 
-def _native_nonzero_counts(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """:func:`_nonzero_counts` in one native pass over ``x`` (no temporaries of its size)."""
-    counts = native_kernels.nonzero_counts(x, dim) if x.dtype == torch.float32 else None
-    return _nonzero_counts(x, dim) if counts is None else counts.double()
-
-
 class _ECProduct(StatefulModule):
     """Expectation compensation of a product of two time-varying operands (ECMT_SPEC 6); the
     subclasses supply the product (:meth:`_op`) and its operation count (:meth:`_operations`).
 
     With running sums A and B, the output at step t is ``A_t∘B_t / t - A_(t-1)∘B_(t-1) / (t-1)``.
-    A chunk of K steps forms the running sums of both operands along time, takes one batched
-    product over all K, scales it by 1/t and returns the differences along time. With K > 1 both
-    operands carry the K*B leading dimension. State: both running sums and the last total.
-    ``count_operations`` (set by the energy monitor) makes each call also give
-    ``last_operations``, the per-step operation counts [K] float64 of ECMT_SPEC 8.
+    A chunk of K steps forms the running sums of both operands along time (float32), takes one
+    batched product over all K (in float32 also under autocast: the totals grow like t²), and one
+    fused pass scales each by 1/t, takes the differences along time and applies ``scale``. State:
+    (both running sums, the last total), flat. ``count_operations`` (set by the energy monitor)
+    makes each call also give ``last_operations``, the per-step operation counts [K] float64 of
+    ECMT_SPEC 8.
     """
     kind = 'product'
 
@@ -832,12 +810,6 @@ class _ECProduct(StatefulModule):
         super().__init__()
         self.count_operations = False
         self.last_operations: Optional[torch.Tensor] = None
-        self._clear_state()
-
-    def _clear_state(self) -> None:
-        self.cum_a: Optional[torch.Tensor] = None       # running sums after the last step
-        self.cum_b: Optional[torch.Tensor] = None
-        self.prev_total: Optional[torch.Tensor] = None  # A_t∘B_t / t of the last step
 
     def _op(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -849,46 +821,62 @@ class _ECProduct(StatefulModule):
         """Operations of the dense product of one call (all its steps)."""
         raise NotImplementedError  # pragma: no cover
 
+    # The state after the last step, each shaped like that step's operand (or output), or None.
+    @property
+    def cum_a(self) -> Optional[torch.Tensor]:
+        return None if self.state is None else self.state[0].view(self._shapes[0])
+
+    @property
+    def cum_b(self) -> Optional[torch.Tensor]:
+        return None if self.state is None else self.state[1].view(self._shapes[1])
+
+    @property
+    def prev_total(self) -> Optional[torch.Tensor]:
+        return None if self.state is None else self.state[2].view(self._shapes[2])
+
+    def _count_nonzero(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        counts = self.kernels.nonzero_counts(x, dim)
+        return _nonzero_counts(x, dim) if counts is None else counts.double()
+
+    def run_chunk(self, a_steps: torch.Tensor, b_steps: torch.Tensor, state, t0: int, keep: bool,
+                  scale: Optional[float] = None):
+        """K steps of [K, ...] operands: (outputs [K, ...], per-step operation counts [K] float64
+        or None, (cum_a, cum_b, last total) or None without keep)."""
+        cum_a, cum_b, prev = state if state is not None else (None, None, None)
+        kernels = self.kernels
+        if self.backend == 'native':
+            a_steps, b_steps = a_steps.float(), b_steps.float()
+        sums_a = kernels.running_sums(a_steps, cum_a)
+        sums_b = kernels.running_sums(b_steps, cum_b)
+        with torch.autocast(sums_a.device.type, enabled=False):
+            if sums_a.shape[0] == 1:  # one step: the operands as given (any ranks, broadcasting as the op does)
+                totals = self._op(sums_a[0], sums_b[0]).float().unsqueeze(0)
+            else:
+                totals = self._op(sums_a, sums_b).float()
+        operations = self._operations(a_steps, b_steps, sums_a, sums_b) if self.count_operations else None
+        out, last = kernels.scaled_differences(totals.contiguous(), prev, t0, keep,
+                                               1.0 if scale is None else float(scale))
+        new_state = None
+        if keep:
+            new_state = (sums_a[-1].reshape(-1).clone(), sums_b[-1].reshape(-1).clone(), last.reshape(-1))
+        return out, operations, new_state
+
+    @torch.no_grad()
     def forward(self, a: torch.Tensor, b: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
         """The EC product's output for the chunk's steps, times ``scale`` if given (the same as
         multiplying the output afterwards, without another pass over it)."""
-        a, b = a.detach().float(), b.detach().float()
-        single = self.time_steps == 1  # operands as given (any ranks, broadcasting as the op does)
-        a_steps = a.unsqueeze(0) if single else self._split_time(a)
-        b_steps = b.unsqueeze(0) if single else self._split_time(b)
-        native = self.backend == 'native'
-        if native and a.device.type != 'cpu':
-            raise RuntimeError('this EC product was converted for the CPU: call trans_utils.set_backend(model) '
-                               'after moving the model')
-        running_sums = native_kernels.running_sums if native else _running_sums
-        cum_a = running_sums(a_steps, self.cum_a)
-        cum_b = running_sums(b_steps, self.cum_b)
-        if single:
-            totals = self._op(cum_a[0], cum_b[0]).float().unsqueeze(0)
-        else:
-            totals = self._op(cum_a, cum_b).float()
-        if self.count_operations:
-            self.last_operations = self._operations(a_steps, b_steps, cum_a, cum_b)
-        prev, keep = self.prev_total, self.keep_state
-        if native:
-            out, last_total = native_kernels.scaled_differences(totals.contiguous(), prev, self.steps, keep,
-                                                                1.0 if scale is None else scale)
-        else:
-            totals = totals.div_(self._steps_column(totals.dim(), totals.device))
-            last_total = totals[-1].clone() if keep else None
-            out = _differences(totals, prev)
-            if scale is not None:
-                out = out.mul_(scale)
-        if keep:
-            last = (lambda t: t[-1]) if single else (lambda t: t[-1].clone())  # not the whole chunk
-            self.cum_a, self.cum_b, self.prev_total = last(cum_a), last(cum_b), last_total
-        self._finish_chunk()
-        return out[0] if single else out.flatten(0, 1)
+        self._check_device(a)
+        a_steps, b_steps = self._split_time(a.detach()), self._split_time(b.detach())
+        out, operations, state = self.run_chunk(a_steps, b_steps, self.state, self.steps, not self.clock.last, scale)
+        self._shapes = (a_steps.shape[1:], b_steps.shape[1:], out.shape[1:])
+        self.last_operations = operations
+        self._advance(state)
+        return out[0] if out.shape[0] == 1 else out.flatten(0, 1)
 
 
 class AtNeuron(_ECProduct):
     """Expectation compensation of a matrix product ``a @ b`` of two time-varying operands
-    (q·kᵀ, attention·v): see :class:`_ECProduct`. ``cum_a``/``cum_b`` stay readable."""
+    (q·kᵀ, attention·v): see :class:`_ECProduct`."""
 
     def _op(self, a, b):
         return a @ b
@@ -897,7 +885,7 @@ class AtNeuron(_ECProduct):
         """Per step: nz(a)·nz(b) + nz(a)·nz(B) + nz(A)·nz(b), each the multiply-adds of ``a @ b``
         whose two factors are non-zero, from non-zero counts per column of the left operand and
         per row of the right one (no matrix product). Float32 sums of 0/1 are exact."""
-        count = _native_nonzero_counts if self.backend == 'native' else _nonzero_counts
+        count = self._count_nonzero
         cols_a, cols_cum_a = count(a, -2), count(cum_a, -2)
         rows_b, rows_cum_b = count(b, -1), count(cum_b, -1)
         return (cols_a * (rows_b + rows_cum_b) + cols_cum_a * rows_b).flatten(1).sum(1)
@@ -930,15 +918,17 @@ class MultiStep:
     ``ecmt_input_modules``: the patch embedding of the unchanged image and the position
     embedding) is repeated K times, time-major, at the entry of the first region module called in
     a forward pass, so that the input modules run once per chunk and every later layer runs once
-    on K*B rows. :meth:`chunk` sets K and whether the chunk is the batch's last on every stateful
-    module (found afresh at every open: no cache to go stale after module surgery). On leaving,
-    the hooks are removed and every module is back to one step per call.
+    on K*B rows. Every stateful module (found afresh at every open: no cache to go stale after
+    module surgery) shares one :class:`Chunk`, which :meth:`chunk` sets before each pass. On
+    leaving, the hooks are removed and every module is back to one step per call.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self.clock = Chunk(1, False)
         self.modules = [m for m in model.modules() if isinstance(m, StatefulModule)]
-        self.steps = 1
+        for module in self.modules:
+            module.clock = self.clock
         self._entered = False
         skip = _skip_prefixes(model)
         self.handles = [model.register_forward_pre_hook(self._new_pass)]
@@ -946,12 +936,13 @@ class MultiStep:
             if _in_region(name, skip):
                 self.handles.append(child.register_forward_pre_hook(self._enter_region))
 
+    @property
+    def steps(self) -> int:
+        return self.clock.steps
+
     def chunk(self, steps: int, last: bool) -> None:
         """The next forward pass runs ``steps`` steps; ``last``: they end the batch."""
-        self.steps = int(steps)
-        for module in self.modules:
-            module.time_steps = self.steps
-            module.keep_state = not last
+        self.clock.steps, self.clock.last = int(steps), bool(last)
 
     def _new_pass(self, module, args) -> None:
         self._entered = False
@@ -960,18 +951,18 @@ class MultiStep:
         if self._entered:
             return None
         self._entered = True
-        if self.steps == 1 or not args:
+        steps = self.clock.steps
+        if steps == 1 or not args:
             return None
         x = args[0]
-        return (x.unsqueeze(0).expand(self.steps, *x.shape).flatten(0, 1), *args[1:])
+        return (x.unsqueeze(0).expand(steps, *x.shape).flatten(0, 1), *args[1:])
 
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
         for module in self.modules:
-            for name in ('time_steps', 'keep_state'):
-                module.__dict__.pop(name, None)
+            module.clock = ONE_STEP
 
     def __enter__(self) -> 'MultiStep':
         return self
@@ -1092,7 +1083,7 @@ def replace_nonlinear_by_neuron(model: nn.Module) -> nn.Module:
     """Wrap every nonlinear module of the converted region in an :class:`exp_comp_neuron`."""
     skip = _skip_prefixes(model)
     for parent, attr, name, child in list(_named_children_recursive(model)):
-        if isinstance(parent, exp_comp_neuron) or not _in_region(name, skip):
+        if isinstance(parent, (exp_comp_neuron, ECPassThrough)) or not _in_region(name, skip):
             continue
         if isinstance(child, EC_MODULE_TYPES):
             setattr(parent, attr, exp_comp_neuron(child))
@@ -1128,7 +1119,8 @@ def check_fully_converted(model: nn.Module) -> None:
     """Refuse a half-converted network: every module of the converted region must be an MT neuron,
     an EC module, a known linear module, or a registered container. Raises ConversionError."""
     skip = _skip_prefixes(model)
-    leaves = (TwoSideNeuron, exp_comp_neuron, AtNeuron, MulNeuron) + LINEAR_MODULE_TYPES + tuple(_SNN_LEAVES)
+    leaves = ((TwoSideNeuron, exp_comp_neuron, ECPassThrough, AtNeuron, MulNeuron) + LINEAR_MODULE_TYPES
+              + tuple(_SNN_LEAVES))
     bad = []
     for _, _, name, child in _named_children_recursive(model):
         if not _in_region(name, skip) or _inside_ec(model, name):
@@ -1145,7 +1137,7 @@ def _inside_ec(model: nn.Module, name: str) -> bool:
     module = model
     for part in name.split('.')[:-1]:
         module = getattr(module, part)
-        if isinstance(module, exp_comp_neuron):
+        if isinstance(module, (exp_comp_neuron, ECPassThrough)):
             return True
     return False
 
@@ -1154,78 +1146,68 @@ def convert_to_snn(model: nn.Module, *, linear_num: int = 8, qkv_num: int = 8, s
                    softmax_p: float = 0.0125, fc2_thresholds: Optional[Tuple[float, float]] = None,
                    backend: Optional[str] = None) -> nn.Module:
     """All of ``snn`` mode's surgery on a model holding calibrated :class:`TestNeuron` s:
-    MT neurons, EC nonlinear modules, EC products, the check that nothing stays analog, and the
-    backend of every stateful module for the model's device (``backend``: a preferred one)."""
+    MT neurons, EC nonlinear modules, EC products, the check that nothing stays analog, and one
+    backend for the whole model on its device (``backend``: 'auto'/None, 'native', 'triton' or
+    'eager'; one that cannot run there is a ConversionError) with that backend's fusions
+    (:func:`set_backend`)."""
     replace_testneuron_by_twosideneuron(model, linear_num, qkv_num, softmax_num, softmax_p, fc2_thresholds)
     replace_nonlinear_by_neuron(model)
     replace_at_by_neuron(model)
     check_fully_converted(model)
     set_backend(model, backend)
-    fuse_ec_neurons(model)
-    reset_net(model)
     return model
 
 
+#: Whether conversion fuses an EC module with the MT neuron it feeds (``ECMT_FUSE=0``: never).
 _FUSE = os.environ.get('ECMT_FUSE', '1') != '0'
-#: EC kinds with a native kernel that can compute the MT neuron after it (native_kernels.ec_mt_steps).
+#: EC kinds that a backend's ``ec_mt_steps`` computes together with the MT neuron after them.
 FUSABLE_KINDS = ('gelu', 'softmax', 'layer_norm')
+#: Backends with fused kernels (EC module + neuron, and an attention's q/k/v neurons on qkv).
+FUSING_BACKENDS = ('native', 'triton')
 
 
-def qkv_neurons(neurons: Sequence['TwoSideNeuron'], qkv: torch.Tensor, heads: int
-                ) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The spikes of an attention's q, k and v neurons (``neurons``) for this chunk, computed in
-    one pass over the fused qkv linear output ``qkv`` ([K*B, N, 3*heads*D], what the neurons'
-    inputs are the head-split views of) by :func:`native_kernels.qkv_mt_steps`, which reads it
-    row after row instead of through three strided views. Each neuron's next call receives its
-    spikes ([K*B, heads, N, D], as its own call would return them) and records them; states and
-    counts are the ones its own kernel would have left. None (nothing done: the caller splits
-    qkv and each neuron runs alone) unless inside a MultiStep run (simulate), with the three
-    native, on a float32 contiguous CPU tensor, with tables of one width."""
-    if not all(isinstance(n, TwoSideNeuron) and n.backend == 'native' and n._prefused is None
-               and 'time_steps' in n.__dict__ for n in neurons):
-        return None
-    steps = neurons[0].time_steps
-    if (any(n.time_steps != steps or n.keep_state != neurons[0].keep_state for n in neurons)
-            or qkv.device.type != 'cpu' or qkv.dtype != torch.float32 or qkv.dim() != 3
-            or not qkv.is_contiguous() or qkv.shape[0] % steps or qkv.shape[-1] % (3 * heads)):
-        return None
-    tables = [n.level_table() for n in neurons]
-    if len({t.shape for t in tables}) != 1 or len({n._membrane is None for n in neurons}) != 1:
-        return None
-    spikes, counts, membranes = native_kernels.qkv_mt_steps(
-        qkv.detach().unflatten(0, (steps, -1)), heads, tables, [n._membrane for n in neurons], neurons[0].keep_state)
-    out = []
-    for neuron, spike, count, membrane in zip(neurons, spikes, counts, membranes):
-        neuron._membrane, neuron._shape = membrane, tuple(spike.shape[1:])
-        spike = spike.flatten(0, 1)
-        neuron._prefused = (spike, count)
-        out.append(spike)
-    return tuple(out)
+def _between_is_identity(modules: Sequence[Optional[nn.Module]]) -> bool:
+    # Dropouts are identities in evaluation, the only mode an SNN runs in.
+    return all(isinstance(m, (nn.Identity, nn.Dropout)) for m in modules)
 
 
 def fuse_ec_neurons(model: nn.Module, enabled: Optional[bool] = None) -> int:
-    """Fuse each EC module with the MT neuron its output goes to (:meth:`exp_comp_neuron.fuse`),
-    where a module of the model names such pairs: its ``ecmt_fusable()`` gives (EC attribute,
-    attributes of the modules between, neuron attribute), e.g. a converted MLP's GELU -> drop ->
-    norm -> fc2 place, and the modules between are identities; and where an attention's q, k and v
-    places take the fused qkv linear output directly (its ``ecmt_qkv_fusable()``), the three
-    neurons run as one kernel (:func:`qkv_neurons`). ``enabled`` False (or ``ECMT_FUSE=0``, the
-    default for None) unfuses everything. The numbers are the same either way. Returns the number
-    of pairs and q/k/v triples fused."""
+    """Make the fusions of ``model``'s backend, at conversion, as modules that own their state:
+
+    * an EC module whose output goes straight to an MT neuron (a module of the model names such
+      pairs: its ``ecmt_fusable()`` gives (EC attribute, attributes of the modules between, neuron
+      attribute), e.g. a converted MLP's GELU -> drop -> norm -> fc2 place; the modules between must
+      be identities or dropouts) becomes one :class:`ECNeuron` in the neuron's place, the EC
+      module's place an :class:`ECPassThrough`;
+    * an attention whose q, k and v places take the fused qkv linear output directly (its
+      ``ecmt_qkv_fusable()``) has each of its q, k and v neurons read its part of that output in
+      place (``fuse_qkv``; each neuron keeps its own state).
+
+    Every fusion is undone first; ``enabled`` False (or ``ECMT_FUSE=0``, the default for None)
+    leaves them undone, and so does a backend without fused kernels (eager). The numbers are the
+    same either way. Returns the number of pairs and q/k/v triples fused."""
     enabled = _FUSE if enabled is None else bool(enabled)
-    fused, claimed = 0, set()
+    for parent, attr, _, child in list(_named_children_recursive(model)):
+        if isinstance(child, ECNeuron):
+            plain = TwoSideNeuron(child.place, child.scale_p, child.scale_n, child.levels).to(child.scale_p.device)
+            plain.backend, plain.count_levels, plain.level_counts = child.backend, child.count_levels, child.level_counts
+            setattr(parent, attr, plain)
+        elif isinstance(child, ECPassThrough):
+            ec = exp_comp_neuron(child.module)
+            ec.backend = child.backend
+            setattr(parent, attr, ec)
     for module in model.modules():
-        if isinstance(module, exp_comp_neuron):
-            module.fuse(None)
         if hasattr(module, 'ecmt_qkv_fusable'):
             module.fuse_qkv = False
     if not enabled:
         return 0
-    for module in model.modules():
+    fused = 0
+    for module in list(model.modules()):
         qkv = getattr(module, 'ecmt_qkv_fusable', None)
-        if qkv is not None and qkv() and all(isinstance(getattr(module, f'place_{p}', None), TwoSideNeuron)
-                                             for p in 'qkv'):
-            module.fuse_qkv = True  # its q, k and v neurons in one kernel (qkv_neurons)
+        neurons = [getattr(module, f'place_{p}', None) for p in 'qkv']
+        if (qkv is not None and qkv() and all(type(n) is TwoSideNeuron for n in neurons)
+                and all(n.backend in FUSING_BACKENDS for n in neurons)):
+            module.fuse_qkv = True
             fused += 1
         pairs = getattr(module, 'ecmt_fusable', None)
         if pairs is None:
@@ -1233,11 +1215,13 @@ def fuse_ec_neurons(model: nn.Module, enabled: Optional[bool] = None) -> int:
         for ec_name, between_names, neuron_name in pairs():
             ec, neuron = getattr(module, ec_name, None), getattr(module, neuron_name, None)
             between = [getattr(module, name, None) for name in between_names]
-            if (isinstance(ec, exp_comp_neuron) and ec.kind in FUSABLE_KINDS and isinstance(neuron, TwoSideNeuron)
-                    and all(isinstance(m, (nn.Identity, nn.Dropout)) for m in between)
-                    and ec.fused_neuron is None and neuron not in claimed):
-                ec.fuse(neuron, between)
-                claimed.add(neuron)
+            if (type(ec) is exp_comp_neuron and ec.kind in FUSABLE_KINDS and type(neuron) is TwoSideNeuron
+                    and neuron.backend in FUSING_BACKENDS and ec.backend == neuron.backend
+                    and _between_is_identity(between)):
+                passthrough = ECPassThrough(ec.module)
+                passthrough.backend = ec.backend
+                setattr(module, neuron_name, ECNeuron(neuron, ec.module))
+                setattr(module, ec_name, passthrough)
                 fused += 1
     return fused
 

@@ -21,8 +21,8 @@ from a previous chunk and written only with ``keep``):
 
 - :func:`mt_steps`: K steps of the multi-threshold neuron (ECMT_SPEC 4) by the table comparison
   of ``trans_utils._mt_step_table``: spikes bit for bit those of the literal rule;
-- :func:`qkv_mt_steps`: the q, k and v neurons of a fused qkv output, read row by row and
-  written head-major;
+- :func:`qkv_mt_steps`: the q, k or v neuron reading its part of a fused qkv output in place
+  (contiguous runs of a token's row) and writing head-major spikes;
 - :func:`ec_gelu_steps`, :func:`ec_softmax_steps`, :func:`ec_layer_norm_steps`: expectation
   compensation (ECMT_SPEC 5) of GELU (erf or tanh), softmax and LayerNorm over rows;
 - :func:`ec_mt_steps`: one of those with the MT neuron it feeds fused after it (the EC output
@@ -40,7 +40,7 @@ plain ``/`` is approximate on NVIDIA GPUs.
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -51,6 +51,8 @@ except ImportError:  # the module stays importable; available() is False
     triton = None
     tl = None
 
+#: EC kinds with a kernel of their own (any other function runs through eager_kernels).
+EC_KINDS = ('gelu', 'softmax', 'layer_norm')
 #: Floating-point inputs the kernels load (and convert to float32).
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: Longest row of the softmax and LayerNorm kernels (a row is one program's tile).
@@ -147,18 +149,11 @@ if triton is not None:
             tl.store(membrane + offs, v, mask=mask)
 
     @triton.jit
-    def _qkv_kernel(qkv, table_q, table_k, table_v, membrane_q, membrane_k, membrane_v, spike_q, spike_k,
-                    spike_v, counts, K, N, H, D, n, FRESH: tl.constexpr, KEEP: tl.constexpr, W: tl.constexpr,
-                    BLOCK: tl.constexpr):
-        # Program (i, p): elements [i*BLOCK, (i+1)*BLOCK) of neuron p's [B, N, H*D] input, which
-        # lie in the fused rows at p*H*D; its spikes and membrane are [B, H, N, D].
-        p = tl.program_id(1)
-        if p == 0:
-            table, membrane, spike = table_q, membrane_q, spike_q
-        elif p == 1:
-            table, membrane, spike = table_k, membrane_k, spike_k
-        else:
-            table, membrane, spike = table_v, membrane_v, spike_v
+    def _qkv_kernel(qkv, table, membrane, spike, counts, part, K, N, H, D, n, FRESH: tl.constexpr,
+                    KEEP: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr):
+        # Program i: elements [i*BLOCK, (i+1)*BLOCK) of the neuron's [B, N, H*D] input, which lie
+        # in the fused rows at part*H*D (contiguous runs of H*D); its spikes and membrane are
+        # [B, H, N, D].
         e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = e < n
         width = H * D
@@ -166,7 +161,7 @@ if triton is not None:
         col = e % width
         head = col // D
         token = row % N
-        source = row * (3 * width) + p * width + col
+        source = row * (3 * width) + part * width + col
         target = (((row // N) * H + head) * N + token) * D + col % D
         if FRESH:
             v = tl.zeros([BLOCK], dtype=tl.float32)
@@ -176,7 +171,7 @@ if triton is not None:
         spike_ptrs = spike + target
         for k in range(K):
             d = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-            v = _neuron_step(v, d, mask, table, spike_ptrs, counts + p * K + k, W)
+            v = _neuron_step(v, d, mask, table, spike_ptrs, counts + k, W)
             x_ptrs += 3 * n
             spike_ptrs += n
         if KEEP:
@@ -426,46 +421,38 @@ def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tens
     return spike, counts, membrane if keep else None
 
 
-def qkv_mt_steps(qkv: torch.Tensor, heads: int, tables: Sequence[torch.Tensor],
-                 membranes: Sequence[Optional[torch.Tensor]], keep: bool
-                 ) -> Tuple[List[torch.Tensor], torch.Tensor, List[Optional[torch.Tensor]]]:
-    """K steps of the q, k and v MT neurons of a fused qkv linear output ``qkv``: contiguous
-    [K, B, N, 3 * heads * D] (float32, fp16 or bf16), read in place. ``tables``: the three
-    neurons' tables (one width); ``membranes``: their flat [B, heads, N, D] states (None on a
-    batch's first chunk). The same spikes, counts and states as :func:`mt_steps` on
-    ``qkv.view(K, B, N, 3, heads, D).permute(3, 0, 1, 4, 2, 5)[i]``. Returns ([q, k, v] spikes
-    [K, B, heads, N, D] contiguous float32, non-zero spikes [3, K] int64, the three membranes or
-    Nones without ``keep``)."""
+def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
+                 membrane: Optional[torch.Tensor], keep: bool
+                 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """K steps of the q (``part`` 0), k (1) or v (2) MT neuron of an attention on its part of the
+    fused qkv linear output ``qkv``: contiguous [K, B, N, 3 * heads * D] (float32, fp16 or bf16),
+    read in place (contiguous runs of heads * D per token), the spikes written head-major. The
+    same spikes, counts and state as :func:`mt_steps` on ``qkv.view(K, B, N, 3, heads, D).permute(3,
+    0, 1, 4, 2, 5)[part]``. ``membrane``: the flat [B, heads, N, D] state (None on a batch's first
+    chunk). Returns (spikes [K, B, heads, N, D] contiguous float32, non-zero spikes per step [K]
+    int64, membrane or None without ``keep``)."""
     if (qkv.dim() != 4 or not qkv.is_contiguous() or qkv.dtype not in INPUT_DTYPES or heads < 1
             or qkv.shape[-1] % (3 * heads)):
         raise ValueError('qkv_mt_steps: qkv must be a contiguous float32 (or fp16/bf16) [K, B, N, 3 * heads * D] '
                          'tensor')
-    if len(tables) != 3 or len({t.shape for t in tables}) != 1:
-        raise ValueError('qkv_mt_steps: tables must be three contiguous [4, width] tensors of one width')
-    width = [_check_table('qkv_mt_steps', t, qkv.device) for t in tables][0]
-    if len(membranes) != 3:
-        raise ValueError('qkv_mt_steps: give three membranes (or Nones)')
+    if part not in (0, 1, 2):
+        raise ValueError(f'qkv_mt_steps: part must be 0 (q), 1 (k) or 2 (v), got {part}')
+    width = _check_table('qkv_mt_steps', table, qkv.device)
     _require(qkv)
     K, B, N, _ = qkv.shape
     D = qkv.shape[-1] // (3 * heads)
     n = B * heads * N * D
-    states = [_state(m, n, keep, qkv.device) for m in membranes]
-    if len({fresh for _, fresh in states}) != 1:
-        raise ValueError('qkv_mt_steps: the three membranes must all be carried or all start at zero')
-    fresh = states[0][1]
-    spikes = [torch.empty(K, B, heads, N, D, dtype=torch.float32, device=qkv.device) for _ in range(3)]
-    counts = torch.zeros(3, K, dtype=torch.int64, device=qkv.device)
-    kept = [m for m, _ in states]
+    membrane, fresh = _state(membrane, n, keep, qkv.device)
+    spike = torch.empty(K, B, heads, N, D, dtype=torch.float32, device=qkv.device)
+    counts = torch.zeros(K, dtype=torch.int64, device=qkv.device)
     if n and K:
         block = _block(n)
-        dummy = [s if m is None else m for s, m in zip(spikes, kept)]
-        _qkv_kernel[(triton.cdiv(n, block), 3)](qkv, *tables, *dummy, *spikes, counts, K, N, heads, D, n,
-                                                FRESH=fresh, KEEP=bool(keep), W=width, BLOCK=block, num_warps=4,
-                                                **_OPTIONS)
+        _qkv_kernel[(triton.cdiv(n, block),)](qkv, table, spike if membrane is None else membrane, spike, counts,
+                                             part, K, N, heads, D, n, FRESH=fresh, KEEP=bool(keep), W=width,
+                                             BLOCK=block, num_warps=4, **_OPTIONS)
     elif keep and fresh:
-        for m in kept:
-            m.zero_()
-    return spikes, counts, kept if keep else [None, None, None]
+        membrane.zero_()
+    return spike, counts, membrane if keep else None
 
 
 # ---- expectation compensation -------------------------------------------------------------------

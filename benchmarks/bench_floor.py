@@ -59,7 +59,9 @@ def main(args) -> dict:
     convert_to_snn(snn, fc2_thresholds=(0.25, 0.08))
     fuse_ec_neurons(snn, True)
     sizes = []
-    hooks = [m.register_forward_pre_hook(lambda m, a: sizes.append(a[0].numel()))
+    # A q/k/v neuron given the fused qkv output (qkv_part) reads a third of it.
+    hooks = [m.register_forward_pre_hook(lambda m, a, k: sizes.append(a[0].numel() // (3 if k.get('qkv_part') else 1)),
+                                         with_kwargs=True)
              for _, m in get_modules(snn, (TwoSideNeuron,))]
     simulate(snn, images, args.T)
     for hook in hooks:

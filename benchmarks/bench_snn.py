@@ -43,8 +43,8 @@ import utils  # noqa: E402
 from steal import CpuSteal  # noqa: E402
 from model_vit import create_model  # noqa: E402
 from engine_for_finetuning import simulate  # noqa: E402
-from trans_utils import (convert_to_snn, fast_neuron_enabled, fuse_ec_neurons,  # noqa: E402
-                         replace_test_by_testneuron, set_fast_neuron)
+from trans_utils import (BACKEND_CHOICES, convert_to_snn, fuse_ec_neurons,  # noqa: E402
+                         replace_test_by_testneuron)
 
 
 class PeakMemory:
@@ -114,9 +114,7 @@ def measure_peak_memory(args, device: torch.device, **overrides):
                '--batch_size', str(args.batch_size), '--T', str(args.T), '--seed', str(args.seed)]
     command += ['--model_kwargs', *args.model_kwargs] if args.model_kwargs else []
     command += ['--time_chunk', str(args.time_chunk)] if args.time_chunk else []
-    command += [flag for flag, on in (('--fc2_calibrated', args.fc2_calibrated), ('--no_compile', args.no_compile),
-                                      ('--no_fuse', args.no_fuse))
-                if on]
+    command += [flag for flag, on in (('--fc2_calibrated', args.fc2_calibrated), ('--no_fuse', args.no_fuse)) if on]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     peaks = json.loads(out.strip().splitlines()[-1])
     return peaks['ann'], peaks['snn']
@@ -166,7 +164,7 @@ def largest_batch(args, device: torch.device) -> dict:
     model = model.eval()
     replace_test_by_testneuron(model, 0.99)
     model(torch.randn(2, 3, args.input_size, args.input_size, device=device))
-    convert_to_snn(model, fc2_thresholds=None if args.fc2_calibrated else (0.25, 0.08))
+    convert_to_snn(model, fc2_thresholds=None if args.fc2_calibrated else (0.25, 0.08), backend=args.backend)
     weights = torch.cuda.memory_allocated(device)
     fits, batch = None, 1
     while batch <= args.max_batch:
@@ -202,7 +200,7 @@ def _peak_memory(args, device: torch.device):
         model(images)
     replace_test_by_testneuron(model, 0.99)
     model(images)
-    convert_to_snn(model, fc2_thresholds=None if args.fc2_calibrated else (0.25, 0.08))
+    convert_to_snn(model, fc2_thresholds=None if args.fc2_calibrated else (0.25, 0.08), backend=args.backend)
     fuse_ec_neurons(model, not args.no_fuse)
 
     def snn_batch():
@@ -231,7 +229,6 @@ def timed_pass(fn, batches, device) -> float:
 
 def main(args) -> dict:
     device = utils.resolve_device(args.device)
-    set_fast_neuron(not args.no_compile)
     if args.memory_only:
         try:
             import ctypes
@@ -295,7 +292,8 @@ def main(args) -> dict:
             reps.append(seconds)
             if rep == 0:  # thresholds from the first calibration pass; the SNN runs from rep 1 on
                 snn_model = copy.deepcopy(calib_model)
-                convert_to_snn(snn_model, fc2_thresholds=None if args.fc2_calibrated else (0.25, 0.08))
+                convert_to_snn(snn_model, fc2_thresholds=None if args.fc2_calibrated else (0.25, 0.08),
+                               backend=args.backend)
                 fuse_ec_neurons(snn_model, not args.no_fuse)
         result_mem = measure_peak_memory(args, device)
 
@@ -312,7 +310,7 @@ def main(args) -> dict:
     result = {
         'model': args.model, 'model_kwargs': kwargs, 'input_size': args.input_size,
         'batch_size': args.batch_size, 'T': args.T, 'images': images, 'device': str(device),
-        'threads': torch.get_num_threads(), 'fused': fast_neuron_enabled(), 'ec_neuron_fusion': not args.no_fuse,
+        'threads': torch.get_num_threads(), 'backend': args.backend, 'ec_neuron_fusion': not args.no_fuse,
         'amp': args.amp,
         'reps': args.reps, 'ann_seconds': ann, 'ann_seconds_all': ann_times,
         'calibration_cold_seconds': calib_cold, 'calibration_warm_seconds': calib_warm,
@@ -385,7 +383,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--reps', type=int, default=3, help='timed repetitions (median) after the warm-up')
     p.add_argument('--device', default=None, help='cpu or cuda (default: cuda if available)')
     p.add_argument('--amp', default='none', choices=('none', 'fp16', 'bf16'))
-    p.add_argument('--no_compile', action='store_true', help='run the eager (unfused) neuron and EC steps')
+    p.add_argument('--backend', default='auto', choices=BACKEND_CHOICES,
+                   help='kernels of the SNN: auto (native on the CPU, triton on CUDA), native, triton, eager '
+                        '(default: %(default)s)')
     p.add_argument('--no_fuse', action='store_true',
                    help='compute each MT neuron apart from the EC kernel that feeds it (trans_utils.fuse_ec_neurons)')
     p.add_argument('--fc2_calibrated', action='store_true', help='use calibrated fc2 thresholds')

@@ -479,7 +479,8 @@ void mt_steps(const float* x, const StepLayout& l, float* membrane, bool fresh, 
 // neuron's spikes head-major, [K, B, H, N, D], the layout the attention products take. Each
 // element goes through mt_tile as in mt_steps: the same spikes, membranes (kept head-major, the
 // logical order of the neuron's [B, H, N, D] input) and counts as three mt_steps calls on the
-// permuted views, which read that layout with a stride of 3*H*D between tokens.
+// permuted views, which read that layout with a stride of 3*H*D between tokens. A part whose
+// table is null is skipped (its counts stay 0): one neuron alone reads only its third of each row.
 template <int W>
 void qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H, int64_t D,
                   const float* const* tables, int64_t width, float* const* membranes, bool fresh, bool keep,
@@ -500,7 +501,8 @@ void qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H, in
             const int64_t b = item / blocks, n0 = (item % blocks) * span, count = std::min(span, N - n0);
             float* v = state.data();
             for (int64_t i = 0; i < count; ++i)
-                for (int p = 0; p < 3; ++p)
+                for (int p = 0; p < 3; ++p) {
+                    if (tables[p] == nullptr) continue;
                     for (int64_t h = 0; h < H; ++h) {
                         float* to = v + i * row + p * C + h * D;
                         if (fresh) {
@@ -510,10 +512,12 @@ void qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H, in
                                         static_cast<size_t>(D) * sizeof(float));
                         }
                     }
+                }
             for (int64_t k = 0; k < K; ++k) {
                 const float* in = x + k * step_in + (b * N + n0) * row;
                 for (int64_t i = 0; i < count; ++i)
-                    for (int p = 0; p < 3; ++p)
+                    for (int p = 0; p < 3; ++p) {
+                        if (tables[p] == nullptr) continue;
                         for (int64_t h = 0; h < H; ++h) {
                             const int64_t at = i * row + p * C + h * D;
                             float* out = spikes[p] + k * step_out + ((b * H + h) * N + n0 + i) * D;
@@ -521,13 +525,16 @@ void qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H, in
                                 mt_tile<W>(v + at + d0, in + at + d0, tables[p], width, out + d0,
                                            std::min(kTile, D - d0), local[p * K + k]);
                         }
+                    }
             }
             if (keep)
                 for (int64_t i = 0; i < count; ++i)
-                    for (int p = 0; p < 3; ++p)
+                    for (int p = 0; p < 3; ++p) {
+                        if (tables[p] == nullptr) continue;
                         for (int64_t h = 0; h < H; ++h)
                             std::memcpy(membranes[p] + ((b * H + h) * N + n0 + i) * D, v + i * row + p * C + h * D,
                                         static_cast<size_t>(D) * sizeof(float));
+                    }
         }
 #pragma omp critical(ecmt_qkv_counts)
         for (int64_t i = 0; i < 3 * K; ++i) counts[i] += local[i];
@@ -867,7 +874,8 @@ int ecmt_mt_steps(const float* x, int ndim, const int64_t* sizes, const int64_t*
 
 // The q, k and v MT neurons of a fused qkv output x: float32 [K, B, N, 3, H, D] contiguous.
 // tables[3]: each neuron's [4, width] table (one width for the three); membranes[3]: each
-// neuron's [B, H, N, D] state in row-major order, read unless `fresh`, written if `keep`;
+// neuron's [B, H, N, D] state in row-major order, read unless `fresh`, written if `keep`
+// (a null table: that part is skipped, its membrane and spikes are not touched);
 // spikes[3]: [K, B, H, N, D] contiguous, written; counts [3, K]: non-zero spikes per neuron and
 // step. Returns 0, or -1 for bad arguments.
 int ecmt_qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H, int64_t D,
@@ -878,8 +886,13 @@ int ecmt_qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H
     const float* tables[3] = {table_q, table_k, table_v};
     float* membranes[3] = {membrane_q, membrane_k, membrane_v};
     float* spikes[3] = {spike_q, spike_k, spike_v};
-    for (int p = 0; p < 3; ++p)
-        if (tables[p] == nullptr || spikes[p] == nullptr || ((!fresh || keep) && membranes[p] == nullptr)) return -1;
+    int parts = 0;
+    for (int p = 0; p < 3; ++p) {
+        if (tables[p] == nullptr) continue;  // a part not asked for
+        ++parts;
+        if (spikes[p] == nullptr || ((!fresh || keep) && membranes[p] == nullptr)) return -1;
+    }
+    if (parts == 0) return -1;
     ECMT_WITH_WIDTH(width, (qkv_mt_steps<W>(x, K, B, N, H, D, tables, width, membranes, fresh, keep, spikes, counts,
                                             threads)));
     return 0;

@@ -9,22 +9,18 @@ for _path in (_TESTS, _ROOT):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-import shutil  # noqa: E402
-
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Triton's kernels run on the CPU under its interpreter, which is read when they are defined (at
+# import): set it before anything imports triton_kernels, unless a GPU is there to run them.
+if not torch.cuda.is_available():
+    os.environ.setdefault('TRITON_INTERPRET', '1')
 
 
 def pytest_configure(config):
     config.addinivalue_line('markers', 'cuda: needs a CUDA GPU (skipped without one; benchmarks/gpu_check.sh '
                                        'runs them: python -m pytest -m cuda)')
-
-
-def fast_neuron_enabled() -> bool:
-    """Whether modules built or converted from now on may take the fused backends (native,
-    compiled)."""
-    import trans_utils
-    getter = getattr(trans_utils, 'fast_neuron_enabled', None)
-    return getter() if getter is not None else trans_utils._FAST_NEURON
 
 
 def run_snn(model, x, steps):
@@ -45,39 +41,30 @@ def relative_error(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.fixture(params=['native', 'compiled', 'eager'])
-def fast(request, monkeypatch):
-    """Run a test with each backend of the neuron/EC modules it builds: the native CPU kernels (the
-    CPU default), torch.compile (what other devices use for the neuron; EC eager then), and eager;
-    restore the previous setting afterwards. The value is whether the fused backends are on."""
-    import native_kernels
+@pytest.fixture(params=['native', 'triton', 'eager'])
+def fast(request):
+    """Run a test with each backend for the stateful modules it builds or converts: the native CPU
+    kernels (the CPU default), the Triton kernels (CUDA's; here under Triton's interpreter) and
+    eager torch operations; the previous default is restored afterwards. The value is the
+    backend's name. A backend that cannot run here is skipped, saying why."""
     import trans_utils
-    fused = request.param != 'eager'
-    previous = fast_neuron_enabled()
-    if fused and not any(shutil.which(c) for c in ('cc', 'gcc', 'clang', 'c++', 'g++')):
-        pytest.skip('no C compiler: the fused kernels cannot be built here')
-    monkeypatch.setattr(native_kernels, 'ENABLED', request.param == 'native')
-    trans_utils.set_fast_neuron(fused)
+    problem = trans_utils.backend_problem(request.param, 'cpu')
+    if problem is not None:
+        pytest.skip(problem)
+    previous = trans_utils.set_default_backend(request.param)
     try:
-        yield fused
-        # The fused paths fall back (with a warning) if compilation fails; that must not have
-        # happened, or the variant tested nothing.
-        if fused:
-            assert fast_neuron_enabled(), 'torch.compile failed and the code fell back to eager'
-        if request.param == 'native':
-            assert native_kernels.library() is not None, 'the native kernels failed to build or load'
+        yield request.param
     finally:
-        trans_utils.set_fast_neuron(previous)
+        trans_utils.set_default_backend(previous)
 
 
 @pytest.fixture
 def eager_neuron():
-    """Run a test with the eager neuron/EC steps (compilation is slow for one-off shapes)."""
+    """Run a test with the eager backend (its modules and conversions)."""
     import trans_utils
-    previous = fast_neuron_enabled()
-    trans_utils.set_fast_neuron(False)
-    yield
-    trans_utils.set_fast_neuron(previous)
+    previous = trans_utils.set_default_backend('eager')
+    yield 'eager'
+    trans_utils.set_default_backend(previous)
 
 
 @pytest.fixture(scope='module')

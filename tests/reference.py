@@ -175,6 +175,13 @@ def ref_simulate(model: torch.nn.Module, images: torch.Tensor, steps: int) -> to
     model = copy.deepcopy(model)
 
     def literal(module):
+        # A fused EC module + neuron (trans_utils.ECNeuron, checked before its base class) is
+        # the two literal modules in turn; the fused EC module's own place passes its input on.
+        if isinstance(module, trans_utils.ECNeuron):
+            return torch.nn.Sequential(RefEC(module.ec_function),
+                                       RefNeuron(float(module.scale_p), float(module.scale_n), module.levels))
+        if isinstance(module, trans_utils.ECPassThrough):
+            return torch.nn.Identity()
         if isinstance(module, trans_utils.TwoSideNeuron):
             return RefNeuron(float(module.scale_p), float(module.scale_n), module.levels)
         if isinstance(module, trans_utils.exp_comp_neuron):
@@ -186,6 +193,8 @@ def ref_simulate(model: torch.nn.Module, images: torch.Tensor, steps: int) -> to
         return None
 
     def swap(parent):
+        if getattr(parent, 'fuse_qkv', False):
+            parent.fuse_qkv = False  # the attention splits qkv into views for its three neurons
         for name, child in parent.named_children():
             replacement = literal(child)
             if replacement is not None:

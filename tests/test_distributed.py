@@ -73,12 +73,12 @@ def single(argv):
 
 @pytest.fixture(scope="module")
 def one_thread_eager():
-    threads, fast = torch.get_num_threads(), trans_utils.fast_neuron_enabled()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    trans_utils.set_fast_neuron(False)
+    previous = trans_utils.set_default_backend('eager')
     yield
     torch.set_num_threads(threads)
-    trans_utils.set_fast_neuron(fast)
+    trans_utils.set_default_backend(previous)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import model_vit
+import trans_utils
 from trans_utils import (AtNeuron, MulNeuron, SOPMonitor, TwoSideNeuron, convert_to_snn, replace_test_by_testneuron,
                          reset_net, spike_level_counts)
 
@@ -186,9 +187,10 @@ def test_mul_counts_against_brute_force_masks(fast, sizes):
         cum_a, cum_b = cum_a + a, cum_b + b
         expected.append(float((mask(a) * mask(b) + mask(a) * mask(cum_b) + mask(cum_a) * mask(b)).sum()))
     first = 0
+    mul.clock = trans_utils.Chunk()
     with torch.no_grad():
         for count in sizes:
-            mul.time_steps, mul.keep_state = count, first + count < 4
+            mul.clock.steps, mul.clock.last = count, first + count == 4
             monitor.step, monitor.time_steps = first, count
             mul(torch.cat(as_[first:first + count]), torch.cat(bs[first:first + count]))
             first += count

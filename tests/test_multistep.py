@@ -30,17 +30,17 @@ def run_chunks(module, step_inputs, sizes):
     """Feed ``module`` the per-step inputs (a list of tuples of tensors) in chunks of ``sizes``,
     time-major, as MultiStep drives it; return the per-step outputs."""
     outputs, first = [], 0
+    module.clock = trans_utils.Chunk()
     try:
         for count in sizes:
-            module.time_steps, module.keep_state = count, first + count < len(step_inputs)
+            module.clock.steps, module.clock.last = count, first + count == len(step_inputs)
             chunk = [torch.cat([step[i] for step in step_inputs[first:first + count]])
                      for i in range(len(step_inputs[0]))]
             outputs += list(module(*chunk).chunk(count))
             first += count
     finally:
-        module.__dict__.pop('time_steps', None)
-        module.__dict__.pop('keep_state', None)
-    assert module.steps == 0, 'the module kept state after the last chunk'
+        module.clock = trans_utils.ONE_STEP
+    assert module.steps == 0 and module.state is None, 'the module kept state after the last chunk'
     return outputs
 
 
@@ -81,11 +81,8 @@ def test_neuron_chunks_match_the_reference_bit_for_bit(fast, chunks, levels):
 def test_neuron_counts_per_step_are_its_explicit_output(fast):
     neuron = TwoSideNeuron('fc1', 0.2, 0.2, 4)
     xs = spike_like((3, 7, 5), 5, seed=3)
-    neuron.time_steps = 5
-    try:
-        spikes = neuron(torch.cat(xs)).chunk(5)
-    finally:
-        neuron.__dict__.pop('time_steps')
+    neuron.clock = trans_utils.Chunk(5, False)
+    spikes = neuron(torch.cat(xs)).chunk(5)
     assert neuron.last_nonzero.tolist() == [int((s != 0).sum()) for s in spikes]
 
 
@@ -181,6 +178,50 @@ def converted(config, levels, seed=0):
 POOLING_ROUNDING = {'vit_avg_pool': 2e-5}
 
 
+def _backends(triton=True):
+    return [b for b in trans_utils.BACKENDS
+            if trans_utils.backend_problem(b, 'cpu') is None and (triton or b != 'triton')]
+
+
+#: Every family the toolkit converts, one tiny model each: class-token ViT, mean-pooled ViT,
+#: LayerScale + qk-norm ViT, pre-norm ViT, EVA-01, EVA-02 (GluMlp; SwiGLU + norms), rotary ViTs
+#: with registers, attention pooling (SigLIP, PE), distilled DeiT.
+FAMILIES = ['vit_cls_token', 'vit_avg_pool', 'vit_layerscale_qknorm', 'vit_pre_norm', 'eva_giant',
+            'eva02_tiny', 'eva02_swiglu_norms', 'vit_rope_reg', 'vit_rope_mixed', 'siglip_map', 'vit_pe_core',
+            'deit_distilled']
+
+
+def converted_family(config, levels=8, seed=0):
+    """A tiny calibrated and converted model of ``config`` (tests/test_models.py or
+    tests/test_families.py), on the default backend."""
+    import test_families
+    import test_models
+    source = test_models if config in test_models.CONFIGS else test_families
+    model, _ = source.build(config, seed=seed)
+    source.calibrate(model)
+    return convert_to_snn(model, linear_num=levels, qkv_num=levels, softmax_num=levels,
+                          fc2_thresholds=model_vit.default_fc2_thresholds(model))
+
+
+@pytest.mark.parametrize('config', FAMILIES)
+def test_every_family_per_step_logits_equal_the_reference_on_every_backend(config):
+    """Every family, every backend (native, triton in its interpreter, eager), every chunking,
+    against the literal step-by-step network: eager to float rounding of pooling only, native
+    and triton to the rounding of their own GELU/softmax/LayerNorm (spikes may flip at an edge)."""
+    model = converted_family(config)
+    x = images(2)
+    want = ref_simulate(model, x, T)
+    with torch.no_grad():
+        for backend in _backends():
+            set_backend(model, backend)
+            for chunks, sizes in CHUNKINGS.items():
+                got = simulate(model, x, T, time_chunk=sizes)
+                assert got.shape == want.shape
+                for t in range(T):
+                    error = ((got[t] - want[t]).norm() / want[t].norm()).item()
+                    assert error < (1e-5 if backend == 'eager' else 1e-4), (backend, chunks, t, error)
+
+
 @pytest.mark.parametrize('levels', range(1, 9))
 @pytest.mark.parametrize('config', ['vit_cls_token', 'vit_avg_pool', 'vit_layerscale_qknorm', 'vit_pre_norm',
                                     'eva_giant'])
@@ -189,20 +230,22 @@ def test_model_per_step_logits_equal_the_step_by_step_reference(config, levels):
     x = images(3)
     want = ref_simulate(model, x, T)
     assert want.shape == (T, 3, 10)
+    results = {}
     with torch.no_grad():
-        native = {chunks: simulate(model, x, T, time_chunk=sizes) for chunks, sizes in CHUNKINGS.items()}
-        set_backend(model, 'eager')
-        eager = {chunks: simulate(model, x, T, time_chunk=sizes) for chunks, sizes in CHUNKINGS.items()}
+        for backend in _backends(triton=levels in (3, 8)):  # the interpreter is slow: two level counts
+            set_backend(model, backend)
+            results[backend] = {chunks: simulate(model, x, T, time_chunk=sizes) for chunks, sizes in CHUNKINGS.items()}
     tolerance = POOLING_ROUNDING.get(config, 0.0)
     for chunks in CHUNKINGS:
-        # Every chunking of one backend gives the same numbers; the step-by-step order included.
-        torch.testing.assert_close(native[chunks], native['8x1'], rtol=0, atol=tolerance, msg=chunks)
-        torch.testing.assert_close(eager[chunks], eager['8x1'], rtol=0, atol=tolerance, msg=chunks)
-        torch.testing.assert_close(eager[chunks], want, rtol=0, atol=tolerance, msg=chunks)
-    # The native kernels' GELU/softmax differ from torch's by float rounding (GELU within 5e-7
-    # of float64, as the native tests check): measured relative errors 3e-7 to 8e-7.
-    relative = ((native['1x8'] - want).norm() / want.norm()).item()
-    assert relative < 1e-5, relative
+        for backend, runs in results.items():
+            # Every chunking of one backend gives the same numbers; the step-by-step order included.
+            torch.testing.assert_close(runs[chunks], runs['8x1'], rtol=0, atol=tolerance, msg=(backend, chunks))
+        torch.testing.assert_close(results['eager'][chunks], want, rtol=0, atol=tolerance, msg=chunks)
+    # The native and Triton kernels' GELU/softmax/LayerNorm differ from torch's by float rounding
+    # (GELU within 5e-7 of float64, as the kernel tests check): measured relative errors 3e-7 to 8e-7.
+    for backend in set(results) - {'eager'}:
+        relative = ((results[backend]['1x8'] - want).norm() / want.norm()).item()
+        assert relative < 1e-5, (backend, relative)
 
 
 def test_the_input_modules_run_once_per_chunk_and_layers_see_time_major_rows():
@@ -220,21 +263,20 @@ def test_no_module_keeps_state_past_the_last_chunk():
     stateful = [m for m in model.modules() if isinstance(m, StatefulModule)]
 
     def state(m):
-        return [getattr(m, name) for name in ('_membrane', '_cum', '_prev', 'cum_a', 'cum_b', 'prev_total')
-                if getattr(m, name, None) is not None]
+        return [t for t in (m.state if isinstance(m.state, tuple) else (m.state,)) if t is not None]
 
     seen = []
 
     def after(module, inputs, output):
-        seen.append((module.keep_state, len(state(module)), module.steps))
+        seen.append((module.clock.last, len(state(module)), module.steps))
     for m in stateful:
         m.register_forward_hook(after)
     with torch.no_grad():
         simulate(model, images(2), T, time_chunk=[3, 5])
     first, last = seen[:len(stateful)], seen[len(stateful):]
-    assert all(keep and n and steps == 3 for keep, n, steps in first)   # carried to the next chunk
-    assert all(not keep and n == 0 and steps == 0 for keep, n, steps in last)  # freed at once
-    assert all(m.time_steps == 1 and m.keep_state for m in stateful)  # back to one step per call
+    assert all(not end and n and steps == 3 for end, n, steps in first)   # carried to the next chunk
+    assert all(end and n == 0 and steps == 0 for end, n, steps in last)  # freed at once
+    assert all(m.clock is trans_utils.ONE_STEP for m in stateful)  # back to one step per call
     assert not any(m._forward_pre_hooks for m in model.modules())
 
 
@@ -255,29 +297,61 @@ def test_thresholds_changed_in_place_after_reset_apply_to_the_next_batch():
 
 def test_multistep_refuses_an_input_without_the_time_steps():
     neuron = TwoSideNeuron('fc1', 0.2, 0.2, 4)
-    neuron.time_steps = 3
+    neuron.clock = trans_utils.Chunk(3, False)
     with pytest.raises(ValueError, match='3 time steps'):
         neuron(torch.randn(4, 5))
 
 
-def test_backends_are_chosen_once_from_the_table(monkeypatch):
+def test_one_backend_is_chosen_for_the_whole_model_at_conversion():
     model = converted('vit_cls_token', 4)
-    kinds = {type(m).__name__ + ':' + m.kind: m.backend for m in model.modules() if isinstance(m, StatefulModule)}
-    native = trans_utils.native_kernels.library() is not None and trans_utils.fast_neuron_enabled()
-    assert kinds['TwoSideNeuron:neuron'] == ('native' if native else kinds['TwoSideNeuron:neuron'])
-    assert kinds['AtNeuron:product'] == ('native' if native else 'eager')
-    assert trans_utils.choose_backend('softmax', 'cuda') == 'eager'
-    assert trans_utils.choose_backend('product', 'cuda') == 'eager'
-    assert trans_utils.choose_backend('neuron', 'cuda', 'eager') == 'eager'
-    assert trans_utils.choose_backend('gelu', 'cpu', 'compiled') in ('native', 'eager')  # not listed: first available
+    backends = {m.backend for m in model.modules() if isinstance(m, StatefulModule)}
+    native = trans_utils.native_kernels.library() is not None
+    assert backends == {'native' if native else 'eager'} and model.ecmt_backend == backends.pop()
+    assert trans_utils.resolve_backend('auto', 'cpu') == ('native' if native else 'eager')
+    assert trans_utils.resolve_backend('eager', 'cuda') == 'eager'
+    with pytest.raises(trans_utils.ConversionError, match='CPU only'):
+        trans_utils.resolve_backend('native', 'cuda')
+    with pytest.raises(ValueError, match='unknown backend'):
+        trans_utils.resolve_backend('compiled', 'cpu')
     set_backend(model, 'eager')
     assert {m.backend for m in model.modules() if isinstance(m, StatefulModule)} == {'eager'}
+    assert not any(isinstance(m, (trans_utils.ECNeuron, trans_utils.ECPassThrough)) for m in model.modules())
     # A MultiStep is closed whatever happens inside it.
     with pytest.raises(RuntimeError):
         with MultiStep(model) as steps:
             steps.chunk(2, last=True)
             raise RuntimeError
     assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_native_model_moved_to_another_device_says_what_to_call():
+    neuron = TwoSideNeuron('fc1', 0.2, 0.2, 4)
+    neuron.backend = 'native'
+    with pytest.raises(RuntimeError, match='set_backend'):
+        neuron(torch.zeros(2, 3, device='meta'))
+
+
+def test_no_module_writes_another_modules_state(monkeypatch):
+    """Every stateful module's state is its own attribute ``state``, written only by its own
+    forward: after a run of every chunking, each module's state object was set by that module
+    alone (no module reaches into another one's attributes, as fused modules once did)."""
+    model = converted('vit_cls_token', 4)
+    writers = {}
+    stateful = [m for m in model.modules() if isinstance(m, StatefulModule)]
+    original = StatefulModule.__setattr__
+
+    def spy(self, name, value):
+        if name == 'state' and value is not None:
+            import inspect
+            caller = inspect.stack()[1].frame.f_locals.get('self')
+            writers.setdefault(id(self), set()).add(id(caller))
+        original(self, name, value)
+    monkeypatch.setattr(StatefulModule, '__setattr__', spy)
+    with torch.no_grad():
+        simulate(model, images(2), 4, time_chunk=[1, 3])
+    monkeypatch.undo()
+    assert writers and all(callers == {key} for key, callers in writers.items())
+    assert {id(m) for m in stateful} >= set(writers)
 
 
 def _eva02_swiglu_norms():
@@ -289,29 +363,35 @@ def _eva02_swiglu_norms():
     return convert_to_snn(model)
 
 
-@pytest.mark.parametrize('config, pairs, triples, qkv_runs', [
-    ('vit_cls_token', {'softmax': 2, 'gelu': 2}, 2, 2),      # softmax -> s, GELU -> fc2, q/k/v, per block
-    ('eva_giant', {'softmax': 2, 'gelu': 2}, 2, 2),          # q/v biases added to the fused qkv
+@pytest.mark.parametrize('backend', ['native', 'triton'])
+@pytest.mark.parametrize('config, pairs, triples', [
+    ('vit_cls_token', {'softmax': 2, 'gelu': 2}, 2),      # softmax -> s, GELU -> fc2, q/k/v, per block
+    ('eva_giant', {'softmax': 2, 'gelu': 2}, 2),          # q/v biases added to the fused qkv
     # attention norm -> fc_out, MLP norm -> fc2; separate q/k/v projections: no q/k/v triple
-    ('eva02_swiglu_norms', {'softmax': 2, 'layer_norm': 4}, 0, 0),
+    ('eva02_swiglu_norms', {'softmax': 2, 'layer_norm': 4}, 0),
 ])
-def test_fused_ec_neurons_change_no_number(monkeypatch, config, pairs, triples, qkv_runs):
-    """An EC module fused with the MT neuron it feeds, and an attention's q, k and v neurons run
-    as one kernel on the qkv output (trans_utils.fuse_ec_neurons, on by default), give the
-    per-step logits, every layer's SOPs per step and the spike counts per level of the unfused
-    modules, bit for bit, for every chunking (membranes carried between chunks); the fused kernels
-    do run."""
-    import native_kernels
+def test_fused_ec_neurons_change_no_number(monkeypatch, backend, config, pairs, triples):
+    """An EC module fused with the MT neuron it feeds (one ECNeuron in the neuron's place, owning
+    both states), and an attention's q, k and v neurons each reading its part of the qkv output in
+    place (trans_utils.fuse_ec_neurons, made at conversion), give the per-step logits, every
+    layer's SOPs per step and the spike counts per level of the unfused modules, bit for bit, for
+    every chunking (states carried between chunks); the fused kernels do run."""
+    problem = trans_utils.backend_problem(backend, 'cpu')
+    if problem:
+        pytest.skip(problem)
     model = _eva02_swiglu_norms() if config == 'eva02_swiglu_norms' else converted(config, 8)
-    fused = [m for m in model.modules() if isinstance(m, trans_utils.exp_comp_neuron) and m.fused_neuron is not None]
+    set_backend(model, backend)
+    fused = [m for m in model.modules() if isinstance(m, trans_utils.ECNeuron)]
     kinds = {}
     for m in fused:
-        kinds[m.kind] = kinds.get(m.kind, 0) + 1
+        kinds[m.ec_kind] = kinds.get(m.ec_kind, 0) + 1
     assert kinds == pairs
+    assert sum(isinstance(m, trans_utils.ECPassThrough) for m in model.modules()) == sum(pairs.values())
+    kernels = trans_utils.kernels_of(backend)
     calls, qkv_calls = [], []
-    real, real_qkv = native_kernels.ec_mt_steps, native_kernels.qkv_mt_steps
-    monkeypatch.setattr(native_kernels, 'ec_mt_steps', lambda kind, *a, **k: calls.append(kind) or real(kind, *a, **k))
-    monkeypatch.setattr(native_kernels, 'qkv_mt_steps', lambda *a, **k: qkv_calls.append(1) or real_qkv(*a, **k))
+    real, real_qkv = kernels.ec_mt_steps, kernels.qkv_mt_steps
+    monkeypatch.setattr(kernels, 'ec_mt_steps', lambda kind, *a, **k: calls.append(kind) or real(kind, *a, **k))
+    monkeypatch.setattr(kernels, 'qkv_mt_steps', lambda *a, **k: qkv_calls.append(1) or real_qkv(*a, **k))
     x = images(3)
     results = {}
     for on in (True, False):
@@ -323,35 +403,75 @@ def test_fused_ec_neurons_change_no_number(monkeypatch, config, pairs, triples, 
                 results[on, chunks] = (logits, monitor.sops.clone(), levels)
     chunk_runs = sum(len(s) for s in CHUNKINGS.values())
     assert len(calls) == sum(pairs.values()) * chunk_runs
-    assert len(qkv_calls) == qkv_runs * chunk_runs
+    assert len(qkv_calls) == 3 * triples * chunk_runs
     want = results[False, '8x1']
     for key, (logits, sops, levels) in results.items():
         assert torch.equal(logits, want[0]) and torch.equal(sops, want[1]), key
         assert all(torch.equal(a, b) for a, b in zip(levels, want[2])), key
 
 
-def test_a_fused_neuron_refuses_a_tensor_other_than_its_ec_modules_output():
+def test_fusion_is_made_at_conversion_and_undone_by_what_lies_between():
+    """Fusion keeps the neuron's name (thresholds are found by it) and the EC function's
+    parameter names; refusing it where a module that is not an identity lies between."""
     model = converted('vit_cls_token', 8)
     mlp = model.blocks[0].mlp
-    assert mlp.act.fused_neuron is mlp.place_fc2
-    mlp.norm = nn.Sequential(nn.Identity(), trans_utils.MyTestPlace('fc2'))  # what lies between changed
-    mlp.norm[1].forward = lambda x: x.clone()
-    with pytest.raises(RuntimeError, match='fuse_ec_neurons'):
-        with torch.no_grad():
-            simulate(model, images(2), 2)
-    trans_utils.fuse_ec_neurons(model)  # re-fusing sees the new module between: that pair stays apart
-    assert mlp.act.fused_neuron is None and model.blocks[1].mlp.act.fused_neuron is not None
-    with torch.no_grad():
-        simulate(model, images(2), 2)
-
-
-def test_a_fused_ec_module_called_alone_returns_its_ec_output():
-    """Fusion applies inside simulate's multi-step runs only: called directly (the published
-    one-step-per-call use of a module), a fused EC module gives its EC output, not spikes."""
-    model = converted('vit_cls_token', 8)
-    act = model.blocks[0].mlp.act
-    assert act.fused_neuron is model.blocks[0].mlp.place_fc2
+    assert isinstance(mlp.place_fc2, trans_utils.ECNeuron) and isinstance(mlp.act, trans_utils.ECPassThrough)
+    assert mlp.place_fc2.ec_function is mlp.act.module and mlp.place_fc2.place == 'fc2'
+    names = {n for n, m in model.named_modules() if isinstance(m, TwoSideNeuron)}
+    assert 'blocks.0.mlp.place_fc2' in names and 'blocks.0.attn.place_s' in names
     x = torch.randn(2, 5, 4)
+    torch.testing.assert_close(mlp.act(x), x, rtol=0, atol=0)  # the pass-through
+    mlp.drop1 = nn.Sequential(nn.Identity(), nn.Identity())  # no longer an identity module between
+    trans_utils.fuse_ec_neurons(model)
+    assert type(mlp.place_fc2) is TwoSideNeuron and type(mlp.act) is exp_comp_neuron
+    assert isinstance(model.blocks[1].mlp.place_fc2, trans_utils.ECNeuron)
     with torch.no_grad():
-        torch.testing.assert_close(act(x), nn.functional.gelu(x), rtol=1e-6, atol=1e-6)
-    assert model.blocks[0].mlp.place_fc2._prefused is None
+        torch.testing.assert_close(simulate(model, images(2), 2), ref_simulate(model, images(2), 2),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_an_ec_neuron_called_alone_is_the_ec_module_then_the_neuron():
+    torch.manual_seed(3)
+    neuron = TwoSideNeuron('fc2', 0.3, 0.2, 4)
+    ec = exp_comp_neuron(nn.GELU())
+    fused = trans_utils.ECNeuron(neuron, ec.module)
+    xs = [torch.randn(2, 5, 6) for _ in range(5)]
+    with torch.no_grad():
+        got = [fused(x) for x in xs]
+        want = [neuron(ec(x)) for x in xs]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_torch_operations_per_batch_on_triton_do_not_grow_with_T():
+    """On the triton backend every stateful module loops over the steps inside its kernels (the
+    membrane in registers, running sums and differences over time in one pass, step numbers made
+    on the device): the torch operations one simulate call dispatches are the same for T = 2 and
+    T = 8 (under the interpreter as on a GPU; the per-step accuracy bookkeeping of evaluate_snn is
+    not part of simulate). On eager the neuron loops over the steps in Python: they grow."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    model = converted_family('eva_giant')
+    x = images(2)
+    counts = {}
+    for backend in _backends():
+        set_backend(model, backend)
+        for steps in (2, 8):
+            with torch.no_grad(), Count() as counter:
+                simulate(model, x, steps)
+            counts[backend, steps] = counter.ops
+    if ('triton', 2) not in counts:
+        pytest.skip(trans_utils.backend_problem('triton', 'cpu'))
+    assert counts['triton', 8] == counts['triton', 2], counts
+    if ('native', 2) in counts:  # the C++ kernels loop over the steps inside too
+        assert counts['native', 8] == counts['native', 2], counts
+    assert counts['eager', 8] > counts['eager', 2], counts  # the test can tell a loop over steps

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+import eager_kernels
 import native_kernels
 import trans_utils
 from reference import ref_mt_neuron, ref_quantiles
@@ -245,7 +246,7 @@ def test_product_bookkeeping_equals_the_torch_steps_bit_for_bit(native, threads,
     for count in CHUNKS[chunks]:
         keep = first + count < 4
         sums = native_kernels.running_sums(xs[first:first + count], cum_native)
-        want = trans_utils._running_sums(xs[first:first + count], cum_torch)
+        want = eager_kernels.running_sums(xs[first:first + count], cum_torch)
         assert sums.is_contiguous() and torch.equal(sums, want)
         cum_native, cum_torch = sums[-1].clone(), want[-1].clone()
         totals = products[first:first + count].clone()
@@ -255,7 +256,7 @@ def test_product_bookkeeping_equals_the_torch_steps_bit_for_bit(native, threads,
             out, last = native_kernels.scaled_differences(totals.clone(), prev_native, first, keep, scale)
         steps = torch.arange(first + 1, first + count + 1, dtype=torch.float32).view(-1, 1, 1, 1)
         scaled = totals / steps
-        want = trans_utils._differences(scaled.clone(), prev_torch)
+        want = eager_kernels._differences(scaled.clone(), prev_torch)
         assert torch.equal(out, want if scale is None else want * scale)  # the output times the scale
         if keep:
             assert torch.equal(last, scaled[-1])
@@ -281,7 +282,9 @@ def test_nonzero_counts_equal_torch(native, threads, layout, dim):
     want = (x != 0).sum(dim=dim).float()
     if layout == 'unmergeable':
         assert got is None
-        assert torch.equal(trans_utils._native_nonzero_counts(x, dim), want.double())
+        product = trans_utils.AtNeuron()
+        product.backend = 'native'
+        assert torch.equal(product._count_nonzero(x, dim), want.double())  # torch counts then
     else:
         assert got.shape == want.shape and torch.equal(got, want)
 
@@ -358,7 +361,10 @@ def test_without_a_compiler_everything_falls_back_with_one_warning(monkeypatch, 
         got = trans_utils.tail_quantiles(x, 0.99)
         want = ref_quantiles(x, 0.99)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert trans_utils.choose_backend('neuron') != 'native'
+    with pytest.warns(UserWarning, match='eager backend'):
+        assert trans_utils.resolve_backend('auto', 'cpu') == 'eager'
+    with pytest.raises(trans_utils.ConversionError, match='could not be built'):
+        trans_utils.resolve_backend('native', 'cpu')
 
 
 @needs_compiler
@@ -476,10 +482,10 @@ def test_fused_ec_neuron_equals_the_two_kernels_bit_for_bit(native, threads, kin
 @pytest.mark.parametrize('shape', [(3, 7, 2, 32), (2, 65, 3, 5), (1, 4, 2, 88), (2, 150, 1, 64)],
                          ids=['heads32', 'odd_head', 'head_over_a_tile', 'long_block'])
 def test_qkv_neurons_equal_three_neurons_on_the_views_bit_for_bit(native, threads, levels, chunks, shape):
-    """qkv_mt_steps (the q, k and v neurons of a fused qkv output in one pass) gives each neuron's
-    spikes, counts and carried membranes of mt_steps on its head-split view, for every chunking:
-    heads shorter than, as long as and longer than a tile (88 = 64 + 24), token blocks of an image
-    split over several work items (150 tokens of 3 x 64)."""
+    """qkv_mt_steps (the q, k or v neuron reading its part of a fused qkv output in place) gives
+    each neuron's spikes, counts and carried membranes of mt_steps on its head-split view, for
+    every chunking: heads shorter than, as long as and longer than a tile (88 = 64 + 24), token
+    blocks of an image split over several work items (150 tokens of 3 x 64)."""
     B, N, H, D = shape
     g = torch.Generator().manual_seed(levels * 7 + N)
     xs = torch.randn(4, B, N, 3 * H * D, generator=g) * 0.4
@@ -490,26 +496,25 @@ def test_qkv_neurons_equal_three_neurons_on_the_views_bit_for_bit(native, thread
     fused, apart, first = [None] * 3, [None] * 3, 0
     for count in CHUNKS[chunks]:
         keep = first + count < 4
-        want = [native_kernels.mt_steps(views[p, first:first + count], tables[p], apart[p], keep) for p in range(3)]
-        spikes, counts, fused = native_kernels.qkv_mt_steps(xs[first:first + count].contiguous(), H, tables,
-                                                            fused, keep)
         for p in range(3):
-            assert spikes[p].shape == (count, B, H, N, D)
-            assert torch.equal(spikes[p], want[p][0]) and torch.equal(counts[p], want[p][1]), p
-            assert int(counts[p].sum()) > 0 and int((spikes[p] == 0).sum()) > 0  # both fire and rest
-            assert (fused[p] is None and want[p][2] is None) if not keep else torch.equal(fused[p], want[p][2])
-        apart = [w[2] for w in want]
+            want = native_kernels.mt_steps(views[p, first:first + count], tables[p], apart[p], keep)
+            spikes, counts, fused[p] = native_kernels.qkv_mt_steps(xs[first:first + count].contiguous(), p, H,
+                                                                   tables[p], fused[p], keep)
+            assert spikes.shape == (count, B, H, N, D)
+            assert torch.equal(spikes, want[0]) and torch.equal(counts, want[1]), p
+            assert int(counts.sum()) > 0 and int((spikes == 0).sum()) > 0  # both fire and rest
+            assert (fused[p] is None and want[2] is None) if not keep else torch.equal(fused[p], want[2])
+            apart[p] = want[2]
         first += count
 
 
 def test_qkv_neurons_refuse_mismatched_arguments(native):
     table = trans_utils.level_table(torch.tensor(0.1), torch.tensor(0.1), 4)
     with pytest.raises(ValueError, match='contiguous float32'):
-        native_kernels.qkv_mt_steps(torch.randn(2, 3, 2, 12).transpose(1, 2), 2, [table] * 3, [None] * 3, False)
+        native_kernels.qkv_mt_steps(torch.randn(2, 3, 2, 12).transpose(1, 2), 0, 2, table, None, False)
     with pytest.raises(ValueError, match='3 \\* heads'):
-        native_kernels.qkv_mt_steps(torch.randn(2, 1, 3, 10), 2, [table] * 3, [None] * 3, False)
-    wide = trans_utils.level_table(torch.tensor(0.1), torch.tensor(0.1), 9)
-    with pytest.raises(ValueError, match='one width'):
-        native_kernels.qkv_mt_steps(torch.randn(2, 1, 3, 12), 2, [table, table, wide], [None] * 3, False)
-    with pytest.raises(ValueError, match='all be carried'):
-        native_kernels.qkv_mt_steps(torch.randn(2, 1, 3, 12), 2, [table] * 3, [torch.zeros(12), None, None], True)
+        native_kernels.qkv_mt_steps(torch.randn(2, 1, 3, 10), 0, 2, table, None, False)
+    with pytest.raises(ValueError, match='part must be'):
+        native_kernels.qkv_mt_steps(torch.randn(2, 1, 3, 12), 3, 2, table, None, False)
+    with pytest.raises(ValueError, match='one element per input element'):
+        native_kernels.qkv_mt_steps(torch.randn(2, 1, 3, 12), 1, 2, table, torch.zeros(5), True)

@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
 pytest.importorskip('triton')
 
+import eager_kernels  # noqa: E402
 import triton_kernels  # noqa: E402
 import trans_utils  # noqa: E402
 from reference import ref_ec, ref_ec_product, ref_mt_neuron  # noqa: E402
@@ -127,7 +128,7 @@ def test_half_precision_inputs_are_read_as_float32(dtype):
     carried = torch.randn(4, 33, generator=torch.Generator().manual_seed(2)).view(-1)
     sums = triton_kernels.running_sums(xs.to(DEVICE), carried.to(DEVICE))
     assert sums.dtype == torch.float32
-    assert torch.equal(sums.cpu(), trans_utils._running_sums(xs, carried.view(4, 33)))
+    assert torch.equal(sums.cpu(), eager_kernels.running_sums(xs, carried))
 
 
 @pytest.mark.parametrize('layout', ['qkv_view', 'transposed', 'expanded'])
@@ -160,17 +161,18 @@ def test_qkv_neurons_equal_three_neurons_on_the_views_bit_for_bit(levels, chunks
     tables = [table_for(p, n, levels) for p, n in ((0.05, 0.03), (0.02, 0.07), (0.04, 0.04))]
     views = xs.view(STEPS, B, N, 3, H, D).permute(3, 0, 1, 4, 2, 5)
     fused, apart, first = [None] * 3, [None] * 3, 0
+    spikes = [None] * 3
     for count in CHUNKS[chunks]:
         keep = first + count < STEPS
-        want = [triton_kernels.mt_steps(views[p, first:first + count], tables[p], apart[p], keep) for p in range(3)]
-        spikes, counts, fused = triton_kernels.qkv_mt_steps(xs[first:first + count].contiguous(), H, tables, fused,
-                                                            keep)
-        assert counts.shape == (3, count) and counts.dtype == torch.int64
         for p in range(3):
+            want = triton_kernels.mt_steps(views[p, first:first + count], tables[p], apart[p], keep)
+            spikes[p], counts, fused[p] = triton_kernels.qkv_mt_steps(xs[first:first + count].contiguous(), p, H,
+                                                                      tables[p], fused[p], keep)
+            assert counts.shape == (count,) and counts.dtype == torch.int64
             assert spikes[p].shape == (count, B, H, N, D) and spikes[p].is_contiguous()
-            assert torch.equal(spikes[p], want[p][0]) and torch.equal(counts[p], want[p][1]), p
-            assert (fused[p] is None and want[p][2] is None) if not keep else torch.equal(fused[p], want[p][2])
-        apart = [w[2] for w in want]
+            assert torch.equal(spikes[p], want[0]) and torch.equal(counts, want[1]), p
+            assert (fused[p] is None and want[2] is None) if not keep else torch.equal(fused[p], want[2])
+            apart[p] = want[2]
         first += count
     # Against the literal rule too (the q neuron), and not void.
     q = ref_mt_neuron(list(views[0].cpu()), 0.05, 0.03, levels)
@@ -356,7 +358,7 @@ def test_product_bookkeeping_equals_the_torch_steps_and_the_reference(layout, ch
         sums = {}
         for name in 'ab':
             sums[name] = triton_kernels.running_sums(chunk[name].to(DEVICE), cum[name])
-            want = trans_utils._running_sums(chunk[name], cum_torch[name])
+            want = eager_kernels.running_sums(chunk[name], cum_torch[name])
             assert sums[name].is_contiguous() and torch.equal(sums[name].cpu(), want)
             cum[name], cum_torch[name] = sums[name][-1].reshape(-1).clone(), want[-1].clone()
         totals = (sums['a'] @ sums['b']).contiguous()
@@ -366,7 +368,7 @@ def test_product_bookkeeping_equals_the_torch_steps_and_the_reference(layout, ch
         assert out.data_ptr() == totals.data_ptr()  # in place
         steps = torch.arange(first + 1, first + count + 1, dtype=torch.float32).view(-1, 1, 1, 1)
         scaled = products / steps
-        want = trans_utils._differences(scaled.clone(), prev_torch)
+        want = eager_kernels._differences(scaled.clone(), prev_torch)
         assert torch.equal(out.cpu(), want if scale is None else want * scale)
         if keep:
             assert last.shape == products.shape[1:] and torch.equal(last.cpu(), scaled[-1])
@@ -416,10 +418,10 @@ def test_native_and_triton_kernels_agree(native):
 
     qkv = torch.randn(3, 2, 5, 3 * 2 * 8, generator=g) * 0.4
     tables = [trans_utils.level_table(torch.tensor(p), torch.tensor(0.03), 8) for p in (0.05, 0.02, 0.04)]
-    got = triton_kernels.qkv_mt_steps(qkv.to(DEVICE), 2, on_device(*tables), [None] * 3, True)
-    want = native.qkv_mt_steps(qkv, 2, tables, [None] * 3, True)
-    assert all(torch.equal(a.cpu(), b) for a, b in zip(got[0] + got[2], want[0] + want[2]))
-    assert torch.equal(got[1].cpu(), want[1])
+    for p, table_p in enumerate(tables):
+        got = triton_kernels.qkv_mt_steps(qkv.to(DEVICE), p, 2, table_p.to(DEVICE), None, True)
+        want = native.qkv_mt_steps(qkv, p, 2, table_p, None, True)
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want)), p
 
     for kind in ('gelu', 'gelu_tanh', 'softmax', 'layer_norm_affine'):
         x, _, make = ec_case(kind, seed=5)
@@ -462,16 +464,14 @@ def test_wrappers_refuse_mismatched_arguments():
     with pytest.raises(ValueError, match='unknown kind'):
         triton_kernels.ec_mt_steps('relu', x, None, None, 0, False, table, None)
     with pytest.raises(ValueError, match='contiguous float32'):
-        triton_kernels.qkv_mt_steps(torch.randn(2, 3, 2, 12, device=DEVICE).transpose(1, 2), 2, [table] * 3,
-                                    [None] * 3, False)
+        triton_kernels.qkv_mt_steps(torch.randn(2, 3, 2, 12, device=DEVICE).transpose(1, 2), 0, 2, table, None, False)
     with pytest.raises(ValueError, match='3 \\* heads'):
-        triton_kernels.qkv_mt_steps(torch.randn(2, 1, 3, 10, device=DEVICE), 2, [table] * 3, [None] * 3, False)
-    with pytest.raises(ValueError, match='one width'):
-        triton_kernels.qkv_mt_steps(torch.randn(2, 1, 3, 12, device=DEVICE), 2, [table, table, table_for(0.1, 0.1, 9)],
-                                    [None] * 3, False)
-    with pytest.raises(ValueError, match='all be carried'):
-        triton_kernels.qkv_mt_steps(torch.randn(2, 1, 3, 12, device=DEVICE), 2, [table] * 3,
-                                    [torch.zeros(12, device=DEVICE), None, None], True)
+        triton_kernels.qkv_mt_steps(torch.randn(2, 1, 3, 10, device=DEVICE), 0, 2, table, None, False)
+    with pytest.raises(ValueError, match='part must be'):
+        triton_kernels.qkv_mt_steps(torch.randn(2, 1, 3, 12, device=DEVICE), 3, 2, table, None, False)
+    with pytest.raises(ValueError, match='state'):
+        triton_kernels.qkv_mt_steps(torch.randn(2, 1, 3, 12, device=DEVICE), 1, 2, table, torch.zeros(5, device=DEVICE),
+                                    True)
     with pytest.raises(ValueError, match='contiguous float32'):
         triton_kernels.scaled_differences(torch.zeros(2, 4, 3, device=DEVICE).transpose(1, 2), None, 0, False)
     with pytest.raises(ValueError, match='dim -1 or -2'):
@@ -515,8 +515,7 @@ flags = dict(FRESH=False, KEEP=True, FUSED=True, NEURON_FRESH=False, W=16)
 kernels = [
     (tk._mt_kernel, dict(x='*bf16', table=P, membrane=P, spike=P, counts=C, K=I, n=I),
      dict(FRESH=False, KEEP=True, W=16, BLOCK=1024)),
-    (tk._qkv_kernel, dict(qkv=P, table_q=P, table_k=P, table_v=P, membrane_q=P, membrane_k=P, membrane_v=P,
-                          spike_q=P, spike_k=P, spike_v=P, counts=C, K=I, N=I, H=I, D=I, n=I),
+    (tk._qkv_kernel, dict(qkv=P, table=P, membrane=P, spike=P, counts=C, part=I, K=I, N=I, H=I, D=I, n=I),
      dict(FRESH=False, KEEP=True, W=8, BLOCK=1024)),
     (tk._running_sums_kernel, dict(x='*fp16', carried=P, sums=P, K=I, n=I), dict(CARRIED=True, BLOCK=1024)),
     (tk._scaled_differences_kernel, dict(totals=P, prev=P, last=P, t0='fp32', scale='fp32', K=I, n=I),

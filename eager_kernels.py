@@ -1,0 +1,236 @@
+"""The eager backend: the toolkit's multi-step kernels written with torch operations, for any
+device (the CUDA fallback where Triton does not import, and the reference backend of the tests).
+
+Every function has the name, arguments, return values and state layout of its twin in
+``native_kernels`` (the C++ CPU kernels) and ``triton_kernels`` (CUDA), so that a stateful module
+calls ``kernels.mt_steps(...)`` whatever backend it was converted for (``trans_utils.KERNELS``):
+
+* ``mt_steps`` / ``qkv_mt_steps``   K steps of the MT neuron (ECMT_SPEC 4), on an input or on one
+                                    part (q, k or v) of a fused qkv linear output;
+* ``ec_*_steps`` / ``ec_mt_steps``  K steps of an EC function (ECMT_SPEC 5), optionally with the MT
+                                    neuron it feeds;
+* ``running_sums`` / ``scaled_differences`` / ``nonzero_counts``  the bookkeeping of K steps of
+                                    an EC product (ECMT_SPEC 6, 8).
+
+The EC function is evaluated once over all K running means, and the differences along time are
+one vectorised subtraction. Running sums are added one step at a time in float32 (K additions,
+not ``torch.cumsum``, whose accumulation order and precision vary by device), so every chunking of
+the steps gives the same sums bit for bit, as the step-by-step order does; the neuron loops over
+the K steps (each depends on the membrane the last one left).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+#: EC kinds with a kernel of their own here (any other function goes through ec_function_steps).
+EC_KINDS = ('gelu', 'softmax', 'layer_norm')
+
+
+def available() -> bool:
+    return True
+
+
+def mt_step(membrane: torch.Tensor, x: torch.Tensor, table: torch.Tensor
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One MT step on tensors of one shape: the membrane after ``v + x`` is compared with every
+    level's threshold in turn (``table``: ``trans_utils.level_table``); thresholds grow with the
+    level, so the last level passed is the largest that fires, and NaN thresholds (levels beyond
+    N, dead sides) never pass. Only comparisons and selections: the same spikes as the literal
+    rule bit for bit. Returns (spike, new membrane)."""
+    membrane = membrane + x
+    up = torch.zeros_like(membrane)
+    down = torch.zeros_like(membrane)
+    for j in range(table.shape[1]):
+        up = torch.where(membrane >= table[0, j], table[1, j], up)
+        down = torch.where(-membrane >= table[2, j], table[3, j], down)
+    spike = up - down
+    return spike, membrane - spike
+
+
+def _check_table(name: str, table: torch.Tensor) -> None:
+    if table.dim() != 2 or table.shape[0] != 4:
+        raise ValueError(f'{name}: table must be a [4, width] tensor')
+
+
+def _check_state(name: str, state: Optional[torch.Tensor], n: int) -> None:
+    if state is not None and (state.numel() != n or state.dtype != torch.float32):
+        raise ValueError(f'{name}: the state must be float32 with one element per input element of a step')
+
+
+def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tensor], keep: bool
+             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """K steps of the MT neuron on ``x`` [K, ...] (any strides and float dtype; computed in
+    float32). ``membrane``: the flat state after the previous chunk, or None (zero) on a batch's
+    first chunk. Returns (spikes [K, ...] float32 contiguous, non-zero spikes per step [K] int64,
+    the membrane after the chunk if ``keep``, else None)."""
+    _check_table('mt_steps', table)
+    if x.dim() < 1:
+        raise ValueError('mt_steps: x must have a leading time dimension')
+    steps = x.shape[0]
+    step_shape = x.shape[1:]
+    _check_state('mt_steps', membrane, math.prod(step_shape))
+    table = table.to(x.device)
+    v = (torch.zeros(step_shape, dtype=torch.float32, device=x.device) if membrane is None
+         else membrane.view(step_shape))
+    spikes = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for k in range(steps):
+        spike, v = mt_step(v, x[k].float(), table)
+        spikes[k] = spike
+    counts = (spikes != 0).reshape(steps, -1).sum(1)
+    return spikes, counts, (v.reshape(-1).contiguous() if keep else None)
+
+
+def qkv_part(qkv: torch.Tensor, part: int, heads: int) -> torch.Tensor:
+    """Part ``part`` (0 q, 1 k, 2 v) of a fused qkv output [K, B, N, 3*heads*D] as the view
+    [K, B, heads, N, D] the attention splits it into."""
+    K, B, N, width = qkv.shape
+    return qkv.view(K, B, N, 3, heads, width // (3 * heads))[:, :, :, part].permute(0, 1, 3, 2, 4)
+
+
+def _check_qkv(name: str, qkv: torch.Tensor, part: int, heads: int) -> None:
+    if qkv.dim() != 4 or heads < 1 or qkv.shape[-1] % (3 * heads):
+        raise ValueError(f'{name}: qkv must be a [K, B, N, 3 * heads * D] tensor')
+    if part not in (0, 1, 2):
+        raise ValueError(f'{name}: part must be 0 (q), 1 (k) or 2 (v), got {part}')
+
+
+def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
+                 membrane: Optional[torch.Tensor], keep: bool
+                 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`mt_steps` of the q (``part`` 0), k (1) or v (2) neuron of an attention, on its part
+    of the fused qkv linear output ``qkv`` [K, B, N, 3*heads*D]. Returns (spikes [K, B, heads, N,
+    D] contiguous, counts [K], membrane: flat [B, heads, N, D] as mt_steps keeps it)."""
+    _check_qkv('qkv_mt_steps', qkv, part, heads)
+    return mt_steps(qkv_part(qkv, part, heads), table, membrane, keep)
+
+
+def running_sums(x: torch.Tensor, carried: Optional[torch.Tensor]) -> torch.Tensor:
+    """Running sums along time of ``x`` [K, ...] (any strides) from ``carried`` (the flat sums
+    after the previous chunk; None: from zero), one step at a time in float32. Returns [K, ...]
+    float32 contiguous."""
+    if x.dim() < 1:
+        raise ValueError('running_sums: x must have a leading time dimension')
+    _check_state('running_sums', carried, math.prod(x.shape[1:]))
+    sums = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    previous = None if carried is None else carried.view(x.shape[1:])
+    for k in range(x.shape[0]):
+        if previous is None:
+            sums[k].copy_(x[k])
+        else:
+            torch.add(previous, x[k].float(), out=sums[k])
+        previous = sums[k]
+    return sums
+
+
+def _steps(t0: int, K: int, rank: int, device) -> torch.Tensor:
+    """t0+1 .. t0+K as float32 [K, 1, ..., 1] of ``rank`` dimensions, made on the device."""
+    steps = torch.arange(t0 + 1, t0 + K + 1, dtype=torch.float32, device=device)
+    return steps.view(-1, *([1] * (rank - 1)))
+
+
+def _differences(totals: torch.Tensor, prev: Optional[torch.Tensor]) -> torch.Tensor:
+    """totals[k] - totals[k-1] along time, totals[0] - prev (nothing to subtract without prev)."""
+    out = torch.empty_like(totals)
+    out[1:] = totals[1:] - totals[:-1]
+    if prev is None:
+        out[0] = totals[0]
+    else:
+        torch.sub(totals[0], prev.view(totals.shape[1:]), out=out[0])
+    return out
+
+
+def scaled_differences(totals: torch.Tensor, prev: Optional[torch.Tensor], t0: int, keep: bool,
+                       scale: float = 1.0) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``totals`` [K, ...] float32 holds the products of running sums for steps t0+1..t0+K: returns
+    (the outputs ``total_t - total_(t-1)`` with ``total_t = totals[t] / t``, the first less
+    ``prev`` (the last total of the previous chunk), times ``scale`` after the difference; the
+    chunk's last total shaped like one step, or None without ``keep``)."""
+    if totals.dtype != torch.float32 or totals.dim() < 1:
+        raise ValueError('scaled_differences: totals must be float32 [K, ...]')
+    if prev is not None:
+        _check_state('scaled_differences', prev, math.prod(totals.shape[1:]))
+    totals = totals / _steps(t0, totals.shape[0], totals.dim(), totals.device)
+    last = totals[-1].clone() if keep else None
+    out = _differences(totals, prev)
+    if scale != 1.0:
+        out.mul_(scale)
+    return out, last
+
+
+def nonzero_counts(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Non-zero elements of ``x`` [..., R, C] along ``dim`` (-2: per column, -1: per row), float32."""
+    if x.dim() < 2 or dim not in (-1, -2):
+        raise ValueError('nonzero_counts: x must have >= 2 dimensions, dim -1 or -2')
+    # sign().abs() is a plain float kernel: faster than a boolean compare followed by a sum.
+    return torch.sign(x).abs_().sum(dim=dim, dtype=torch.float32)
+
+
+def ec_function_steps(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, cum: Optional[torch.Tensor],
+                      prev: Optional[torch.Tensor], t0: int, keep: bool
+                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """EC of any function ``f`` (ECMT_SPEC 5) for steps t0+1..t0+K of ``x`` [K, B, ...]: with the
+    running sum A (``cum``, flat) and the last total (``prev``, flat) carried from the previous
+    chunk (None on a batch's first chunk), step s gives ``s * f(A_s / s) - total_(s-1)``. ``f`` is
+    called once on all K running means folded into the batch ([K*B, ...], the layout the wrapped
+    module was written for). Returns (out [K, B, ...] float32, cum, prev; the states None without
+    ``keep``)."""
+    if (cum is None) != (prev is None):
+        raise ValueError('ec steps: the running sum and the last total are carried together')
+    means = running_sums(x, cum)
+    new_cum = means[-1].reshape(-1).clone() if keep else None
+    steps = _steps(t0, x.shape[0], means.dim(), means.device)
+    means.div_(steps)
+    folded = means.flatten(0, 1) if means.dim() > 1 else means
+    totals = f(folded).float().view(means.shape)
+    if totals.data_ptr() == means.data_ptr():  # an in-place f: the totals are its own
+        totals = totals.clone()
+    totals.mul_(steps)
+    new_prev = totals[-1].reshape(-1).clone() if keep else None
+    return _differences(totals, prev), new_cum, new_prev
+
+
+def ec_gelu_steps(x: torch.Tensor, cum: Optional[torch.Tensor], prev: Optional[torch.Tensor], t0: int,
+                  keep: bool, approximate: bool):
+    """EC GELU (erf, or tanh with ``approximate``) on ``x`` [K, n]: see :func:`ec_function_steps`."""
+    if x.dim() != 2:
+        raise ValueError('ec_gelu_steps: x must have 2 dimensions (steps first)')
+    mode = 'tanh' if approximate else 'none'
+    return ec_function_steps(lambda a: F.gelu(a, approximate=mode), x, cum, prev, t0, keep)
+
+
+def ec_softmax_steps(x: torch.Tensor, cum: Optional[torch.Tensor], prev: Optional[torch.Tensor], t0: int,
+                     keep: bool):
+    """EC softmax over the last dimension of ``x`` [K, rows, cols]: see :func:`ec_function_steps`."""
+    if x.dim() != 3:
+        raise ValueError('ec_softmax_steps: x must have 3 dimensions (steps first)')
+    return ec_function_steps(lambda a: torch.softmax(a, dim=-1), x, cum, prev, t0, keep)
+
+
+def ec_layer_norm_steps(x: torch.Tensor, cum: Optional[torch.Tensor], prev: Optional[torch.Tensor], t0: int,
+                        keep: bool, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float):
+    """EC LayerNorm over the last dimension of ``x`` [K, rows, cols]: see :func:`ec_function_steps`."""
+    if x.dim() != 3:
+        raise ValueError('ec_layer_norm_steps: x must have 3 dimensions (steps first)')
+    cols = x.shape[-1]
+    return ec_function_steps(lambda a: F.layer_norm(a, (cols,), weight, bias, eps), x, cum, prev, t0, keep)
+
+
+def ec_mt_steps(kind: str, x: torch.Tensor, cum: Optional[torch.Tensor], prev: Optional[torch.Tensor], t0: int,
+                keep: bool, table: torch.Tensor, membrane: Optional[torch.Tensor], *, approximate: bool = False,
+                weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, eps: float = 0.0):
+    """An EC kernel (``kind`` 'gelu', 'softmax', 'layer_norm') followed by the MT neuron it feeds:
+    here the two in turn. Returns (spikes shaped like ``x``, counts [K], cum, prev, membrane)."""
+    if kind == 'gelu':
+        out, cum, prev = ec_gelu_steps(x, cum, prev, t0, keep, approximate)
+    elif kind == 'softmax':
+        out, cum, prev = ec_softmax_steps(x, cum, prev, t0, keep)
+    elif kind == 'layer_norm':
+        out, cum, prev = ec_layer_norm_steps(x, cum, prev, t0, keep, weight, bias, eps)
+    else:
+        raise ValueError(f'ec_mt_steps: unknown kind {kind!r}')
+    spike, counts, membrane = mt_steps(out, table, membrane, keep)
+    return spike, counts, cum, prev, membrane
