@@ -450,7 +450,11 @@ class EnergyReport:
     def __init__(self, monitor: EnergyMonitor, model: str | EnergyModel = 'ecmt',
                  reduce: Optional[Callable] = None) -> None:
         self.model = ENERGY_MODELS[model] if isinstance(model, str) else model
-        sops, dense = (t.double().cpu() for t in monitor.sop.totals(reduce))
+        if monitor.sop.sops is None and reduce is None:  # no linear layer nor product ran
+            steps = 1 + max([t for _, t, _ in monitor._snn] + [f + c.numel() - 1 for _, f, c in monitor._spikes] + [0])
+            sops = dense = torch.zeros(len(monitor.sop.names), steps, dtype=torch.float64)
+        else:
+            sops, dense = (t.double().cpu() for t in monitor.sop.totals(reduce))
         self.steps = sops.shape[1]
         snn, ann, images = monitor.counts(self.steps, reduce)
         self.images = max(1, images)
