@@ -1,11 +1,13 @@
 """Reports and figures from the results of an SNN run (ECMT_SPEC 8): the per-layer energy table,
 the MT neurons' spikes per level, and PNG figures of accuracy, energy and firing rate.
 
-* :func:`write_layer_report` ``<savename>_layers.csv``: one row per monitored layer and time step;
+* :func:`write_layer_report` ``<savename>_layers.csv``: one row per monitored layer and time step
+  (with an energy report, :mod:`energy`, also its classes in pJ per image, and rows for the
+  neurons, EC modules and convolutions it counts);
 * :func:`write_level_counts` ``<savename>_levels.json``: spikes per level of every MT neuron, and
   which levels are never used (top levels that never fire mean a smaller N would do);
 * :func:`plot_results` ``<prefix>_accuracy.png``, ``<prefix>_energy.png``,
-  ``<prefix>_layer_rates.png``.
+  ``<prefix>_layer_rates.png``, and with an energy report ``<prefix>_energy_split.png``.
 
 Every file is written atomically (a temporary file renamed over the target). matplotlib is
 needed for the figures only, and drawn with its Agg canvas (no display, no pyplot state).
@@ -24,12 +26,14 @@ import torch
 import utils
 from utils import UserError
 
-__all__ = ['LAYER_COLUMNS', 'write_layer_report', 'write_layer_records', 'level_report',
+__all__ = ['LAYER_COLUMNS', 'ENERGY_COLUMNS', 'energy_lines', 'write_layer_report', 'write_layer_records', 'level_report',
            'write_level_counts', 'level_summary_line', 'layer_rates', 'read_ann_accuracy',
            'require_matplotlib', 'plot_results', 'write_snn_reports']
 
 #: Columns of the per-layer report, in order.
 LAYER_COLUMNS = ('layer', 'kind', 'step', 'sops', 'dense', 'fire_rate')
+#: Columns an energy report adds (pJ per image of that layer and step; energy.CLASSES).
+ENERGY_COLUMNS = ('synaptic', 'mac', 'nonlinear', 'neuron', 'memory')
 
 MATPLOTLIB_MISSING = '--plot needs matplotlib: pip install matplotlib'
 
@@ -45,21 +49,41 @@ def write_layer_report(monitor, path, reduce: Optional[Callable] = None) -> List
     return write_layer_records(monitor.layer_records(reduce), path)
 
 
-def write_layer_records(records: Sequence[Dict], path) -> List[Dict]:
+def write_layer_records(records: Sequence[Dict], path, energy=None) -> List[Dict]:
     """Write :meth:`SOPMonitor.layer_records`: a ``.json`` path gets a JSON list, anything else
     CSV with :data:`LAYER_COLUMNS`, one row per layer and step. ``step`` is 1-based and each row
-    covers that step alone (not steps 1..t). Returns the records."""
-    records = list(records)
+    covers that step alone (not steps 1..t). With ``energy`` (an :class:`energy.EnergyReport`)
+    every row also gets :data:`ENERGY_COLUMNS`, that layer's and step's energy by class in pJ per
+    image, and the modules it counts that the SOP monitor does not (neurons, EC modules,
+    convolutions) get rows of their own after those, with empty SOP columns. Returns the records."""
+    records = [dict(r) for r in records]
+    columns = LAYER_COLUMNS
+    if energy is not None:
+        columns = LAYER_COLUMNS + ENERGY_COLUMNS
+        by_layer = energy.layer_records()
+        zero = {c: 0.0 for c in ENERGY_COLUMNS}
+        for record in records:
+            record.update(by_layer.get((record['layer'], record['step']), zero))
+        counted = {r['layer'] for r in records}
+        kinds = dict(zip(energy.names, energy.kinds))
+        for (layer, step), classes in by_layer.items():
+            if layer not in counted:
+                records.append({'layer': layer, 'kind': kinds[layer], 'step': step, 'sops': None,
+                                'dense': None, 'fire_rate': None, **classes})
     path = Path(path)
     if path.suffix.lower() == '.json':
         utils.write_json(records, path)
         return records
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=LAYER_COLUMNS, lineterminator='\n')
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator='\n')
     writer.writeheader()
     for record in records:
-        writer.writerow({**record, 'sops': f'{record["sops"]:.0f}', 'dense': f'{record["dense"]:.0f}',
-                         'fire_rate': f'{record["fire_rate"]:.6g}'})
+        row = {**record}
+        for key, form in (('sops', '.0f'), ('dense', '.0f'), ('fire_rate', '.6g')):
+            row[key] = '' if record[key] is None else format(record[key], form)
+        for key in columns[len(LAYER_COLUMNS):]:
+            row[key] = f'{record[key]:.6g}'
+        writer.writerow(row)
     _write_text(buffer.getvalue(), path)
     return records
 
@@ -209,7 +233,10 @@ def plot_results(results: Dict, output_dir, prefix: str, ann_acc1: Optional[floa
     * ``<prefix>_energy.png``: energy relative to the ANN against the time step (needs
       ``energy_ratio`` in ``results``, i.e. the monitor on);
     * ``<prefix>_layer_rates.png``: firing rate of every monitored layer after the last step T,
-      over steps 1..T as r_t is (needs ``layer_records``, :meth:`SOPMonitor.layer_records`).
+      over steps 1..T as r_t is (needs ``layer_records``, :meth:`SOPMonitor.layer_records`);
+    * ``<prefix>_energy_split.png``: the SNN's energy of steps 1..t per image, a bar per step
+      stacked by class, the ANN's (and the quantised ANNs') under the same energy model as lines
+      (needs ``energy`` in ``results``, :meth:`energy.EnergyReport.summary`).
 
     A figure whose data is missing is not drawn. Raises :class:`UserError` without matplotlib.
     """
@@ -265,20 +292,64 @@ def plot_results(results: Dict, output_dir, prefix: str, ann_acc1: Optional[floa
         path = output_dir / f'{prefix}_layer_rates.png'
         _save_png(figure, Canvas, path)
         paths.append(path)
+
+    if results.get('energy'):
+        path = output_dir / f'{prefix}_energy_split.png'
+        _plot_energy_split(results['energy'], prefix, path, Figure, Canvas)
+        paths.append(path)
     return paths
+
+
+_CLASS_COLORS = {'synaptic': 'tab:blue', 'mac': 'tab:red', 'nonlinear': 'tab:orange', 'neuron': 'tab:green',
+                 'memory': 'tab:gray'}
+
+
+def _plot_energy_split(energy: Dict, prefix: str, path: Path, Figure, Canvas) -> None:
+    per_step = energy['per_step']
+    classes = list(per_step[0])
+    ann_total = sum(energy['ann'].values())
+    peak = max(ann_total, sum(sum(step.values()) for step in per_step))
+    scale, unit = next(((s, u) for s, u in ((1e6, 'µJ'), (1e3, 'nJ')) if peak >= 10 * s), (1.0, 'pJ'))
+    steps = list(range(1, len(per_step) + 1))
+    figure = Figure(figsize=(max(6.0, 0.5 * len(steps) + 3), 4.5))
+    ax = figure.add_subplot()
+    bottom = [0.0] * len(steps)
+    for name in classes:
+        cumulative, total = [], 0.0
+        for step in per_step:
+            total += step[name]
+            cumulative.append(total / scale)
+        if not any(cumulative):
+            continue
+        ax.bar(steps, cumulative, bottom=bottom, color=_CLASS_COLORS.get(name), label=f'SNN {name}')
+        bottom = [b + c for b, c in zip(bottom, cumulative)]
+    ax.axhline(ann_total / scale, color='black', linestyle='--', label=f'ANN ({ann_total / scale:.4g} {unit})')
+    for quantised in energy.get('quantised', []):
+        total = sum(quantised['ann'].values())
+        ax.axhline(total / scale, color='black', linestyle=':', alpha=0.6,
+                   label=f'{quantised["bits"]}-bit ANN ({total / scale:.4g} {unit})')
+    ax.set_xlabel('time step t')
+    ax.set_ylabel(f'energy of steps 1..t per image ({unit})')
+    ax.set_xticks(steps if len(steps) <= 16 else steps[::max(1, len(steps) // 16)])
+    ax.set_title(f'{prefix}: energy by class, model {energy["model"]}')
+    ax.grid(True, axis='y', alpha=0.3)
+    ax.legend(fontsize=7)
+    _save_png(figure, Canvas, path)
 
 
 def write_snn_reports(results: Dict, output_dir, savename: str, monitor=None, *, levels: bool = False,
                       plot: bool = False, ann_acc1: Optional[float] = None,
-                      reduce: Optional[Callable] = None, write: bool = True
+                      reduce: Optional[Callable] = None, write: bool = True, energy=None
                       ) -> Tuple[Dict[str, object], List[str]]:
     """Everything an snn run writes besides its log and results record, in ``output_dir``:
     ``<savename>_layers.csv`` (with a monitor), ``<savename>_levels.json`` (``levels``: the
     monitor counted them) and, with ``plot``, the figures of :func:`plot_results`.
 
     Under torchrun every process calls this (``reduce`` sums the counts over processes) and only
-    the one with ``write`` writes. Returns (entries for the results record, English lines for the
-    log and the console); both are empty where ``write`` is False.
+    the one with ``write`` writes. ``energy``: an :class:`energy.EnergyReport` (already reduced),
+    whose classes the per-layer CSV gains; its summary is ``results['energy']``. Returns (entries
+    for the results record, English lines for the log and the console); both are empty where
+    ``write`` is False.
     """
     layer_records = document = None
     if monitor is not None:
@@ -293,10 +364,12 @@ def write_snn_reports(results: Dict, output_dir, savename: str, monitor=None, *,
     output_dir = Path(output_dir)
     if layer_records is not None:
         path = output_dir / f'{savename}_layers.csv'
-        write_layer_records(layer_records, path)
+        write_layer_records(layer_records, path, energy=energy)
         entries['layer_report'] = str(path)
         lines.append(f'per-layer SOPs and firing rates ({len(monitor.names)} layers x '
                      f'{len(results["acc1"])} steps): {path}')
+    if results.get('energy'):
+        lines.extend(energy_lines(results['energy']))
     if document is not None:
         path = output_dir / f'{savename}_levels.json'
         utils.write_json(document, path)
@@ -307,6 +380,25 @@ def write_snn_reports(results: Dict, output_dir, savename: str, monitor=None, *,
         entries['figures'] = [str(p) for p in figures]
         lines.append('figures: ' + ', '.join(str(p) for p in figures))
     return entries, lines
+
+
+def energy_lines(energy: Dict) -> List[str]:
+    """English lines of an energy summary (:meth:`energy.EnergyReport.summary`): per step the
+    SNN's energy of steps 1..t by class and its ratio to the ANN's and the quantised ANNs'."""
+    ann = sum(energy['ann'].values())
+    quantised = energy.get('quantised', [])
+    lines = [f'energy (model {energy["model"]}, pJ per image): ANN {ann:.4g} ('
+             + ', '.join(f'{k} {v:.3g}' for k, v in energy['ann'].items() if v) + ')'
+             + ''.join(f'; {q["bits"]}-bit ANN {sum(q["ann"].values()):.4g}' for q in quantised)]
+    cumulative = dict.fromkeys(energy['per_step'][0], 0.0) if energy['per_step'] else {}
+    for t, step in enumerate(energy['per_step'], start=1):
+        for k, v in step.items():
+            cumulative[k] += v
+        split = ', '.join(f'{k} {v:.3g}' for k, v in cumulative.items() if v)
+        line = f'  t={t}: SNN {sum(cumulative.values()):.4g} ({split}); vs ANN {energy["ratio"][t - 1]:.4f}'
+        line += ''.join(f', vs {q["bits"]}-bit {q["ratio"][t - 1]:.4f}' for q in quantised)
+        lines.append(line)
+    return lines
 
 
 def _summed(value: int, reduce: Optional[Callable], device) -> int:

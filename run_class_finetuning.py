@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import datasets
+import energy
 import low_latency
 import native_kernels
 import utils
@@ -166,6 +167,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--ann_results', default=None, type=str, metavar='PATH',
                    help="snn: the --results JSON of a --test_mode ann run; its top-1 is drawn as the ANN's "
                         'line in the accuracy figure (otherwise no ANN line is drawn)')
+    # -- energy report (issue 24)
+    g.add_argument('--energy_model', default='ecmt', choices=tuple(energy.ENERGY_MODELS),
+                   help='snn with the monitor: price the energy report (results "energy", the per-layer CSV\'s '
+                        'class columns, --plot _energy_split.png) with ecmt (the published 0.9 pJ per SOP against '
+                        '4.6 pJ per ANN MAC, nothing else), fp32 / fp16 / int8 (Horowitz 45 nm: every operation) '
+                        'or fp32_memory (fp32 plus SRAM accesses by memory size); default ecmt (docs/energy.md)')
     return parser
 
 
@@ -472,6 +479,7 @@ def main(args) -> dict:
         count_levels = args.level_batches != 0
         monitor = (SOPMonitor(model, count_levels=count_levels, level_batches=args.level_batches or None)
                    if args.monitor else None)
+        energy_monitor = energy.EnergyMonitor(model, monitor) if monitor is not None else None  # issue 24
         log_path = log_dir / 'log_snn.txt' if main_process else None
         if main_process:
             utils.append_log(log_path, _header(args))
@@ -483,6 +491,13 @@ def main(args) -> dict:
         finally:
             if monitor is not None:
                 monitor.remove()
+            if energy_monitor is not None:
+                energy_monitor.remove()
+        # -- energy report (issue 24): every process takes part in its reductions
+        energy_report = None
+        if energy_monitor is not None:
+            energy_report = energy.energy_report(energy_monitor, args.energy_model, reduce=reduce)
+            results['energy'] = energy_report.summary(results.get('energy_ratio'))
         record.update(results)
         if ann_acc1 is not None:
             record['ann_acc1'] = ann_acc1
@@ -491,7 +506,7 @@ def main(args) -> dict:
         # Every process takes part in the reductions; the first one writes the files.
         entries, lines = report.write_snn_reports(
             results, args.output_dir, savename, monitor, levels=count_levels, plot=args.plot,
-            ann_acc1=ann_acc1, reduce=reduce, write=main_process)
+            ann_acc1=ann_acc1, reduce=reduce, write=main_process, energy=energy_report)
         record.update(entries)
         for line in lines:
             print(line)

@@ -191,15 +191,19 @@ def test_cli_snn_writes_reports_and_figures(tmp_path, checkpoint, capsys):
     # Default report name: the checkpoint's stem + _snn.
     names = {p.name for p in tmp_path.iterdir()}
     assert {'tiny_for_v_snn_layers.csv', 'tiny_for_v_snn_levels.json', 'tiny_for_v_snn_accuracy.png',
-            'tiny_for_v_snn_energy.png', 'tiny_for_v_snn_layer_rates.png'} <= names
+            'tiny_for_v_snn_energy.png', 'tiny_for_v_snn_layer_rates.png', 'tiny_for_v_snn_energy_split.png'} <= names
     assert saved['layer_report'] == str(tmp_path / 'tiny_for_v_snn_layers.csv')
     assert saved['level_counts'] == str(tmp_path / 'tiny_for_v_snn_levels.json')
     assert [Path(p).name for p in saved['figures']] == ['tiny_for_v_snn_accuracy.png', 'tiny_for_v_snn_energy.png',
-                                                        'tiny_for_v_snn_layer_rates.png']
+                                                        'tiny_for_v_snn_layer_rates.png',
+                                                        'tiny_for_v_snn_energy_split.png']
     for figure in saved['figures']:
         assert_png(figure)
     with open(tmp_path / 'tiny_for_v_snn_layers.csv', newline='') as fh:
-        assert len(list(csv.DictReader(fh))) == (2 * 6 + 1) * 2
+        rows = list(csv.DictReader(fh))
+    # The SOP monitor's layers (with SOPs), then the energy report's other modules (without).
+    assert len([r for r in rows if r['sops'] != '']) == (2 * 6 + 1) * 2
+    assert {r['kind'] for r in rows if r['sops'] == ''} == {'conv', 'neuron', 'ec_layer_norm', 'ec_softmax', 'ec_gelu'}
     levels = json.loads((tmp_path / 'tiny_for_v_snn_levels.json').read_text())
     assert levels['batches_counted'] == 1 and levels['summary']['neurons'] == 16
     console, log = capsys.readouterr().out, (tmp_path / 'log_snn.txt').read_text()
