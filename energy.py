@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from trans_utils import TwoSideNeuron, _ECProduct, exp_comp_neuron
+from trans_utils import ECPassThrough, TwoSideNeuron, _ECProduct, exp_comp_neuron
 
 __all__ = ['CLASSES', 'ENERGY_MODELS', 'EnergyModel', 'FUNCTION_OPS', 'SPECIAL_OPS', 'EnergyMonitor',
            'EnergyReport', 'energy_report', 'function_ops', 'quantised_bits', 'sram_pj_per_bit']
@@ -269,7 +269,7 @@ class EnergyMonitor:
             return 'product'
         if isinstance(module, TwoSideNeuron):
             return 'neuron'
-        if isinstance(module, exp_comp_neuron):
+        if isinstance(module, (exp_comp_neuron, ECPassThrough)):
             return f'ec_{module.kind}'
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             return 'conv'
@@ -332,9 +332,8 @@ class EnergyMonitor:
 
     # -- the hooks -----------------------------------------------------------------------------
     def _hook(self, index: int, module: nn.Module, args, output) -> None:
-        """Everything counted at a module's call, by its type. A neuron with a non-None
-        ``ec_kind`` also computes the EC function of that kind on its input (an EC module fused
-        into the neuron it feeds): its function is counted here, on the neuron's input elements."""
+        """Everything counted at a module's call, by its type (an EC module fused with the neuron
+        it feeds is counted at the pass-through left in its place)."""
         K = max(1, int(self.sop.time_steps))
         if isinstance(module, TwoSideNeuron):
             x = args[0]
@@ -350,11 +349,11 @@ class EnergyMonitor:
                 counts = (output != 0).reshape(K, -1).sum(1)
             # Subtracts and spike writes: one per emitted spike (events), known after the run.
             self._spikes.append((index, self.sop.step, counts.detach()))
-            ec_kind = getattr(module, 'ec_kind', None)
-            if ec_kind is not None:
-                self._add_function(index, ec_kind, getattr(module, 'ec_module', None), x, K, written=False)
             self._posted = (weakref.ref(output), output._version)
-        elif isinstance(module, exp_comp_neuron):
+        elif isinstance(module, (exp_comp_neuron, ECPassThrough)):
+            # An EC module fused with the neuron it feeds leaves a pass-through in its place, fed
+            # the EC module's input: counted as the EC module (the report counts the converted
+            # network, not how a backend's kernels fuse it; every backend reports the same).
             self._add_function(index, module.kind, module.module, args[0], K, written=True)
         elif isinstance(module, _ECProduct):
             a, b = args[0], args[1]

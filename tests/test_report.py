@@ -23,15 +23,14 @@ pytestmark = pytest.mark.usefixtures('single_thread')
 def counted():
     """A tiny converted model and a monitor (levels counted) that has run 2 batches of T steps."""
     import trans_utils
-    previous = trans_utils.fast_neuron_enabled()
-    trans_utils.set_fast_neuron(False)  # one-off shapes: compiling would cost more than it saves
+    previous = trans_utils.set_default_backend('eager')
     try:
         model = tiny_snn()
         monitor = SOPMonitor(model, count_levels=True)
         run(model, monitor, [images(3, seed=1), images(2, seed=2)])
         monitor.remove()
     finally:
-        trans_utils.set_fast_neuron(previous)
+        trans_utils.set_default_backend(previous)
     return model, monitor
 
 
