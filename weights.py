@@ -107,6 +107,11 @@ def _from_hub_repository(hub_id: str, model_name: str, model_kwargs: dict) -> Pr
     if "num_classes" in config:
         pretrained_cfg["num_classes"] = config["num_classes"]
     model_args = dict(config.get("model_args") or {})
+    # The class count and image size are the command line's (--nb_classes, --input_size).
+    for key in ("num_classes", "img_size"):
+        value = model_args.pop(key, None)
+        if key == "img_size" and value is not None and not pretrained_cfg.get("input_size"):
+            pretrained_cfg["input_size"] = [3, *(value if isinstance(value, (list, tuple)) else (value, value))]
     path, filename, revision = _hub_weights(hub_id, model_name, revision)
     state_dict = load_checkpoint(path)
     source = {"kind": "hf-hub", "id": hub_id, "revision": revision, "file": filename, "path": str(path)}
