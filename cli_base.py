@@ -153,8 +153,8 @@ class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
-        if ("default" in text.lower() or default in (None, False, argparse.SUPPRESS)
-                or not action.option_strings or default == []):
+        if ("default" in text.lower() or default is None or default is False
+                or default is argparse.SUPPRESS or not action.option_strings or default == []):
             return text
         if isinstance(default, (list, tuple)):
             shown = " ".join(str(v) for v in default)

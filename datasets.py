@@ -302,8 +302,18 @@ class ReadableImages(Dataset):
         except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for bad files
             samples = getattr(self.dataset, "samples", None)
             path = samples[index][0] if samples is not None else f"image {index}"
-            text = str(err).strip().splitlines()
-            return UnreadableImage(path, f"{type(err).__name__}: {text[0]}" if text else type(err).__name__)
+            return UnreadableImage(path, _reason(err, path))
+
+
+def _reason(err: Exception, path: str) -> str:
+    """Why a file cannot be read, in words that do not repeat its name."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image file PIL recognises"
+    lines = str(err).strip().splitlines()
+    text = lines[0].replace(repr(path), "it").replace(path, "it") if lines else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def readable(dataset):

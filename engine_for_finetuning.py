@@ -57,17 +57,24 @@ class _Progress:
         self.bar = tqdm(total=total, desc=desc, unit='batch', dynamic_ncols=True,
                         disable=not show or self.lines)
         self.start = time.perf_counter()
+        self.done, self.printed, self.figures = 0, 0, {}
 
     def update(self, index: int, **figures: str) -> None:
         self.bar.set_postfix(**figures)
         self.bar.update(1)
-        done = index + 1
-        if self.lines and (done % self.print_freq == 0 or done == self.total):
-            elapsed = time.perf_counter() - self.start
-            shown = ', '.join(f'{k} {v}' for k, v in figures.items())
-            print(f'{self.desc}: batch {done}/{self.total}, {shown}, {elapsed:.0f} s', flush=True)
+        self.done, self.figures = index + 1, figures
+        if self.lines and (self.done % self.print_freq == 0 or self.done == self.total):
+            self._line()
+
+    def _line(self) -> None:
+        elapsed = time.perf_counter() - self.start
+        shown = ', '.join(f'{k} {v}' for k, v in self.figures.items())
+        print(f'{self.desc}: batch {self.done}/{self.total}, {shown}, {elapsed:.0f} s', flush=True)
+        self.printed = self.done
 
     def close(self) -> None:
+        if self.lines and self.done and self.printed != self.done:
+            self._line()  # the last batches were fewer than announced (skipped images)
         self.bar.close()
 
 

@@ -492,7 +492,7 @@ def check_architecture(model, state_dict, args) -> None:
     flags = '--model_kwargs ' + ' '.join(f'{k}={v}' for k, v in items.items())
     patch = differences.get('patch_size', (None,))[0] or getattr(model.patch_embed, 'patch_size', (None,))[0]
     patch = patch[0] if isinstance(patch, tuple) else patch
-    if 'grid' in differences and patch:
+    if 'grid' in differences and patch and differences['grid'][0] * patch != args.input_size:
         flags += f' --input_size {differences["grid"][0] * patch}'
     if 'num_classes' in differences:
         flags += f' --nb_classes {differences["num_classes"][0]}'

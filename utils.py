@@ -83,8 +83,8 @@ def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
         return _read_safetensors(path), {}
     # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (protocol 2+: 0x80).
     if not (magic.startswith(b"PK") or magic.startswith(b"\x80")):
-        raise UserError(f"{path} is not a checkpoint (neither a safetensors file, nor a torch.save "
-                        "zip archive, nor a legacy pickle)")
+        raise UserError(f"{path} is not a PyTorch checkpoint nor a safetensors file (neither a "
+                        "torch.save zip archive, nor a legacy pickle, nor a safetensors header)")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
