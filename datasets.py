@@ -16,6 +16,7 @@ Every data set goes through the same evaluation transform (ECMT_SPEC 10, `build_
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -27,13 +28,13 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
+from cli_base import DATA_CONFIGS, DATA_SETS
 from utils import UserError
 
 __all__ = ["DATA_SETS", "DATA_CONFIGS", "DigitsDataset", "build_dataset", "build_calibration_dataset",
-           "build_transform", "transform_config", "same_transform", "describe_transform"]
+           "build_transform", "transform_config", "same_transform", "describe_transform",
+           "ReadableImages", "UnreadableImage", "readable", "collate_readable", "CheckedBatches"]
 
-DATA_SETS = ("CIFAR10", "CIFAR100", "IMNET", "image_folder", "DIGITS")
-DATA_CONFIGS = ("published", "timm")
 _CIFAR = {"CIFAR10": (datasets.CIFAR10, "cifar-10-batches-py"),
           "CIFAR100": (datasets.CIFAR100, "cifar-100-python")}
 #: The entries of a transform record that decide what the model sees (all but its origin).
@@ -270,3 +271,90 @@ def _build_image_folder(folder: Path, transform, name: str, flag: str = "--eval_
     except (FileNotFoundError, OSError) as err:
         raise UserError(f"--data_set {name}: no images found in {folder} "
                         f"(expected one sub-folder of images per class): {err}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Unreadable image files
+# --------------------------------------------------------------------------------------------
+class UnreadableImage:
+    """What a :class:`ReadableImages` item is when its file cannot be read: the file and why."""
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+
+
+class ReadableImages(Dataset):
+    """A folder data set whose unreadable files (not an image, truncated, unreadable) come out as
+    :class:`UnreadableImage` items instead of exceptions, so that the loader's collate function
+    (:func:`collate_readable`, also in worker processes) passes them to the main process, where
+    :class:`CheckedBatches` stops with one line naming the file, or skips it."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.classes = dataset.classes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for bad files
+            samples = getattr(self.dataset, "samples", None)
+            path = samples[index][0] if samples is not None else f"image {index}"
+            return UnreadableImage(path, _reason(err, path))
+
+
+def _reason(err: Exception, path: str) -> str:
+    """Why a file cannot be read, in words that do not repeat its name."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image file PIL recognises"
+    lines = str(err).strip().splitlines()
+    text = lines[0].replace(repr(path), "it").replace(path, "it") if lines else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def readable(dataset):
+    """`dataset` with unreadable files reported instead of raised (folders of files only)."""
+    return ReadableImages(dataset) if hasattr(dataset, "samples") else dataset
+
+
+def collate_readable(batch):
+    """(images, targets, unreadable items) of a batch; images and targets are None when
+    every file of the batch was unreadable."""
+    from torch.utils.data import default_collate
+
+    bad = [item for item in batch if isinstance(item, UnreadableImage)]
+    good = [item for item in batch if not isinstance(item, UnreadableImage)]
+    images, targets = default_collate(good) if good else (None, None)
+    return images, targets, bad
+
+
+class CheckedBatches:
+    """The (images, targets) batches of a loader built with :func:`collate_readable`.
+
+    An unreadable file stops the run with a UserError naming it (nothing has been written by
+    then but log lines), or with `skip` is left out of its batch, named once on stderr, and
+    listed in `skipped`."""
+
+    def __init__(self, loader, skip: bool = False, log=None):
+        self.loader, self.skip = loader, skip
+        self.skipped: list[str] = []
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, targets, bad in self.loader:
+            for item in bad:
+                if not self.skip:
+                    raise UserError(f"cannot read the image {item.path} ({item.reason}): remove or "
+                                    "replace it, or pass --skip_bad_images to leave such files out")
+                if item.path not in self.skipped:
+                    self.skipped.append(item.path)
+                    self.log(f"warning: skipped the unreadable image {item.path} ({item.reason})")
+            if images is not None:
+                yield images, targets

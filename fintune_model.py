@@ -47,6 +47,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--model_path", default=None,
                        help="timm-format checkpoint to start from; a head with another class "
                             "count is replaced by a new one")
+    model.add_argument("--pretrained", action="store_true",
+                       help="start from the weights timm or the hub publish for --model (a timm name with "
+                            "an optional tag, or hf_hub:org/name), from the Hugging Face cache (fetched "
+                            "once with a network; HF_HUB_OFFLINE=1 is honoured)")
+    model.add_argument("--pretrained_file", default=None, metavar="PATH",
+                       help="start from a local weight file for --model, through timm's pretrained "
+                            "loading (torch.save or safetensors)")
     model.add_argument("--model_kwargs", nargs="*", default=[], metavar="K=V",
                        help="extra model arguments, e.g. depth=2 global_pool=avg")
     model.add_argument("--input_size", type=int, default=224, help="image size in pixels")
@@ -101,6 +108,10 @@ def _check_args(args) -> None:
         raise UserError(f"--smoothing must be in [0, 1), got {args.smoothing}")
     if args.lr <= 0 or args.weight_decay < 0 or args.warmup_epochs < 0:
         raise UserError("--lr must be positive, --weight_decay and --warmup_epochs >= 0")
+    sources = [flag for flag, on in (("--model_path", args.model_path), ("--pretrained", args.pretrained),
+                                     ("--pretrained_file", args.pretrained_file)) if on]
+    if len(sources) > 1:
+        raise UserError(f"{' and '.join(sources)} all name the starting weights: pass one")
 
 
 def build_model(args, model_kwargs: dict, checkpoint: dict | None) -> torch.nn.Module:
@@ -110,8 +121,8 @@ def build_model(args, model_kwargs: dict, checkpoint: dict | None) -> torch.nn.M
         raise UserError(f"--model_kwargs may not set {', '.join(clash)}; "
                         "use --nb_classes and --input_size")
     try:
-        model = create_model(args.model, num_classes=args.nb_classes, img_size=args.input_size,
-                             **model_kwargs)
+        model = create_model(getattr(args, "architecture", None) or args.model, num_classes=args.nb_classes,
+                             img_size=args.input_size, **model_kwargs)
     except ConversionError as err:  # model_vit's own refusals are complete sentences
         raise UserError(str(err)) from None
     except (RuntimeError, TypeError) as err:  # e.g. an unknown keyword in --model_kwargs
@@ -217,7 +228,15 @@ def main(args) -> dict:
     distributed, main_process = world_size > 1, rank == 0
     log = print if main_process else (lambda *_, **__: None)
     # Read the checkpoint before scanning the data, so a wrong path fails at once.
-    checkpoint = load_checkpoint(args.model_path) if args.model_path else None
+    checkpoint, source = None, None
+    if args.model_path:
+        checkpoint, source = load_checkpoint(args.model_path), {"kind": "file", "path": args.model_path}
+    elif args.pretrained or args.pretrained_file:
+        import weights
+        found = weights.load_pretrained(args.model, model_kwargs, file=args.pretrained_file)
+        checkpoint, source = found.state_dict, found.source
+        args.architecture = found.architecture
+        model_kwargs = {**found.model_args, **model_kwargs}
     output_dir = Path(args.output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -269,6 +288,7 @@ def main(args) -> dict:
 
     savename = args.savename or args.model
     record = {"model": args.model, "model_kwargs": model_kwargs, "model_path": args.model_path,
+              "weights": source,
               "data_set": args.data_set, "nb_classes": nb_classes,
               "input_size": args.input_size, "transform": transform, "epochs": args.epochs,
               "lr": args.lr,

@@ -12,6 +12,7 @@ few switches; see the README for every flag.
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import sys
@@ -19,22 +20,51 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader
-
-import datasets
-import energy
-import low_latency
-import native_kernels
-import utils
-from datasets import DATA_CONFIGS, DATA_SETS, build_calibration_dataset, build_dataset
-from engine_for_finetuning import evaluate, evaluate_snn
-from model_base import default_fc2_thresholds, unconvertible_reason
-from model_vit import VIT_FC2_THRESHOLDS, create_model
-from trans_utils import (ConversionError, TestNeuron, convert_to_snn, get_modules,
-                         replace_test_by_testneuron, sync_calibration)
+from cli_base import DATA_CONFIGS, DATA_SETS, Parser, UserError, given_flags, module_constants, run_cli
 
 THRESHOLD_KEYS = ('scale_p', 'scale_n')
+#: energy.ENERGY_MODELS' names, here without importing torch (tests/test_energy.py checks they agree).
+ENERGY_MODELS = ('ecmt', 'fp32', 'fp16', 'int8', 'fp32_memory')
+#: The search defaults, read from low_latency.py without importing it (it imports torch).
+_SEARCH = module_constants('low_latency.py', ('DEFAULT_PERCENTS', 'DEFAULT_BUDGET', 'DEFAULT_SEARCH_IMAGES',
+                                              'DEFAULT_CACHE_MIB', 'DEFAULT_PREFIX_WEIGHT', 'OBJECTIVES'))
+
+# torch, timm and the engine are imported when a run starts, not for --help or a bad flag.
+_LAZY = {
+    'torch': ('torch', None), 'DataLoader': ('torch.utils.data', 'DataLoader'),
+    'datasets': ('datasets', None), 'low_latency': ('low_latency', None),
+    'native_kernels': ('native_kernels', None), 'utils': ('utils', None), 'weights': ('weights', None),
+    'energy': ('energy', None),
+    'build_calibration_dataset': ('datasets', 'build_calibration_dataset'),
+    'build_dataset': ('datasets', 'build_dataset'),
+    'evaluate': ('engine_for_finetuning', 'evaluate'), 'evaluate_snn': ('engine_for_finetuning', 'evaluate_snn'),
+    'default_fc2_thresholds': ('model_base', 'default_fc2_thresholds'),
+    'unconvertible_reason': ('model_base', 'unconvertible_reason'),
+    'VIT_FC2_THRESHOLDS': ('model_vit', 'VIT_FC2_THRESHOLDS'), 'create_model': ('model_vit', 'create_model'),
+    **{name: ('trans_utils', name) for name in ('ConversionError', 'TestNeuron', 'convert_to_snn', 'get_modules',
+                                                'replace_test_by_testneuron', 'sync_calibration')},
+}
+
+
+def _lazy(name: str):
+    module, attr = _LAZY[name]
+    value = importlib.import_module(module)
+    return value if attr is None else getattr(value, attr)
+
+
+def __getattr__(name: str):
+    """`run_class_finetuning.torch`, `.convert_to_snn`, ...: imported on first use."""
+    if name in _LAZY:
+        value = globals()[name] = _lazy(name)
+        return value
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def _import_runtime() -> None:
+    """Import what a run needs (names already set, e.g. by a test's monkeypatch, are kept)."""
+    for name in _LAZY:
+        if name not in globals():
+            globals()[name] = _lazy(name)
 
 
 def _default_workers() -> int:
@@ -42,18 +72,33 @@ def _default_workers() -> int:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('ECMT: ANN evaluation, threshold calibration and SNN simulation',
-                                     add_help=True)
-    g = parser.add_argument_group('model')
+    parser = Parser(prog='run_class_finetuning.py',
+                    description='ECMT: evaluate a ViT/EVA as an ANN (ann), calibrate its SNN thresholds (for_v), '
+                                'simulate the converted SNN (snn).',
+                    epilog='A for_v checkpoint records --model, --model_kwargs, --input_size, --nb_classes and '
+                           'the level flags; ann and snn on it use the record where a flag is not given. '
+                           'Guide: README.md; semantics: docs/semantics.md.')
+    g = parser.add_argument_group('model (ann and snn on a for_v checkpoint: from its record where not given)')
     g.add_argument('--model', default='vit_small_patch16_224', type=str,
-                   help='timm model name or published alias (e.g. vit_small_patch16_224_cifar10, eva_g_patch14)')
+                   help='timm model name (with an optional pretrained tag, e.g. vit_base_patch16_224.augreg_in21k), '
+                        'hf_hub:org/name, or published alias (vit_base_patch16_224_cifar10, eva_g_patch14)')
     g.add_argument('--model_path', default=None, type=str,
-                   help='checkpoint: timm state_dict (optionally under model/module), a for_v output, '
-                        "or BAAI's EVA-01 file")
+                   help='weights: a torch.save or safetensors file (read by content): a timm state_dict '
+                        "(optionally under model/module), a for_v output, or BAAI's EVA-01 file")
+    g.add_argument('--pretrained', action='store_true',
+                   help="ann/for_v: the weights timm or the hub publish for --model (timm's default tag, the "
+                        "given tag, or hf_hub:org/name with its config.json), from the Hugging Face cache "
+                        '(fetched once with a network; HF_HUB_OFFLINE=1 is honoured)')
+    g.add_argument('--pretrained_file', default=None, type=str, metavar='PATH',
+                   help="ann/for_v: a local weight file for --model loaded through timm's pretrained loading "
+                        '(its filter functions apply: older key layouts)')
     g.add_argument('--model_kwargs', nargs='*', default=[], metavar='KEY=VALUE',
-                   help='architecture overrides for timm.create_model, e.g. patch_size=4 depth=4')
-    g.add_argument('--input_size', default=224, type=int, help='image size (img_size of the model)')
-    g.add_argument('--nb_classes', default=1000, type=int, help='number of classes')
+                   help='architecture overrides for timm.create_model, e.g. patch_size=4 depth=4 '
+                        '(default: none, the named model as timm defines it)')
+    g.add_argument('--input_size', default=224, type=int,
+                   help='image size (img_size of the model); with --pretrained: the size of the weights')
+    g.add_argument('--nb_classes', default=1000, type=int,
+                   help='number of classes; with --pretrained: the class count of the weights')
     g.add_argument('--resample_pos_embed', action='store_true',
                    help="resample a checkpoint's position embedding made for another image size to "
                         '--input_size (default: such a checkpoint is an error)')
@@ -77,8 +122,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--crop_pct', default=None, type=float,
                    help='crop fraction: resize the shorter side to input_size / crop_pct, then crop '
                         '(default: 1.0, or the model\'s with --data_config timm)')
-    g.add_argument('--num_workers', default=_default_workers(), type=int)
-    g.add_argument('--batch_size', default=64, type=int)
+    g.add_argument('--skip_bad_images', action='store_true',
+                   help='leave unreadable image files out (named once, counted in the results) instead of '
+                        'stopping at the first one')
+    g.add_argument('--num_workers', default=_default_workers(), type=int,
+                   help='data loading processes (default: half the CPU cores, at most 8; 0: in this process)')
+    g.add_argument('--batch_size', default=64, type=int, help='images per batch')
 
     g = parser.add_argument_group('conversion')
     g.add_argument('--test_mode', default='ann', choices=('ann', 'for_v', 'snn'),
@@ -110,24 +159,24 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='for_v: choose the thresholds for N time steps on the calibration images (best '
                         'global percent, then a scale per place), judged by how close the SNN after N steps '
                         'is to the ANN; default: the published calibration at --percent')
-    g.add_argument('--target_percents', nargs='+', type=float, default=list(low_latency.DEFAULT_PERCENTS),
+    g.add_argument('--target_percents', nargs='+', type=float, default=list(_SEARCH['DEFAULT_PERCENTS']),
                    metavar='P', help='candidate global percents of --target_T (all recorded in one pass)')
-    g.add_argument('--search_budget', default=low_latency.DEFAULT_BUDGET, type=int, metavar='K',
+    g.add_argument('--search_budget', default=_SEARCH['DEFAULT_BUDGET'], type=int, metavar='K',
                    help='--target_T: at most K candidate evaluations (each one N-step simulation of the '
                         'search images), the candidate percents included')
-    g.add_argument('--search_images', default=low_latency.DEFAULT_SEARCH_IMAGES, type=int, metavar='M',
+    g.add_argument('--search_images', default=_SEARCH['DEFAULT_SEARCH_IMAGES'], type=int, metavar='M',
                    help='--target_T: the objective is computed on the first M calibration images')
-    g.add_argument('--search_objective', default='kl', choices=tuple(low_latency.OBJECTIVES),
+    g.add_argument('--search_objective', default='kl', choices=_SEARCH['OBJECTIVES'],
                    help="--target_T: kl: KL divergence from the ANN's softmax to that of the SNN's mean logits "
                         "over N steps; mse: mean squared error of those logits against the ANN's")
     g.add_argument('--search_fixed', nargs='?', const=True, default=True, type=_true_or_false,
                    metavar='True|False', help='--target_T: also search the places of fixed thresholds (s at '
                    '--softmax_p, a fixed fc2), starting from their fixed values (default on; the chosen '
                    'values are recorded in the checkpoint and used by snn)')
-    g.add_argument('--search_prefix_weight', default=low_latency.DEFAULT_PREFIX_WEIGHT, type=float, metavar='W',
+    g.add_argument('--search_prefix_weight', default=_SEARCH['DEFAULT_PREFIX_WEIGHT'], type=float, metavar='W',
                    help='--target_T N: the objective of N steps plus W times its mean over the first 1..N-1 steps '
                         '(the predictions after the earlier steps; 0: N steps only)')
-    g.add_argument('--search_cache_mb', default=low_latency.DEFAULT_CACHE_MIB, type=float, metavar='MB',
+    g.add_argument('--search_cache_mb', default=_SEARCH['DEFAULT_CACHE_MIB'], type=float, metavar='MB',
                    help='--target_T: memory for the inputs of unchanged blocks, kept so that a candidate that '
                         'changes only later blocks does not run the earlier ones again (same values; 0: off)')
     # -- end of low-latency calibration --
@@ -142,7 +191,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'the CPU, triton on CUDA where Triton imports, else eager (torch operations); under '
                         'TRITON_INTERPRET=1, triton runs on the CPU in Triton\'s interpreter. A backend that '
                         'cannot run on --device is an error. Recorded in the results (default: %(default)s)')
-    g.add_argument('--seed', default=0, type=int)
+    g.add_argument('--seed', default=0, type=int, help='random seed (Python, NumPy, torch)')
     g.add_argument('--output_dir', default='../models', type=str,
                    help='where for_v writes its checkpoint and snn its reports (default ../models, as published)')
     g.add_argument('--savename', default=None, type=str,
@@ -153,7 +202,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         '_accuracy.png, _energy.png, _layer_rates.png')
     g.add_argument('--log_dir', default='.', type=str, help='folder of log_ann.txt / log_snn.txt')
     g.add_argument('--results', default=None, type=str, help='write the run\'s figures as JSON to this file')
-    g.add_argument('--no_progress', action='store_true', help='no progress bars')
+    g.add_argument('--no_progress', action='store_true', help='no progress bars nor progress lines')
+    g.add_argument('--print_freq', default=10, type=int, metavar='N',
+                   help='with output not on a terminal: one progress line every N batches (on a terminal: a '
+                        'progress bar)')
 
     g = parser.add_argument_group('snn reports (with --monitor)')
     g.add_argument('--level_batches', default=0, type=_level_batches, metavar='N|all',
@@ -168,7 +220,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="snn: the --results JSON of a --test_mode ann run; its top-1 is drawn as the ANN's "
                         'line in the accuracy figure (otherwise no ANN line is drawn)')
     # -- energy report (issue 24)
-    g.add_argument('--energy_model', default='ecmt', choices=tuple(energy.ENERGY_MODELS),
+    g.add_argument('--energy_model', default='ecmt', choices=ENERGY_MODELS,
                    help='snn with the monitor: price the energy report (results "energy", the per-layer CSV\'s '
                         'class columns, --plot _energy_split.png) with ecmt (the published 0.9 pJ per SOP against '
                         '4.6 pJ per ANN MAC, nothing else), fp32 / fp16 / int8 (Horowitz 45 nm: every operation) '
@@ -202,30 +254,40 @@ def _level_batches(text: str):
 def check_args(args) -> None:
     """Refuse bad arguments before any work is done."""
     if args.test_T < 1:
-        raise utils.UserError(f'--test_T must be >= 1, got {args.test_T}')
+        raise UserError(f'--test_T must be >= 1, got {args.test_T}')
     if args.batch_size < 1:
-        raise utils.UserError(f'--batch_size must be >= 1, got {args.batch_size}')
+        raise UserError(f'--batch_size must be >= 1, got {args.batch_size}')
     if not 0.0 < args.percent <= 1.0:
-        raise utils.UserError(f'--percent must be in (0, 1], got {args.percent}')
+        raise UserError(f'--percent must be in (0, 1], got {args.percent}')
     for name in ('linear_num', 'qkv_num', 'softmax_num'):
         if getattr(args, name) < 1:
-            raise utils.UserError(f'--{name} must be >= 1, got {getattr(args, name)}')
+            raise UserError(f'--{name} must be >= 1, got {getattr(args, name)}')
     if args.softmax_p <= 0:
-        raise utils.UserError(f'--softmax_p must be > 0, got {args.softmax_p}')
+        raise UserError(f'--softmax_p must be > 0, got {args.softmax_p}')
     if args.calib_batches is not None and args.calib_batches < 1:
-        raise utils.UserError(f'--calib_batches must be >= 1, got {args.calib_batches}')
+        raise UserError(f'--calib_batches must be >= 1, got {args.calib_batches}')
     if args.fc2_thresholds is not None and args.fc2_calibrated:
-        raise utils.UserError('--fc2_thresholds and --fc2_calibrated contradict each other')
+        raise UserError('--fc2_thresholds and --fc2_calibrated contradict each other')
     if args.test_mode == 'snn' and not args.model_path:
-        raise utils.UserError('--test_mode snn needs --model_path: the checkpoint written by --test_mode for_v')
+        raise UserError('--test_mode snn needs --model_path: the checkpoint written by --test_mode for_v')
     if args.crop_pct is not None and not 0.0 < args.crop_pct <= 1.0:
-        raise utils.UserError(f'--crop_pct must be in (0, 1], got {args.crop_pct}')
+        raise UserError(f'--crop_pct must be in (0, 1], got {args.crop_pct}')
     if args.calib_data_path and args.test_mode != 'for_v':
-        raise utils.UserError('--calib_data_path is for --test_mode for_v (the calibration); '
+        raise UserError('--calib_data_path is for --test_mode for_v (the calibration); '
                               f'--test_mode {args.test_mode} evaluates on --eval_data_path')
+    if args.pretrained and args.pretrained_file:
+        raise UserError('--pretrained and --pretrained_file both name the weights: pass one')
+    if (args.pretrained or args.pretrained_file) and args.model_path:
+        raise UserError('--model_path and --pretrained/--pretrained_file both name the weights: pass one')
+    if (args.pretrained or args.pretrained_file) and args.test_mode == 'snn':
+        raise UserError('snn reads the weights with the thresholds from the for_v checkpoint (--model_path), '
+                        'which records where they came from: drop --pretrained/--pretrained_file')
+    if args.print_freq < 1:
+        raise UserError(f'--print_freq must be >= 1, got {args.print_freq}')
     if args.target_T is not None:  # low-latency calibration (issue 15)
         if args.test_mode != 'for_v':
-            raise utils.UserError(f'--target_T chooses thresholds: it needs --test_mode for_v, not {args.test_mode}')
+            raise UserError(f'--target_T chooses thresholds: it needs --test_mode for_v, not {args.test_mode}')
+        _import_runtime()
         low_latency.check_search_args(args.target_T, args.target_percents, args.search_budget,
                                       args.search_images, args.search_cache_mb, args.search_prefix_weight)
 
@@ -233,6 +295,7 @@ def check_args(args) -> None:
 def check_output_folders(args) -> None:
     """Refuse, before any work, a folder this run will write to but cannot (a file, no permission):
     the log folder, the results file's folder, and --output_dir where the mode writes there."""
+    _import_runtime()
     utils.check_writable_dir(args.log_dir, '--log_dir')
     if args.results:
         utils.check_writable_dir(Path(args.results).parent, 'the folder of --results')
@@ -240,39 +303,167 @@ def check_output_folders(args) -> None:
         utils.check_writable_dir(args.output_dir, '--output_dir')
 
 
-def resolve_amp(amp: str, device: torch.device) -> str:
+def resolve_amp(amp: str, device) -> str:
     """--amp auto: fp16 autocast on CUDA, as the published evaluation ran; float32 elsewhere."""
     if amp == 'auto':
         return 'fp16' if device.type == 'cuda' else 'none'
     return amp
 
 
-def build_model(args, state_dict=None) -> torch.nn.Module:
+# --------------------------------------------------------------------------------------------
+# Where the weights come from, and what a for_v checkpoint records about its model
+# --------------------------------------------------------------------------------------------
+#: Flags that rebuild the model: a for_v record fills them where not given; a given one must agree.
+MODEL_FLAGS = ('model', 'model_kwargs', 'input_size', 'nb_classes')
+#: Flags of the SNN's neurons: a for_v record fills them where not given (see apply_record).
+LEVEL_FLAGS = ('linear_num', 'qkv_num', 'softmax_num', 'softmax_p')
+
+
+def weights_label(args) -> str:
+    """How messages name the weights of this run."""
+    if getattr(args, 'pretrained_file', None):
+        return args.pretrained_file
+    if getattr(args, 'pretrained', False):
+        return f'the pretrained weights of {args.model}'
+    return str(args.model_path)
+
+
+def load_weights(args):
+    """(state_dict, extras, source) of this run: --model_path's file (torch.save or safetensors),
+    or --pretrained / --pretrained_file through timm; `source` says where they came from. Fills
+    --nb_classes and --input_size from pretrained weights where not given."""
+    _import_runtime()
+    if args.pretrained or args.pretrained_file:
+        kwargs = utils.parse_model_kwargs(args.model_kwargs)
+        found = weights.load_pretrained(args.model, kwargs, file=args.pretrained_file)
+        given = given_flags(args)
+        args.architecture = found.architecture
+        args.model_args = found.model_args
+        args.pretrained_cfg = found.pretrained_cfg
+        if 'nb_classes' not in given and found.num_classes is not None:
+            args.nb_classes = found.num_classes
+        if 'input_size' not in given and found.input_size is not None:
+            args.input_size = found.input_size
+        return found.state_dict, {}, found.source
+    if not args.model_path:
+        return None, {}, None
+    state_dict, extras = utils.read_checkpoint(args.model_path)
+    source = {'kind': 'file', 'path': str(args.model_path)}
+    record = extras.get('calibration')
+    if isinstance(record, Mapping) and isinstance(record.get('weights'), Mapping):
+        source['from'] = dict(record['weights'])  # a for_v file: where its weights came from
+    return state_dict, extras, source
+
+
+def _kwargs_text(items) -> str:
+    return ' '.join(items) if items else '(none)'
+
+
+def apply_record(args, extras: Mapping) -> None:
+    """ann/snn on a for_v checkpoint: its record of --model, --model_kwargs, --input_size and
+    --nb_classes fills each flag not given, and a given one that differs is an error naming both;
+    the level flags and the fc2 choice are filled the same way, and a given one that differs is
+    used (thresholds do not depend on the levels) unless the thresholds were searched for the
+    recorded ones (--target_T), then it is an error too. A file without a record (the published
+    scripts') changes nothing."""
+    record = extras.get('calibration')
+    if not isinstance(record, Mapping):
+        return
+    given = given_flags(args)
+    recorded = {'model': record.get('model'), 'model_kwargs': record.get('model_kwargs'),
+                'input_size': record.get('input_size', (record.get('transform') or {}).get('input_size')),
+                'nb_classes': record.get('nb_classes')}
+    conflicts = []
+    for flag in MODEL_FLAGS:
+        value = recorded[flag]
+        if value is None:
+            continue
+        if flag == 'model_kwargs':
+            value = list(value)
+            same = utils.parse_model_kwargs(args.model_kwargs) == utils.parse_model_kwargs(value)
+        else:
+            same = getattr(args, flag) == value
+        if flag in given and not same:
+            shown = _kwargs_text(value) if flag == 'model_kwargs' else value
+            mine = _kwargs_text(args.model_kwargs) if flag == 'model_kwargs' else getattr(args, flag)
+            conflicts.append(f'--{flag} {shown} (this run: {mine})')
+        elif flag not in given:
+            setattr(args, flag, value)
+    if conflicts:
+        raise UserError(f'{args.model_path} was calibrated with ' + ', '.join(conflicts) + ': drop those flags '
+                        '(the checkpoint\'s record is used) or calibrate again with them')
+    if record.get('architecture'):
+        args.architecture = record['architecture']
+    levels = record.get('levels')
+    if not isinstance(levels, Mapping):
+        return
+    searched = isinstance(extras.get('low_latency'), Mapping)
+    for flag in LEVEL_FLAGS:
+        if flag not in levels:
+            continue
+        if flag not in given:
+            setattr(args, flag, levels[flag])
+        elif getattr(args, flag) != levels[flag]:
+            if searched:
+                raise UserError(f'the thresholds in {args.model_path} were chosen for --{flag} {levels[flag]} '
+                                f'(for_v --target_T); this run gives {getattr(args, flag)}: drop --{flag} or '
+                                'calibrate again with it')
+            print(f'note: --{flag} {getattr(args, flag)} (the calibration recorded {levels[flag]})', file=sys.stderr)
+    if 'fc2_thresholds' in levels and not ({'fc2_thresholds', 'fc2_calibrated'} & given):
+        fc2 = levels['fc2_thresholds']
+        args.fc2_calibrated, args.fc2_thresholds = fc2 is None, None if fc2 is None else list(fc2)
+
+
+def model_record(args, model, source) -> dict:
+    """What for_v records to rebuild the model and its SNN: the flags of MODEL_FLAGS and
+    LEVEL_FLAGS, the timm architecture built, the fc2 choice, and where the weights came from."""
+    kwargs = list(args.model_kwargs) + [f'{k}={v!r}' for k, v in (getattr(args, 'model_args', None) or {}).items()
+                                        if not any(item.split('=', 1)[0].strip() == k for item in args.model_kwargs)]
+    fc2 = fc2_thresholds(args, model)
+    levels = {flag: getattr(args, flag) for flag in LEVEL_FLAGS}
+    levels['fc2_thresholds'] = None if fc2 is None else [float(v) for v in fc2]
+    record = {'model_kwargs': kwargs, 'architecture': getattr(args, 'architecture', None) or args.model,
+              'input_size': args.input_size, 'nb_classes': args.nb_classes, 'levels': levels}
+    if source is not None:
+        record['weights'] = source
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+def build_model(args, state_dict=None):
     """The convertible model, with TestNeurons in for_v/snn mode, and its weights loaded (from
     `state_dict` when given, else from --model_path)."""
-    kwargs = utils.parse_model_kwargs(args.model_kwargs)
+    _import_runtime()
+    kwargs = {**(getattr(args, 'model_args', None) or {}), **utils.parse_model_kwargs(args.model_kwargs)}
     for key in ('num_classes', 'img_size'):
         if key in kwargs:
-            raise utils.UserError(f'--model_kwargs {key}=... is set by --nb_classes/--input_size')
+            raise UserError(f'--model_kwargs {key}=... is set by --nb_classes/--input_size')
+    architecture = getattr(args, 'architecture', None) or args.model
     try:
         # ann needs no conversion: a model the method cannot convert is evaluated as plain timm.
-        model = create_model(args.model, allow_unconvertible=args.test_mode == 'ann',
+        model = create_model(architecture, allow_unconvertible=args.test_mode == 'ann',
                              num_classes=args.nb_classes, img_size=args.input_size, **kwargs)
     except ConversionError as exc:
-        raise utils.UserError(str(exc)) from None
+        raise UserError(str(exc)) from None
+    if getattr(args, 'pretrained_cfg', None):
+        # The source's data config (mean, std, crop), read by --data_config timm.
+        model.pretrained_cfg = {**getattr(model, 'pretrained_cfg', {}), **args.pretrained_cfg}
     reason = unconvertible_reason(model)
     if reason is not None and utils.is_main_process():
         print(f'note: --model {args.model} is evaluated as a plain timm network; --test_mode for_v and '
               f'snn will refuse it: {reason}', file=sys.stderr)
     if args.test_mode in ('for_v', 'snn'):
         replace_test_by_testneuron(model, args.percent)
-    if not args.model_path:
+    if state_dict is None and not args.model_path:
         print('warning: no --model_path given: the model has RANDOM weights', file=sys.stderr)
         return model
     if state_dict is None:
         state_dict = utils.load_checkpoint(args.model_path)
     if utils.has_published_place_names(state_dict):  # a file of the published scripts
         state_dict = utils.convert_published_places(state_dict)
+    check_architecture(model, state_dict, args)
     state_dict = fit_pos_embed(model, state_dict, args)
     if args.test_mode == 'snn':
         _check_thresholds_present(model, state_dict, args)
@@ -280,6 +471,47 @@ def build_model(args, state_dict=None) -> torch.nn.Module:
     else:  # ann ignores thresholds; for_v computes them afresh
         utils.load_model_weights(model, state_dict, ignore=THRESHOLD_KEYS)
     return model
+
+
+def check_architecture(model, state_dict, args) -> None:
+    """Refuse weights of another architecture with what differs, read from the shapes (width,
+    depth, heads, MLP ratio, patch size, class count, grid), and the flags that would fit. A
+    grid alone (another --input_size) or a class count alone keep their own messages."""
+    differences = utils.architecture_differences(state_dict, model, _pos_embed_prefix(model))
+    structural = set(differences) - {'num_classes', 'grid'}
+    if not structural:
+        return
+    words = utils.ARCHITECTURE_WORDS
+    parts = [f'{words[k]} {theirs} (the model: {ours})' for k, (theirs, ours) in differences.items()]
+    kwargs = dict(utils.parse_model_kwargs(args.model_kwargs))
+    items = dict(item.split('=', 1) for item in args.model_kwargs)
+    for key in ('patch_size', 'embed_dim', 'depth', 'mlp_ratio'):
+        if key in differences:
+            theirs = differences[key][0]
+            items[key] = f'{theirs:g}' if isinstance(theirs, float) else str(theirs).replace(' ', '')
+    width = differences.get('embed_dim', (None,))[0]
+    heads_note = ''
+    if 'num_heads' in differences:
+        items['num_heads'] = str(differences['num_heads'][0])
+    elif width is not None:
+        heads = kwargs.get('num_heads') or utils.model_heads(model)
+        if heads and width % heads == 0:
+            items['num_heads'] = str(heads)
+            heads_note = (f' (the heads do not show in the weights: {heads} is the model\'s; use the count the '
+                          'checkpoint was trained with)')
+        else:
+            items['num_heads'] = '?'
+            heads_note = (f' (the heads do not show in the weights: pick the count the checkpoint was trained '
+                          f'with, one that divides {width})')
+    flags = '--model_kwargs ' + ' '.join(f'{k}={v}' for k, v in items.items())
+    patch = differences.get('patch_size', (None,))[0] or getattr(model.patch_embed, 'patch_size', (None,))[0]
+    patch = patch[0] if isinstance(patch, tuple) else patch
+    if 'grid' in differences and patch and differences['grid'][0] * patch != args.input_size:
+        flags += f' --input_size {differences["grid"][0] * patch}'
+    if 'num_classes' in differences:
+        flags += f' --nb_classes {differences["num_classes"][0]}'
+    raise UserError(f'{weights_label(args)} is another architecture than --model {args.model}: '
+                    + ', '.join(parts) + f'; it fits {flags}{heads_note}')
 
 
 def fit_pos_embed(model, state_dict, args) -> dict:
@@ -290,7 +522,7 @@ def fit_pos_embed(model, state_dict, args) -> dict:
     if mismatch is not None and not args.resample_pos_embed:
         theirs, ours, size = mismatch
         advice = f': pass --input_size {size}, or --resample_pos_embed to resample it to this size' if size else ''
-        raise utils.UserError(f'the position embedding of {args.model_path} is {theirs}, the model\'s is '
+        raise UserError(f'the position embedding of {weights_label(args)} is {theirs}, the model\'s is '
                               f'{ours}{advice}')
     if getattr(model, 'ecmt_family', None) == 'eva':
         from model_eva import convert_baai_eva01
@@ -303,7 +535,7 @@ def fit_pos_embed(model, state_dict, args) -> dict:
             state_dict['pos_embed'], new_size=model.patch_embed.grid_size,
             num_prefix_tokens=_pos_embed_prefix(model))
     if mismatch is not None:
-        print(f'resampled the position embedding of {args.model_path} from {mismatch[0]} to {mismatch[1]}')
+        print(f'resampled the position embedding of {weights_label(args)} from {mismatch[0]} to {mismatch[1]}')
     return state_dict
 
 
@@ -327,7 +559,7 @@ def _pos_embed_mismatch(model, state_dict, args):
     model_text = f'a {grid_h}x{grid_w} grid of patches (--input_size {args.input_size} at patch {patch})'
     if side * side != tokens:
         if args.resample_pos_embed:
-            raise utils.UserError(f'the position embedding of {args.model_path} has {tokens} patch positions, '
+            raise UserError(f'the position embedding of {weights_label(args)} has {tokens} patch positions, '
                                   'not a square grid: it cannot be resampled')
         return f'{tokens} patch positions (not a square grid)', model_text, None
     return f'a {side}x{side} grid of patches (input size {side * patch} at patch {patch})', model_text, side * patch
@@ -371,15 +603,19 @@ def fc2_thresholds(args, model):
 
 def build_calibration_loader(args, model=None, *, rank: int = 0, world_size: int = 1,
                              pin_memory: bool = False) -> DataLoader:
-    """The batches thresholds are calibrated on: --calib_data_path (its training split) or, as
+    """The batches thresholds are calibrated on (a datasets.CheckedBatches: unreadable files stop the
+    run or, with --skip_bad_images, are left out): --calib_data_path (its training split) or, as
     published, the evaluation set; with the evaluation transform (`model` is read for
     --data_config timm); the first --calib_batches batches (default all). Under torchrun each
     process gets its share of the single-process batches (rank, world_size), so the pooled
     statistics are those of one process."""
+    _import_runtime()
     dataset, _ = build_calibration_dataset(args, model)
     batches = utils.ShardedBatchSampler(len(dataset), args.batch_size, rank, world_size,
                                         max_batches=args.calib_batches)
-    return DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers, pin_memory=pin_memory)
+    loader = DataLoader(datasets.readable(dataset), batch_sampler=batches, num_workers=args.num_workers,
+                        pin_memory=pin_memory, collate_fn=datasets.collate_readable)
+    return datasets.CheckedBatches(loader, skip=getattr(args, 'skip_bad_images', False))
 
 
 def calibration_record(args, transform: dict, images: int) -> dict:
@@ -426,7 +662,9 @@ def main(args) -> dict:
         utils.keep_freed_memory()  # page faults on fresh memory cost a quarter of a CPU run
         native_kernels.prepare()  # a first run on a machine builds them while the data loads
     distributed, main_process = world_size > 1, rank == 0
-    state_dict, extras = utils.read_checkpoint(args.model_path) if args.model_path else (None, {})
+    state_dict, extras, source = load_weights(args)
+    if args.test_mode in ('ann', 'snn'):
+        apply_record(args, extras)
     model = build_model(args, state_dict).to(device).eval()
     del state_dict
     # The transform may come from the model's config (--data_config timm), hence after the model.
@@ -438,19 +676,23 @@ def main(args) -> dict:
         loader = build_calibration_loader(args, model, rank=rank, world_size=world_size, pin_memory=pin_memory)
     else:
         dataset, _ = build_dataset(False, args, model)
+        dataset = datasets.readable(dataset)
         if distributed:
             # The single-process batches, dealt round-robin with no padding: every image counts once.
             loader = DataLoader(dataset, batch_sampler=utils.ShardedBatchSampler(
                 len(dataset), args.batch_size, rank, world_size), num_workers=args.num_workers,
-                pin_memory=pin_memory)
+                pin_memory=pin_memory, collate_fn=datasets.collate_readable)
         else:
             loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-                                pin_memory=pin_memory, drop_last=False)
+                                pin_memory=pin_memory, drop_last=False, collate_fn=datasets.collate_readable)
+        loader = datasets.CheckedBatches(loader, skip=args.skip_bad_images)
     reduce = utils.all_reduce_sum if distributed else None  # figures summed over processes
     show = not args.no_progress and main_process
     log_dir = Path(args.log_dir)
     record = {'test_mode': args.test_mode, 'model': args.model, 'data_set': args.data_set,
               'transform': transform, 'amp': amp}
+    if source is not None:
+        record['weights'] = source
     if distributed:
         record['world_size'] = world_size
     transform_line = f'transform: {datasets.describe_transform(transform)}'
@@ -470,7 +712,7 @@ def main(args) -> dict:
                            softmax_num=args.softmax_num, softmax_p=args.softmax_p,
                            fc2_thresholds=fc2_thresholds(args, model), backend=args.backend)
         except ConversionError as exc:
-            raise utils.UserError(str(exc)) from None
+            raise UserError(str(exc)) from None
         record['backend'] = model.ecmt_backend
         if main_process:
             print(f'snn: backend {model.ecmt_backend} on {device}')
@@ -487,7 +729,7 @@ def main(args) -> dict:
         try:
             results = evaluate_snn(model, loader, device, args.test_T, log_path=log_path, amp=amp,
                                    monitor=monitor, time_chunk=args.time_chunk, reduce=reduce,
-                                   show_progress=show)
+                                   show_progress=show, print_freq=args.print_freq)
         finally:
             if monitor is not None:
                 monitor.remove()
@@ -517,10 +759,11 @@ def main(args) -> dict:
             utils.append_log(log_path, _header(args))
             utils.append_log(log_path, transform_line)
         results = evaluate(model, loader, device, log_path=log_path, amp=amp, desc=args.test_mode,
-                           reduce=reduce, show_progress=show)
+                           reduce=reduce, show_progress=show, print_freq=args.print_freq)
         record.update(results)
+        five = f'top-5 {results["acc5"]:.2f}%, ' if 'acc5' in results else ''
         line = (f'{args.test_mode}: {results["n"]} images, top-1 {results["acc1"]:.2f}%, '
-                f'top-5 {results["acc5"]:.2f}%, loss {results["loss"]:.4f}, {results["seconds"]:.1f} s')
+                f'{five}loss {results["loss"]:.4f}, {results["seconds"]:.1f} s')
         if main_process:
             print(line)
             utils.append_log(log_path, line)
@@ -529,7 +772,8 @@ def main(args) -> dict:
             sync_calibration(model, reduce)
         if args.test_mode == 'for_v':
             check_thresholds_finite(model)
-            record['calibration'] = calibration_record(args, transform, results['n'])
+            record['calibration'] = {**calibration_record(args, transform, results['n']),
+                                     **model_record(args, model, source)}
         if args.test_mode == 'for_v' and args.target_T is not None:
             # -- low-latency calibration (issue 15): thresholds for --target_T steps, chosen on the
             # calibration loader alone (--calib_data_path's images; the evaluation set without it).
@@ -549,6 +793,8 @@ def main(args) -> dict:
             record['checkpoint'] = str(path)
             print(f'thresholds of {len(get_modules(model, (TestNeuron,)))} places saved with the weights '
                   f'to {path}')
+    if loader.skipped:
+        record['skipped_images'] = list(loader.skipped)
     if args.results and main_process:
         utils.write_json(record, args.results)
         print(f'results written to {args.results}')
@@ -580,8 +826,9 @@ def _header(args) -> str:
 
 def _report_snn(results: dict, log_path: Path) -> None:
     lines = [f'snn: {results["n"]} images, T={results["T"]}, {results["seconds"]:.1f} s']
-    for t, (a1, a5) in enumerate(zip(results['acc1'], results['acc5']), start=1):
-        line = f'  t={t}: top-1 {a1:.2f}%  top-5 {a5:.2f}%'
+    top5 = results.get('acc5') or [None] * len(results['acc1'])
+    for t, (a1, a5) in enumerate(zip(results['acc1'], top5), start=1):
+        line = f'  t={t}: top-1 {a1:.2f}%' + ('' if a5 is None else f'  top-5 {a5:.2f}%')
         if 'energy_ratio' in results:
             line += f'  firing rate {results["fire_rate"][t - 1]:.4f}  energy vs ANN {results["energy_ratio"][t - 1]:.4f}'
         lines.append(line)
@@ -591,4 +838,4 @@ def _report_snn(results: dict, log_path: Path) -> None:
 
 
 if __name__ == '__main__':
-    utils.run_cli(main, get_args_parser())
+    run_cli(main, get_args_parser())

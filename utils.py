@@ -10,6 +10,7 @@ import argparse
 import ast
 import atexit
 import json
+import math
 import os
 import pickle
 import random
@@ -22,9 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cli_base import UserError, defer_interrupt, note_logged, note_written, run_cli
+
 __all__ = [
     "UserError", "run_cli",
     "load_checkpoint", "read_checkpoint", "load_model_weights", "save_checkpoint",
+    "read_architecture", "architecture_differences", "model_heads", "is_safetensors_header",
     "convert_published_places", "has_published_place_names", "check_writable_dir",
     "write_json", "append_log",
     "accuracy", "seed_everything", "resolve_device", "parse_model_kwargs", "keep_freed_memory",
@@ -33,17 +37,7 @@ __all__ = [
 ]
 
 
-class UserError(ValueError):
-    """A problem the user can fix (bad path, option or checkpoint); shown as one line."""
-
-
-def run_cli(main: Callable, parser) -> None:
-    """Parse the command line, call `main(args)`, and report a UserError as `error: ...`, exit 2."""
-    args = parser.parse_args()
-    try:
-        main(args)
-    except UserError as err:
-        parser.exit(2, f"error: {err}\n")
+# UserError and run_cli live in cli_base (no torch import, for a fast --help); the same objects.
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,7 +53,8 @@ def _is_state_dict(obj) -> bool:
 
 
 def load_checkpoint(path) -> dict[str, torch.Tensor]:
-    """Load a state dict saved with torch.save, safely (weights_only=True) and onto the CPU.
+    """Load a state dict saved with torch.save (safely: weights_only=True) or as safetensors
+    (recognised by content, whatever the extension), onto the CPU.
 
     Accepts a bare state dict or one wrapped as {'model': sd}, {'module': sd} or
     {'state_dict': sd} (other entries next to it, such as 'epoch' or the published scripts'
@@ -83,11 +78,13 @@ def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
     if not path.is_file():
         raise UserError(f"checkpoint path is not a file: {path}")
     with open(path, "rb") as f:
-        magic = f.read(4)
+        magic = f.read(9)
+    if is_safetensors_header(magic):
+        return _read_safetensors(path), {}
     # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (protocol 2+: 0x80).
     if not (magic.startswith(b"PK") or magic.startswith(b"\x80")):
-        raise UserError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive "
-                        "nor a legacy pickle)")
+        raise UserError(f"{path} is not a PyTorch checkpoint nor a safetensors file (neither a "
+                        "torch.save zip archive, nor a legacy pickle, nor a safetensors header)")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -122,6 +119,33 @@ def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
     if all(k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
     return state_dict, extras
+
+
+def is_safetensors_header(head: bytes) -> bool:
+    """Whether a file starting with `head` (its first 9 bytes or more) is a safetensors file:
+    an 8-byte little-endian header length, then the JSON header, which opens with '{'."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 0 < int.from_bytes(head[:8], "little") < 1 << 40
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (recognised by its content, whatever its name)."""
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UserError(f"{path} is a safetensors file: pip install safetensors to read it") from None
+    try:
+        state_dict = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise UserError(f"{path} is a safetensors file but cannot be read: it is truncated or "
+                        f"damaged ({_first_line(err)})") from None
+    if not state_dict:
+        raise UserError(f"{path} is a safetensors file with no tensors")
+    if all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
 
 
 #: The published scripts' placeholder names (ECMT_SPEC 11) -> this toolkit's, per module kind.
@@ -207,10 +231,12 @@ def load_model_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Te
     if missing or unexpected or mismatched:
         problems = []
         head = _classifier_name(model) + ".weight"
-        if head in mismatched and checkpoint[head].ndim == expected[head].ndim == 2:
+        if (head in mismatched and checkpoint[head].ndim == expected[head].ndim == 2
+                and checkpoint[head].shape[0] != expected[head].shape[0]):
             problems.append(f"checkpoint has {checkpoint[head].shape[0]} classes, "
                             f"--nb_classes is {expected[head].shape[0]}")
-        if "pos_embed" in mismatched:
+        if ("pos_embed" in mismatched and checkpoint["pos_embed"].ndim == 3
+                and checkpoint["pos_embed"].shape[1] != expected["pos_embed"].shape[1]):
             problems.append("pos_embed differs (was the checkpoint trained at another "
                             "--input_size or patch size?)")
         if missing:
@@ -230,6 +256,74 @@ def _classifier_name(model: torch.nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     name = cfg.get("classifier", "head") if isinstance(cfg, Mapping) else "head"
     return name if isinstance(name, str) else "head"
+
+
+_BLOCK_INDEX = re.compile(r"^blocks\.(\d+)\.")
+
+
+def read_architecture(state_dict: Mapping[str, torch.Tensor], classifier: str = "head",
+                      prefix_tokens: int = 1) -> dict:
+    """What the shapes of a ViT/EVA state dict (timm's keys) say about its architecture:
+    embed_dim, depth, mlp_ratio, patch_size, num_classes, grid (the side of the square grid
+    of patch positions), and num_heads where the weights tell it (q/k norms have the width of
+    one head; otherwise heads leave no trace in the shapes). Only what is readable is set."""
+    arch: dict = {}
+    patch = state_dict.get("patch_embed.proj.weight")
+    if patch is not None and patch.ndim == 4:
+        arch["embed_dim"] = int(patch.shape[0])
+        ph, pw = int(patch.shape[2]), int(patch.shape[3])
+        arch["patch_size"] = ph if ph == pw else (ph, pw)
+    elif state_dict.get("cls_token") is not None:
+        arch["embed_dim"] = int(state_dict["cls_token"].shape[-1])
+    blocks = {int(m.group(1)) for k in state_dict if (m := _BLOCK_INDEX.match(k))}
+    if blocks:
+        arch["depth"] = max(blocks) + 1
+    width = arch.get("embed_dim")
+    hidden = next((state_dict[k] for k in ("blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc1_g.weight")
+                   if k in state_dict), None)
+    if hidden is not None and hidden.ndim == 2 and width:
+        arch["mlp_ratio"] = round(int(hidden.shape[0]) / width, 4)
+    q_norm = state_dict.get("blocks.0.attn.q_norm.weight")
+    if q_norm is not None and q_norm.ndim == 1 and width and width % int(q_norm.shape[0]) == 0:
+        arch["num_heads"] = width // int(q_norm.shape[0])
+    head = state_dict.get(f"{classifier}.weight")
+    if head is not None and head.ndim == 2:
+        arch["num_classes"] = int(head.shape[0])
+    pos = state_dict.get("pos_embed")
+    if pos is not None and pos.ndim == 3:
+        tokens = int(pos.shape[1]) - prefix_tokens
+        side = math.isqrt(max(tokens, 0))
+        if side * side == tokens and side > 0:
+            arch["grid"] = side
+    return arch
+
+
+#: The names of read_architecture's entries in a message.
+ARCHITECTURE_WORDS = {"embed_dim": "width (embed_dim)", "depth": "depth", "num_heads": "heads",
+                      "mlp_ratio": "MLP ratio", "patch_size": "patch size", "num_classes": "class count",
+                      "grid": "grid of patch positions"}
+
+
+def architecture_differences(checkpoint: Mapping[str, torch.Tensor], model: torch.nn.Module,
+                             prefix_tokens: int = 1) -> dict:
+    """{entry: (checkpoint's value, model's value)} for each read_architecture entry that both
+    have and that differs (heads: the model's own count where the checkpoint's is readable)."""
+    classifier = _classifier_name(model)
+    theirs = read_architecture(checkpoint, classifier, prefix_tokens)
+    ours = read_architecture(model.state_dict(), classifier, prefix_tokens)
+    heads = model_heads(model)
+    if heads is not None:
+        ours["num_heads"] = heads
+    return {k: (theirs[k], ours[k]) for k in ARCHITECTURE_WORDS
+            if k in theirs and k in ours and theirs[k] != ours[k]}
+
+
+def model_heads(model: torch.nn.Module) -> int | None:
+    for module in model.modules():
+        heads = getattr(module, "num_heads", None)
+        if isinstance(heads, int) and (hasattr(module, "qkv") or hasattr(module, "q_proj")):
+            return heads
+    return None
 
 
 _PLAIN_TYPES = (torch.Tensor, str, int, float, bool, bytes, type(None))
@@ -264,12 +358,16 @@ def _atomic_write(path, write: Callable, mode: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp makes files private (0600)
-        with os.fdopen(fd, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
+        # Ctrl-C waits for the end of the write (torch.save's writer would turn it into a
+        # RuntimeError), then stops the run with the file complete.
+        with defer_interrupt():
+            os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp makes files private (0600)
+            with os.fdopen(fd, mode) as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp_name, path)
+            note_written(path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
@@ -302,6 +400,7 @@ def append_log(path, line: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         fh.write(line.rstrip("\n") + "\n")
+    note_logged(path)
 
 
 def check_writable_dir(folder, flag: str) -> None:

@@ -183,16 +183,23 @@ def test_bad_input_is_a_user_error(tmp_path, weights, for_v_checkpoint, extra, m
 
 
 def test_thresholds_of_another_model_are_refused(tmp_path, for_v_checkpoint):
-    """A for_v file of a 2-block model given to a 3-block model names the places that differ."""
-    state = torch.load(for_v_checkpoint, weights_only=True)['model']
+    """A for_v file of a 2-block model given to a 3-block model: the record names both --model_kwargs;
+    a file without a record (as the published scripts write) names the places that differ."""
     args = list(COMMON)
     args[args.index('depth=2')] = 'depth=3'
     parsed = cli.get_args_parser().parse_args(
         args + ['--test_mode', 'snn', '--model_path', str(for_v_checkpoint), '--log_dir', str(tmp_path)])
     with pytest.raises(UserError) as info:
         cli.main(parsed)
-    assert 'blocks.2.' in str(info.value) and 'no thresholds' in str(info.value)
-    assert len(state) > 0
+    assert 'was calibrated with --model_kwargs patch_size=4 embed_dim=32 depth=2' in str(info.value)
+    assert '(this run: patch_size=4 embed_dim=32 depth=3 num_heads=2)' in str(info.value)
+    bare = tmp_path / 'no_record.pth'
+    torch.save({'model': torch.load(for_v_checkpoint, weights_only=True)['model']}, bare)
+    parsed = cli.get_args_parser().parse_args(
+        args + ['--test_mode', 'snn', '--model_path', str(bare), '--log_dir', str(tmp_path)])
+    with pytest.raises(UserError) as info:
+        cli.main(parsed)
+    assert 'depth 2 (the model: 3)' in str(info.value) and 'depth=2' in str(info.value)
 
 
 def test_for_v_refuses_nan_activations_and_writes_no_checkpoint(tmp_path):
@@ -272,10 +279,13 @@ def test_fc2_override_needs_a_vit_name_and_a_plain_vit_model(name, kwargs, fc2):
 def test_deit_runs_with_its_calibrated_fc2(tmp_path, for_v_checkpoint, monkeypatch):
     seen, real = [], cli.convert_to_snn
     monkeypatch.setattr(cli, 'convert_to_snn', lambda model, **kw: seen.append(kw['fc2_thresholds']) or real(model, **kw))
+    # A file without the record (as the published scripts write), so that another --model name is allowed.
+    bare = tmp_path / 'no_record.pth'
+    torch.save({'model': torch.load(for_v_checkpoint, weights_only=True)['model']}, bare)
     args = list(COMMON)
     args[args.index('vit_tiny_patch16_224')] = 'deit_tiny_patch16_224'  # the same timm architecture
     cli.main(cli.get_args_parser().parse_args(args + [
-        '--test_mode', 'snn', '--model_path', str(for_v_checkpoint), '--test_T', '1', '--no-monitor',
+        '--test_mode', 'snn', '--model_path', str(bare), '--test_T', '1', '--no-monitor',
         '--log_dir', str(tmp_path), '--output_dir', str(tmp_path)]))
     assert seen == [None]
 

@@ -406,3 +406,9 @@ def test_cli_energy_model_results_csv_and_plot(tmp_path):
         assert (tmp_path / f'{model}_energy_split.png').is_file()
     assert out['ecmt']['energy']['ratio'] == out['ecmt']['energy_ratio']
     assert out['fp32_memory']['energy']['per_step'][0]['memory'] > 0
+
+
+def test_the_command_line_offers_every_energy_model():
+    import run_class_finetuning
+    from energy import ENERGY_MODELS
+    assert run_class_finetuning.ENERGY_MODELS == tuple(ENERGY_MODELS)

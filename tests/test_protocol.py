@@ -290,10 +290,14 @@ def test_readme_steps_4_and_5_use_the_published_defaults(workspace, runs):
         (workspace / 'code' / 'log_snn.txt').read_text()
     # for_v calibrates on the evaluation set, as published, and says so in the checkpoint.
     saved = torch.load(workspace / 'models' / 'digits_for_v.pth', weights_only=True)
-    assert saved['calibration'] == {'transform': datasets.transform_config(args_for()),
-                                    'data_set': 'image_folder', 'data_path': '../datasets/val',
-                                    'split': 'evaluation', 'images': 450, 'batches': None, 'percent': 0.99,
-                                    'model': 'vit_tiny_patch16_224'}
+    published = {'transform': datasets.transform_config(args_for()),
+                 'data_set': 'image_folder', 'data_path': '../datasets/val',
+                 'split': 'evaluation', 'images': 450, 'batches': None, 'percent': 0.99,
+                 'model': 'vit_tiny_patch16_224'}
+    assert {k: saved['calibration'][k] for k in published} == published
+    # Beside it, what rebuilds the model and where the weights came from (issues 25 and 26).
+    assert saved['calibration']['weights'] == {'kind': 'file', 'path': '../models/digits_vit.pth'}
+    assert {'architecture', 'model_kwargs', 'input_size', 'nb_classes', 'levels'} <= saved['calibration'].keys()
     assert runs['for_v']['acc1'] == runs['ann']['acc1']  # calibration does not change the ANN
     snn = runs['snn']
     assert len(snn['acc1']) == 4 and snn['n'] == 450
