@@ -166,12 +166,13 @@ def largest_batch(args, device: torch.device) -> dict:
     model(torch.randn(2, 3, args.input_size, args.input_size, device=device))
     convert_to_snn(model, fc2_thresholds=None if args.fc2_calibrated else (0.25, 0.08), backend=args.backend)
     weights = torch.cuda.memory_allocated(device)
+    amp = None if args.amp == 'none' else args.amp
     fits, batch = None, 1
     while batch <= args.max_batch:
         try:
             images = torch.randn(batch, 3, args.input_size, args.input_size, device=device)
             with PeakMemory(device) as peak:
-                simulate(model, images, args.T, time_chunk=args.time_chunk)
+                simulate(model, images, args.T, time_chunk=args.time_chunk, amp=amp)
             fits = (batch, peak.peak_bytes)
             del images
             batch *= 2
@@ -184,8 +185,10 @@ def largest_batch(args, device: torch.device) -> dict:
     batch, peak_bytes = fits
     images = torch.randn(batch, 3, args.input_size, args.input_size, device=device)
     runs = max(1, args.images // batch)
-    seconds = timed_pass(lambda b: simulate(model, b, args.T, time_chunk=args.time_chunk), [images] * runs, device)
-    return {'largest_batch': batch, 'weights_gib': weights / 2**30, 'snn_peak_gib': peak_bytes / 2**30,
+    seconds = timed_pass(lambda b: simulate(model, b, args.T, time_chunk=args.time_chunk, amp=amp), [images] * runs,
+                         device)
+    return {'largest_batch': batch, 'amp': args.amp, 'backend': model.ecmt_backend, 'weights_gib': weights / 2**30,
+            'snn_peak_gib': peak_bytes / 2**30,
             'snn_peak_gib_per_image': peak_bytes / 2**30 / batch, 'images_per_second': runs * batch / seconds}
 
 

@@ -394,17 +394,20 @@ def test_fused_ec_neurons_change_no_number(monkeypatch, backend, config, pairs, 
     monkeypatch.setattr(kernels, 'qkv_mt_steps', lambda *a, **k: qkv_calls.append(1) or real_qkv(*a, **k))
     x = images(3)
     results = {}
+    # The interpreter is slow on many launches: triton takes the chunkings that carry state in two
+    # ways (one chunk, 3+5); native takes all three.
+    chunkings = {k: v for k, v in CHUNKINGS.items() if backend == 'native' or k != '8x1'}
     for on in (True, False):
         assert trans_utils.fuse_ec_neurons(model, on) == (sum(pairs.values()) + triples if on else 0)
-        for chunks, sizes in CHUNKINGS.items():
+        for chunks, sizes in chunkings.items():
             with torch.no_grad(), trans_utils.SOPMonitor(model, count_levels=True) as monitor:
                 logits = simulate(model, x, T, time_chunk=sizes, monitor=monitor)
                 levels = [n.level_counts.clone() for _, n in monitor.neurons]
                 results[on, chunks] = (logits, monitor.sops.clone(), levels)
-    chunk_runs = sum(len(s) for s in CHUNKINGS.values())
+    chunk_runs = sum(len(s) for s in chunkings.values())
     assert len(calls) == sum(pairs.values()) * chunk_runs
     assert len(qkv_calls) == 3 * triples * chunk_runs
-    want = results[False, '8x1']
+    want = results[False, '1x8']
     for key, (logits, sops, levels) in results.items():
         assert torch.equal(logits, want[0]) and torch.equal(sops, want[1]), key
         assert all(torch.equal(a, b) for a, b in zip(levels, want[2])), key
