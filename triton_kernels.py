@@ -337,20 +337,21 @@ if triton is not None:
             tl.store(last + offs, p, mask=mask)
 
     @triton.jit
-    def _nonzero_counts_kernel(x, out, count, length, stride_outer, stride_count, stride_along,
+    def _nonzero_counts_kernel(x, out, rows, count, length, stride_outer, stride_count, stride_along,
                                BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-        # out[o, i] = the non-zero elements among x[o, i, j] for j < length (strides in elements).
-        o = tl.program_id(0).to(tl.int64)
-        i = tl.program_id(1).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+        # out[r] for r = o * count + i: the non-zero elements among x[o, i, j] for j < length
+        # (strides in elements). A program takes BLOCK_I consecutive (o, i) rows, whatever o: a
+        # short row (a head's tokens) does not make a program of its own.
+        r = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
         j = tl.arange(0, BLOCK_J)
-        base = x + o * stride_outer + i[:, None] * stride_count
+        base = x + (r // count) * stride_outer + (r % count) * stride_count
         total = tl.zeros([BLOCK_I], dtype=tl.int32)
         for start in range(0, length, BLOCK_J):
             along = start + j
-            m = (i[:, None] < count) & (along[None, :] < length)
-            values = tl.load(base + along[None, :].to(tl.int64) * stride_along, mask=m, other=0.0)
+            m = (r[:, None] < rows) & (along[None, :] < length)
+            values = tl.load(base[:, None] + along[None, :].to(tl.int64) * stride_along, mask=m, other=0.0)
             total += tl.sum((values != 0).to(tl.int32), axis=1)
-        tl.store(out + o * count + i, total.to(tl.float32), mask=i < count)
+        tl.store(out + r, total.to(tl.float32), mask=r < rows)
 
     INTERPRETED = _interpreting()
 else:
@@ -647,9 +648,11 @@ def nonzero_counts(x: torch.Tensor, dim: int) -> torch.Tensor:
     if outer and count:
         if length == 0:
             return out.zero_()
-        block_i = min(_next_power_of_2(count), 1024 if INTERPRETED else 64)
-        block_j = min(_next_power_of_2(length), 64 if INTERPRETED else 64)
-        _nonzero_counts_kernel[(outer, triton.cdiv(count, block_i))](
-            flat, out, count, length, flat.stride(0), stride_count, stride_along, BLOCK_I=block_i, BLOCK_J=block_j,
-            num_warps=4, **_OPTIONS)
+        rows = outer * count
+        block_j = min(_next_power_of_2(length), 64)
+        # Under the interpreter, few programs (each costs a Python pass): up to 64K elements each.
+        block_i = min(_next_power_of_2(rows), max(1, (1 << 16) // block_j) if INTERPRETED else 64)
+        _nonzero_counts_kernel[(triton.cdiv(rows, block_i),)](
+            flat, out, rows, count, length, flat.stride(0), stride_count, stride_along, BLOCK_I=block_i,
+            BLOCK_J=block_j, num_warps=4, **_OPTIONS)
     return out

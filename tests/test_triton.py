@@ -520,7 +520,8 @@ kernels = [
     (tk._running_sums_kernel, dict(x='*fp16', carried=P, sums=P, K=I, n=I), dict(CARRIED=True, BLOCK=1024)),
     (tk._scaled_differences_kernel, dict(totals=P, prev=P, last=P, t0='fp32', scale='fp32', K=I, n=I),
      dict(HAS_PREV=True, KEEP=True, BLOCK=1024)),
-    (tk._nonzero_counts_kernel, dict(x=P, out=P, count=I, length=I, stride_outer=I, stride_count=I, stride_along=I),
+    (tk._nonzero_counts_kernel, dict(x=P, out=P, rows=I, count=I, length=I, stride_outer=I, stride_count=I,
+                                      stride_along=I),
      dict(BLOCK_I=64, BLOCK_J=64)),
 ]
 for approximate in (False, True):
