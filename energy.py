@@ -248,7 +248,7 @@ class EnergyMonitor:
         self.images = 0
         self._snn: Dict[Tuple[int, int, str], float] = {}  # (module, step, key) -> count
         self._ann: Dict[Tuple[int, str], float] = {}       # (module, key) -> count
-        self._spikes: List[Tuple[int, int, torch.Tensor]] = []  # (module, first step, [K] non-zeros)
+        self._spikes: Dict[int, torch.Tensor] = {}  # module -> non-zero spikes per step, float64
         self._posted: Optional[Tuple[weakref.ref, int]] = None
         self.handles = [model.register_forward_pre_hook(self._count_images)]
         for name, module in model.named_modules():
@@ -344,11 +344,24 @@ class EnergyMonitor:
             self._add(index, 'mem_state', 2 * elements, K)  # membrane read and written
             self._size(index, 'state', elements / batch * WORD_BITS / 8)
             self._size(index, 'act', elements / batch * WORD_BITS / 8)
-            counts = getattr(module, 'last_nonzero', None)
-            if counts is None or counts.numel() != K:
+            # The neuron's own per-step counts, which the SOP monitor's hook (registered first)
+            # took from it and posted with its output; counted here only if not.
+            posted = getattr(self.sop, '_posted', None)
+            if posted is not None and posted[0]() is output and posted[2] is not None and posted[2].numel() == K:
+                counts = posted[2]
+            else:
                 counts = (output != 0).reshape(K, -1).sum(1)
-            # Subtracts and spike writes: one per emitted spike (events), known after the run.
-            self._spikes.append((index, self.sop.step, counts.detach()))
+            # Subtracts and spike writes: one per emitted spike (events). Added up in place in one
+            # small tensor per neuron: a count tensor kept per call until the end of the run
+            # would pin the heap (see trans_utils.TwoSideNeuron).
+            first = self.sop.step
+            totals = self._spikes.get(index)
+            if totals is None or totals.numel() < first + K:
+                grown = torch.zeros(first + K, dtype=torch.float64, device=counts.device)
+                if totals is not None:
+                    grown[:totals.numel()] = totals
+                totals = self._spikes[index] = grown
+            totals[first:first + K] += counts.detach().double()
             self._posted = (weakref.ref(output), output._version)
         elif isinstance(module, (exp_comp_neuron, ECPassThrough)):
             # An EC module fused with the neuron it feeds leaves a pass-through in its place, fed
@@ -406,11 +419,10 @@ class EnergyMonitor:
                 snn[i, t, SNN_KEYS.index(key)] += value
         for (i, key), value in self._ann.items():
             ann[i, ANN_KEYS.index(key)] += value
-        for i, first, counts in self._spikes:
-            counts = counts.double().cpu()
-            for k in range(min(counts.numel(), steps - first)):
-                snn[i, first + k, SNN_KEYS.index('neuron_add')] += counts[k]  # the subtract
-                snn[i, first + k, SNN_KEYS.index('mem_act')] += counts[k]     # the spike written
+        for i, counts in self._spikes.items():
+            counts = counts.cpu()[:steps]
+            snn[i, :counts.numel(), SNN_KEYS.index('neuron_add')] += counts  # the subtract
+            snn[i, :counts.numel(), SNN_KEYS.index('mem_act')] += counts     # the spike written
         images = torch.tensor([float(self.images)], dtype=torch.float64)
         if reduce is not None:
             device = self.sop.sops.device if self.sop.sops is not None else torch.device('cpu')
@@ -450,7 +462,7 @@ class EnergyReport:
                  reduce: Optional[Callable] = None) -> None:
         self.model = ENERGY_MODELS[model] if isinstance(model, str) else model
         if monitor.sop.sops is None and reduce is None:  # no linear layer nor product ran
-            steps = 1 + max([t for _, t, _ in monitor._snn] + [f + c.numel() - 1 for _, f, c in monitor._spikes] + [0])
+            steps = 1 + max([t for _, t, _ in monitor._snn] + [c.numel() - 1 for c in monitor._spikes.values()] + [0])
             sops = dense = torch.zeros(len(monitor.sop.names), steps, dtype=torch.float64)
         else:
             sops, dense = (t.double().cpu() for t in monitor.sop.totals(reduce))

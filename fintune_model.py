@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -162,8 +163,9 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, epoc
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
+    # A bar only on a terminal: a redirected log gets the one summary line per epoch instead.
     bar = tqdm(loader, desc=f"train {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True,
-               disable=not show_progress)
+               disable=not show_progress or not sys.stderr.isatty())
     for step, (images, targets) in enumerate(bar):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -206,7 +208,7 @@ def evaluate(model, loader, criterion, device, reduce=None, show_progress: bool 
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
     for images, targets in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True,
-                                disable=not show_progress):
+                                disable=not show_progress or not sys.stderr.isatty()):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         logits = model(images)
