@@ -21,7 +21,7 @@ the K steps (each depends on the membrane the last one left).
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F

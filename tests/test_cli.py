@@ -19,12 +19,8 @@ COMMON = ['--model', 'vit_tiny_patch16_224', *ARCH, '--input_size', '16', '--nb_
           '--no_progress']
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread (conftest.single_thread): the runs here are tiny.
+pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 def tiny_timm(**kwargs):

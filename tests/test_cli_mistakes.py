@@ -14,19 +14,14 @@ from PIL import Image
 
 import cli_base
 import run_class_finetuning as cli
-import utils
 from test_cli import ARCH, COMMON, REPO, tiny_timm
 from utils import UserError
 
 DATA = ['--data_set', 'DIGITS', '--num_workers', '0', '--batch_size', '150', '--device', 'cpu', '--no_progress']
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread (conftest.single_thread): the runs here are tiny.
+pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 def main(tmp_path, *args):

@@ -12,7 +12,6 @@ import textwrap
 import pytest
 import torch
 
-import trans_utils
 from engine_for_finetuning import simulate
 from reference import ref_simulate
 from test_multistep import CHUNKINGS, FAMILIES, converted_family

@@ -13,8 +13,7 @@ import energy
 from energy import CLASSES, ENERGY_MODELS, FUNCTION_OPS, SPECIAL_OPS, EnergyMonitor, energy_report
 from engine_for_finetuning import simulate
 from test_monitor import images, run, tiny_snn
-from trans_utils import (AtNeuron, MulNeuron, MyAt, MyMul, SOPMonitor, TwoSideNeuron, exp_comp_neuron,
-                         reset_net)
+from trans_utils import AtNeuron, MulNeuron, MyAt, MyMul, SOPMonitor, TwoSideNeuron, exp_comp_neuron
 
 pytestmark = pytest.mark.usefixtures('single_thread', 'eager_neuron')
 
