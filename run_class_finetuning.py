@@ -130,6 +130,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='--target_T: memory for the inputs of unchanged blocks, kept so that a candidate that '
                         'changes only later blocks does not run the earlier ones again (same values; 0: off)')
     # -- end of low-latency calibration --
+    # -- differential coding (issue 23) --
+    g.add_argument('--coding', default=None, choices=low_latency.CODINGS,
+                   help='neuron coding (ECMT_SPEC 14): rate, the published neuron, or differential (sends only the '
+                        'correction to a running estimate). for_v records it in the checkpoint (and --target_T '
+                        'searches with it); snn takes it from there (default: the record, else rate); a --coding '
+                        'that differs from the record is an error')
+    # -- end of differential coding --
 
     g = parser.add_argument_group('run and outputs')
     g.add_argument('--device', default=None, type=str, help='cuda or cpu (default: cuda if available)')
@@ -458,10 +465,12 @@ def main(args) -> dict:
         ann_acc1 = report.read_ann_accuracy(args.ann_results) if args.ann_results else None
         if args.plot:
             report.require_matplotlib()
+        record['coding'] = low_latency.resolve_coding(args.coding, extras, args.model_path)  # issue 23
         try:
             convert_to_snn(model, linear_num=args.linear_num, qkv_num=args.qkv_num,
                            softmax_num=args.softmax_num, softmax_p=args.softmax_p,
-                           fc2_thresholds=fc2_thresholds(args, model), backend=args.backend)
+                           fc2_thresholds=fc2_thresholds(args, model), backend=args.backend,
+                           coding=record['coding'])
         except ConversionError as exc:
             raise utils.UserError(str(exc)) from None
         record['backend'] = model.ecmt_backend
@@ -515,11 +524,13 @@ def main(args) -> dict:
         if args.test_mode == 'for_v':
             check_thresholds_finite(model)
             record['calibration'] = calibration_record(args, transform, results['n'])
+            record['calibration']['coding'] = args.coding or 'rate'  # issue 23: snn runs this coding
         if args.test_mode == 'for_v' and args.target_T is not None:
             # -- low-latency calibration (issue 15): thresholds for --target_T steps, chosen on the
             # calibration loader alone (--calib_data_path's images; the evaluation set without it).
             conversion = dict(linear_num=args.linear_num, qkv_num=args.qkv_num, softmax_num=args.softmax_num,
-                              softmax_p=args.softmax_p, fc2_thresholds=fc2_thresholds(args, model))
+                              softmax_p=args.softmax_p, fc2_thresholds=fc2_thresholds(args, model),
+                              coding=args.coding or 'rate')
             record['low_latency'] = low_latency.run_for_args(
                 model, loader, args, device, amp, conversion,
                 log=lambda line: (print(line), utils.append_log(log_path, line)))

@@ -823,7 +823,7 @@ class ECNeuron(TwoSideNeuron):
             cum, prev, membrane, estimate = state if state is not None else (None,) * 4
             out, counts, cum, prev, membrane, estimate, spikes = self.kernels.ec_mt_steps(
                 self.ec_kind, flat, cum, prev, t0, keep, self.level_table(), membrane, **extra,
-                **self._coding_arguments(None if state is None else (membrane, estimate), t0, sent))
+                coding='differential', estimate=estimate, sent=sent)
             new_state = (cum, prev, membrane, estimate) if keep else None
             if sent:
                 return out.view(xs.shape), counts, new_state, spikes.view(xs.shape)
@@ -897,6 +897,15 @@ class _ECProduct(StatefulModule):
     def dense_operations(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> float:
         """Operations of the dense product of one call (all its steps)."""
         raise NotImplementedError  # pragma: no cover
+
+    def sent_operations(self, sent_a: torch.Tensor, sent_b: torch.Tensor, estimate_a: torch.Tensor,
+                        estimate_b: torch.Tensor) -> torch.Tensor:
+        """Per-step operations [K] float64 of the last call when both operands came from
+        differential neurons (ECMT_SPEC 14): nz(s_a)·nz(s_b) + nz(s_a)·nz(r_b) + nz(r_a)·nz(s_b),
+        with s the spikes sent and r the estimates before the step, each given as the operands
+        were ([K*B, ...], the same views)."""
+        split = self._split_time
+        return self._operations(split(sent_a), split(sent_b), split(estimate_a), split(estimate_b))
 
     # The state after the last step, each shaped like that step's operand (or output), or None.
     @property
@@ -1376,6 +1385,14 @@ class SOPMonitor(BaseMonitor):
     (``last_operations``). They stay on the device (no host sync per step), and add up over all
     batches.
 
+    Differential neurons (ECMT_SPEC 14) transmit their spikes s, not their outputs y = r + s: their
+    ``last_nonzero`` counts s, so a linear layer they feed counts nz(s) x out_features; the neurons
+    that feed products (:data:`PRODUCT_PLACES`) leave their s and their estimates before each step
+    (``record_sent``), and an EC product whose two operands are views of two such neurons'
+    outputs counts nz(s_a)·nz(s_b) + nz(s_a)·nz(r_b) + nz(r_a)·nz(s_b) (``sent_operations``).
+    A product with another operand (an analog one, or a copy such as grouped-query attention's
+    repeated k/v) keeps the count of section 8 on the operands as given. Level counts are of s.
+
     Steps: :func:`engine_for_finetuning.simulate` calls :meth:`new_batch` before each batch and
     sets ``step`` (0-based, the first step of the chunk) and ``time_steps`` (K, the steps in the
     chunk) before each forward pass. Driven step by step (``time_steps`` 1), set ``step`` before
@@ -1411,9 +1428,15 @@ class SOPMonitor(BaseMonitor):
                 module.count_operations = True
                 self._watch(name, module, 'product', self._product_hook)
         self.neurons = [(n, m) for n, m in model.named_modules() if isinstance(m, TwoSideNeuron)]
+        # What differential neurons feeding products sent, by neuron: (the output, its version,
+        # spikes s, estimates before each step), taken by the product. The output is held (not
+        # weakly: its operand may be a view whose base object is gone) so that its memory cannot
+        # be another tensor's; an entry lives until the product takes it or the neuron's next call.
+        self._sent: Dict[int, Tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = {}
         for _, neuron in self.neurons:
             neuron.count_levels = self.count_levels
             neuron.level_counts = None
+            neuron.record_sent = neuron.coding == 'differential' and neuron.place in PRODUCT_PLACES
             self.handles.append(neuron.register_forward_hook(self._neuron_hook))
         self._products = [m for m in model.modules() if isinstance(m, _ECProduct)]
 
@@ -1427,6 +1450,7 @@ class SOPMonitor(BaseMonitor):
     def new_batch(self) -> None:
         """Counts add up over batches; only level counting stops after ``level_batches``."""
         self._flush()
+        self._sent.clear()
         self.batches += 1
         if self.count_levels and self.level_batches is not None:
             counting = self.batches <= self.level_batches
@@ -1493,6 +1517,22 @@ class SOPMonitor(BaseMonitor):
 
     def _neuron_hook(self, module, inputs, output) -> None:
         self._posted = (weakref.ref(output), output._version, module.last_nonzero)
+        if module.last_sent is not None:
+            self._sent[id(module)] = (output, output._version, *module.last_sent)
+            module.last_sent = None
+
+    def _take_sent(self, x: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(spikes, estimates before each step) viewed as ``x`` is, if ``x`` is an unmodified view
+        of a differential neuron's output (the same memory and version), else None. Taken once:
+        the monitor holds no neuron's spikes past the product that uses them."""
+        for key, (output, version, spikes, estimates) in list(self._sent.items()):
+            if (output.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() and x._version == version
+                    and x.dtype == spikes.dtype and output.is_contiguous() and spikes.shape == output.shape):
+                del self._sent[key]
+                offset = x.storage_offset() - output.storage_offset()
+                return (spikes.as_strided(x.shape, x.stride(), spikes.storage_offset() + offset),
+                        estimates.as_strided(x.shape, x.stride(), estimates.storage_offset() + offset))
+        return None
 
     def _linear_hook(self, index, module, inputs, output) -> None:
         x = inputs[0]
@@ -1505,8 +1545,12 @@ class SOPMonitor(BaseMonitor):
                   float(x.numel() // self.time_steps) * module.out_features, x.device)
 
     def _product_hook(self, index, module, inputs, output) -> None:
-        a, b = inputs
+        a, b = inputs[:2]
         counts = module.last_operations
+        if self._sent:
+            sent_a, sent_b = self._take_sent(a), self._take_sent(b)
+            if sent_a is not None and sent_b is not None:
+                counts = module.sent_operations(sent_a[0], sent_b[0], sent_a[1], sent_b[1])
         self._add(index, counts, 1.0, module.dense_operations(a, b, output) / counts.numel(), a.device)
 
     def totals(self, reduce: Optional[Callable] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -1561,6 +1605,9 @@ class SOPMonitor(BaseMonitor):
         super().remove()
         for _, neuron in self.neurons:
             neuron.count_levels = False
+            neuron.record_sent = False
+            neuron.last_sent = None
+        self._sent.clear()
         for product in self._products:
             product.count_operations = False
             product.last_operations = None
