@@ -243,9 +243,9 @@ def _backends(triton):
             if trans_utils.backend_problem(b, 'cpu') is None and (triton or b != 'triton')]
 
 
-# The interpreter is slow: Triton runs two families (the fused q/k/v and EC paths of a ViT, EVA-02's
-# norms and SwiGLU).
-TRITON_FAMILIES = ('vit_cls_token', 'eva02_swiglu_norms')
+# The interpreter is slow: Triton runs four families (a ViT's fused q/k/v and EC paths, EVA-01's
+# qkv biases, EVA-02's norms and SwiGLU, attention pooling).
+TRITON_FAMILIES = ('vit_cls_token', 'eva_giant', 'eva02_swiglu_norms', 'siglip_map')
 
 
 @pytest.mark.parametrize('config', FAMILIES)
