@@ -293,7 +293,7 @@ def test_readme_steps_4_and_5_use_the_published_defaults(workspace, runs):
     assert saved['calibration'] == {'transform': datasets.transform_config(args_for()),
                                     'data_set': 'image_folder', 'data_path': '../datasets/val',
                                     'split': 'evaluation', 'images': 450, 'batches': None, 'percent': 0.99,
-                                    'model': 'vit_tiny_patch16_224'}
+                                    'model': 'vit_tiny_patch16_224', 'coding': 'rate'}
     assert runs['for_v']['acc1'] == runs['ann']['acc1']  # calibration does not change the ANN
     snn = runs['snn']
     assert len(snn['acc1']) == 4 and snn['n'] == 450
