@@ -42,13 +42,29 @@ def mt_step(membrane: torch.Tensor, x: torch.Tensor, table: torch.Tensor
     N, dead sides) never pass. Only comparisons and selections: the same spikes as the literal
     rule bit for bit. Returns (spike, new membrane)."""
     membrane = membrane + x
-    up = torch.zeros_like(membrane)
-    down = torch.zeros_like(membrane)
-    for j in range(table.shape[1]):
-        up = torch.where(membrane >= table[0, j], table[1, j], up)
-        down = torch.where(-membrane >= table[2, j], table[3, j], down)
-    spike = up - down
+    spike = fire(membrane, table)
     return spike, membrane - spike
+
+
+def fire(u: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The spike the MT rule emits for a membrane ``u`` that already holds this step's input."""
+    up = torch.zeros_like(u)
+    down = torch.zeros_like(u)
+    for j in range(table.shape[1]):
+        up = torch.where(u >= table[0, j], table[1, j], up)
+        down = torch.where(-u >= table[2, j], table[3, j], down)
+    return up - down
+
+
+def differential_step(membrane: torch.Tensor, estimate: torch.Tensor, x: torch.Tensor, table: torch.Tensor,
+                      step: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step t = ``step`` of the differential neuron (ECMT_SPEC 14), in the float order every
+    backend follows: u = (v + x) - r; s = the MT spike for u; v = u - s; y = r + s; r = r + s / t.
+    Returns (y, s, new membrane, new estimate)."""
+    u = (membrane + x) - estimate
+    spike = fire(u, table)
+    # A divisor tensor, not a Python number: torch may multiply by a scalar's reciprocal instead.
+    return estimate + spike, spike, u - spike, estimate + spike / torch.full_like(spike, float(step))
 
 
 def _check_table(name: str, table: torch.Tensor) -> None:
@@ -61,22 +77,45 @@ def _check_state(name: str, state: Optional[torch.Tensor], n: int) -> None:
         raise ValueError(f'{name}: the state must be float32 with one element per input element of a step')
 
 
-def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tensor], keep: bool
-             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+def _differential(name: str, coding: str, membrane: Optional[torch.Tensor], estimate: Optional[torch.Tensor]) -> bool:
+    if coding not in ('rate', 'differential'):
+        raise ValueError(f"{name}: coding must be 'rate' or 'differential', got {coding!r}")
+    if coding == 'differential' and (membrane is None) != (estimate is None):
+        raise ValueError(f'{name}: the membrane and the estimate are carried together')
+    return coding == 'differential'
+
+
+def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tensor], keep: bool, *,
+             coding: str = 'rate', estimate: Optional[torch.Tensor] = None, t0: int = 0, sent: bool = False):
     """K steps of the MT neuron on ``x`` [K, ...] (any strides and float dtype; computed in
     float32). ``membrane``: the flat state after the previous chunk, or None (zero) on a batch's
     first chunk. Returns (spikes [K, ...] float32 contiguous, non-zero spikes per step [K] int64,
-    the membrane after the chunk if ``keep``, else None)."""
+    the membrane after the chunk if ``keep``, else None).
+
+    ``coding='differential'`` (ECMT_SPEC 14, :func:`differential_step`): the flat ``estimate`` is
+    carried with the membrane (both None on a batch's first chunk), the steps are t0+1..t0+K, and
+    the result is (outputs r + s [K, ...], non-zero spikes s per step [K], membrane, estimate (the
+    states None without ``keep``), the spikes s [K, ...] if ``sent`` else None)."""
     _check_table('mt_steps', table)
     if x.dim() < 1:
         raise ValueError('mt_steps: x must have a leading time dimension')
+    differential = _differential('mt_steps', coding, membrane, estimate)
     steps = x.shape[0]
     step_shape = x.shape[1:]
     _check_state('mt_steps', membrane, math.prod(step_shape))
+    _check_state('mt_steps', estimate, math.prod(step_shape))
     table = table.to(x.device)
     v = (torch.zeros(step_shape, dtype=torch.float32, device=x.device) if membrane is None
          else membrane.view(step_shape))
     spikes = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    if differential:
+        r = torch.zeros_like(v) if estimate is None else estimate.view(step_shape)
+        outputs = torch.empty_like(spikes)
+        for k in range(steps):
+            outputs[k], spikes[k], v, r = differential_step(v, r, x[k].float(), table, t0 + k + 1)
+        counts = (spikes != 0).reshape(steps, -1).sum(1)
+        states = (v.reshape(-1).contiguous(), r.reshape(-1).contiguous()) if keep else (None, None)
+        return outputs, counts, *states, (spikes if sent else None)
     for k in range(steps):
         spike, v = mt_step(v, x[k].float(), table)
         spikes[k] = spike
@@ -99,13 +138,13 @@ def _check_qkv(name: str, qkv: torch.Tensor, part: int, heads: int) -> None:
 
 
 def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
-                 membrane: Optional[torch.Tensor], keep: bool
-                 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+                 membrane: Optional[torch.Tensor], keep: bool, **coding):
     """:func:`mt_steps` of the q (``part`` 0), k (1) or v (2) neuron of an attention, on its part
     of the fused qkv linear output ``qkv`` [K, B, N, 3*heads*D]. Returns (spikes [K, B, heads, N,
-    D] contiguous, counts [K], membrane: flat [B, heads, N, D] as mt_steps keeps it)."""
+    D] contiguous, counts [K], membrane: flat [B, heads, N, D] as mt_steps keeps it); ``coding``:
+    the keywords of :func:`mt_steps` for a differential neuron."""
     _check_qkv('qkv_mt_steps', qkv, part, heads)
-    return mt_steps(qkv_part(qkv, part, heads), table, membrane, keep)
+    return mt_steps(qkv_part(qkv, part, heads), table, membrane, keep, **coding)
 
 
 def running_sums(x: torch.Tensor, carried: Optional[torch.Tensor]) -> torch.Tensor:
@@ -221,9 +260,12 @@ def ec_layer_norm_steps(x: torch.Tensor, cum: Optional[torch.Tensor], prev: Opti
 
 def ec_mt_steps(kind: str, x: torch.Tensor, cum: Optional[torch.Tensor], prev: Optional[torch.Tensor], t0: int,
                 keep: bool, table: torch.Tensor, membrane: Optional[torch.Tensor], *, approximate: bool = False,
-                weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, eps: float = 0.0):
+                weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, eps: float = 0.0,
+                coding: str = 'rate', estimate: Optional[torch.Tensor] = None, sent: bool = False):
     """An EC kernel (``kind`` 'gelu', 'softmax', 'layer_norm') followed by the MT neuron it feeds:
-    here the two in turn. Returns (spikes shaped like ``x``, counts [K], cum, prev, membrane)."""
+    here the two in turn. Returns (spikes shaped like ``x``, counts [K], cum, prev, membrane); a
+    differential neuron (steps t0+1..t0+K): (outputs, counts, cum, prev, membrane, estimate, the
+    spikes s if ``sent`` else None)."""
     if kind == 'gelu':
         out, cum, prev = ec_gelu_steps(x, cum, prev, t0, keep, approximate)
     elif kind == 'softmax':
@@ -232,5 +274,9 @@ def ec_mt_steps(kind: str, x: torch.Tensor, cum: Optional[torch.Tensor], prev: O
         out, cum, prev = ec_layer_norm_steps(x, cum, prev, t0, keep, weight, bias, eps)
     else:
         raise ValueError(f'ec_mt_steps: unknown kind {kind!r}')
-    spike, counts, membrane = mt_steps(out, table, membrane, keep)
+    if coding == 'differential':
+        y, counts, membrane, estimate, spikes = mt_steps(out, table, membrane, keep, coding=coding,
+                                                         estimate=estimate, t0=t0, sent=sent)
+        return y, counts, cum, prev, membrane, estimate, spikes
+    spike, counts, membrane = mt_steps(out, table, membrane, keep, coding=coding)
     return spike, counts, cum, prev, membrane

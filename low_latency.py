@@ -44,12 +44,12 @@ import torch.nn.functional as F
 
 import utils
 from engine_for_finetuning import autocast_context, simulate
-from trans_utils import (SOPMonitor, TestNeuron, TwoSideNeuron, convert_to_snn, get_modules,
+from trans_utils import (CODINGS, SOPMonitor, TestNeuron, TwoSideNeuron, convert_to_snn, get_modules,
                          tail_quantiles, threshold_config)
 
 __all__ = ['DEFAULT_PERCENTS', 'DEFAULT_BUDGET', 'DEFAULT_SEARCH_IMAGES', 'SCALE_FACTORS',
            'record_quantiles', 'choose_thresholds', 'kl_objective', 'check_search_args',
-           'apply_fixed_thresholds', 'run_for_args']
+           'apply_fixed_thresholds', 'run_for_args', 'recorded_coding', 'resolve_coding']
 
 #: Candidate global percents, highest first: on equal objectives the first (fewer spikes) wins.
 DEFAULT_PERCENTS = (0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8)
@@ -372,10 +372,12 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
         if name in quantiles:
             neuron.scale_p.copy_(quantiles[name][0, 0:1])
             neuron.scale_n.copy_(quantiles[name][0, 1:2])
+    # The search simulates the neuron that will run (conversion['coding'], ECMT_SPEC 14).
     snn = convert_to_snn(copied, **conversion).eval()
     places, fixed = [], {}
+    levels_config = {k: v for k, v in conversion.items() if k != 'coding'}
     for name, neuron in get_modules(snn, (TwoSideNeuron,)):
-        value = threshold_config(neuron.place, **conversion)[1]
+        value = threshold_config(neuron.place, **levels_config)[1]
         if value is None and name in quantiles:
             places.append(name)
         elif value is not None and search_fixed:
@@ -513,6 +515,26 @@ def apply_fixed_thresholds(snn: nn.Module, record: Optional[Dict], log: Callable
         f'--target_T {record.get("target_T")} (recorded in the checkpoint; --softmax_p and --fc2_thresholds '
         'do not apply to them)')
     return len(chosen)
+
+
+def recorded_coding(extras: Dict) -> Optional[str]:
+    """The coding a checkpoint's thresholds were calibrated for (its ``calibration`` record's
+    ``coding``), or None for a file that records none (the published scripts', older ones)."""
+    record = extras.get('calibration')
+    coding = record.get('coding') if isinstance(record, dict) else None
+    return coding if coding in CODINGS else None
+
+
+def resolve_coding(requested: Optional[str], extras: Dict, path) -> str:
+    """``snn``: the neuron coding to run, from the checkpoint's record, or ``requested`` (the
+    command line's ``--coding``; None: not given). A request that contradicts the record is a
+    UserError naming both: the thresholds were chosen for the recorded coding. A file without a
+    record runs what is requested, else the published rate coding."""
+    recorded = recorded_coding(extras)
+    if requested is not None and recorded is not None and requested != recorded:
+        raise utils.UserError(f'--coding {requested} contradicts {path}, whose thresholds were calibrated for '
+                              f'--coding {recorded} (run for_v --coding {requested} to calibrate for it)')
+    return requested or recorded or 'rate'
 
 
 def _plain(conversion: Dict) -> Dict:

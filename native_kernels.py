@@ -137,9 +137,10 @@ def _build() -> str:
 def _load(path: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(path)
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.ecmt_mt_steps.argtypes = [p, i32, p, p, p, i32, i32, p, i64, p, p, i32]
+    lib.ecmt_mt_steps.argtypes = [p, i32, p, p, p, i32, i32, p, i64, p, p, i32, i32, p, f32, p]
     lib.ecmt_mt_steps.restype = i32
-    lib.ecmt_qkv_mt_steps.argtypes = [p, i64, i64, i64, i64, i64, p, p, p, i64, p, p, p, i32, i32, p, p, p, p, i32]
+    lib.ecmt_qkv_mt_steps.argtypes = [p, i64, i64, i64, i64, i64, p, p, p, i64, p, p, p, i32, i32, p, p, p, p, i32,
+                                      i32, p, p, p, f32, p, p, p]
     lib.ecmt_qkv_mt_steps.restype = i32
     lib.ecmt_ec_gelu_steps.argtypes = [p, p, p, i32, i32, f32, p, i64, i64, i32, i32]
     lib.ecmt_ec_gelu_steps.restype = None
@@ -147,12 +148,14 @@ def _load(path: str) -> ctypes.CDLL:
     lib.ecmt_ec_softmax_steps.restype = None
     lib.ecmt_ec_layer_norm_steps.argtypes = [p, p, p, i32, i32, f32, p, p, f32, p, i64, i64, i64, i32]
     lib.ecmt_ec_layer_norm_steps.restype = None
-    lib.ecmt_ec_gelu_mt_steps.argtypes = [p, p, p, i32, i32, f32, i64, i64, i32, p, i64, p, i32, i32, p, p, i32]
+    lib.ecmt_ec_gelu_mt_steps.argtypes = [p, p, p, i32, i32, f32, i64, i64, i32, p, i64, p, i32, i32, p, p, i32,
+                                          i32, p, p]
     lib.ecmt_ec_gelu_mt_steps.restype = i32
-    lib.ecmt_ec_softmax_mt_steps.argtypes = [p, p, p, i32, i32, f32, i64, i64, i64, p, i64, p, i32, i32, p, p, i32]
+    lib.ecmt_ec_softmax_mt_steps.argtypes = [p, p, p, i32, i32, f32, i64, i64, i64, p, i64, p, i32, i32, p, p, i32,
+                                             i32, p, p]
     lib.ecmt_ec_softmax_mt_steps.restype = i32
     lib.ecmt_ec_layer_norm_mt_steps.argtypes = [p, p, p, i32, i32, f32, p, p, f32, i64, i64, i64, p, i64, p, i32,
-                                                i32, p, p, i32]
+                                                i32, p, p, i32, i32, p, p]
     lib.ecmt_ec_layer_norm_mt_steps.restype = i32
     lib.ecmt_running_sums.argtypes = [p, i32, p, p, p, p, i32]
     lib.ecmt_running_sums.restype = i32
@@ -179,36 +182,57 @@ def _ptr(t: Optional[torch.Tensor]):
     return None if t is None else t.data_ptr()
 
 
-def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tensor], keep: bool
-             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tensor], keep: bool, *,
+             coding: str = 'rate', estimate: Optional[torch.Tensor] = None, t0: int = 0, sent: bool = False):
     """K steps of the MT neuron (see ``trans_utils._mt_step_table``) on a float32 CPU input
     ``x`` [K, ...] of any strides (a permuted q/k/v view is read where it lies). ``membrane``: the
     flat state carried from the previous chunk, or None on a batch's first chunk (it starts at
     zero and is not read). With ``keep`` the membrane after the K steps is written (into
     ``membrane``, or a new tensor) and returned; without (a batch's last chunk) nothing is written
     and None is returned. Returns (spikes [K, ...] contiguous, non-zero spikes per step [K] int64,
-    membrane or None)."""
+    membrane or None).
+
+    ``coding='differential'`` (ECMT_SPEC 14): the running ``estimate`` is carried with the membrane
+    (both None on a batch's first chunk), the steps are t0+1..t0+K, and the result is (outputs r + s
+    [K, ...], non-zero spikes s per step [K], membrane, estimate (None without ``keep``), the spikes
+    s [K, ...] if ``sent`` else None)."""
     if x.dim() < 1 or x.dim() > MAX_DIMS + 1:
         raise ValueError(f'mt_steps: x must have 1 to {MAX_DIMS + 1} dimensions')
     if table.dim() != 2 or table.shape[0] != 4 or not table.is_contiguous():
         raise ValueError('mt_steps: table must be a contiguous [4, width] tensor')
+    differential = _differential('mt_steps', coding, membrane, estimate)
     steps = x.shape[0]
-    membrane, fresh = _state(membrane, x[0].numel() if steps else 0, keep)
+    n = x[0].numel() if steps else 0
+    membrane, fresh = _state(membrane, n, keep)
+    estimate = _state(estimate, n, keep)[0] if differential else None
     spike = torch.empty(x.shape, dtype=torch.float32)
+    spikes_sent = torch.empty(x.shape, dtype=torch.float32) if differential and sent else None
     counts = torch.empty(steps, dtype=torch.int64)
     shape = (ctypes.c_int64 * x.dim())(*x.shape)
     strides = (ctypes.c_int64 * x.dim())(*x.stride())
     status = library().ecmt_mt_steps(x.data_ptr(), x.dim(), shape, strides, _ptr(membrane), int(fresh),
                                      int(bool(keep)), table.data_ptr(), table.shape[1], spike.data_ptr(),
-                                     counts.data_ptr(), torch.get_num_threads())
+                                     counts.data_ptr(), torch.get_num_threads(), int(differential), _ptr(estimate),
+                                     float(t0), _ptr(spikes_sent))
     if status != 0:
         raise RuntimeError(f'ecmt_mt_steps rejected its arguments (status {status})')
+    if differential:
+        return spike, counts, membrane if keep else None, estimate if keep else None, spikes_sent
     return spike, counts, membrane if keep else None
 
 
+def _differential(name: str, coding: str, membrane: Optional[torch.Tensor], estimate: Optional[torch.Tensor]) -> bool:
+    """Whether ``coding`` is the differential one (checking that its two states come together)."""
+    if coding not in ('rate', 'differential'):
+        raise ValueError(f"{name}: coding must be 'rate' or 'differential', got {coding!r}")
+    if coding == 'differential' and (membrane is None) != (estimate is None):
+        raise ValueError(f'{name}: the membrane and the estimate are carried together')
+    return coding == 'differential'
+
+
 def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
-                 membrane: Optional[torch.Tensor], keep: bool
-                 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+                 membrane: Optional[torch.Tensor], keep: bool, *, coding: str = 'rate',
+                 estimate: Optional[torch.Tensor] = None, t0: int = 0, sent: bool = False):
     """K steps of the q (``part`` 0), k (1) or v (2) MT neuron of an attention on its part of the
     fused qkv linear output ``qkv``: float32 CPU [K, B, N, 3 * heads * D] contiguous, read in place
     row after row (only this part's contiguous third of each token's row), the spikes written
@@ -216,7 +240,7 @@ def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
     ``qkv.view(K, B, N, 3, heads, D).permute(3, 0, 1, 4, 2, 5)[part]``, which reads with a stride of
     3 * heads * D between tokens. ``membrane``: the flat [B, heads, N, D] state (None on a batch's
     first chunk). Returns (spikes [K, B, heads, N, D] contiguous, non-zero spikes per step [K]
-    int64, membrane or None without ``keep``)."""
+    int64, membrane or None without ``keep``); differential coding as :func:`mt_steps`."""
     if qkv.dim() != 4 or not qkv.is_contiguous() or qkv.dtype != torch.float32 or heads < 1 \
             or qkv.shape[-1] % (3 * heads):
         raise ValueError('qkv_mt_steps: qkv must be a contiguous float32 [K, B, N, 3 * heads * D] tensor')
@@ -224,18 +248,25 @@ def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
         raise ValueError(f'qkv_mt_steps: part must be 0 (q), 1 (k) or 2 (v), got {part}')
     if table.dim() != 2 or table.shape[0] != 4 or not table.is_contiguous():
         raise ValueError('qkv_mt_steps: table must be a contiguous [4, width] tensor')
+    differential = _differential('qkv_mt_steps', coding, membrane, estimate)
     K, B, N, _ = qkv.shape
     D = qkv.shape[-1] // (3 * heads)
-    membrane, fresh = _state(membrane, B * heads * N * D if K else 0, keep)
+    n = B * heads * N * D if K else 0
+    membrane, fresh = _state(membrane, n, keep)
+    estimate = _state(estimate, n, keep)[0] if differential else None
     spike = torch.empty(K, B, heads, N, D, dtype=torch.float32)
+    spikes_sent = torch.empty(K, B, heads, N, D, dtype=torch.float32) if differential and sent else None
     counts = torch.empty(3, K, dtype=torch.int64)
-    tables, membranes, spikes = [None] * 3, [None] * 3, [None] * 3
+    tables, membranes, spikes, estimates, sents = [None] * 3, [None] * 3, [None] * 3, [None] * 3, [None] * 3
     tables[part], membranes[part], spikes[part] = table.data_ptr(), _ptr(membrane), spike.data_ptr()
+    estimates[part], sents[part] = _ptr(estimate), _ptr(spikes_sent)
     status = library().ecmt_qkv_mt_steps(qkv.data_ptr(), K, B, N, heads, D, *tables, table.shape[1], *membranes,
                                          int(fresh), int(bool(keep)), *spikes, counts.data_ptr(),
-                                         torch.get_num_threads())
+                                         torch.get_num_threads(), int(differential), *estimates, float(t0), *sents)
     if status != 0:
         raise RuntimeError(f'ecmt_qkv_mt_steps rejected its arguments (status {status})')
+    if differential:
+        return spike, counts[part].clone(), membrane if keep else None, estimate if keep else None, spikes_sent
     return spike, counts[part].clone(), membrane if keep else None
 
 
@@ -297,28 +328,33 @@ def ec_layer_norm_steps(x: torch.Tensor, cum: Optional[torch.Tensor], prev: Opti
 
 def ec_mt_steps(kind: str, x: torch.Tensor, cum: Optional[torch.Tensor], prev: Optional[torch.Tensor], t0: int,
                 keep: bool, table: torch.Tensor, membrane: Optional[torch.Tensor], *, approximate: bool = False,
-                weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, eps: float = 0.0
-                ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
-                           Optional[torch.Tensor]]:
+                weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, eps: float = 0.0,
+                coding: str = 'rate', estimate: Optional[torch.Tensor] = None, sent: bool = False):
     """An EC kernel (``kind`` 'gelu', 'softmax' or 'layer_norm', with the arguments and state of
     :func:`ec_gelu_steps` / :func:`ec_softmax_steps` / :func:`ec_layer_norm_steps`) with the MT
     neuron it feeds fused after it: the EC output never leaves the kernel; the neuron's ``table``
     and ``membrane`` are those of :func:`mt_steps` (None on a batch's first chunk). The same
     spikes as :func:`mt_steps` fed the EC kernel's output. Returns (spikes shaped like ``x``,
-    non-zero spikes per step [K] int64, cum, prev, membrane), the states None unless ``keep``."""
+    non-zero spikes per step [K] int64, cum, prev, membrane), the states None unless ``keep``;
+    with ``coding='differential'`` (the neuron's steps are the EC kernel's t0+1..t0+K): (outputs
+    r + s, counts of s, cum, prev, membrane, estimate, the spikes s if ``sent`` else None)."""
     if table.dim() != 2 or table.shape[0] != 4 or not table.is_contiguous():
         raise ValueError('ec_mt_steps: table must be a contiguous [4, width] tensor')
+    differential = _differential('ec_mt_steps', coding, membrane, estimate)
     rank = 2 if kind == 'gelu' else 3
     if kind == 'layer_norm':
         _check_affine(x, weight, bias)
     x, cum, prev, fresh, _ = _ec_arguments(f'ec_mt_steps({kind})', x, cum, prev, keep, rank, output=False)
-    membrane, mfresh = _state(membrane, x[0].numel() if x.shape[0] else 0, keep)
+    n = x[0].numel() if x.shape[0] else 0
+    membrane, mfresh = _state(membrane, n, keep)
+    estimate = _state(estimate, n, keep)[0] if differential else None
     spike = torch.empty(x.shape, dtype=torch.float32)
+    spikes_sent = torch.empty(x.shape, dtype=torch.float32) if differential and sent else None
     counts = torch.empty(x.shape[0], dtype=torch.int64)
     lib, threads = library(), torch.get_num_threads()
     head = (x.data_ptr(), _ptr(cum), _ptr(prev), int(fresh), int(bool(keep)), float(t0))
     neuron = (table.data_ptr(), table.shape[1], _ptr(membrane), int(mfresh), int(bool(keep)), spike.data_ptr(),
-              counts.data_ptr(), threads)
+              counts.data_ptr(), threads, int(differential), _ptr(estimate), _ptr(spikes_sent))
     if kind == 'gelu':
         status = lib.ecmt_ec_gelu_mt_steps(*head, x.shape[0], x.shape[1], int(bool(approximate)), *neuron)
     elif kind == 'softmax':
@@ -330,7 +366,9 @@ def ec_mt_steps(kind: str, x: torch.Tensor, cum: Optional[torch.Tensor], prev: O
     if status != 0:
         raise RuntimeError(f'ecmt_ec_{kind}_mt_steps rejected its arguments (status {status})')
     if not keep:
-        cum = prev = membrane = None
+        cum = prev = membrane = estimate = None
+    if differential:
+        return spike, counts, cum, prev, membrane, estimate, spikes_sent
     return spike, counts, cum, prev, membrane
 
 

@@ -25,6 +25,8 @@ from cli_base import DATA_CONFIGS, DATA_SETS, Parser, UserError, given_flags, mo
 THRESHOLD_KEYS = ('scale_p', 'scale_n')
 #: energy.ENERGY_MODELS' names, here without importing torch (tests/test_energy.py checks they agree).
 ENERGY_MODELS = ('ecmt', 'fp32', 'fp16', 'int8', 'fp32_memory')
+#: low_latency.CODINGS, here without importing torch (tests/test_differential.py checks they agree).
+CODINGS = ('rate', 'differential')
 #: The search defaults, read from low_latency.py without importing it (it imports torch).
 _SEARCH = module_constants('low_latency.py', ('DEFAULT_PERCENTS', 'DEFAULT_BUDGET', 'DEFAULT_SEARCH_IMAGES',
                                               'DEFAULT_CACHE_MIB', 'DEFAULT_PREFIX_WEIGHT', 'OBJECTIVES'))
@@ -180,6 +182,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='--target_T: memory for the inputs of unchanged blocks, kept so that a candidate that '
                         'changes only later blocks does not run the earlier ones again (same values; 0: off)')
     # -- end of low-latency calibration --
+    # -- differential coding (issue 23) --
+    g.add_argument('--coding', default=None, choices=CODINGS,
+                   help='neuron coding (ECMT_SPEC 14): rate, the published neuron, or differential (sends only the '
+                        'correction to a running estimate). for_v records it in the checkpoint (and --target_T '
+                        'searches with it); snn takes it from there (default: the record, else rate); a --coding '
+                        'that differs from the record is an error')
+    # -- end of differential coding --
 
     g = parser.add_argument_group('run and outputs')
     g.add_argument('--device', default=None, type=str, help='cuda or cpu (default: cuda if available)')
@@ -707,10 +716,12 @@ def main(args) -> dict:
         ann_acc1 = report.read_ann_accuracy(args.ann_results) if args.ann_results else None
         if args.plot:
             report.require_matplotlib()
+        record['coding'] = low_latency.resolve_coding(args.coding, extras, args.model_path)  # issue 23
         try:
             convert_to_snn(model, linear_num=args.linear_num, qkv_num=args.qkv_num,
                            softmax_num=args.softmax_num, softmax_p=args.softmax_p,
-                           fc2_thresholds=fc2_thresholds(args, model), backend=args.backend)
+                           fc2_thresholds=fc2_thresholds(args, model), backend=args.backend,
+                           coding=record['coding'])
         except ConversionError as exc:
             raise UserError(str(exc)) from None
         record['backend'] = model.ecmt_backend
@@ -774,11 +785,13 @@ def main(args) -> dict:
             check_thresholds_finite(model)
             record['calibration'] = {**calibration_record(args, transform, results['n']),
                                      **model_record(args, model, source)}
+            record['calibration']['coding'] = args.coding or 'rate'  # issue 23: snn runs this coding
         if args.test_mode == 'for_v' and args.target_T is not None:
             # -- low-latency calibration (issue 15): thresholds for --target_T steps, chosen on the
             # calibration loader alone (--calib_data_path's images; the evaluation set without it).
             conversion = dict(linear_num=args.linear_num, qkv_num=args.qkv_num, softmax_num=args.softmax_num,
-                              softmax_p=args.softmax_p, fc2_thresholds=fc2_thresholds(args, model))
+                              softmax_p=args.softmax_p, fc2_thresholds=fc2_thresholds(args, model),
+                              coding=args.coding or 'rate')
             record['low_latency'] = low_latency.run_for_args(
                 model, loader, args, device, amp, conversion,
                 log=lambda line: (print(line), utils.append_log(log_path, line)))

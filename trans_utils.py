@@ -51,7 +51,7 @@ __all__ = [
     'reset_net', 'set_backend', 'set_default_backend', 'resolve_backend', 'backend_problem', 'kernels_of',
     'BACKENDS', 'BACKEND_CHOICES', 'threshold_config',
     'EC_MODULE_TYPES', 'register_snn_modules', 'check_fully_converted', 'BaseMonitor', 'SOPMonitor',
-    'product_nonzero_macs', 'spike_level_counts', 'fuse_ec_neurons',
+    'product_nonzero_macs', 'spike_level_counts', 'fuse_ec_neurons', 'CODINGS',
 ]
 
 #: Placeholder kinds, in the order they appear in a transformer block (ECMT_SPEC section 2; 'gate'
@@ -535,6 +535,13 @@ def reset_net(model: nn.Module) -> None:
             module.reset()
 
 
+#: The neuron codings (ECMT_SPEC 4 and 14): 'rate', the published neuron, re-sends the whole
+#: activation every step; 'differential' sends only the correction to its running estimate.
+CODINGS: Tuple[str, ...] = ('rate', 'differential')
+#: Places whose neurons feed an EC product (whose energy count needs the spikes and estimates).
+PRODUCT_PLACES = ('q', 'k', 'v', 's', 'gate', 'up')
+
+
 class TwoSideNeuron(StatefulModule):
     """Multi-threshold neuron of ``snn`` mode (ECMT_SPEC 4).
 
@@ -550,16 +557,28 @@ class TwoSideNeuron(StatefulModule):
     grew by about 70 MiB per block (ViT-S/16, batch 8, T=4). Given ``qkv_part=(part, heads)``, the input is an
     attention's fused qkv linear output [K*B, N, 3*heads*D] and the neuron (q: part 0, k: 1, v: 2)
     reads its own part of it in place, returning [K*B, heads, N, D] as on the split view.
+
+    ``coding='differential'`` (ECMT_SPEC 14): the neuron keeps a running estimate r too (state:
+    (membrane, estimate), both flat) and, at step t, fires the same rule on ``(v + x) - r``, keeps
+    ``v = u - s``, outputs ``y = r + s`` and updates ``r += s / t``. Its output is y (what the
+    next module computes with); what it transmits, and what ``last_nonzero`` and the level counts
+    count, is s. With ``record_sent`` (set by the energy monitor) each call also leaves
+    ``last_sent`` = (s, the estimates before each step), both shaped like the output.
     """
     kind = 'neuron'
 
     def __init__(self, place: str, scale_p: float | torch.Tensor, scale_n: float | torch.Tensor,
-                 levels: int) -> None:
+                 levels: int, coding: str = 'rate') -> None:
         super().__init__()
         if levels < 1:
             raise ValueError(f'levels must be >= 1, got {levels}')
+        if coding not in CODINGS:
+            raise ValueError(f'unknown coding {coding!r}; choose one of {", ".join(CODINGS)}')
         self.place = place
         self.levels = int(levels)
+        self.coding = coding
+        self.record_sent = False
+        self.last_sent: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.register_buffer('scale_p', torch.as_tensor(scale_p, dtype=torch.float32).reshape(1).clone())
         self.register_buffer('scale_n', torch.as_tensor(scale_n, dtype=torch.float32).reshape(1).clone())
         self.count_nonzero = False
@@ -582,30 +601,77 @@ class TwoSideNeuron(StatefulModule):
     @property
     def membrane(self) -> Optional[torch.Tensor]:
         """The membrane potential after the last step (shaped like one step's input), or None."""
+        if self.coding == 'differential':
+            return None if self.state is None else self._shaped(self.state[0])
         return self._shaped(self.state)
 
-    def run_chunk(self, xs: torch.Tensor, membrane: Optional[torch.Tensor], t0: int, keep: bool,
-                  qkv_part: Optional[Tuple[int, int]] = None):
-        """K steps: (spikes [K, ...], non-zero spikes per step [K], membrane or None without keep).
+    @property
+    def estimate(self) -> Optional[torch.Tensor]:
+        """A differential neuron's running estimate r after the last step (shaped like one step's
+        input), or None."""
+        if self.coding != 'differential' or self.state is None:
+            return None
+        return self._shaped(self.state[-1])
+
+    def _coding_arguments(self, state, t0: int, sent: bool) -> Dict:
+        """The kernels' keywords for a differential neuron whose (membrane, estimate) is ``state``."""
+        return dict(coding='differential', estimate=None if state is None else state[1], t0=t0, sent=sent)
+
+    def run_chunk(self, xs: torch.Tensor, state, t0: int, keep: bool,
+                  qkv_part: Optional[Tuple[int, int]] = None, sent: bool = False):
+        """K steps: (outputs [K, ...], non-zero spikes per step [K], state or None without keep);
+        the state is the membrane, or (membrane, estimate) for a differential neuron, whose
+        outputs are y = r + s; with ``sent`` (differential only) the spikes s [K, ...] follow.
         ``xs``: [K, ...], or the fused qkv output [K, B, N, 3*heads*D] with ``qkv_part``."""
         kernels = self.kernels
         if self.backend == 'native':
             xs = xs.float()
+        if self.coding == 'differential':
+            membrane = None if state is None else state[0]
+            coding = self._coding_arguments(state, t0, sent)
+            if qkv_part is not None:
+                part, heads = qkv_part
+                result = kernels.qkv_mt_steps(xs.contiguous(), part, heads, self.level_table(), membrane, keep,
+                                              **coding)
+            else:
+                result = kernels.mt_steps(xs, self.level_table(), membrane, keep, **coding)
+            out, counts, membrane, estimate, spikes = result
+            new_state = (membrane, estimate) if keep else None
+            return (out, counts, new_state, spikes) if sent else (out, counts, new_state)
         if qkv_part is not None:
             part, heads = qkv_part
-            return kernels.qkv_mt_steps(xs.contiguous(), part, heads, self.level_table(), membrane, keep)
-        return kernels.mt_steps(xs, self.level_table(), membrane, keep)
+            return kernels.qkv_mt_steps(xs.contiguous(), part, heads, self.level_table(), state, keep)
+        return kernels.mt_steps(xs, self.level_table(), state, keep)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, qkv_part: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         self._check_device(x)
         xs = self._split_time(x.detach())
         self.step_shape = tuple(xs.shape[1:]) if qkv_part is None else (xs.shape[1], qkv_part[1], xs.shape[2], -1)
-        spike, counts, membrane = self.run_chunk(xs, self.state, self.steps, not self.clock.last, qkv_part)
-        spike = spike.flatten(0, 1) if qkv_part is not None else spike.view(x.shape)
-        self._record(spike, counts)
-        self._advance(membrane)
-        return spike
+        sent = self.coding == 'differential' and (self.count_levels or self.record_sent)
+        start = self.state[-1].clone() if sent and self.record_sent and self.state is not None else None
+        out, counts, state, *spikes = self.run_chunk(xs, self.state, self.steps, not self.clock.last, qkv_part,
+                                                     sent=sent)
+        shape = (-1,) + tuple(out.shape[2:]) if qkv_part is not None else x.shape
+        out = out.reshape(shape)
+        spikes = spikes[0].reshape(shape) if spikes else out
+        self._record(spikes, counts)
+        if sent and self.record_sent:
+            self.last_sent = (spikes, self._estimates_before(spikes, start, self.steps))
+        self._advance(state)
+        return out
+
+    def _estimates_before(self, spikes: torch.Tensor, start: Optional[torch.Tensor], t0: int) -> torch.Tensor:
+        """The estimates r before each step of the chunk, shaped like its spikes s, from the
+        estimate before it (None: zero), with the neuron's own float operations (r + s / t)."""
+        steps = self.clock.steps
+        s = spikes.unflatten(0, (steps, -1))
+        r = torch.zeros_like(s[0]) if start is None else start.view(s.shape[1:])
+        before = torch.empty_like(s)
+        for k in range(steps):
+            before[k] = r
+            r = r + s[k] / torch.full_like(s[k], float(t0 + k + 1))
+        return before.view(spikes.shape)
 
     def _record(self, spike: torch.Tensor, counts: torch.Tensor) -> None:
         self.last_nonzero = counts if self.count_nonzero else None
@@ -621,8 +687,9 @@ class TwoSideNeuron(StatefulModule):
             self.level_counts += counts
 
     def extra_repr(self) -> str:
+        coding = '' if self.coding == 'rate' else f', coding={self.coding}'
         return (f'place={self.place}, levels={self.levels}, '
-                f'scale_p={self.scale_p.item():.6g}, scale_n={self.scale_n.item():.6g}, backend={self.backend}')
+                f'scale_p={self.scale_p.item():.6g}, scale_n={self.scale_n.item():.6g}{coding}, backend={self.backend}')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -750,17 +817,27 @@ class ECNeuron(TwoSideNeuron):
     ``ec_function`` is the wrapped module (held by the pass-through)."""
 
     def __init__(self, neuron: TwoSideNeuron, function: nn.Module) -> None:
-        super().__init__(neuron.place, neuron.scale_p, neuron.scale_n, neuron.levels)
-        self.backend = neuron.backend
+        super().__init__(neuron.place, neuron.scale_p, neuron.scale_n, neuron.levels, neuron.coding)
+        self.backend, self.record_sent = neuron.backend, neuron.record_sent
         self.count_levels, self.level_counts = neuron.count_levels, neuron.level_counts
         self.count_nonzero = neuron.count_nonzero
         self.ec_kind = _ec_kind(function)
         self.__dict__['ec_function'] = function  # a reference, not a submodule (the pass-through holds it)
 
-    def run_chunk(self, xs: torch.Tensor, state, t0: int, keep: bool, qkv_part=None):
-        """K steps of EC then neuron: (spikes [K, ...], counts [K], (cum, prev, membrane) or None)."""
-        cum, prev, membrane = state if state is not None else (None, None, None)
+    def run_chunk(self, xs: torch.Tensor, state, t0: int, keep: bool, qkv_part=None, sent: bool = False):
+        """K steps of EC then neuron: (outputs [K, ...], counts [K], (cum, prev, membrane) or None;
+        a differential neuron's state ends with its estimate, and ``sent`` adds its spikes s)."""
         flat, extra = _ec_kernel_arguments(self.ec_kind, self.ec_function, xs.float())
+        if self.coding == 'differential':
+            cum, prev, membrane, estimate = state if state is not None else (None,) * 4
+            out, counts, cum, prev, membrane, estimate, spikes = self.kernels.ec_mt_steps(
+                self.ec_kind, flat, cum, prev, t0, keep, self.level_table(), membrane, **extra,
+                coding='differential', estimate=estimate, sent=sent)
+            new_state = (cum, prev, membrane, estimate) if keep else None
+            if sent:
+                return out.view(xs.shape), counts, new_state, spikes.view(xs.shape)
+            return out.view(xs.shape), counts, new_state
+        cum, prev, membrane = state if state is not None else (None, None, None)
         spike, counts, cum, prev, membrane = self.kernels.ec_mt_steps(
             self.ec_kind, flat, cum, prev, t0, keep, self.level_table(), membrane, **extra)
         return spike.view(xs.shape), counts, ((cum, prev, membrane) if keep else None)
@@ -829,6 +906,15 @@ class _ECProduct(StatefulModule):
     def dense_operations(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> float:
         """Operations of the dense product of one call (all its steps)."""
         raise NotImplementedError  # pragma: no cover
+
+    def sent_operations(self, sent_a: torch.Tensor, sent_b: torch.Tensor, estimate_a: torch.Tensor,
+                        estimate_b: torch.Tensor) -> torch.Tensor:
+        """Per-step operations [K] float64 of the last call when both operands came from
+        differential neurons (ECMT_SPEC 14): nz(s_a)·nz(s_b) + nz(s_a)·nz(r_b) + nz(r_a)·nz(s_b),
+        with s the spikes sent and r the estimates before the step, each given as the operands
+        were ([K*B, ...], the same views)."""
+        split = self._split_time
+        return self._operations(split(sent_a), split(sent_b), split(estimate_a), split(estimate_b))
 
     # The state after the last step, each shaped like that step's operand (or output), or None.
     @property
@@ -1047,9 +1133,10 @@ def threshold_config(place: str, *, linear_num: int = 8, qkv_num: int = 8, softm
 
 def replace_testneuron_by_twosideneuron(model: nn.Module, linear_num: int = 8, qkv_num: int = 8,
                                         softmax_num: int = 8, softmax_p: float = 0.0125,
-                                        fc2_thresholds: Optional[Tuple[float, float]] = None
-                                        ) -> nn.Module:
-    """Replace every calibrated :class:`TestNeuron` by an MT :class:`TwoSideNeuron`.
+                                        fc2_thresholds: Optional[Tuple[float, float]] = None,
+                                        coding: str = 'rate') -> nn.Module:
+    """Replace every calibrated :class:`TestNeuron` by an MT :class:`TwoSideNeuron` of ``coding``
+    ('rate', or 'differential': ECMT_SPEC 14).
 
     Levels and thresholds per place follow ECMT_SPEC 4; ``fc2_thresholds`` (θp, θn) overrides the
     calibrated fc2 thresholds (the ViT default is (0.25, 0.08)). Raises :class:`ConversionError`
@@ -1060,6 +1147,8 @@ def replace_testneuron_by_twosideneuron(model: nn.Module, linear_num: int = 8, q
             raise ConversionError(f'{name} must be >= 1, got {value}')
     if not softmax_p > 0:
         raise ConversionError(f'softmax_p must be > 0, got {softmax_p}')
+    if coding not in CODINGS:
+        raise ConversionError(f'unknown coding {coding!r}; choose one of {", ".join(CODINGS)}')
     cfg = dict(linear_num=linear_num, qkv_num=qkv_num, softmax_num=softmax_num,
                softmax_p=softmax_p, fc2_thresholds=fc2_thresholds)
     targets = [(p, a, n, c) for p, a, n, c in _named_children_recursive(model) if type(c) is TestNeuron]
@@ -1083,7 +1172,7 @@ def replace_testneuron_by_twosideneuron(model: nn.Module, linear_num: int = 8, q
             scale_p, scale_n = neuron.scale_p.detach(), neuron.scale_n.detach()
         else:
             scale_p, scale_n = fixed
-        new = TwoSideNeuron(neuron.place, scale_p, scale_n, levels).to(neuron.scale_p.device)
+        new = TwoSideNeuron(neuron.place, scale_p, scale_n, levels, coding).to(neuron.scale_p.device)
         setattr(parent, attr, new)
     return model
 
@@ -1153,13 +1242,13 @@ def _inside_ec(model: nn.Module, name: str) -> bool:
 
 def convert_to_snn(model: nn.Module, *, linear_num: int = 8, qkv_num: int = 8, softmax_num: int = 8,
                    softmax_p: float = 0.0125, fc2_thresholds: Optional[Tuple[float, float]] = None,
-                   backend: Optional[str] = None) -> nn.Module:
+                   backend: Optional[str] = None, coding: str = 'rate') -> nn.Module:
     """All of ``snn`` mode's surgery on a model holding calibrated :class:`TestNeuron` s:
-    MT neurons, EC nonlinear modules, EC products, the check that nothing stays analog, and one
+    MT neurons of ``coding`` ('rate' or 'differential', ECMT_SPEC 14), EC nonlinear modules, EC products, the check that nothing stays analog, and one
     backend for the whole model on its device (``backend``: 'auto'/None, 'native', 'triton' or
     'eager'; one that cannot run there is a ConversionError) with that backend's fusions
     (:func:`set_backend`)."""
-    replace_testneuron_by_twosideneuron(model, linear_num, qkv_num, softmax_num, softmax_p, fc2_thresholds)
+    replace_testneuron_by_twosideneuron(model, linear_num, qkv_num, softmax_num, softmax_p, fc2_thresholds, coding)
     replace_nonlinear_by_neuron(model)
     replace_at_by_neuron(model)
     check_fully_converted(model)
@@ -1198,9 +1287,11 @@ def fuse_ec_neurons(model: nn.Module, enabled: Optional[bool] = None) -> int:
     enabled = _FUSE if enabled is None else bool(enabled)
     for parent, attr, _, child in list(_named_children_recursive(model)):
         if isinstance(child, ECNeuron):
-            plain = TwoSideNeuron(child.place, child.scale_p, child.scale_n, child.levels).to(child.scale_p.device)
+            plain = TwoSideNeuron(child.place, child.scale_p, child.scale_n, child.levels,
+                                  child.coding).to(child.scale_p.device)
             plain.backend, plain.count_levels, plain.level_counts = child.backend, child.count_levels, child.level_counts
             plain.count_nonzero = child.count_nonzero
+            plain.record_sent = child.record_sent
             setattr(parent, attr, plain)
         elif isinstance(child, ECPassThrough):
             ec = exp_comp_neuron(child.module)
@@ -1304,6 +1395,14 @@ class SOPMonitor(BaseMonitor):
     (``last_operations``). They stay on the device (no host sync per step), and add up over all
     batches.
 
+    Differential neurons (ECMT_SPEC 14) transmit their spikes s, not their outputs y = r + s: their
+    ``last_nonzero`` counts s, so a linear layer they feed counts nz(s) x out_features; the neurons
+    that feed products (:data:`PRODUCT_PLACES`) leave their s and their estimates before each step
+    (``record_sent``), and an EC product whose two operands are views of two such neurons'
+    outputs counts nz(s_a)·nz(s_b) + nz(s_a)·nz(r_b) + nz(r_a)·nz(s_b) (``sent_operations``).
+    A product with another operand (an analog one, or a copy such as grouped-query attention's
+    repeated k/v) keeps the count of section 8 on the operands as given. Level counts are of s.
+
     Steps: :func:`engine_for_finetuning.simulate` calls :meth:`new_batch` before each batch and
     sets ``step`` (0-based, the first step of the chunk) and ``time_steps`` (K, the steps in the
     chunk) before each forward pass. Driven step by step (``time_steps`` 1), set ``step`` before
@@ -1339,10 +1438,16 @@ class SOPMonitor(BaseMonitor):
                 module.count_operations = True
                 self._watch(name, module, 'product', self._product_hook)
         self.neurons = [(n, m) for n, m in model.named_modules() if isinstance(m, TwoSideNeuron)]
+        # What differential neurons feeding products sent, by neuron: (the output, its version,
+        # spikes s, estimates before each step), taken by the product. The output is held (not
+        # weakly: its operand may be a view whose base object is gone) so that its memory cannot
+        # be another tensor's; an entry lives until the product takes it or the neuron's next call.
+        self._sent: Dict[int, Tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = {}
         for _, neuron in self.neurons:
             neuron.count_nonzero = True
             neuron.count_levels = self.count_levels
             neuron.level_counts = None
+            neuron.record_sent = neuron.coding == 'differential' and neuron.place in PRODUCT_PLACES
             self.handles.append(neuron.register_forward_hook(self._neuron_hook))
         self._products = [m for m in model.modules() if isinstance(m, _ECProduct)]
 
@@ -1356,6 +1461,7 @@ class SOPMonitor(BaseMonitor):
     def new_batch(self) -> None:
         """Counts add up over batches; only level counting stops after ``level_batches``."""
         self._flush()
+        self._sent.clear()
         self.batches += 1
         if self.count_levels and self.level_batches is not None:
             counting = self.batches <= self.level_batches
@@ -1422,6 +1528,22 @@ class SOPMonitor(BaseMonitor):
         # Taken from the module, which then holds no tensor past its call (see TwoSideNeuron).
         counts, module.last_nonzero = module.last_nonzero, None
         self._posted = (weakref.ref(output), output._version, counts)
+        if module.last_sent is not None:
+            self._sent[id(module)] = (output, output._version, *module.last_sent)
+            module.last_sent = None
+
+    def _take_sent(self, x: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(spikes, estimates before each step) viewed as ``x`` is, if ``x`` is an unmodified view
+        of a differential neuron's output (the same memory and version), else None. Taken once:
+        the monitor holds no neuron's spikes past the product that uses them."""
+        for key, (output, version, spikes, estimates) in list(self._sent.items()):
+            if (output.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() and x._version == version
+                    and x.dtype == spikes.dtype and output.is_contiguous() and spikes.shape == output.shape):
+                del self._sent[key]
+                offset = x.storage_offset() - output.storage_offset()
+                return (spikes.as_strided(x.shape, x.stride(), spikes.storage_offset() + offset),
+                        estimates.as_strided(x.shape, x.stride(), estimates.storage_offset() + offset))
+        return None
 
     def _linear_hook(self, index, module, inputs, output) -> None:
         x = inputs[0]
@@ -1434,8 +1556,12 @@ class SOPMonitor(BaseMonitor):
                   float(x.numel() // self.time_steps) * module.out_features, x.device)
 
     def _product_hook(self, index, module, inputs, output) -> None:
-        a, b = inputs
+        a, b = inputs[:2]
         counts, module.last_operations = module.last_operations, None
+        if self._sent:
+            sent_a, sent_b = self._take_sent(a), self._take_sent(b)
+            if sent_a is not None and sent_b is not None:
+                counts = module.sent_operations(sent_a[0], sent_b[0], sent_a[1], sent_b[1])
         self._add(index, counts, 1.0, module.dense_operations(a, b, output) / counts.numel(), a.device)
 
     def totals(self, reduce: Optional[Callable] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -1491,6 +1617,9 @@ class SOPMonitor(BaseMonitor):
         for _, neuron in self.neurons:
             neuron.count_levels = neuron.count_nonzero = False
             neuron.last_nonzero = None
+            neuron.record_sent = False
+            neuron.last_sent = None
+        self._sent.clear()
         for product in self._products:
             product.count_operations = False
             product.last_operations = None

@@ -130,27 +130,59 @@ if triton is not None:
         return u - s
 
     @triton.jit
-    def _mt_kernel(x, table, membrane, spike, counts, K, n, FRESH: tl.constexpr, KEEP: tl.constexpr,
-                   W: tl.constexpr, BLOCK: tl.constexpr):
+    def _differential_step(v, r, d, mask, table, out_ptrs, sent_ptrs, count_ptr, step, SENT: tl.constexpr,
+                           W: tl.constexpr):
+        """One step (number ``step``) of the differential neuron (ECMT_SPEC 14) fed d, in the
+        reference's float order: u = (v + d) - r; s fires on u; v = u - s; out = r + s;
+        r = r + s / step. Writes the outputs (and with SENT the spikes s), adds the non-zero count
+        of s; returns (membrane, estimate)."""
+        u = (v + d) - r
+        s = _fire(u, table, W)
+        tl.store(out_ptrs, r + s, mask=mask)
+        if SENT:
+            tl.store(sent_ptrs, s, mask=mask)
+        tl.atomic_add(count_ptr, tl.sum((mask & (s != 0.0)).to(tl.int32)).to(tl.int64), sem='relaxed')
+        return u - s, r + tl.math.div_rn(s, step + tl.zeros_like(s))
+
+    @triton.jit
+    def _mt_kernel(x, table, membrane, spike, counts, K, n, estimate, sent, t0, FRESH: tl.constexpr,
+                   KEEP: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, DIFFERENTIAL: tl.constexpr,
+                   SENT: tl.constexpr):
+        # DIFFERENTIAL: the estimates are carried as the membrane is, `spike` receives the
+        # outputs r + s and `sent` (SENT) the spikes s; steps t0+1..t0+K.
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         if FRESH:
             v = tl.zeros([BLOCK], dtype=tl.float32)
         else:
             v = tl.load(membrane + offs, mask=mask, other=0.0)
+        if DIFFERENTIAL:
+            if FRESH:
+                r = tl.zeros([BLOCK], dtype=tl.float32)
+            else:
+                r = tl.load(estimate + offs, mask=mask, other=0.0)
         x_ptrs = x + offs
         spike_ptrs = spike + offs
+        sent_ptrs = sent + offs
         for k in range(K):
             d = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-            v = _neuron_step(v, d, mask, table, spike_ptrs, counts + k, W)
+            if DIFFERENTIAL:
+                v, r = _differential_step(v, r, d, mask, table, spike_ptrs, sent_ptrs, counts + k, t0 + (k + 1),
+                                          SENT, W)
+            else:
+                v = _neuron_step(v, d, mask, table, spike_ptrs, counts + k, W)
             x_ptrs += n
             spike_ptrs += n
+            sent_ptrs += n
         if KEEP:
             tl.store(membrane + offs, v, mask=mask)
+            if DIFFERENTIAL:
+                tl.store(estimate + offs, r, mask=mask)
 
     @triton.jit
-    def _qkv_kernel(qkv, table, membrane, spike, counts, part, K, N, H, D, n, FRESH: tl.constexpr,
-                    KEEP: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr):
+    def _qkv_kernel(qkv, table, membrane, spike, counts, part, K, N, H, D, n, estimate, sent, t0,
+                    FRESH: tl.constexpr, KEEP: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr,
+                    DIFFERENTIAL: tl.constexpr, SENT: tl.constexpr):
         # Program i: elements [i*BLOCK, (i+1)*BLOCK) of the neuron's [B, N, H*D] input, which lie
         # in the fused rows at part*H*D (contiguous runs of H*D); its spikes and membrane are
         # [B, H, N, D].
@@ -167,15 +199,28 @@ if triton is not None:
             v = tl.zeros([BLOCK], dtype=tl.float32)
         else:
             v = tl.load(membrane + target, mask=mask, other=0.0)
+        if DIFFERENTIAL:
+            if FRESH:
+                r = tl.zeros([BLOCK], dtype=tl.float32)
+            else:
+                r = tl.load(estimate + target, mask=mask, other=0.0)
         x_ptrs = qkv + source
         spike_ptrs = spike + target
+        sent_ptrs = sent + target
         for k in range(K):
             d = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-            v = _neuron_step(v, d, mask, table, spike_ptrs, counts + k, W)
+            if DIFFERENTIAL:
+                v, r = _differential_step(v, r, d, mask, table, spike_ptrs, sent_ptrs, counts + k, t0 + (k + 1),
+                                          SENT, W)
+            else:
+                v = _neuron_step(v, d, mask, table, spike_ptrs, counts + k, W)
             x_ptrs += 3 * n
             spike_ptrs += n
+            sent_ptrs += n
         if KEEP:
             tl.store(membrane + target, v, mask=mask)
+            if DIFFERENTIAL:
+                tl.store(estimate + target, r, mask=mask)
 
     @triton.jit
     def _gelu(a, APPROXIMATE: tl.constexpr):
@@ -189,9 +234,10 @@ if triton is not None:
             return a * 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
 
     @triton.jit
-    def _ec_gelu_kernel(x, cum, prev, out, t0, K, n, table, membrane, counts, FRESH: tl.constexpr,
+    def _ec_gelu_kernel(x, cum, prev, out, t0, K, n, table, membrane, counts, estimate, sent, FRESH: tl.constexpr,
                         KEEP: tl.constexpr, APPROXIMATE: tl.constexpr, FUSED: tl.constexpr,
-                        NEURON_FRESH: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr):
+                        NEURON_FRESH: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr,
+                        DIFFERENTIAL: tl.constexpr, SENT: tl.constexpr):
         # Per element and step s = t0+k+1: A += x; total = s * gelu(A / s); out = total - P;
         # P = total. FUSED: `out` receives the spikes of the MT neuron fed `total - P` instead.
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -207,8 +253,14 @@ if triton is not None:
                 v = tl.zeros([BLOCK], dtype=tl.float32)
             else:
                 v = tl.load(membrane + offs, mask=mask, other=0.0)
+            if DIFFERENTIAL:
+                if NEURON_FRESH:
+                    r = tl.zeros([BLOCK], dtype=tl.float32)
+                else:
+                    r = tl.load(estimate + offs, mask=mask, other=0.0)
         x_ptrs = x + offs
         out_ptrs = out + offs
+        sent_ptrs = sent + offs
         for k in range(K):
             steps = t0 + (k + 1)
             c = c + tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -216,23 +268,30 @@ if triton is not None:
             d = total - p
             p = total
             if FUSED:
-                v = _neuron_step(v, d, mask, table, out_ptrs, counts + k, W)
+                if DIFFERENTIAL:
+                    v, r = _differential_step(v, r, d, mask, table, out_ptrs, sent_ptrs, counts + k, steps, SENT, W)
+                else:
+                    v = _neuron_step(v, d, mask, table, out_ptrs, counts + k, W)
             else:
                 tl.store(out_ptrs, d, mask=mask)
             x_ptrs += n
             out_ptrs += n
+            sent_ptrs += n
         if KEEP:
             tl.store(cum + offs, c, mask=mask)
             tl.store(prev + offs, p, mask=mask)
         if FUSED:
             if KEEP:
                 tl.store(membrane + offs, v, mask=mask)
+                if DIFFERENTIAL:
+                    tl.store(estimate + offs, r, mask=mask)
 
     @triton.jit
     def _ec_rows_kernel(x, cum, prev, out, t0, K, rows, cols, weight, bias, eps, table, membrane, counts,
-                        LAYER_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        estimate, sent, LAYER_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                         FRESH: tl.constexpr, KEEP: tl.constexpr, FUSED: tl.constexpr, NEURON_FRESH: tl.constexpr,
-                        W: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+                        W: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, DIFFERENTIAL: tl.constexpr,
+                        SENT: tl.constexpr):
         # ROWS whole rows per program. Per step s: A += x; total = s * f(A / s) over each row
         # (f: softmax, or LayerNorm with biased variance, then weight and bias); out = total - P;
         # P = total. FUSED as in _ec_gelu_kernel.
@@ -253,6 +312,11 @@ if triton is not None:
                 v = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
             else:
                 v = tl.load(membrane + offs, mask=mask, other=0.0)
+            if DIFFERENTIAL:
+                if NEURON_FRESH:
+                    r = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+                else:
+                    r = tl.load(estimate + offs, mask=mask, other=0.0)
         if LAYER_NORM:
             if HAS_WEIGHT:
                 w = tl.load(weight + col, mask=in_row, other=0.0)
@@ -261,6 +325,7 @@ if triton is not None:
         width = tl.zeros([ROWS], dtype=tl.float32) + cols
         x_ptrs = x + offs
         out_ptrs = out + offs
+        sent_ptrs = sent + offs
         for k in range(K):
             steps = t0 + (k + 1)
             c = c + tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -283,17 +348,23 @@ if triton is not None:
             d = total - p
             p = total
             if FUSED:
-                v = _neuron_step(v, d, mask, table, out_ptrs, counts + k, W)
+                if DIFFERENTIAL:
+                    v, r = _differential_step(v, r, d, mask, table, out_ptrs, sent_ptrs, counts + k, steps, SENT, W)
+                else:
+                    v = _neuron_step(v, d, mask, table, out_ptrs, counts + k, W)
             else:
                 tl.store(out_ptrs, d, mask=mask)
             x_ptrs += n
             out_ptrs += n
+            sent_ptrs += n
         if KEEP:
             tl.store(cum + offs, c, mask=mask)
             tl.store(prev + offs, p, mask=mask)
         if FUSED:
             if KEEP:
                 tl.store(membrane + offs, v, mask=mask)
+                if DIFFERENTIAL:
+                    tl.store(estimate + offs, r, mask=mask)
 
     @triton.jit
     def _running_sums_kernel(x, carried, sums, K, n, CARRIED: tl.constexpr, BLOCK: tl.constexpr):
@@ -394,44 +465,74 @@ def _step_elements(x: torch.Tensor) -> int:
 
 
 # ---- the neuron ---------------------------------------------------------------------------------
-def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tensor], keep: bool
-             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+def _differential(name: str, coding: str, membrane: Optional[torch.Tensor], estimate: Optional[torch.Tensor]) -> bool:
+    if coding not in ('rate', 'differential'):
+        raise ValueError(f"{name}: coding must be 'rate' or 'differential', got {coding!r}")
+    if coding == 'differential' and (membrane is None) != (estimate is None):
+        raise ValueError(f'{name}: the membrane and the estimate are carried together')
+    return coding == 'differential'
+
+
+def _coding_state(differential: bool, estimate, n: int, keep: bool, device, shape, sent: bool):
+    """(the estimate the kernel reads/writes, the tensor for the spikes s or None) of a neuron."""
+    if not differential:
+        return None, None
+    estimate, _ = _state(estimate, n, keep, device)
+    return estimate, (torch.empty(shape, dtype=torch.float32, device=device) if sent else None)
+
+
+def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tensor], keep: bool, *,
+             coding: str = 'rate', estimate: Optional[torch.Tensor] = None, t0: int = 0, sent: bool = False):
     """K steps of the MT neuron (``trans_utils._mt_step_table``) on ``x`` [K, ...] (float32, fp16
     or bf16; a non-contiguous x is copied first). ``membrane``: the flat state carried from the
     previous chunk, or None on a batch's first chunk (it starts at zero and is not read). With
     ``keep`` the membrane after the K steps is written (into ``membrane``, or a new tensor) and
     returned; without, nothing is written and None is returned. Returns (spikes [K, ...]
-    contiguous float32, non-zero spikes per step [K] int64, membrane or None)."""
+    contiguous float32, non-zero spikes per step [K] int64, membrane or None).
+
+    ``coding='differential'`` (ECMT_SPEC 14): the flat ``estimate`` is carried with the membrane
+    (both None on a batch's first chunk), the steps are t0+1..t0+K, and the result is (outputs
+    r + s, non-zero spikes s per step [K], membrane, estimate (None without ``keep``), the spikes s
+    [K, ...] if ``sent`` else None)."""
     if x.dim() < 1:
         raise ValueError('mt_steps: x must have at least one dimension (steps first)')
     _check_input('mt_steps', x)
     width = _check_table('mt_steps', table, x.device)
+    differential = _differential('mt_steps', coding, membrane, estimate)
     _require(x)
     x = x.contiguous()
     steps, n = x.shape[0], _step_elements(x)
     membrane, fresh = _state(membrane, n, keep, x.device)
+    estimate, spikes_sent = _coding_state(differential, estimate, n, keep, x.device, x.shape, sent)
     spike = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     counts = torch.zeros(steps, dtype=torch.int64, device=x.device)
     if n and steps:
         block = _block(n)
         _mt_kernel[(triton.cdiv(n, block),)](x, table, spike if membrane is None else membrane, spike, counts,
-                                            steps, n, FRESH=fresh, KEEP=bool(keep), W=width, BLOCK=block,
+                                            steps, n, spike if estimate is None else estimate,
+                                            spike if spikes_sent is None else spikes_sent, float(t0),
+                                            FRESH=fresh, KEEP=bool(keep), W=width, BLOCK=block,
+                                            DIFFERENTIAL=differential, SENT=spikes_sent is not None,
                                             num_warps=4, **_OPTIONS)
     elif keep and fresh:
         membrane.zero_()  # no step: still at rest
+        if differential:
+            estimate.zero_()
+    if differential:
+        return spike, counts, membrane if keep else None, estimate if keep else None, spikes_sent
     return spike, counts, membrane if keep else None
 
 
 def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
-                 membrane: Optional[torch.Tensor], keep: bool
-                 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+                 membrane: Optional[torch.Tensor], keep: bool, *, coding: str = 'rate',
+                 estimate: Optional[torch.Tensor] = None, t0: int = 0, sent: bool = False):
     """K steps of the q (``part`` 0), k (1) or v (2) MT neuron of an attention on its part of the
     fused qkv linear output ``qkv``: contiguous [K, B, N, 3 * heads * D] (float32, fp16 or bf16),
     read in place (contiguous runs of heads * D per token), the spikes written head-major. The
     same spikes, counts and state as :func:`mt_steps` on ``qkv.view(K, B, N, 3, heads, D).permute(3,
     0, 1, 4, 2, 5)[part]``. ``membrane``: the flat [B, heads, N, D] state (None on a batch's first
     chunk). Returns (spikes [K, B, heads, N, D] contiguous float32, non-zero spikes per step [K]
-    int64, membrane or None without ``keep``)."""
+    int64, membrane or None without ``keep``); differential coding as :func:`mt_steps`."""
     if (qkv.dim() != 4 or not qkv.is_contiguous() or qkv.dtype not in INPUT_DTYPES or heads < 1
             or qkv.shape[-1] % (3 * heads)):
         raise ValueError('qkv_mt_steps: qkv must be a contiguous float32 (or fp16/bf16) [K, B, N, 3 * heads * D] '
@@ -439,20 +540,29 @@ def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
     if part not in (0, 1, 2):
         raise ValueError(f'qkv_mt_steps: part must be 0 (q), 1 (k) or 2 (v), got {part}')
     width = _check_table('qkv_mt_steps', table, qkv.device)
+    differential = _differential('qkv_mt_steps', coding, membrane, estimate)
     _require(qkv)
     K, B, N, _ = qkv.shape
     D = qkv.shape[-1] // (3 * heads)
     n = B * heads * N * D
     membrane, fresh = _state(membrane, n, keep, qkv.device)
+    estimate, spikes_sent = _coding_state(differential, estimate, n, keep, qkv.device, (K, B, heads, N, D), sent)
     spike = torch.empty(K, B, heads, N, D, dtype=torch.float32, device=qkv.device)
     counts = torch.zeros(K, dtype=torch.int64, device=qkv.device)
     if n and K:
         block = _block(n)
         _qkv_kernel[(triton.cdiv(n, block),)](qkv, table, spike if membrane is None else membrane, spike, counts,
-                                             part, K, N, heads, D, n, FRESH=fresh, KEEP=bool(keep), W=width,
-                                             BLOCK=block, num_warps=4, **_OPTIONS)
+                                             part, K, N, heads, D, n, spike if estimate is None else estimate,
+                                             spike if spikes_sent is None else spikes_sent, float(t0),
+                                             FRESH=fresh, KEEP=bool(keep), W=width, BLOCK=block,
+                                             DIFFERENTIAL=differential, SENT=spikes_sent is not None,
+                                             num_warps=4, **_OPTIONS)
     elif keep and fresh:
         membrane.zero_()
+        if differential:
+            estimate.zero_()
+    if differential:
+        return spike, counts, membrane if keep else None, estimate if keep else None, spikes_sent
     return spike, counts, membrane if keep else None
 
 
@@ -480,8 +590,9 @@ def _check_affine(name: str, x: torch.Tensor, weight: Optional[torch.Tensor], bi
 
 def _launch_ec(kind: str, x, cum, prev, fresh, keep, t0, out, neuron, *, approximate=False, weight=None,
                bias=None, eps=0.0):
-    """Run one EC kernel over the chunk ``x``; ``neuron`` = (table, width, membrane, fresh, counts)
-    fuses the MT neuron after it (``out`` then receives the spikes)."""
+    """Run one EC kernel over the chunk ``x``; ``neuron`` = (table, width, membrane, fresh, counts,
+    estimate or None, sent or None, differential) fuses the MT neuron after it (``out`` then
+    receives its outputs)."""
     steps = x.shape[0]
     if steps == 0 or x[0].numel() == 0:
         if keep and fresh:
@@ -489,18 +600,24 @@ def _launch_ec(kind: str, x, cum, prev, fresh, keep, t0, out, neuron, *, approxi
             prev.zero_()
         if neuron is not None and keep and neuron[3]:
             neuron[2].zero_()
+            if neuron[7]:
+                neuron[5].zero_()
         return
     fused = neuron is not None
-    table, width, membrane, neuron_fresh, counts = neuron if fused else (x, 1, x, True, x)
-    state = dict(FRESH=fresh, KEEP=bool(keep), FUSED=fused, NEURON_FRESH=bool(neuron_fresh), W=width)
+    table, width, membrane, neuron_fresh, counts, estimate, sent, differential = (
+        neuron if fused else (x, 1, x, True, x, None, None, False))
+    state = dict(FRESH=fresh, KEEP=bool(keep), FUSED=fused, NEURON_FRESH=bool(neuron_fresh), W=width,
+                 DIFFERENTIAL=bool(differential), SENT=sent is not None)
     cum_arg = x if cum is None else cum
     prev_arg = x if prev is None else prev
     membrane_arg = x if membrane is None else membrane
+    coding_args = (x if estimate is None else estimate, x if sent is None else sent)
     if kind == 'gelu':
         n = x.shape[1]
         block = _block(n)
         _ec_gelu_kernel[(triton.cdiv(n, block),)](x, cum_arg, prev_arg, out, float(t0), steps, n, table,
-                                                 membrane_arg, counts, APPROXIMATE=bool(approximate),
+                                                 membrane_arg, counts, *coding_args,
+                                                 APPROXIMATE=bool(approximate),
                                                  BLOCK=block, num_warps=4, **state, **_OPTIONS)
         return
     rows, cols = x.shape[1], x.shape[2]
@@ -512,7 +629,8 @@ def _launch_ec(kind: str, x, cum, prev, fresh, keep, t0, out, neuron, *, approxi
     rows_per_program = max(1, min(_next_power_of_2(rows), tile // block_c))
     _ec_rows_kernel[(triton.cdiv(rows, rows_per_program),)](
         x, cum_arg, prev_arg, out, float(t0), steps, rows, cols, x if weight is None else weight,
-        x if bias is None else bias, float(eps), table, membrane_arg, counts, LAYER_NORM=kind == 'layer_norm',
+        x if bias is None else bias, float(eps), table, membrane_arg, counts, *coding_args,
+        LAYER_NORM=kind == 'layer_norm',
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ROWS=rows_per_program, BLOCK_C=block_c,
         num_warps=_warps(rows_per_program * block_c), **state, **_OPTIONS)
 
@@ -555,30 +673,35 @@ def ec_layer_norm_steps(x: torch.Tensor, cum: Optional[torch.Tensor], prev: Opti
 
 def ec_mt_steps(kind: str, x: torch.Tensor, cum: Optional[torch.Tensor], prev: Optional[torch.Tensor], t0: int,
                 keep: bool, table: torch.Tensor, membrane: Optional[torch.Tensor], *, approximate: bool = False,
-                weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, eps: float = 0.0
-                ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
-                           Optional[torch.Tensor]]:
+                weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, eps: float = 0.0,
+                coding: str = 'rate', estimate: Optional[torch.Tensor] = None, sent: bool = False):
     """An EC kernel (``kind`` 'gelu', 'softmax' or 'layer_norm', with the arguments and state of
     :func:`ec_gelu_steps` / :func:`ec_softmax_steps` / :func:`ec_layer_norm_steps`) with the MT
     neuron it feeds fused after it: the EC output never leaves the registers; the neuron's
     ``table`` and ``membrane`` are those of :func:`mt_steps` (None on a batch's first chunk). The
     same spikes as :func:`mt_steps` fed the EC kernel's output, bit for bit. Returns (spikes shaped
     like ``x``, non-zero spikes per step [K] int64, cum, prev, membrane), the states None unless
-    ``keep``."""
+    ``keep``; with ``coding='differential'`` (the neuron's steps are the EC kernel's): (outputs
+    r + s, counts of s, cum, prev, membrane, estimate, the spikes s if ``sent`` else None)."""
     if kind not in ('gelu', 'softmax', 'layer_norm'):
         raise ValueError(f'ec_mt_steps: unknown kind {kind!r} (gelu, softmax or layer_norm)')
     name = f'ec_mt_steps({kind})'
     width = _check_table(name, table, x.device)
     if kind == 'layer_norm':
         _check_affine(name, x, weight, bias)
+    differential = _differential(name, coding, membrane, estimate)
     x, cum, prev, fresh = _ec_arguments(name, x, cum, prev, keep, 2 if kind == 'gelu' else 3)
     membrane, neuron_fresh = _state(membrane, _step_elements(x), keep, x.device)
+    estimate, spikes_sent = _coding_state(differential, estimate, _step_elements(x), keep, x.device, x.shape, sent)
     spike = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     counts = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-    _launch_ec(kind, x, cum, prev, fresh, keep, t0, spike, (table, width, membrane, neuron_fresh, counts),
+    _launch_ec(kind, x, cum, prev, fresh, keep, t0, spike,
+               (table, width, membrane, neuron_fresh, counts, estimate, spikes_sent, differential),
                approximate=approximate, weight=weight, bias=bias, eps=eps)
     if not keep:
-        cum = prev = membrane = None
+        cum = prev = membrane = estimate = None
+    if differential:
+        return spike, counts, cum, prev, membrane, estimate, spikes_sent
     return spike, counts, cum, prev, membrane
 
 

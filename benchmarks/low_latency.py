@@ -9,12 +9,14 @@ the evaluation images, with the energy monitor. Writes ``low_latency.md`` (the t
 relative to the ANN, one point per step) to ``--bench_out``. ``--bench_oracle`` adds, per target,
 a search run on the evaluation images themselves: tuning on the test set, shown only as a bound
 on what a choice of thresholds can reach on them (if even that misses the ANN, the gap is the
-neuron's, not the calibration's). A benchmark, not a test:
+neuron's, not the calibration's). ``--coding rate differential`` runs every calibration for each
+neuron coding (ECMT_SPEC 14; the searches simulate the coding that will run), one curve per coding
+in the figure. A benchmark, not a test:
 
     python benchmarks/low_latency.py --model vit_tiny_patch16_224 \\
         --model_kwargs patch_size=4 embed_dim=96 depth=4 num_heads=3 --input_size 32 --nb_classes 10 \\
         --data_set DIGITS --calib_data_path train --num_workers 0 --model_path digits_vit_best.pth \
-        --bench_out bench_ll
+        --bench_out bench_ll --coding rate differential
 
 It takes the command line of ``run_class_finetuning.py`` (model, data, conversion and search
 flags) plus the ``benchmark`` group below; ``--test_mode`` and ``--target_T`` are set here.
@@ -40,6 +42,10 @@ from trans_utils import SOPMonitor, TestNeuron, convert_to_snn  # noqa: E402
 
 def get_args_parser():
     parser = cli.get_args_parser()
+    for action in parser._actions:  # the command line's --coding, here a list of codings to compare
+        if '--coding' in action.option_strings:
+            action.nargs, action.default = '+', ['rate']
+            action.help = 'the neuron codings to compare (default: rate)'
     g = parser.add_argument_group('benchmark')
     g.add_argument('--bench_targets', nargs='+', type=int, default=[1, 2, 4], metavar='N',
                    help='the --target_T values to compare with the published calibration')
@@ -53,9 +59,9 @@ def get_args_parser():
     return parser
 
 
-def run_snn(model, args, loader, device, amp, record=None):
+def run_snn(model, args, loader, device, amp, record=None, coding='rate'):
     convert_to_snn(model, linear_num=args.linear_num, qkv_num=args.qkv_num, softmax_num=args.softmax_num,
-                   softmax_p=args.softmax_p, fc2_thresholds=cli.fc2_thresholds(args, model))
+                   softmax_p=args.softmax_p, fc2_thresholds=cli.fc2_thresholds(args, model), coding=coding)
     low_latency.apply_fixed_thresholds(model, record)  # the searched s / fixed fc2 thresholds
     with SOPMonitor(model) as monitor:
         return evaluate_snn(model, loader, device, args.bench_T, amp=amp, monitor=monitor,
@@ -89,30 +95,32 @@ def main(args):
     rows = []
     published = copy.deepcopy(base)
     start = time.perf_counter()
-    evaluate(published, calib_loader, device, amp=amp, show_progress=False)
+    evaluate(published, calib_loader, device, amp=amp, show_progress=False)  # the same for every coding
     calib_seconds = time.perf_counter() - start
-    rows.append({'calibration': f'published (percent {args.percent:g})', 'target_T': None,
-                 'calibration_seconds': calib_seconds, **run_snn(published, args, eval_loader, device, amp)})
-    conversion = dict(linear_num=args.linear_num, qkv_num=args.qkv_num, softmax_num=args.softmax_num,
-                      softmax_p=args.softmax_p, fc2_thresholds=cli.fc2_thresholds(args, base))
     searches = [(False, calib_loader)] if args.bench_oracle != 'only' else []
     if args.bench_oracle:
         searches.append((True, eval_loader))
-    for target in args.bench_targets:
-        for oracle, loader in searches:
-            model = copy.deepcopy(base)
-            record = low_latency.choose_thresholds(
-                model, loader, target, device, percents=args.target_percents, budget=args.search_budget,
-                search_images=args.search_images, amp=amp, conversion=conversion,
-                objective=args.search_objective, search_fixed=args.search_fixed, cache_mib=args.search_cache_mb,
-                prefix_weight=args.search_prefix_weight)
-            name = (f'oracle --target_T {target} (searched on the evaluation images)' if oracle
-                    else f'--target_T {target}')
-            rows.append({'calibration': name, 'target_T': target, 'oracle': oracle,
-                         'calibration_seconds': record['seconds'], 'search': record,
-                         **run_snn(model, args, eval_loader, device, amp, record)})
-            print_row(rows[-1], ann_acc1)
-    print_row(rows[0], ann_acc1)
+    for coding in dict.fromkeys(args.coding):
+        rows.append({'coding': coding, 'calibration': f'published (percent {args.percent:g})', 'target_T': None,
+                     'calibration_seconds': calib_seconds,
+                     **run_snn(copy.deepcopy(published), args, eval_loader, device, amp, coding=coding)})
+        print_row(rows[-1], ann_acc1)
+        conversion = dict(linear_num=args.linear_num, qkv_num=args.qkv_num, softmax_num=args.softmax_num,
+                          softmax_p=args.softmax_p, fc2_thresholds=cli.fc2_thresholds(args, base), coding=coding)
+        for target in args.bench_targets:
+            for oracle, loader in searches:
+                model = copy.deepcopy(base)
+                record = low_latency.choose_thresholds(
+                    model, loader, target, device, percents=args.target_percents, budget=args.search_budget,
+                    search_images=args.search_images, amp=amp, conversion=conversion,
+                    objective=args.search_objective, search_fixed=args.search_fixed,
+                    cache_mib=args.search_cache_mb, prefix_weight=args.search_prefix_weight)
+                name = (f'oracle --target_T {target} (searched on the evaluation images)' if oracle
+                        else f'--target_T {target}')
+                rows.append({'coding': coding, 'calibration': name, 'target_T': target, 'oracle': oracle,
+                             'calibration_seconds': record['seconds'], 'search': record,
+                             **run_snn(model, args, eval_loader, device, amp, record, coding=coding)})
+                print_row(rows[-1], ann_acc1)
 
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows, ann_acc1, args)
@@ -130,19 +138,20 @@ def main(args):
 
 def print_row(row, ann_acc1):
     steps = ' '.join(f'{a:.2f}' for a in row['acc1'])
-    print(f'{row["calibration"]}: top-1 t=1..{row["T"]}: {steps} (ANN {ann_acc1:.2f})')
+    print(f'{row["coding"]}, {row["calibration"]}: top-1 t=1..{row["T"]}: {steps} (ANN {ann_acc1:.2f})')
 
 
 def markdown_table(rows, ann_acc1, args) -> str:
     T = args.bench_T
-    head = '| calibration | ' + ' | '.join(f't={t}' for t in range(1, T + 1)) + ' | calibration s | evaluations |'
+    head = ('| coding | calibration | ' + ' | '.join(f't={t}' for t in range(1, T + 1))
+            + ' | calibration s | evaluations |')
     lines = [f'ANN top-1 {ann_acc1:.2f}%. Each cell: SNN top-1 % / energy relative to the ANN, after t steps.',
-             '', head, '|---' * (T + 3) + '|']
+             '', head, '|---' * (T + 4) + '|']
     for row in rows:
         cells = [f'{a:.2f} / {e:.3f}' for a, e in zip(row['acc1'], row['energy_ratio'])]
         search = row.get('search')
         evaluations = f'{search["evaluations"]} (percent {search["percent"]:g})' if search else '-'
-        lines.append(f'| {row["calibration"]} | ' + ' | '.join(cells)
+        lines.append(f'| {row["coding"]} | {row["calibration"]} | ' + ' | '.join(cells)
                      + f' | {row["calibration_seconds"]:.1f} | {evaluations} |')
     return '\n'.join(lines) + '\n'
 
@@ -152,8 +161,15 @@ def plot(rows, ann_acc1, path):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for row in rows:
-        ax.plot(row['energy_ratio'], row['acc1'], marker='o', label=row['calibration'])
+    codings = list(dict.fromkeys(row['coding'] for row in rows))
+    calibrations = list(dict.fromkeys(row['calibration'] for row in rows))
+    colours = plt.rcParams['axes.prop_cycle'].by_key()['color']
+    styles, markers = ('-', '--', ':', '-.'), 'osD^v<>p'
+    for row in rows:  # one colour per coding, one line style and marker per calibration
+        which = calibrations.index(row['calibration'])
+        ax.plot(row['energy_ratio'], row['acc1'], color=colours[codings.index(row['coding']) % len(colours)],
+                linestyle=styles[which % len(styles)], marker=markers[which % len(markers)], markersize=4,
+                label=f'{row["coding"]}, {row["calibration"]}')
         ax.annotate('t=1', (row['energy_ratio'][0], row['acc1'][0]), textcoords='offset points',
                     xytext=(4, -10), fontsize=7)
     ax.axhline(ann_acc1, color='black', linestyle='--', linewidth=1, label='ANN')

@@ -406,9 +406,14 @@ inline const float* tile_input(const float* x, const StepLayout& l, int64_t k, c
 // beyond N and for a side whose theta is not positive, are never reached); v -= spike. The same
 // comparisons, selections and float operations as the reference rule: spikes and membranes are
 // equal bit for bit, whatever K.
-template <int W>
+// Differential (ECMT_SPEC 14): with the running estimate r and the step number t (t0 + k + 1),
+// u = (v + x) - r; s fires on u as above; v = u - s; out = r + s; r = r + s / t; `sent` (if not
+// null) receives s. Counts are of s. The order of these float operations is the reference's
+// (tests/reference.py), so that every backend gives the same bits.
+template <int W, bool Differential = false>
 void mt_tile(float* __restrict v, const float* __restrict x, const float* __restrict table, int64_t width,
-             float* __restrict spike, int64_t len, int64_t& count) {
+             float* __restrict spike, int64_t len, int64_t& count, float* __restrict r = nullptr,
+             float step = 1.0f, float* __restrict sent = nullptr) {
     const int w = W > 0 ? W : static_cast<int>(width);
     float tp[W > 0 ? W : 1], sp[W > 0 ? W : 1], tn[W > 0 ? W : 1], sn[W > 0 ? W : 1];
     if (W > 0) {
@@ -421,7 +426,8 @@ void mt_tile(float* __restrict v, const float* __restrict x, const float* __rest
     }
     int32_t fired = 0;
     for (int64_t i = 0; i < len; ++i) {
-        const float u = v[i] + x[i];  // from rest: 0 + x, which rounds -0 to +0 as the rule does
+        // from rest: 0 + x, which rounds -0 to +0 as the rule does
+        const float u = Differential ? (v[i] + x[i]) - r[i] : v[i] + x[i];
         const float negated = -u;
         float up = 0.0f, down = 0.0f;
         if (W > 0) {
@@ -437,16 +443,32 @@ void mt_tile(float* __restrict v, const float* __restrict x, const float* __rest
             }
         }
         const float s = up - down;
-        spike[i] = s;
         v[i] = u - s;
+        if (Differential) {
+            const float estimate = r[i];
+            spike[i] = estimate + s;
+            r[i] = estimate + s / step;
+            if (sent != nullptr) sent[i] = s;
+        } else {
+            spike[i] = s;
+        }
         fired += s != 0.0f;
     }
     count += fired;
 }
 
+// One neuron tile of either coding (r, step and sent are used by the differential one only).
+template <int W>
+inline void neuron_tile(bool differential, float* v, float* r, const float* x, const float* table, int64_t width,
+                        float* out, float* sent, int64_t len, float step, int64_t& count) {
+    if (differential) mt_tile<W, true>(v, x, table, width, out, len, count, r, step, sent);
+    else mt_tile<W, false>(v, x, table, width, out, len, count);
+}
+
 template <int W>
 void mt_steps(const float* x, const StepLayout& l, float* membrane, bool fresh, bool keep, const float* table,
-              int64_t width, float* spike, int64_t* counts, int threads) {
+              int64_t width, float* spike, int64_t* counts, int threads, bool differential = false,
+              float* estimate = nullptr, float t0 = 0.0f, float* sent = nullptr) {
     const int64_t n = l.rows * l.inner, K = l.steps;
     for (int64_t k = 0; k < K; ++k) counts[k] = 0;
     const int64_t items = (n + kItem - 1) / kItem;  // runs of kItem elements in logical order
@@ -457,16 +479,22 @@ void mt_steps(const float* x, const StepLayout& l, float* membrane, bool fresh, 
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; ++item) {
             const int64_t end = std::min(n, (item + 1) * kItem);
-            float v[kTile], buffer[kTile];
+            float v[kTile], r[kTile], buffer[kTile];
             for (int64_t at = item * kItem; at < end; at += kTile) {
                 const int64_t len = std::min(kTile, end - at);
                 tile_source(l, at, len, source);
                 for (int64_t j = 0; j < len; ++j) v[j] = fresh ? 0.0f : membrane[at + j];
+                if (differential)
+                    for (int64_t j = 0; j < len; ++j) r[j] = fresh ? 0.0f : estimate[at + j];
                 for (int64_t k = 0; k < K; ++k)
-                    mt_tile<W>(v, tile_input(x, l, k, source, buffer), table, width, spike + k * n + at, len,
-                               local[k]);
-                if (keep)
+                    neuron_tile<W>(differential, v, r, tile_input(x, l, k, source, buffer), table, width,
+                                   spike + k * n + at, sent ? sent + k * n + at : nullptr, len,
+                                   t0 + static_cast<float>(k + 1), local[k]);
+                if (keep) {
                     for (int64_t j = 0; j < len; ++j) membrane[at + j] = v[j];
+                    if (differential)
+                        for (int64_t j = 0; j < len; ++j) estimate[at + j] = r[j];
+                }
             }
         }
 #pragma omp critical(ecmt_mt_counts)
@@ -484,46 +512,55 @@ void mt_steps(const float* x, const StepLayout& l, float* membrane, bool fresh, 
 template <int W>
 void qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H, int64_t D,
                   const float* const* tables, int64_t width, float* const* membranes, bool fresh, bool keep,
-                  float* const* spikes, int64_t* counts, int threads) {
+                  float* const* spikes, int64_t* counts, int threads, bool differential = false,
+                  float* const* estimates = nullptr, float t0 = 0.0f, float* const* sents = nullptr) {
     const int64_t C = H * D, row = 3 * C, step_in = B * N * row, step_out = B * N * C;
     for (int64_t i = 0; i < 3 * K; ++i) counts[i] = 0;
     // Work items: blocks of up to `span` tokens of one image, whose membranes (span x 3C) stay in
-    // a thread buffer over the K steps; each step reads the block's rows in one sweep and writes
-    // 3H runs of span x D spikes.
+    // a thread buffer over the K steps (and, differential, the estimates in a second one); each
+    // step reads the block's rows in one sweep and writes 3H runs of span x D spikes.
     const int64_t span = std::max<int64_t>(1, std::min<int64_t>(N, 16384 / std::max<int64_t>(row, 1)));
     const int64_t blocks = (N + span - 1) / span, items = B * blocks;
 #pragma omp parallel num_threads(threads) if (threads > 1 && items > 1)
     {
         std::vector<int64_t> local(3 * K, 0);
         std::vector<float> state(static_cast<size_t>(span * row));
+        std::vector<float> estimate_state(differential ? static_cast<size_t>(span * row) : 0);
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; ++item) {
             const int64_t b = item / blocks, n0 = (item % blocks) * span, count = std::min(span, N - n0);
             float* v = state.data();
+            float* r = estimate_state.data();
             for (int64_t i = 0; i < count; ++i)
                 for (int p = 0; p < 3; ++p) {
                     if (tables[p] == nullptr) continue;
                     for (int64_t h = 0; h < H; ++h) {
-                        float* to = v + i * row + p * C + h * D;
+                        const int64_t at = i * row + p * C + h * D, from = ((b * H + h) * N + n0 + i) * D;
                         if (fresh) {
-                            std::fill(to, to + D, 0.0f);
+                            std::fill(v + at, v + at + D, 0.0f);
+                            if (differential) std::fill(r + at, r + at + D, 0.0f);
                         } else {
-                            std::memcpy(to, membranes[p] + ((b * H + h) * N + n0 + i) * D,
-                                        static_cast<size_t>(D) * sizeof(float));
+                            std::memcpy(v + at, membranes[p] + from, static_cast<size_t>(D) * sizeof(float));
+                            if (differential)
+                                std::memcpy(r + at, estimates[p] + from, static_cast<size_t>(D) * sizeof(float));
                         }
                     }
                 }
             for (int64_t k = 0; k < K; ++k) {
                 const float* in = x + k * step_in + (b * N + n0) * row;
+                const float step = t0 + static_cast<float>(k + 1);
                 for (int64_t i = 0; i < count; ++i)
                     for (int p = 0; p < 3; ++p) {
                         if (tables[p] == nullptr) continue;
                         for (int64_t h = 0; h < H; ++h) {
                             const int64_t at = i * row + p * C + h * D;
-                            float* out = spikes[p] + k * step_out + ((b * H + h) * N + n0 + i) * D;
+                            const int64_t to = k * step_out + ((b * H + h) * N + n0 + i) * D;
+                            float* out = spikes[p] + to;
+                            float* sent = (differential && sents && sents[p]) ? sents[p] + to : nullptr;
                             for (int64_t d0 = 0; d0 < D; d0 += kTile)
-                                mt_tile<W>(v + at + d0, in + at + d0, tables[p], width, out + d0,
-                                           std::min(kTile, D - d0), local[p * K + k]);
+                                neuron_tile<W>(differential, v + at + d0, r + at + d0, in + at + d0, tables[p], width,
+                                               out + d0, sent ? sent + d0 : nullptr, std::min(kTile, D - d0), step,
+                                               local[p * K + k]);
                         }
                     }
             }
@@ -531,9 +568,12 @@ void qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H, in
                 for (int64_t i = 0; i < count; ++i)
                     for (int p = 0; p < 3; ++p) {
                         if (tables[p] == nullptr) continue;
-                        for (int64_t h = 0; h < H; ++h)
-                            std::memcpy(membranes[p] + ((b * H + h) * N + n0 + i) * D, v + i * row + p * C + h * D,
-                                        static_cast<size_t>(D) * sizeof(float));
+                        for (int64_t h = 0; h < H; ++h) {
+                            const int64_t at = i * row + p * C + h * D, to = ((b * H + h) * N + n0 + i) * D;
+                            std::memcpy(membranes[p] + to, v + at, static_cast<size_t>(D) * sizeof(float));
+                            if (differential)
+                                std::memcpy(estimates[p] + to, r + at, static_cast<size_t>(D) * sizeof(float));
+                        }
                     }
         }
 #pragma omp critical(ecmt_qkv_counts)
@@ -629,6 +669,11 @@ struct FusedNeuron {
     bool fresh = true, keep = false;
     float* spike = nullptr;
     int64_t* counts = nullptr;
+    // Differential coding (ECMT_SPEC 14): the estimates (n floats, read unless fresh, written if
+    // keep, like the membrane) and, if not null, where the spikes s go (`spike` receives r + s).
+    bool differential = false;
+    float* estimate = nullptr;
+    float* sent = nullptr;
 };
 
 // Runs CALL (a statement using the compile-time table width W) for a neuron's table width.
@@ -654,13 +699,15 @@ void ec_gelu_steps(const float* x, float* cum, float* prev, bool fresh, bool kee
             const int64_t end = std::min(n, (item + 1) * kItem);
             for (int64_t col = item * kItem; col < end; col += kTile) {
                 const int64_t len = std::min(kTile, end - col);
-                float c[kTile], p[kTile], v[kTile], d[kTile];
+                float c[kTile], p[kTile], v[kTile], d[kTile], r[kTile];
                 for (int64_t j = 0; j < len; ++j) {
                     c[j] = fresh ? 0.0f : cum[col + j];
                     p[j] = fresh ? 0.0f : prev[col + j];
                 }
                 if (neuron)
                     for (int64_t j = 0; j < len; ++j) v[j] = neuron->fresh ? 0.0f : neuron->membrane[col + j];
+                if (neuron && neuron->differential)
+                    for (int64_t j = 0; j < len; ++j) r[j] = neuron->fresh ? 0.0f : neuron->estimate[col + j];
                 for (int64_t k = 0; k < K; ++k) {
                     const float steps = t0 + static_cast<float>(k + 1);
                     const float* xk = x + k * n + col;
@@ -673,7 +720,9 @@ void ec_gelu_steps(const float* x, float* cum, float* prev, bool fresh, bool kee
                         p[j] = total;
                     }
                     if (neuron)
-                        mt_tile<W>(v, d, neuron->table, neuron->width, neuron->spike + k * n + col, len, local[k]);
+                        neuron_tile<W>(neuron->differential, v, r, d, neuron->table, neuron->width,
+                                       neuron->spike + k * n + col, neuron->sent ? neuron->sent + k * n + col : nullptr,
+                                       len, steps, local[k]);
                 }
                 if (keep) {
                     for (int64_t j = 0; j < len; ++j) {
@@ -681,8 +730,11 @@ void ec_gelu_steps(const float* x, float* cum, float* prev, bool fresh, bool kee
                         prev[col + j] = p[j];
                     }
                 }
-                if (neuron && neuron->keep)
+                if (neuron && neuron->keep) {
                     for (int64_t j = 0; j < len; ++j) neuron->membrane[col + j] = v[j];
+                    if (neuron->differential)
+                        for (int64_t j = 0; j < len; ++j) neuron->estimate[col + j] = r[j];
+                }
             }
         }
         if (neuron) {
@@ -811,7 +863,8 @@ void ec_row_steps(const float* x, float* cum, float* prev, bool fresh, bool keep
         for (int64_t k = 0; k < K; ++k) neuron->counts[k] = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1 && rows > 1)
     {
-        std::vector<float> c(cols), p(cols), v(neuron ? cols : 0), d(neuron ? cols : 0);
+        const bool differential = neuron && neuron->differential;
+        std::vector<float> c(cols), p(cols), v(neuron ? cols : 0), d(neuron ? cols : 0), e(differential ? cols : 0);
         std::vector<int64_t> local(neuron ? K : 0, 0);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; ++r) {
@@ -827,19 +880,28 @@ void ec_row_steps(const float* x, float* cum, float* prev, bool fresh, bool keep
                 if (neuron->fresh) std::fill(v.begin(), v.end(), 0.0f);
                 else std::copy_n(neuron->membrane + at, cols, v.data());
             }
+            if (differential) {
+                if (neuron->fresh) std::fill(e.begin(), e.end(), 0.0f);
+                else std::copy_n(neuron->estimate + at, cols, e.data());
+            }
             for (int64_t k = 0; k < K; ++k) {
-                row_step(c.data(), x + k * n + at, p.data(), t0 + static_cast<float>(k + 1),
-                         neuron ? d.data() : out + k * n + at, cols);
+                const float steps = t0 + static_cast<float>(k + 1);
+                row_step(c.data(), x + k * n + at, p.data(), steps, neuron ? d.data() : out + k * n + at, cols);
                 if (neuron)
                     for (int64_t off = 0; off < cols; off += kTile)
-                        mt_tile<W>(v.data() + off, d.data() + off, neuron->table, neuron->width,
-                                   neuron->spike + k * n + at + off, std::min(kTile, cols - off), local[k]);
+                        neuron_tile<W>(differential, v.data() + off, e.data() + off, d.data() + off, neuron->table,
+                                       neuron->width, neuron->spike + k * n + at + off,
+                                       neuron->sent ? neuron->sent + k * n + at + off : nullptr,
+                                       std::min(kTile, cols - off), steps, local[k]);
             }
             if (keep) {
                 std::copy_n(c.data(), cols, cum + at);
                 std::copy_n(p.data(), cols, prev + at);
             }
-            if (neuron && neuron->keep) std::copy_n(v.data(), cols, neuron->membrane + at);
+            if (neuron && neuron->keep) {
+                std::copy_n(v.data(), cols, neuron->membrane + at);
+                if (differential) std::copy_n(e.data(), cols, neuron->estimate + at);
+            }
         }
         if (neuron) {
 #pragma omp critical(ecmt_fused_counts)
@@ -856,19 +918,20 @@ extern "C" {
 // ndim >= 1); membrane: the rest's n elements in row-major order, read unless `fresh` (the state
 // starts at zero) and written if `keep`; table [4, width] (per level: positive threshold,
 // positive spike, negative threshold, negative spike); spike: [K, n] contiguous, written;
-// counts[k]: the number of non-zero spikes of step k. Returns 0, or -1 for bad arguments.
+// counts[k]: the number of non-zero spikes of step k. differential (ECMT_SPEC 14): the estimates
+// (n floats, read unless `fresh`, written if `keep`, like the membrane) are carried too, the steps
+// are t0+1..t0+K, `spike` receives the outputs r + s and `sent` (if not null, [K, n]) the spikes s.
+// Returns 0, or -1 for bad arguments.
 int ecmt_mt_steps(const float* x, int ndim, const int64_t* sizes, const int64_t* strides, float* membrane,
                   int fresh, int keep, const float* table, int64_t width, float* spike, int64_t* counts,
-                  int threads) {
+                  int threads, int differential, float* estimate, float t0, float* sent) {
     StepLayout l;
     if (!make_layout(ndim, sizes, strides, l)) return -1;
     if ((!fresh || keep) && membrane == nullptr) return -1;
-    switch (width) {
-        case 8: mt_steps<8>(x, l, membrane, fresh, keep, table, width, spike, counts, threads); break;
-        case 16: mt_steps<16>(x, l, membrane, fresh, keep, table, width, spike, counts, threads); break;
-        case 32: mt_steps<32>(x, l, membrane, fresh, keep, table, width, spike, counts, threads); break;
-        default: mt_steps<0>(x, l, membrane, fresh, keep, table, width, spike, counts, threads); break;
-    }
+    if (differential && (!fresh || keep) && estimate == nullptr) return -1;
+    const bool d = differential != 0;
+    ECMT_WITH_WIDTH(width, (mt_steps<W>(x, l, membrane, fresh, keep, table, width, spike, counts, threads, d,
+                                        estimate, t0, d ? sent : nullptr)))
     return 0;
 }
 
@@ -877,24 +940,31 @@ int ecmt_mt_steps(const float* x, int ndim, const int64_t* sizes, const int64_t*
 // neuron's [B, H, N, D] state in row-major order, read unless `fresh`, written if `keep`
 // (a null table: that part is skipped, its membrane and spikes are not touched);
 // spikes[3]: [K, B, H, N, D] contiguous, written; counts [3, K]: non-zero spikes per neuron and
-// step. Returns 0, or -1 for bad arguments.
+// step. differential: the three neurons are differential ones (ECMT_SPEC 14), with estimates[3]
+// kept as the membranes are, steps t0+1..t0+K, and sents[3] (each may be null) receiving the
+// spikes s while spikes[3] receive the outputs r + s. Returns 0, or -1 for bad arguments.
 int ecmt_qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H, int64_t D,
                       const float* table_q, const float* table_k, const float* table_v, int64_t width,
                       float* membrane_q, float* membrane_k, float* membrane_v, int fresh, int keep,
-                      float* spike_q, float* spike_k, float* spike_v, int64_t* counts, int threads) {
+                      float* spike_q, float* spike_k, float* spike_v, int64_t* counts, int threads,
+                      int differential, float* estimate_q, float* estimate_k, float* estimate_v, float t0,
+                      float* sent_q, float* sent_k, float* sent_v) {
     if (K < 0 || B < 0 || N < 0 || H < 0 || D < 0 || width < 1) return -1;
     const float* tables[3] = {table_q, table_k, table_v};
     float* membranes[3] = {membrane_q, membrane_k, membrane_v};
+    float* estimates[3] = {estimate_q, estimate_k, estimate_v};
     float* spikes[3] = {spike_q, spike_k, spike_v};
+    float* sents[3] = {sent_q, sent_k, sent_v};
     int parts = 0;
     for (int p = 0; p < 3; ++p) {
         if (tables[p] == nullptr) continue;  // a part not asked for
         ++parts;
         if (spikes[p] == nullptr || ((!fresh || keep) && membranes[p] == nullptr)) return -1;
+        if (differential && (!fresh || keep) && estimates[p] == nullptr) return -1;
     }
     if (parts == 0) return -1;
     ECMT_WITH_WIDTH(width, (qkv_mt_steps<W>(x, K, B, N, H, D, tables, width, membranes, fresh, keep, spikes, counts,
-                                            threads)));
+                                            threads, differential != 0, estimates, t0, sents)));
     return 0;
 }
 
@@ -926,13 +996,17 @@ void ecmt_ec_layer_norm_steps(const float* x, float* cum, float* prev, int fresh
 
 // The three EC kernels above with an MT neuron fused after them (FusedNeuron): instead of `out`
 // they write spike [K, n] (n: the elements of a step) and counts [K]; table [4, width] and the
-// membrane (n floats, read unless mfresh, written if mkeep) are the neuron's. Return 0, or -1
-// for bad arguments.
+// membrane (n floats, read unless mfresh, written if mkeep) are the neuron's; differential, its
+// estimate and sent as in ecmt_mt_steps (the steps are the EC kernel's). Return 0, or -1 for bad
+// arguments.
 int ecmt_ec_gelu_mt_steps(const float* x, float* cum, float* prev, int fresh, int keep, float t0, int64_t K,
                           int64_t n, int approximate, const float* table, int64_t width, float* membrane,
-                          int mfresh, int mkeep, float* spike, int64_t* counts, int threads) {
+                          int mfresh, int mkeep, float* spike, int64_t* counts, int threads, int differential,
+                          float* estimate, float* sent) {
     if (table == nullptr || ((!mfresh || mkeep) && membrane == nullptr)) return -1;
-    const FusedNeuron neuron{table, width, membrane, mfresh != 0, mkeep != 0, spike, counts};
+    if (differential && (!mfresh || mkeep) && estimate == nullptr) return -1;
+    const FusedNeuron neuron{table, width, membrane, mfresh != 0, mkeep != 0, spike, counts,
+                             differential != 0, estimate, differential ? sent : nullptr};
     if (approximate) {
         ECMT_WITH_WIDTH(width, (ec_gelu_steps<gelu_tanh, W>(x, cum, prev, fresh, keep, t0, nullptr, K, n, threads,
                                                             &neuron)))
@@ -945,9 +1019,12 @@ int ecmt_ec_gelu_mt_steps(const float* x, float* cum, float* prev, int fresh, in
 
 int ecmt_ec_softmax_mt_steps(const float* x, float* cum, float* prev, int fresh, int keep, float t0, int64_t K,
                              int64_t rows, int64_t cols, const float* table, int64_t width, float* membrane,
-                             int mfresh, int mkeep, float* spike, int64_t* counts, int threads) {
+                             int mfresh, int mkeep, float* spike, int64_t* counts, int threads, int differential,
+                          float* estimate, float* sent) {
     if (table == nullptr || ((!mfresh || mkeep) && membrane == nullptr)) return -1;
-    const FusedNeuron neuron{table, width, membrane, mfresh != 0, mkeep != 0, spike, counts};
+    if (differential && (!mfresh || mkeep) && estimate == nullptr) return -1;
+    const FusedNeuron neuron{table, width, membrane, mfresh != 0, mkeep != 0, spike, counts,
+                             differential != 0, estimate, differential ? sent : nullptr};
     ECMT_WITH_WIDTH(width, (ec_row_steps<W>(x, cum, prev, fresh, keep, t0, nullptr, K, rows, cols, threads,
                                             ec_softmax_rows, &neuron)))
     return 0;
@@ -956,9 +1033,12 @@ int ecmt_ec_softmax_mt_steps(const float* x, float* cum, float* prev, int fresh,
 int ecmt_ec_layer_norm_mt_steps(const float* x, float* cum, float* prev, int fresh, int keep, float t0,
                                 const float* weight, const float* bias, float eps, int64_t K, int64_t rows,
                                 int64_t cols, const float* table, int64_t width, float* membrane, int mfresh,
-                                int mkeep, float* spike, int64_t* counts, int threads) {
+                                int mkeep, float* spike, int64_t* counts, int threads, int differential,
+                                float* estimate, float* sent) {
     if (table == nullptr || ((!mfresh || mkeep) && membrane == nullptr)) return -1;
-    const FusedNeuron neuron{table, width, membrane, mfresh != 0, mkeep != 0, spike, counts};
+    if (differential && (!mfresh || mkeep) && estimate == nullptr) return -1;
+    const FusedNeuron neuron{table, width, membrane, mfresh != 0, mkeep != 0, spike, counts,
+                             differential != 0, estimate, differential ? sent : nullptr};
     auto row = [=](float* c, const float* xr, float* p, float steps, float* o, int64_t m) {
         ec_layer_norm_row(c, xr, p, steps, weight, bias, eps, o, m);
     };

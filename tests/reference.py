@@ -10,40 +10,76 @@ from typing import Callable, List, Sequence, Tuple
 import torch
 
 
-def ref_mt_neuron(xs: Sequence[torch.Tensor], theta_p: float, theta_n: float, levels: int
-                  ) -> List[torch.Tensor]:
-    """ECMT_SPEC 4, literally: the spikes of one MT neuron fed ``xs`` (one tensor per step).
-
-    Each step: v += x; try levels j = N-1 .. 0, at each level the positive side first
-    (v >= θp·2^j − θp/2 emits +θp·2^j), then the negative side (−v >= θn·2^j − θn/2 emits
-    −θn·2^j); the first that fires wins; a side whose threshold is not positive (0, negative,
-    NaN) never fires; v -= spike. Thresholds are float32 numbers, as the neuron's buffers are.
-    """
+def ref_fire(membrane: torch.Tensor, theta_p, theta_n, levels: int) -> torch.Tensor:
+    """ECMT_SPEC 4's fire rule, literally, for a membrane that already holds this step's input:
+    try levels j = N-1 .. 0, at each level the positive side first (v >= θp·2^j − θp/2 emits
+    +θp·2^j), then the negative side (−v >= θn·2^j − θn/2 emits −θn·2^j); the first that fires
+    wins; a side whose threshold is not positive (0, negative, NaN) never fires. Thresholds are
+    float32 numbers, as the neuron's buffers are."""
     theta_p = torch.tensor(float(theta_p), dtype=torch.float32)
     theta_n = torch.tensor(float(theta_n), dtype=torch.float32)
-    p_usable = bool(theta_p > 0)
-    n_usable = bool(theta_n > 0)
+    spike = torch.zeros_like(membrane)
+    decided = torch.zeros_like(membrane, dtype=torch.bool)
+    for j in range(levels - 1, -1, -1):
+        if bool(theta_p > 0):
+            threshold = theta_p * 2 ** j - theta_p / 2
+            fire = ~decided & (membrane >= threshold)
+            spike[fire] = theta_p * 2 ** j
+            decided |= fire
+        if bool(theta_n > 0):
+            threshold = theta_n * 2 ** j - theta_n / 2
+            fire = ~decided & (-membrane >= threshold)
+            spike[fire] = -(theta_n * 2 ** j)
+            decided |= fire
+    return spike
+
+
+def ref_mt_neuron(xs: Sequence[torch.Tensor], theta_p: float, theta_n: float, levels: int,
+                  coding: str = 'rate') -> List[torch.Tensor]:
+    """ECMT_SPEC 4, literally: the outputs of one MT neuron fed ``xs`` (one tensor per step).
+
+    Each step: v += x; the spike of :func:`ref_fire`; v -= spike; the output is the spike.
+    ``coding='differential'``: the outputs y of ECMT_SPEC 14 (:func:`ref_differential_neuron`).
+    """
+    if coding == 'differential':
+        return ref_differential_neuron(xs, theta_p, theta_n, levels)[0]
+    if coding != 'rate':
+        raise ValueError(f'unknown coding {coding!r}')
     membrane = None
     spikes = []
     for x in xs:
         x = x.float()
         membrane = x.clone() if membrane is None else membrane + x
-        spike = torch.zeros_like(membrane)
-        decided = torch.zeros_like(membrane, dtype=torch.bool)
-        for j in range(levels - 1, -1, -1):
-            if p_usable:
-                threshold = theta_p * 2 ** j - theta_p / 2
-                fire = ~decided & (membrane >= threshold)
-                spike[fire] = theta_p * 2 ** j
-                decided |= fire
-            if n_usable:
-                threshold = theta_n * 2 ** j - theta_n / 2
-                fire = ~decided & (-membrane >= threshold)
-                spike[fire] = -(theta_n * 2 ** j)
-                decided |= fire
+        spike = ref_fire(membrane, theta_p, theta_n, levels)
         membrane = membrane - spike
         spikes.append(spike)
     return spikes
+
+
+def ref_differential_neuron(xs: Sequence[torch.Tensor], theta_p: float, theta_n: float, levels: int
+                            ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
+    """ECMT_SPEC 14, literally: (outputs y_t, spikes s_t, estimates r_t after each step) of one
+    differential neuron fed ``xs``. v and r start at zero; step t = 1, 2, ...:
+        u = (v + x_t) - r        (this float order, the one every backend follows)
+        s = ref_fire(u)          (ECMT_SPEC 4's rule on u)
+        v = u - s
+        y_t = r + s
+        r = r + s / t            (s / t rounded first, then added)
+    all in float32."""
+    membrane = estimate = None
+    outputs, spikes, estimates = [], [], []
+    for t, x in enumerate(xs, start=1):
+        x = x.float()
+        if membrane is None:
+            membrane, estimate = torch.zeros_like(x), torch.zeros_like(x)
+        u = (membrane + x) - estimate
+        s = ref_fire(u, theta_p, theta_n, levels)
+        membrane = u - s
+        outputs.append(estimate + s)
+        estimate = estimate + s / torch.full_like(s, float(t))
+        spikes.append(s)
+        estimates.append(estimate)
+    return outputs, spikes, estimates
 
 
 def ref_ec(f: Callable[[torch.Tensor], torch.Tensor], xs: Sequence[torch.Tensor]
@@ -103,26 +139,32 @@ def ref_quantiles(x: torch.Tensor, percent: float) -> Tuple[torch.Tensor, torch.
 # A whole converted model, step by step
 # ---------------------------------------------------------------------------------------------
 class RefNeuron(torch.nn.Module):
-    """ECMT_SPEC 4 one step per call, with the literal level-by-level rule of ref_mt_neuron."""
+    """ECMT_SPEC 4 one step per call, with the literal level-by-level rule of ref_mt_neuron; with
+    ``coding='differential'`` the neuron of ECMT_SPEC 14 (ref_differential_neuron), whose output
+    is y = r + s."""
 
-    def __init__(self, theta_p: float, theta_n: float, levels: int) -> None:
+    def __init__(self, theta_p: float, theta_n: float, levels: int, coding: str = 'rate') -> None:
         super().__init__()
-        self.theta_p, self.theta_n, self.levels = theta_p, theta_n, levels
-        self.membrane = None
+        if coding not in ('rate', 'differential'):
+            raise ValueError(f'unknown coding {coding!r}')
+        self.theta_p, self.theta_n, self.levels, self.coding = theta_p, theta_n, levels, coding
+        self.membrane = self.estimate = None
+        self.t = 0
 
     def forward(self, x):
-        theta_p = torch.tensor(self.theta_p, dtype=torch.float32)
-        theta_n = torch.tensor(self.theta_n, dtype=torch.float32)
         x = x.float()
+        self.t += 1
+        if self.coding == 'differential':
+            if self.membrane is None:
+                self.membrane, self.estimate = torch.zeros_like(x), torch.zeros_like(x)
+            u = (self.membrane + x) - self.estimate
+            spike = ref_fire(u, self.theta_p, self.theta_n, self.levels)
+            self.membrane = u - spike
+            out = self.estimate + spike
+            self.estimate = self.estimate + spike / torch.full_like(spike, float(self.t))
+            return out
         membrane = x.clone() if self.membrane is None else self.membrane + x
-        spike = torch.zeros_like(membrane)
-        decided = torch.zeros_like(membrane, dtype=torch.bool)
-        for j in range(self.levels - 1, -1, -1):
-            for theta, sign in ((theta_p, 1.0), (theta_n, -1.0)):
-                if bool(theta > 0):
-                    fire = ~decided & (sign * membrane >= theta * 2 ** j - theta / 2)
-                    spike[fire] = sign * (theta * 2 ** j)
-                    decided |= fire
+        spike = ref_fire(membrane, self.theta_p, self.theta_n, self.levels)
         self.membrane = membrane - spike
         return spike
 
@@ -179,11 +221,12 @@ def ref_simulate(model: torch.nn.Module, images: torch.Tensor, steps: int) -> to
         # the two literal modules in turn; the fused EC module's own place passes its input on.
         if isinstance(module, trans_utils.ECNeuron):
             return torch.nn.Sequential(RefEC(module.ec_function),
-                                       RefNeuron(float(module.scale_p), float(module.scale_n), module.levels))
+                                       RefNeuron(float(module.scale_p), float(module.scale_n), module.levels,
+                                                 module.coding))
         if isinstance(module, trans_utils.ECPassThrough):
             return torch.nn.Identity()
         if isinstance(module, trans_utils.TwoSideNeuron):
-            return RefNeuron(float(module.scale_p), float(module.scale_n), module.levels)
+            return RefNeuron(float(module.scale_p), float(module.scale_n), module.levels, module.coding)
         if isinstance(module, trans_utils.exp_comp_neuron):
             return RefEC(module.module)
         if isinstance(module, trans_utils.AtNeuron):

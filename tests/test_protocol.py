@@ -293,7 +293,7 @@ def test_readme_steps_4_and_5_use_the_published_defaults(workspace, runs):
     published = {'transform': datasets.transform_config(args_for()),
                  'data_set': 'image_folder', 'data_path': '../datasets/val',
                  'split': 'evaluation', 'images': 450, 'batches': None, 'percent': 0.99,
-                 'model': 'vit_tiny_patch16_224'}
+                 'model': 'vit_tiny_patch16_224', 'coding': 'rate'}
     assert {k: saved['calibration'][k] for k in published} == published
     # Beside it, what rebuilds the model and where the weights came from (issues 25 and 26).
     assert saved['calibration']['weights'] == {'kind': 'file', 'path': '../models/digits_vit.pth'}

@@ -510,13 +510,26 @@ import triton, triton_kernels as tk
 from triton.backends.compiler import GPUTarget
 P, I, C = '*fp32', 'i32', '*i64'
 ec = dict(x=P, cum=P, prev=P, out=P, t0='fp32', K=I)
-neuron = dict(table=P, membrane=P, counts=C)
+neuron = dict(table=P, membrane=P, counts=C, estimate=P, sent=P)
+coding = dict(estimate=P, sent=P, t0='fp32')
 flags = dict(FRESH=False, KEEP=True, FUSED=True, NEURON_FRESH=False, W=16)
-kernels = [
-    (tk._mt_kernel, dict(x='*bf16', table=P, membrane=P, spike=P, counts=C, K=I, n=I),
-     dict(FRESH=False, KEEP=True, W=16, BLOCK=1024)),
-    (tk._qkv_kernel, dict(qkv=P, table=P, membrane=P, spike=P, counts=C, part=I, K=I, N=I, H=I, D=I, n=I),
-     dict(FRESH=False, KEEP=True, W=8, BLOCK=1024)),
+kernels = []
+for differential in (False, True):  # the rate neuron, and the differential one (ECMT_SPEC 14)
+    codings = dict(DIFFERENTIAL=differential, SENT=differential)
+    kernels += [
+        (tk._mt_kernel, dict(x='*bf16', table=P, membrane=P, spike=P, counts=C, K=I, n=I, **coding),
+         dict(FRESH=False, KEEP=True, W=16, BLOCK=1024, **codings)),
+        (tk._qkv_kernel, dict(qkv=P, table=P, membrane=P, spike=P, counts=C, part=I, K=I, N=I, H=I, D=I, n=I,
+                              **coding), dict(FRESH=False, KEEP=True, W=8, BLOCK=1024, **codings))]
+    flags_of = dict(flags, **codings)
+    for approximate in (False, True):
+        kernels.append((tk._ec_gelu_kernel, dict(ec, n=I, **neuron), dict(flags_of, APPROXIMATE=approximate,
+                                                                          BLOCK=1024)))
+    for layer_norm in (False, True):
+        kernels.append((tk._ec_rows_kernel, dict(ec, rows=I, cols=I, weight=P, bias=P, eps='fp32', **neuron),
+                        dict(flags_of, LAYER_NORM=layer_norm, HAS_WEIGHT=True, HAS_BIAS=True, ROWS=2,
+                             BLOCK_C=1024)))
+kernels += [
     (tk._running_sums_kernel, dict(x='*fp16', carried=P, sums=P, K=I, n=I), dict(CARRIED=True, BLOCK=1024)),
     (tk._scaled_differences_kernel, dict(totals=P, prev=P, last=P, t0='fp32', scale='fp32', K=I, n=I),
      dict(HAS_PREV=True, KEEP=True, BLOCK=1024)),
@@ -524,11 +537,6 @@ kernels = [
                                       stride_along=I),
      dict(BLOCK_I=64, BLOCK_J=64)),
 ]
-for approximate in (False, True):
-    kernels.append((tk._ec_gelu_kernel, dict(ec, n=I, **neuron), dict(flags, APPROXIMATE=approximate, BLOCK=1024)))
-for layer_norm in (False, True):
-    kernels.append((tk._ec_rows_kernel, dict(ec, rows=I, cols=I, weight=P, bias=P, eps='fp32', **neuron),
-                    dict(flags, LAYER_NORM=layer_norm, HAS_WEIGHT=True, HAS_BIAS=True, ROWS=2, BLOCK_C=1024)))
 for fn, signature, constexprs in kernels:
     compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                               target=GPUTarget('cuda', 90, 32), options={'enable_fp_fusion': False, 'num_warps': 8})
@@ -549,4 +557,4 @@ def test_kernels_compile_for_a_gpu():
     result = subprocess.run([sys.executable, '-c', _COMPILE_CHECK, root], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count(' ok') == 9
+    assert result.stdout.count(' ok') == 15  # 6 neuron kernels of each coding, 3 others
