@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _runs(neuron, xs, sizes, **call):
     """(outputs, spikes sent, counts per step, estimates before each step) of ``neuron`` fed
     ``xs`` in chunks of ``sizes``."""
-    neuron.record_sent = True
+    neuron.record_sent = neuron.count_nonzero = True  # as the energy monitor asks
     outputs, sent, counts, before, first = [], [], [], [], 0
     neuron.clock = trans_utils.Chunk()
     try:
@@ -304,10 +304,16 @@ def test_products_count_the_spikes_not_the_outputs():
     sent, not the section 8 count on the outputs y (which the module itself makes)."""
     from test_models import images
     model = differential_family('vit_cls_token', levels=4)
+    # The section 8 counts each product makes on its outputs, copied before the monitor's hook
+    # (registered after this one) takes them.
+    made = {}
+    for name, module in model.named_modules():
+        if isinstance(module, trans_utils._ECProduct):
+            module.register_forward_hook(lambda m, i, o, name=name: made.__setitem__(name, m.last_operations.clone()))
     with torch.no_grad(), SOPMonitor(model) as monitor:
         simulate(model, images(2), 4, time_chunk=[4], monitor=monitor)
         products = [i for i, kind in enumerate(monitor.kinds) if kind == 'product']
-        on_outputs = [model.get_submodule(monitor.names[i]).last_operations for i in products]
+        on_outputs = [made[monitor.names[i]] for i in products]
         sent = [monitor.sops[i] for i in products]
     # t = 1: y = s and r = 0, so section 14 counts nz(s_a)nz(s_b) where section 8 (A = a, B = b)
     # counts that three times
