@@ -77,7 +77,10 @@ def _check_state(name: str, state: Optional[torch.Tensor], n: int) -> None:
         raise ValueError(f'{name}: the state must be float32 with one element per input element of a step')
 
 
-def _differential(name: str, coding: str, membrane: Optional[torch.Tensor], estimate: Optional[torch.Tensor]) -> bool:
+def differential_coding(name: str, coding: str, membrane: Optional[torch.Tensor],
+                        estimate: Optional[torch.Tensor]) -> bool:
+    """Whether ``coding`` is the differential one, checking that its two states come together (the
+    argument check of every backend's neuron kernels)."""
     if coding not in ('rate', 'differential'):
         raise ValueError(f"{name}: coding must be 'rate' or 'differential', got {coding!r}")
     if coding == 'differential' and (membrane is None) != (estimate is None):
@@ -99,7 +102,7 @@ def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tens
     _check_table('mt_steps', table)
     if x.dim() < 1:
         raise ValueError('mt_steps: x must have a leading time dimension')
-    differential = _differential('mt_steps', coding, membrane, estimate)
+    differential = differential_coding('mt_steps', coding, membrane, estimate)
     steps = x.shape[0]
     step_shape = x.shape[1:]
     _check_state('mt_steps', membrane, math.prod(step_shape))

@@ -24,6 +24,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from eager_kernels import differential_coding
+
 #: False: never build or load the library (``ECMT_NATIVE=0``); the callers' fallbacks run.
 ENABLED = os.environ.get('ECMT_NATIVE', '1') != '0'
 #: Largest rank the selection kernel accepts (its kMaxDims).
@@ -184,7 +186,7 @@ def _ptr(t: Optional[torch.Tensor]):
 
 def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tensor], keep: bool, *,
              coding: str = 'rate', estimate: Optional[torch.Tensor] = None, t0: int = 0, sent: bool = False):
-    """K steps of the MT neuron (see ``trans_utils._mt_step_table``) on a float32 CPU input
+    """K steps of the MT neuron (see ``eager_kernels.mt_step``) on a float32 CPU input
     ``x`` [K, ...] of any strides (a permuted q/k/v view is read where it lies). ``membrane``: the
     flat state carried from the previous chunk, or None on a batch's first chunk (it starts at
     zero and is not read). With ``keep`` the membrane after the K steps is written (into
@@ -200,7 +202,7 @@ def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tens
         raise ValueError(f'mt_steps: x must have 1 to {MAX_DIMS + 1} dimensions')
     if table.dim() != 2 or table.shape[0] != 4 or not table.is_contiguous():
         raise ValueError('mt_steps: table must be a contiguous [4, width] tensor')
-    differential = _differential('mt_steps', coding, membrane, estimate)
+    differential = differential_coding('mt_steps', coding, membrane, estimate)
     steps = x.shape[0]
     n = x[0].numel() if steps else 0
     membrane, fresh = _state(membrane, n, keep)
@@ -221,15 +223,6 @@ def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tens
     return spike, counts, membrane if keep else None
 
 
-def _differential(name: str, coding: str, membrane: Optional[torch.Tensor], estimate: Optional[torch.Tensor]) -> bool:
-    """Whether ``coding`` is the differential one (checking that its two states come together)."""
-    if coding not in ('rate', 'differential'):
-        raise ValueError(f"{name}: coding must be 'rate' or 'differential', got {coding!r}")
-    if coding == 'differential' and (membrane is None) != (estimate is None):
-        raise ValueError(f'{name}: the membrane and the estimate are carried together')
-    return coding == 'differential'
-
-
 def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
                  membrane: Optional[torch.Tensor], keep: bool, *, coding: str = 'rate',
                  estimate: Optional[torch.Tensor] = None, t0: int = 0, sent: bool = False):
@@ -248,7 +241,7 @@ def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
         raise ValueError(f'qkv_mt_steps: part must be 0 (q), 1 (k) or 2 (v), got {part}')
     if table.dim() != 2 or table.shape[0] != 4 or not table.is_contiguous():
         raise ValueError('qkv_mt_steps: table must be a contiguous [4, width] tensor')
-    differential = _differential('qkv_mt_steps', coding, membrane, estimate)
+    differential = differential_coding('qkv_mt_steps', coding, membrane, estimate)
     K, B, N, _ = qkv.shape
     D = qkv.shape[-1] // (3 * heads)
     n = B * heads * N * D if K else 0
@@ -340,7 +333,7 @@ def ec_mt_steps(kind: str, x: torch.Tensor, cum: Optional[torch.Tensor], prev: O
     r + s, counts of s, cum, prev, membrane, estimate, the spikes s if ``sent`` else None)."""
     if table.dim() != 2 or table.shape[0] != 4 or not table.is_contiguous():
         raise ValueError('ec_mt_steps: table must be a contiguous [4, width] tensor')
-    differential = _differential('ec_mt_steps', coding, membrane, estimate)
+    differential = differential_coding('ec_mt_steps', coding, membrane, estimate)
     rank = 2 if kind == 'gelu' else 3
     if kind == 'layer_norm':
         _check_affine(x, weight, bias)

@@ -322,13 +322,6 @@ def _level_width(levels: int) -> int:
     return max(8, 1 << (int(levels) - 1).bit_length())
 
 
-def _mt_step_table(membrane: torch.Tensor, x: torch.Tensor, table: torch.Tensor
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One MT step by comparing ``v + x`` with every level's threshold in turn (the eager
-    backend's step, :func:`eager_kernels.mt_step`). Returns (spike, new membrane)."""
-    return eager_kernels.mt_step(membrane, x, table)
-
-
 # ---------------------------------------------------------------------------------------------
 # Backends: one set of kernels per backend, chosen once for a whole model at conversion
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ of a tile of elements in registers for all K steps of a chunk; the state is read
 from a previous chunk and written only with ``keep``):
 
 - :func:`mt_steps`: K steps of the multi-threshold neuron (ECMT_SPEC 4) by the table comparison
-  of ``trans_utils._mt_step_table``: spikes bit for bit those of the literal rule;
+  of ``eager_kernels.mt_step``: spikes bit for bit those of the literal rule;
 - :func:`qkv_mt_steps`: the q, k or v neuron reading its part of a fused qkv output in place
   (contiguous runs of a token's row) and writing head-major spikes;
 - :func:`ec_gelu_steps`, :func:`ec_softmax_steps`, :func:`ec_layer_norm_steps`: expectation
@@ -43,6 +43,8 @@ import os
 from typing import Optional, Tuple
 
 import torch
+
+from eager_kernels import differential_coding
 
 try:
     import triton
@@ -465,14 +467,6 @@ def _step_elements(x: torch.Tensor) -> int:
 
 
 # ---- the neuron ---------------------------------------------------------------------------------
-def _differential(name: str, coding: str, membrane: Optional[torch.Tensor], estimate: Optional[torch.Tensor]) -> bool:
-    if coding not in ('rate', 'differential'):
-        raise ValueError(f"{name}: coding must be 'rate' or 'differential', got {coding!r}")
-    if coding == 'differential' and (membrane is None) != (estimate is None):
-        raise ValueError(f'{name}: the membrane and the estimate are carried together')
-    return coding == 'differential'
-
-
 def _coding_state(differential: bool, estimate, n: int, keep: bool, device, shape, sent: bool):
     """(the estimate the kernel reads/writes, the tensor for the spikes s or None) of a neuron."""
     if not differential:
@@ -483,7 +477,7 @@ def _coding_state(differential: bool, estimate, n: int, keep: bool, device, shap
 
 def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tensor], keep: bool, *,
              coding: str = 'rate', estimate: Optional[torch.Tensor] = None, t0: int = 0, sent: bool = False):
-    """K steps of the MT neuron (``trans_utils._mt_step_table``) on ``x`` [K, ...] (float32, fp16
+    """K steps of the MT neuron (``eager_kernels.mt_step``) on ``x`` [K, ...] (float32, fp16
     or bf16; a non-contiguous x is copied first). ``membrane``: the flat state carried from the
     previous chunk, or None on a batch's first chunk (it starts at zero and is not read). With
     ``keep`` the membrane after the K steps is written (into ``membrane``, or a new tensor) and
@@ -498,7 +492,7 @@ def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tens
         raise ValueError('mt_steps: x must have at least one dimension (steps first)')
     _check_input('mt_steps', x)
     width = _check_table('mt_steps', table, x.device)
-    differential = _differential('mt_steps', coding, membrane, estimate)
+    differential = differential_coding('mt_steps', coding, membrane, estimate)
     _require(x)
     x = x.contiguous()
     steps, n = x.shape[0], _step_elements(x)
@@ -540,7 +534,7 @@ def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
     if part not in (0, 1, 2):
         raise ValueError(f'qkv_mt_steps: part must be 0 (q), 1 (k) or 2 (v), got {part}')
     width = _check_table('qkv_mt_steps', table, qkv.device)
-    differential = _differential('qkv_mt_steps', coding, membrane, estimate)
+    differential = differential_coding('qkv_mt_steps', coding, membrane, estimate)
     _require(qkv)
     K, B, N, _ = qkv.shape
     D = qkv.shape[-1] // (3 * heads)
@@ -689,7 +683,7 @@ def ec_mt_steps(kind: str, x: torch.Tensor, cum: Optional[torch.Tensor], prev: O
     width = _check_table(name, table, x.device)
     if kind == 'layer_norm':
         _check_affine(name, x, weight, bias)
-    differential = _differential(name, coding, membrane, estimate)
+    differential = differential_coding(name, coding, membrane, estimate)
     x, cum, prev, fresh = _ec_arguments(name, x, cum, prev, keep, 2 if kind == 'gelu' else 3)
     membrane, neuron_fresh = _state(membrane, _step_elements(x), keep, x.device)
     estimate, spikes_sent = _coding_state(differential, estimate, _step_elements(x), keep, x.device, x.shape, sent)
