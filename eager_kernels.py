@@ -150,6 +150,35 @@ def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
     return mt_steps(qkv_part(qkv, part, heads), table, membrane, keep, **coding)
 
 
+
+def parts_mt_steps(qkv_mt_steps: Callable, qkv: torch.Tensor, heads: int, tables, membranes, keep: bool, *,
+                   coding: str = 'rate', estimates=(None, None, None), t0: int = 0, sents=(False, False, False)):
+    """``qkv_parts_mt_steps`` (see ``native_kernels``, which reads each row once) as one
+    ``qkv_mt_steps`` call per part that has a table, for the backends without a joint kernel: per
+    part what ``qkv_mt_steps`` returns, or None. The given states are read, never written (a kept
+    state is a new tensor)."""
+    if not (len(tables) == len(membranes) == len(estimates) == len(sents) == 3):
+        raise ValueError('qkv_parts_mt_steps: give one table, membrane, estimate and sent flag per part')
+    if all(table is None for table in tables):
+        raise ValueError('qkv_parts_mt_steps: no part has a table')
+
+    def copy(state):
+        return state.clone() if keep and state is not None else state
+    results = [None] * 3
+    for part, table in enumerate(tables):
+        if table is None:
+            continue
+        extra = (dict(coding=coding, estimate=copy(estimates[part]), t0=t0, sent=sents[part])
+                 if coding == 'differential' else {})
+        results[part] = qkv_mt_steps(qkv, part, heads, table, copy(membranes[part]), keep, **extra)
+    return results
+
+
+def qkv_parts_mt_steps(qkv: torch.Tensor, heads: int, tables, membranes, keep: bool, **coding):
+    """The q, k and v neurons on one fused qkv output (:func:`parts_mt_steps` over
+    :func:`qkv_mt_steps`)."""
+    return parts_mt_steps(qkv_mt_steps, qkv, heads, tables, membranes, keep, **coding)
+
 def running_sums(x: torch.Tensor, carried: Optional[torch.Tensor]) -> torch.Tensor:
     """Running sums along time of ``x`` [K, ...] (any strides) from ``carried`` (the flat sums
     after the previous chunk; None: from zero), one step at a time in float32. Returns [K, ...]

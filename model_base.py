@@ -29,7 +29,7 @@ from timm.layers import DropPath, GluMlp, LayerScale, Mlp, PatchDropout, SwiGLU
 from timm.layers import AttentionPoolLatent, apply_rot_embed_cat
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
-from trans_utils import (EC_MODULE_TYPES, ConversionError, MyAt, MyMul, MyTestPlace,
+from trans_utils import (EC_MODULE_TYPES, ConversionError, MyAt, MyMul, MyTestPlace, SharedQKV,
                          register_snn_modules)
 
 __all__ = ['ConvertibleAttention', 'ConvertibleMlp', 'ConvertibleGluMlp', 'ConvertibleAttentionPool',
@@ -118,9 +118,11 @@ class ConvertibleAttention(nn.Module):
                 # nn.Linear (the energy monitor) see this one too.
                 qkv = qkv + torch.cat((self.q_bias, self.k_bias, self.v_bias))
             placed = self.fuse_qkv and rope is None
-            if placed:  # each of the q, k and v neurons reads its part of qkv in place
-                q, k, v = (place(qkv, qkv_part=(part, self.num_heads))
-                           for part, place in enumerate((self.place_q, self.place_k, self.place_v)))
+            if placed:  # the q, k and v neurons read their parts of qkv in place, in one pass
+                places = (self.place_q, self.place_k, self.place_v)
+                shared = SharedQKV(self.num_heads, places)
+                q, k, v = (place(qkv, qkv_part=(part, self.num_heads), shared=shared)
+                           for part, place in enumerate(places))
             else:
                 q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         else:

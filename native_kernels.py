@@ -263,6 +263,67 @@ def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
     return spike, counts[part].clone(), membrane if keep else None
 
 
+
+def qkv_parts_mt_steps(qkv: torch.Tensor, heads: int, tables, membranes, keep: bool, *, coding: str = 'rate',
+                       estimates=(None, None, None), t0: int = 0, sents=(False, False, False)):
+    """The q, k and v neurons of one attention on a fused qkv output in ONE pass (each token's row
+    read once, whole, instead of a third of it by each neuron): per part (0 q, 1 k, 2 v) exactly
+    what :func:`qkv_mt_steps` returns for that part, or None for a part whose table is None.
+    ``tables``, ``membranes``, ``estimates`` (differential) and ``sents`` have one entry per part;
+    the parts' tables have one width, and their states are all given or all None (the neurons of
+    one attention step together). The given states are read, never written: the states after the
+    chunk (with ``keep``) are new tensors, so that the neurons that own them take them up
+    themselves."""
+    if qkv.dim() != 4 or not qkv.is_contiguous() or qkv.dtype != torch.float32 or heads < 1 \
+            or qkv.shape[-1] % (3 * heads):
+        raise ValueError('qkv_parts_mt_steps: qkv must be a contiguous float32 [K, B, N, 3 * heads * D] tensor')
+    if not (len(tables) == len(membranes) == len(estimates) == len(sents) == 3):
+        raise ValueError('qkv_parts_mt_steps: give one table, membrane, estimate and sent flag per part')
+    active = [p for p in range(3) if tables[p] is not None]
+    if not active:
+        raise ValueError('qkv_parts_mt_steps: no part has a table')
+    for p in active:
+        if tables[p].dim() != 2 or tables[p].shape[0] != 4 or not tables[p].is_contiguous() \
+                or tables[p].shape[1] != tables[active[0]].shape[1]:
+            raise ValueError('qkv_parts_mt_steps: the tables must be contiguous [4, width] tensors of one width')
+    if len({membranes[p] is None for p in active}) > 1:
+        raise ValueError('qkv_parts_mt_steps: the parts\' membranes must all be given or all be None')
+    differential = any([differential_coding('qkv_parts_mt_steps', coding, membranes[p], estimates[p])
+                        for p in active])
+    K, B, N, _ = qkv.shape
+    D = qkv.shape[-1] // (3 * heads)
+    n = B * heads * N * D if K else 0
+    fresh = membranes[active[0]] is None
+
+    def state_of(given):  # read-only input -> the tensor the kernel reads and writes
+        state = _state(given, n, keep)[0]
+        return state.clone() if keep and given is not None else state
+    table_ptrs, membrane_ptrs, spike_ptrs, estimate_ptrs, sent_ptrs = ([None] * 3 for _ in range(5))
+    outs = [None] * 3
+    for p in active:
+        membrane = state_of(membranes[p])
+        estimate = state_of(estimates[p]) if differential else None
+        spike = torch.empty(K, B, heads, N, D, dtype=torch.float32)
+        sent = torch.empty_like(spike) if differential and sents[p] else None
+        outs[p] = (spike, membrane, estimate, sent)
+        table_ptrs[p], membrane_ptrs[p], spike_ptrs[p] = tables[p].data_ptr(), _ptr(membrane), spike.data_ptr()
+        estimate_ptrs[p], sent_ptrs[p] = _ptr(estimate), _ptr(sent)
+    counts = torch.empty(3, K, dtype=torch.int64)
+    status = library().ecmt_qkv_mt_steps(qkv.data_ptr(), K, B, N, heads, D, *table_ptrs,
+                                         tables[active[0]].shape[1], *membrane_ptrs, int(fresh), int(bool(keep)),
+                                         *spike_ptrs, counts.data_ptr(), torch.get_num_threads(), int(differential),
+                                         *estimate_ptrs, float(t0), *sent_ptrs)
+    if status != 0:
+        raise RuntimeError(f'ecmt_qkv_mt_steps rejected its arguments (status {status})')
+    results = [None] * 3
+    for p in active:
+        spike, membrane, estimate, sent = outs[p]
+        if differential:
+            results[p] = (spike, counts[p], membrane if keep else None, estimate if keep else None, sent)
+        else:
+            results[p] = (spike, counts[p], membrane if keep else None)
+    return results
+
 def _ec_arguments(name: str, x: torch.Tensor, cum, prev, keep: bool, rank: int, output: bool = True):
     if x.dim() != rank:
         raise ValueError(f'{name}: x must have {rank} dimensions (steps first)')

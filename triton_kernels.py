@@ -44,7 +44,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from eager_kernels import differential_coding
+from eager_kernels import differential_coding, parts_mt_steps
 
 try:
     import triton
@@ -559,6 +559,12 @@ def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
         return spike, counts, membrane if keep else None, estimate if keep else None, spikes_sent
     return spike, counts, membrane if keep else None
 
+
+
+def qkv_parts_mt_steps(qkv: torch.Tensor, heads: int, tables, membranes, keep: bool, **coding):
+    """The q, k and v neurons on one fused qkv output: :func:`qkv_mt_steps` per part
+    (``eager_kernels.parts_mt_steps``; on a GPU each part is its own launch)."""
+    return parts_mt_steps(qkv_mt_steps, qkv, heads, tables, membranes, keep, **coding)
 
 # ---- expectation compensation -------------------------------------------------------------------
 def _ec_arguments(name: str, x: torch.Tensor, cum, prev, keep: bool, rank: int):

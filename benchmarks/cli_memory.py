@@ -9,8 +9,9 @@ Random weights (the CLI seeds them: the same in every process) and random images
 PNGs in two classes, made here); thresholds calibrated once per depth by a `for_v` run on the
 first batch. Each `ann` and `snn --no-monitor` run is a fresh process whose peak resident set
 size (VmHWM of that process alone, not of its data-loader workers) is read when it exits; the
-table gives both peaks, `snn - ann` (what simulating the SNN costs beyond evaluating the ANN,
-which holds the same weights and data pipeline) and the SNN's `seconds`. The checks of the issue
+table gives both peaks (with --repeats N, the medians of N pairs of runs), `snn - ann` (what
+simulating the SNN costs beyond evaluating the ANN, which holds the same weights and data
+pipeline) and the SNN's `seconds`. The checks of the issue
 are printed under the table: `snn - ann` at most --limit_mib at every depth, and flat in depth
 (its value at the deepest depth within 10% of that at the reference depth, 4 by default; also
 the SNN's own peak). With --eva: the SNN peak at depths 1, 2, 3 at batch --batch_size,
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,6 +67,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--eva', action='store_true',
                    help='EVA-01 giant at 336 px, T=4, batch 2, 4 images, depths 1 2 3: GB per image at 40 blocks')
     p.add_argument('--workdir', default=None, help='folder for images and checkpoints (default: a temporary one)')
+    p.add_argument('--repeats', default=1, type=int,
+                   help='ann and snn processes per depth; the table gives medians (3 or more: a steadier figure)')
     p.add_argument('--json', action='store_true')
     return p
 
@@ -121,21 +125,32 @@ def run_cli(args, mode: str, depth: int, work: Path, extra=()) -> dict:
 
 
 def measure(args, work: Path) -> list:
+    """One row per depth: medians over --repeats pairs of ann and snn processes (the peak of one
+    process moves by tens of MiB between identical runs: where the allocator's free blocks fall
+    depends on the timing of the data-loader workers), the runs themselves in ``runs``."""
     rows = []
     for depth in args.depths:
         checkpoint = work / f'calibrated_d{depth}.pth'
         run_cli(args, 'for_v', depth, work, ['--savename', checkpoint.stem, '--calib_batches', '1'])
-        ann = run_cli(args, 'ann', depth, work)
-        snn = run_cli(args, 'snn', depth, work, ['--model_path', str(checkpoint), '--test_T', str(args.T),
-                                                 '--no-monitor'])
-        row = {'depth': depth, 'ann_peak_mib': ann['peak_mib'], 'snn_peak_mib': snn['peak_mib'],
-               'snn_minus_ann_mib': snn['peak_mib'] - ann['peak_mib'], 'ann_seconds': ann['seconds'],
-               'snn_seconds': snn['seconds']}
+        runs = []
+        for _ in range(args.repeats):
+            ann = run_cli(args, 'ann', depth, work)
+            snn = run_cli(args, 'snn', depth, work, ['--model_path', str(checkpoint), '--test_T', str(args.T),
+                                                     '--no-monitor'])
+            runs.append({'ann_peak_mib': ann['peak_mib'], 'snn_peak_mib': snn['peak_mib'],
+                         'snn_minus_ann_mib': snn['peak_mib'] - ann['peak_mib'], 'ann_seconds': ann['seconds'],
+                         'snn_seconds': snn['seconds']})
+        row = {'depth': depth, **{key: statistics.median(run[key] for run in runs) for key in runs[0]}}
+        if args.repeats > 1:
+            row['runs'] = runs
         rows.append(row)
         if not args.json:
+            spread = ''
+            if args.repeats > 1:
+                spread = ' (runs ' + ', '.join(f"{run['snn_minus_ann_mib']:+.0f}" for run in runs) + ')'
             print(f"  depth {depth:3d}: ann {row['ann_peak_mib']:7.0f} MiB  snn {row['snn_peak_mib']:7.0f} MiB  "
-                  f"snn - ann {row['snn_minus_ann_mib']:+6.0f} MiB  (ann {ann['seconds']:.1f} s, "
-                  f"snn {snn['seconds']:.1f} s)", flush=True)
+                  f"snn - ann {row['snn_minus_ann_mib']:+6.0f} MiB{spread}  (ann {row['ann_seconds']:.1f} s, "
+                  f"snn {row['snn_seconds']:.1f} s)", flush=True)
     return rows
 
 

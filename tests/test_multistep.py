@@ -336,11 +336,18 @@ def test_a_native_model_moved_to_another_device_says_what_to_call():
         neuron(torch.zeros(2, 3, device='meta'))
 
 
-def test_no_module_writes_another_modules_state(monkeypatch):
+@pytest.mark.parametrize('backend', ['native', 'eager'])
+def test_no_module_writes_another_modules_state(monkeypatch, backend):
     """Every stateful module's state is its own attribute ``state``, written only by its own
-    forward: after a run of every chunking, each module's state object was set by that module
-    alone (no module reaches into another one's attributes, as fused modules once did)."""
+    forward: after a run of chunks that carry state, each module's state object was set by that
+    module alone (no module reaches into another one's attributes, as fused modules once did), and
+    no module's call changed another module's state tensors in place (the q, k and v neurons, run
+    in one pass by the first of them, SharedQKV, read the others' states and leave them as they
+    are)."""
+    if trans_utils.backend_problem(backend, 'cpu'):
+        pytest.skip(trans_utils.backend_problem(backend, 'cpu'))
     model = converted('vit_cls_token', 4)
+    set_backend(model, backend)
     writers = {}
     stateful = [m for m in model.modules() if isinstance(m, StatefulModule)]
     original = StatefulModule.__setattr__
@@ -351,12 +358,51 @@ def test_no_module_writes_another_modules_state(monkeypatch):
             caller = inspect.stack()[1].frame.f_locals.get('self')
             writers.setdefault(id(self), set()).add(id(caller))
         original(self, name, value)
+
+    def contents(skip):  # copies: a kernel writing through a pointer bumps no version counter
+        return {(id(m), i): (t, t.clone()) for m in stateful if m is not skip
+                for i, t in enumerate(m.state if isinstance(m.state, tuple) else (m.state,)) if t is not None}
+    before, changed, calls = {}, [], []
+
+    def pre(module, args, kwargs):
+        before[id(module)] = contents(module)
+
+    def post(module, args, kwargs, output):
+        calls.append(module)
+        changed.extend(key for key, (t, copy) in before.pop(id(module)).items() if not torch.equal(t, copy))
+    hooks = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in stateful]
+    hooks += [m.register_forward_hook(post, with_kwargs=True) for m in stateful]
     monkeypatch.setattr(StatefulModule, '__setattr__', spy)
     with torch.no_grad():
-        simulate(model, images(2), 4, time_chunk=[1, 3])
+        simulate(model, images(2), 4, time_chunk=[1, 2, 1])
     monkeypatch.undo()
+    for hook in hooks:
+        hook.remove()
     assert writers and all(callers == {key} for key, callers in writers.items())
     assert {id(m) for m in stateful} >= set(writers)
+    assert len(calls) == 3 * len(stateful) and not changed
+
+
+def test_qkv_neurons_that_cannot_go_together_run_apart(monkeypatch):
+    """Where an attention's q, k and v neurons cannot share one pass (here k has another level
+    count, so another table width), SharedQKV lets each run its own chunk on its part: the same
+    per-step logits as the model whose q, k and v read the split views, and no joint call."""
+    model = converted('vit_cls_token', 4)
+    set_backend(model, 'native' if not trans_utils.backend_problem('native', 'cpu') else 'eager')
+    attentions = [m for m in model.modules() if hasattr(m, 'fuse_qkv')]
+    assert attentions and all(a.fuse_qkv for a in attentions)
+    for attention in attentions:
+        attention.place_k.levels = 40
+    kernels = trans_utils.kernels_of(attentions[0].place_q.backend)
+    joint, real = [], kernels.qkv_parts_mt_steps
+    monkeypatch.setattr(kernels, 'qkv_parts_mt_steps', lambda *a, **k: joint.append(1) or real(*a, **k))
+    x = images(2)
+    with torch.no_grad():
+        placed = simulate(model, x, 4, time_chunk=[1, 3])
+        for attention in attentions:
+            attention.fuse_qkv = False
+        apart = simulate(model, x, 4, time_chunk=[1, 3])
+    assert not joint and torch.equal(placed, apart)
 
 
 def _eva02_swiglu_norms():
@@ -380,7 +426,8 @@ def test_fused_ec_neurons_change_no_number(monkeypatch, backend, config, pairs, 
     both states), and an attention's q, k and v neurons each reading its part of the qkv output in
     place (trans_utils.fuse_ec_neurons, made at conversion), give the per-step logits, every
     layer's SOPs per step and the spike counts per level of the unfused modules, bit for bit, for
-    every chunking (states carried between chunks); the fused kernels do run."""
+    every chunking (states carried between chunks); the fused kernels do run (the q, k and v
+    neurons of an attention in one ``qkv_parts_mt_steps`` call, trans_utils.SharedQKV)."""
     problem = trans_utils.backend_problem(backend, 'cpu')
     if problem:
         pytest.skip(problem)
@@ -394,9 +441,9 @@ def test_fused_ec_neurons_change_no_number(monkeypatch, backend, config, pairs, 
     assert sum(isinstance(m, trans_utils.ECPassThrough) for m in model.modules()) == sum(pairs.values())
     kernels = trans_utils.kernels_of(backend)
     calls, qkv_calls = [], []
-    real, real_qkv = kernels.ec_mt_steps, kernels.qkv_mt_steps
+    real, real_qkv = kernels.ec_mt_steps, kernels.qkv_parts_mt_steps
     monkeypatch.setattr(kernels, 'ec_mt_steps', lambda kind, *a, **k: calls.append(kind) or real(kind, *a, **k))
-    monkeypatch.setattr(kernels, 'qkv_mt_steps', lambda *a, **k: qkv_calls.append(1) or real_qkv(*a, **k))
+    monkeypatch.setattr(kernels, 'qkv_parts_mt_steps', lambda *a, **k: qkv_calls.append(1) or real_qkv(*a, **k))
     x = images(3)
     results = {}
     # The interpreter is slow on many launches: triton takes the chunkings that carry state in two
@@ -411,7 +458,7 @@ def test_fused_ec_neurons_change_no_number(monkeypatch, backend, config, pairs, 
                 results[on, chunks] = (logits, monitor.sops.clone(), levels)
     chunk_runs = sum(len(s) for s in chunkings.values())
     assert len(calls) == sum(pairs.values()) * chunk_runs
-    assert len(qkv_calls) == 3 * triples * chunk_runs
+    assert len(qkv_calls) == triples * chunk_runs  # the q, k and v neurons of an attention in one call
     want = results[False, '1x8']
     for key, (logits, sops, levels) in results.items():
         assert torch.equal(logits, want[0]) and torch.equal(sops, want[1]), key

@@ -12,7 +12,7 @@ import torch
 import eager_kernels
 import native_kernels
 import trans_utils
-from reference import ref_mt_neuron, ref_quantiles
+from reference import ref_differential_neuron, ref_mt_neuron, ref_quantiles
 
 needs_compiler = pytest.mark.skipif(not any(
     os.path.exists(os.path.join(d, c)) for d in os.environ.get('PATH', '').split(os.pathsep)
@@ -506,6 +506,60 @@ def test_qkv_neurons_equal_three_neurons_on_the_views_bit_for_bit(native, thread
             assert (fused[p] is None and want[2] is None) if not keep else torch.equal(fused[p], want[2])
             apart[p] = want[2]
         first += count
+
+
+@pytest.mark.parametrize('backend', ['native', 'triton', 'eager'])
+@pytest.mark.parametrize('coding', ['rate', 'differential'])
+@pytest.mark.parametrize('chunks', CHUNKS)
+def test_qkv_parts_in_one_pass_follow_the_reference(monkeypatch, backend, coding, chunks):
+    """qkv_parts_mt_steps (an attention's q, k and v neurons on the fused qkv output in one pass,
+    trans_utils.SharedQKV) gives each neuron the outputs of ECMT_SPEC 4 / 14 (tests/reference.py)
+    on its head-split view, bit for bit, for every chunking; the counts, and the spikes s of a
+    differential neuron, are each part's own; the states it is given are never written (each
+    neuron keeps its own state; the ones after a chunk are new tensors); a part without a table is
+    skipped."""
+    problem = trans_utils.backend_problem(backend, 'cpu')
+    if problem:
+        pytest.skip(problem)
+    kernels = trans_utils.kernels_of(backend)
+    K, B, N, H, D, levels = 4, 2, 9, 2, 24, 5
+    g = torch.Generator().manual_seed(11 + len(chunks))
+    xs = torch.randn(K, B, N, 3 * H * D, generator=g) * 0.4
+    thresholds = ((0.05, 0.03), (0.02, 0.07), (0.04, 0.04))
+    tables = [trans_utils.level_table(torch.tensor(p), torch.tensor(n), levels) for p, n in thresholds]
+    views = xs.view(K, B, N, 3, H, D).permute(3, 0, 1, 4, 2, 5)
+    want = [ref_differential_neuron(list(views[p]), *thresholds[p], levels) if coding == 'differential'
+            else (ref_mt_neuron(list(views[p]), *thresholds[p], levels), None) for p in range(3)]
+    states, first = [None] * 3, 0
+    differential = coding == 'differential'
+    for count in CHUNKS[chunks]:
+        keep = first + count < K
+        given = [None if st is None else tuple(t.clone() for t in st) for st in states]
+        copies = [None if st is None else tuple(t.clone() for t in st) for st in given]
+        extra = {}
+        if differential:
+            extra = dict(coding='differential', estimates=[None if st is None else st[1] for st in given],
+                         t0=first, sents=[True, False, True])
+        results = kernels.qkv_parts_mt_steps(xs[first:first + count].contiguous(), H, tables,
+                                             [None if st is None else st[0] for st in given], keep, **extra)
+        for p in range(3):
+            out, counts, *rest = results[p]
+            for k in range(count):
+                assert torch.equal(out[k], want[p][0][first + k]), (p, k)
+                spikes = want[p][1][first + k] if differential else want[p][0][first + k]
+                assert int(counts[k]) == int((spikes != 0).sum()), (p, k)
+            if differential:
+                assert (rest[2] is None) == (p == 1)
+                assert p == 1 or torch.equal(rest[2], torch.stack(want[p][1][first:first + count]))
+            assert (rest[0] is None) == (not keep)
+            states[p] = (rest[0], rest[1]) if differential else (rest[0],)
+            assert given[p] is None or all(torch.equal(a, b) for a, b in zip(given[p], copies[p]))
+        first += count
+    assert any(int((o != 0).sum()) for o in want[0][0])  # the neurons fire
+    skipped = kernels.qkv_parts_mt_steps(xs.contiguous(), H, [None, tables[1], None], [None] * 3, False)
+    assert skipped[0] is None and skipped[2] is None  # the k neuron alone (rate coding)
+    rate_k = ref_mt_neuron(list(views[1]), *thresholds[1], levels)
+    assert all(torch.equal(skipped[1][0][k], rate_k[k]) for k in range(K))
 
 
 def test_qkv_neurons_refuse_mismatched_arguments(native):
