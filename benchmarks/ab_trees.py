@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]
-# The top-level modules of this project that a checkout brings (others are imported once).
-PROJECT = ('cli_base', 'datasets', 'energy', 'engine_for_finetuning', 'eager_kernels', 'low_latency', 'model_base',
-           'model_eva', 'model_vit', 'native_kernels', 'trans_utils', 'triton_kernels', 'utils', 'weights')
+# The top-level module names of the checkouts (each checkout brings its own; others, such as
+# torch and timm, are imported once).
+PROJECT: set = set()
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -61,6 +61,7 @@ class Checkout:
         if not (Path(self.root) / 'trans_utils.py').exists():
             raise SystemExit(f'error: {root} is not a checkout of this project (no trans_utils.py)')
         self.modules = {}
+        PROJECT.update(path.stem for path in Path(self.root).glob('*.py'))
         with self.active():
             import engine_for_finetuning  # noqa: F401  (imports the rest it needs)
             import model_vit  # noqa: F401
@@ -69,6 +70,8 @@ class Checkout:
             import utils
             utils.keep_freed_memory()
             native_kernels.prepare()
+        if not str(self.modules['trans_utils'].__file__).startswith(self.root):
+            raise SystemExit(f'error: the modules of {self.root} could not be imported apart from another checkout')
 
     @contextlib.contextmanager
     def active(self):
