@@ -173,7 +173,7 @@ def main(args) -> dict:
     med = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
     out = {'model': args.model, 'model_kwargs': args.model_kwargs, 'input_size': args.input_size,
            'batch_size': args.batch_size, 'T': args.T, 'rounds': args.rounds, 'threads': args.threads,
-           'before': trees['before'].root, 'after': trees['after'].root,
+           'before_root': trees['before'].root, 'after_root': trees['after'].root,
            'machine': f'{os.cpu_count()} CPUs, {torch.__version__}',
            'logits_max_abs_diff': float((logits['after'] - logits['before']).abs().max())}
     for name in trees:
