@@ -150,7 +150,6 @@ def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
     return mt_steps(qkv_part(qkv, part, heads), table, membrane, keep, **coding)
 
 
-
 def parts_mt_steps(qkv_mt_steps: Callable, qkv: torch.Tensor, heads: int, tables, membranes, keep: bool, *,
                    coding: str = 'rate', estimates=(None, None, None), t0: int = 0, sents=(False, False, False)):
     """``qkv_parts_mt_steps`` (see ``native_kernels``, which reads each row once) as one
@@ -178,6 +177,7 @@ def qkv_parts_mt_steps(qkv: torch.Tensor, heads: int, tables, membranes, keep: b
     """The q, k and v neurons on one fused qkv output (:func:`parts_mt_steps` over
     :func:`qkv_mt_steps`)."""
     return parts_mt_steps(qkv_mt_steps, qkv, heads, tables, membranes, keep, **coding)
+
 
 def running_sums(x: torch.Tensor, carried: Optional[torch.Tensor]) -> torch.Tensor:
     """Running sums along time of ``x`` [K, ...] (any strides) from ``carried`` (the flat sums

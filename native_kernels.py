@@ -232,36 +232,16 @@ def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
     head-major. The same spikes, counts and state as :func:`mt_steps` on the permuted view
     ``qkv.view(K, B, N, 3, heads, D).permute(3, 0, 1, 4, 2, 5)[part]``, which reads with a stride of
     3 * heads * D between tokens. ``membrane``: the flat [B, heads, N, D] state (None on a batch's
-    first chunk). Returns (spikes [K, B, heads, N, D] contiguous, non-zero spikes per step [K]
-    int64, membrane or None without ``keep``); differential coding as :func:`mt_steps`."""
-    if qkv.dim() != 4 or not qkv.is_contiguous() or qkv.dtype != torch.float32 or heads < 1 \
-            or qkv.shape[-1] % (3 * heads):
-        raise ValueError('qkv_mt_steps: qkv must be a contiguous float32 [K, B, N, 3 * heads * D] tensor')
+    first chunk), updated in place. Returns (spikes [K, B, heads, N, D] contiguous, non-zero spikes
+    per step [K] int64, membrane or None without ``keep``); differential coding as
+    :func:`mt_steps`."""
     if part not in (0, 1, 2):
         raise ValueError(f'qkv_mt_steps: part must be 0 (q), 1 (k) or 2 (v), got {part}')
-    if table.dim() != 2 or table.shape[0] != 4 or not table.is_contiguous():
-        raise ValueError('qkv_mt_steps: table must be a contiguous [4, width] tensor')
-    differential = differential_coding('qkv_mt_steps', coding, membrane, estimate)
-    K, B, N, _ = qkv.shape
-    D = qkv.shape[-1] // (3 * heads)
-    n = B * heads * N * D if K else 0
-    membrane, fresh = _state(membrane, n, keep)
-    estimate = _state(estimate, n, keep)[0] if differential else None
-    spike = torch.empty(K, B, heads, N, D, dtype=torch.float32)
-    spikes_sent = torch.empty(K, B, heads, N, D, dtype=torch.float32) if differential and sent else None
-    counts = torch.empty(3, K, dtype=torch.int64)
-    tables, membranes, spikes, estimates, sents = [None] * 3, [None] * 3, [None] * 3, [None] * 3, [None] * 3
-    tables[part], membranes[part], spikes[part] = table.data_ptr(), _ptr(membrane), spike.data_ptr()
-    estimates[part], sents[part] = _ptr(estimate), _ptr(spikes_sent)
-    status = library().ecmt_qkv_mt_steps(qkv.data_ptr(), K, B, N, heads, D, *tables, table.shape[1], *membranes,
-                                         int(fresh), int(bool(keep)), *spikes, counts.data_ptr(),
-                                         torch.get_num_threads(), int(differential), *estimates, float(t0), *sents)
-    if status != 0:
-        raise RuntimeError(f'ecmt_qkv_mt_steps rejected its arguments (status {status})')
-    if differential:
-        return spike, counts[part].clone(), membrane if keep else None, estimate if keep else None, spikes_sent
-    return spike, counts[part].clone(), membrane if keep else None
-
+    one = [None] * 3
+    tables, membranes, estimates, sents = list(one), list(one), list(one), [False] * 3
+    tables[part], membranes[part], estimates[part], sents[part] = table, membrane, estimate, sent
+    return _qkv_pass('qkv_mt_steps', qkv, heads, tables, membranes, keep, coding, estimates, t0, sents,
+                     in_place=True)[part]
 
 
 def qkv_parts_mt_steps(qkv: torch.Tensor, heads: int, tables, membranes, keep: bool, *, coding: str = 'rate',
@@ -274,30 +254,38 @@ def qkv_parts_mt_steps(qkv: torch.Tensor, heads: int, tables, membranes, keep: b
     one attention step together). The given states are read, never written: the states after the
     chunk (with ``keep``) are new tensors, so that the neurons that own them take them up
     themselves."""
+    return _qkv_pass('qkv_parts_mt_steps', qkv, heads, tables, membranes, keep, coding, estimates, t0, sents,
+                     in_place=False)
+
+
+def _qkv_pass(name: str, qkv: torch.Tensor, heads: int, tables, membranes, keep: bool, coding: str, estimates,
+              t0: int, sents, in_place: bool):
+    """One ``ecmt_qkv_mt_steps`` call for the parts that have a table; ``in_place``: the given
+    states are updated, else kept states are new tensors."""
     if qkv.dim() != 4 or not qkv.is_contiguous() or qkv.dtype != torch.float32 or heads < 1 \
             or qkv.shape[-1] % (3 * heads):
-        raise ValueError('qkv_parts_mt_steps: qkv must be a contiguous float32 [K, B, N, 3 * heads * D] tensor')
+        raise ValueError(f'{name}: qkv must be a contiguous float32 [K, B, N, 3 * heads * D] tensor')
     if not (len(tables) == len(membranes) == len(estimates) == len(sents) == 3):
-        raise ValueError('qkv_parts_mt_steps: give one table, membrane, estimate and sent flag per part')
+        raise ValueError(f'{name}: give one table, membrane, estimate and sent flag per part')
     active = [p for p in range(3) if tables[p] is not None]
     if not active:
-        raise ValueError('qkv_parts_mt_steps: no part has a table')
+        raise ValueError(f'{name}: no part has a table')
+    width = tables[active[0]].shape[-1]
     for p in active:
         if tables[p].dim() != 2 or tables[p].shape[0] != 4 or not tables[p].is_contiguous() \
-                or tables[p].shape[1] != tables[active[0]].shape[1]:
-            raise ValueError('qkv_parts_mt_steps: the tables must be contiguous [4, width] tensors of one width')
+                or tables[p].shape[1] != width:
+            raise ValueError(f'{name}: the tables must be contiguous [4, width] tensors of one width')
     if len({membranes[p] is None for p in active}) > 1:
-        raise ValueError('qkv_parts_mt_steps: the parts\' membranes must all be given or all be None')
-    differential = any([differential_coding('qkv_parts_mt_steps', coding, membranes[p], estimates[p])
-                        for p in active])
+        raise ValueError(f'{name}: the parts\' membranes must all be given or all be None')
+    differential = any([differential_coding(name, coding, membranes[p], estimates[p]) for p in active])
     K, B, N, _ = qkv.shape
     D = qkv.shape[-1] // (3 * heads)
     n = B * heads * N * D if K else 0
     fresh = membranes[active[0]] is None
 
-    def state_of(given):  # read-only input -> the tensor the kernel reads and writes
+    def state_of(given):  # the tensor the kernel reads and (with keep) writes
         state = _state(given, n, keep)[0]
-        return state.clone() if keep and given is not None else state
+        return state.clone() if keep and given is not None and not in_place else state
     table_ptrs, membrane_ptrs, spike_ptrs, estimate_ptrs, sent_ptrs = ([None] * 3 for _ in range(5))
     outs = [None] * 3
     for p in active:
@@ -309,10 +297,10 @@ def qkv_parts_mt_steps(qkv: torch.Tensor, heads: int, tables, membranes, keep: b
         table_ptrs[p], membrane_ptrs[p], spike_ptrs[p] = tables[p].data_ptr(), _ptr(membrane), spike.data_ptr()
         estimate_ptrs[p], sent_ptrs[p] = _ptr(estimate), _ptr(sent)
     counts = torch.empty(3, K, dtype=torch.int64)
-    status = library().ecmt_qkv_mt_steps(qkv.data_ptr(), K, B, N, heads, D, *table_ptrs,
-                                         tables[active[0]].shape[1], *membrane_ptrs, int(fresh), int(bool(keep)),
-                                         *spike_ptrs, counts.data_ptr(), torch.get_num_threads(), int(differential),
-                                         *estimate_ptrs, float(t0), *sent_ptrs)
+    status = library().ecmt_qkv_mt_steps(qkv.data_ptr(), K, B, N, heads, D, *table_ptrs, width, *membrane_ptrs,
+                                         int(fresh), int(bool(keep)), *spike_ptrs, counts.data_ptr(),
+                                         torch.get_num_threads(), int(differential), *estimate_ptrs, float(t0),
+                                         *sent_ptrs)
     if status != 0:
         raise RuntimeError(f'ecmt_qkv_mt_steps rejected its arguments (status {status})')
     results = [None] * 3
@@ -323,6 +311,7 @@ def qkv_parts_mt_steps(qkv: torch.Tensor, heads: int, tables, membranes, keep: b
         else:
             results[p] = (spike, counts[p], membrane if keep else None)
     return results
+
 
 def _ec_arguments(name: str, x: torch.Tensor, cum, prev, keep: bool, rank: int, output: bool = True):
     if x.dim() != rank:

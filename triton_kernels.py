@@ -560,7 +560,6 @@ def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
     return spike, counts, membrane if keep else None
 
 
-
 def qkv_parts_mt_steps(qkv: torch.Tensor, heads: int, tables, membranes, keep: bool, **coding):
     """The q, k and v neurons on one fused qkv output: :func:`qkv_mt_steps` per part
     (``eager_kernels.parts_mt_steps``; on a GPU each part is its own launch)."""

@@ -204,7 +204,7 @@ def test_thresholds_are_buffers_and_shown():
 def test_mean_error_after_T_steps_does_not_depend_on_the_threshold():
     """benchmarks/mt_error.py's claim: for a constant input the relative error of the mean spike
     after T steps is a function of x / theta only (the levels are theta * 2^j), so no threshold
-    removes it; its mean at T = 2 is the README's 0.135."""
+    removes it; its mean at T = 2 is docs/low_latency.md's 0.135."""
     import importlib.util
     spec = importlib.util.spec_from_file_location('mt_error', Path(__file__).resolve().parents[1] / 'benchmarks' / 'mt_error.py')
     mt_error = importlib.util.module_from_spec(spec)
