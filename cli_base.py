@@ -18,7 +18,6 @@ names the same class.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import os
 import signal
@@ -27,7 +26,7 @@ import threading
 from pathlib import Path
 
 __all__ = ["UserError", "run_cli", "Parser", "note_written", "note_logged", "defer_interrupt",
-           "module_constants", "DATA_SETS", "DATA_CONFIGS", "INTERRUPTED_EXIT"]
+           "DATA_SETS", "DATA_CONFIGS", "INTERRUPTED_EXIT"]
 
 #: --data_set and --data_config choices (datasets.py reads them from here).
 DATA_SETS = ("CIFAR10", "CIFAR100", "IMNET", "image_folder", "DIGITS")
@@ -200,22 +199,3 @@ def given_flags(args) -> frozenset:
 # --------------------------------------------------------------------------------------------
 # Constants of modules the parser must not import
 # --------------------------------------------------------------------------------------------
-def module_constants(filename: str, names) -> dict:
-    """Module-level constants of a Python file next to this one, read without importing it
-    (its imports are torch's): a literal's value, or a dict literal's keys (as a tuple)."""
-    tree = ast.parse((Path(__file__).resolve().parent / filename).read_text())
-    found = {}
-    for node in tree.body:
-        if not isinstance(node, ast.Assign) or len(node.targets) != 1:
-            continue
-        target = node.targets[0]
-        if not isinstance(target, ast.Name) or target.id not in names:
-            continue
-        if isinstance(node.value, ast.Dict):
-            found[target.id] = tuple(ast.literal_eval(key) for key in node.value.keys)
-        else:
-            found[target.id] = ast.literal_eval(node.value)
-    missing = set(names) - found.keys()
-    if missing:
-        raise RuntimeError(f"{filename} no longer defines {', '.join(sorted(missing))}")
-    return found

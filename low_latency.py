@@ -43,24 +43,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import utils
+from options import (CODINGS, DEFAULT_BUDGET, DEFAULT_CACHE_MIB, DEFAULT_PERCENTS, DEFAULT_PREFIX_WEIGHT,
+                     DEFAULT_SEARCH_IMAGES, OBJECTIVE_NAMES)
 from engine_for_finetuning import autocast_context, simulate
-from trans_utils import (CODINGS, SOPMonitor, TestNeuron, TwoSideNeuron, convert_to_snn, get_modules,
+from trans_utils import (SOPMonitor, TestNeuron, TwoSideNeuron, convert_to_snn, get_modules,
                          tail_quantiles, threshold_config)
 
 __all__ = ['DEFAULT_PERCENTS', 'DEFAULT_BUDGET', 'DEFAULT_SEARCH_IMAGES', 'SCALE_FACTORS',
            'record_quantiles', 'choose_thresholds', 'kl_objective', 'check_search_args',
            'apply_fixed_thresholds', 'run_for_args', 'recorded_coding', 'resolve_coding']
 
-#: Candidate global percents, highest first: on equal objectives the first (fewer spikes) wins.
-DEFAULT_PERCENTS = (0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8)
-#: Candidate evaluations in all (the percents' included): each is one T-step simulation.
-DEFAULT_BUDGET = 128
-#: Calibration images the objective is computed on (the first ones of the calibration loader).
-DEFAULT_SEARCH_IMAGES = 512
 #: Multiplicative steps of the per-place coordinate search, tried in turn (largest first).
 SCALE_FACTORS = (2 ** 0.5, 2 ** 0.25, 2 ** 0.125)
-#: Memory for the search's block cache (block inputs of the current best thresholds), MiB.
-DEFAULT_CACHE_MIB = 2048
 
 
 def kl_objective(snn_steps: torch.Tensor, ann_logits: torch.Tensor) -> torch.Tensor:
@@ -80,9 +74,7 @@ def mse_objective(snn_steps: torch.Tensor, ann_logits: torch.Tensor) -> torch.Te
 
 
 #: The objectives of the search, by name (``--search_objective``).
-OBJECTIVES = {'kl': kl_objective, 'mse': mse_objective}
-#: Weight of the earlier steps in the objective (``--search_prefix_weight``): see objective_of.
-DEFAULT_PREFIX_WEIGHT = 0.13
+OBJECTIVES = dict(zip(OBJECTIVE_NAMES, (kl_objective, mse_objective)))
 
 
 def objective_of(name: str, prefix_weight: float = DEFAULT_PREFIX_WEIGHT) -> Callable:

@@ -20,16 +20,11 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from cli_base import DATA_CONFIGS, DATA_SETS, Parser, UserError, given_flags, module_constants, run_cli
+from cli_base import DATA_CONFIGS, DATA_SETS, Parser, UserError, given_flags, run_cli
 
 THRESHOLD_KEYS = ('scale_p', 'scale_n')
-#: energy.ENERGY_MODELS' names, here without importing torch (tests/test_energy.py checks they agree).
-ENERGY_MODELS = ('ecmt', 'fp32', 'fp16', 'int8', 'fp32_memory')
-#: low_latency.CODINGS, here without importing torch (tests/test_differential.py checks they agree).
-CODINGS = ('rate', 'differential')
-#: The search defaults, read from low_latency.py without importing it (it imports torch).
-_SEARCH = module_constants('low_latency.py', ('DEFAULT_PERCENTS', 'DEFAULT_BUDGET', 'DEFAULT_SEARCH_IMAGES',
-                                              'DEFAULT_CACHE_MIB', 'DEFAULT_PREFIX_WEIGHT', 'OBJECTIVES'))
+import options
+from options import BACKEND_CHOICES, CODINGS, ENERGY_MODELS
 
 # torch, timm and the engine are imported when a run starts, not for --help or a bad flag.
 _LAZY = {
@@ -161,24 +156,24 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='for_v: choose the thresholds for N time steps on the calibration images (best '
                         'global percent, then a scale per place), judged by how close the SNN after N steps '
                         'is to the ANN; default: the published calibration at --percent')
-    g.add_argument('--target_percents', nargs='+', type=float, default=list(_SEARCH['DEFAULT_PERCENTS']),
+    g.add_argument('--target_percents', nargs='+', type=float, default=list(options.DEFAULT_PERCENTS),
                    metavar='P', help='candidate global percents of --target_T (all recorded in one pass)')
-    g.add_argument('--search_budget', default=_SEARCH['DEFAULT_BUDGET'], type=int, metavar='K',
+    g.add_argument('--search_budget', default=options.DEFAULT_BUDGET, type=int, metavar='K',
                    help='--target_T: at most K candidate evaluations (each one N-step simulation of the '
                         'search images), the candidate percents included')
-    g.add_argument('--search_images', default=_SEARCH['DEFAULT_SEARCH_IMAGES'], type=int, metavar='M',
+    g.add_argument('--search_images', default=options.DEFAULT_SEARCH_IMAGES, type=int, metavar='M',
                    help='--target_T: the objective is computed on the first M calibration images')
-    g.add_argument('--search_objective', default='kl', choices=_SEARCH['OBJECTIVES'],
+    g.add_argument('--search_objective', default='kl', choices=options.OBJECTIVE_NAMES,
                    help="--target_T: kl: KL divergence from the ANN's softmax to that of the SNN's mean logits "
                         "over N steps; mse: mean squared error of those logits against the ANN's")
     g.add_argument('--search_fixed', nargs='?', const=True, default=True, type=_true_or_false,
                    metavar='True|False', help='--target_T: also search the places of fixed thresholds (s at '
                    '--softmax_p, a fixed fc2), starting from their fixed values (default on; the chosen '
                    'values are recorded in the checkpoint and used by snn)')
-    g.add_argument('--search_prefix_weight', default=_SEARCH['DEFAULT_PREFIX_WEIGHT'], type=float, metavar='W',
+    g.add_argument('--search_prefix_weight', default=options.DEFAULT_PREFIX_WEIGHT, type=float, metavar='W',
                    help='--target_T N: the objective of N steps plus W times its mean over the first 1..N-1 steps '
                         '(the predictions after the earlier steps; 0: N steps only)')
-    g.add_argument('--search_cache_mb', default=_SEARCH['DEFAULT_CACHE_MIB'], type=float, metavar='MB',
+    g.add_argument('--search_cache_mb', default=options.DEFAULT_CACHE_MIB, type=float, metavar='MB',
                    help='--target_T: memory for the inputs of unchanged blocks, kept so that a candidate that '
                         'changes only later blocks does not run the earlier ones again (same values; 0: off)')
     # -- end of low-latency calibration --
@@ -195,7 +190,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--amp', default='auto', choices=('auto', 'none', 'fp16', 'bf16'),
                    help='autocast dtype; auto: fp16 on CUDA (as published), none (float32) elsewhere '
                         '(neuron membranes and running sums stay float32)')
-    g.add_argument('--backend', default='auto', choices=('auto', 'native', 'triton', 'eager'),
+    g.add_argument('--backend', default='auto', choices=BACKEND_CHOICES,
                    help='kernels the snn mode runs on (the --target_T search takes auto): auto = native C++ kernels on '
                         'the CPU, triton on CUDA where Triton imports, else eager (torch operations); under '
                         'TRITON_INTERPRET=1, triton runs on the CPU in Triton\'s interpreter. A backend that '

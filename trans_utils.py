@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 
 import eager_kernels
+from options import BACKEND_CHOICES, BACKENDS, CODINGS
 import native_kernels
 
 __all__ = [
@@ -330,8 +331,6 @@ def _level_width(levels: int) -> int:
 #: (``native_kernels``), 'triton' the Triton kernels (``triton_kernels``: CUDA, or the CPU under
 #: ``TRITON_INTERPRET=1``), 'eager' torch operations on any device (``eager_kernels``). 'auto'
 #: takes native on the CPU and triton on CUDA where they work, else eager, for the whole model.
-BACKENDS: Tuple[str, ...] = ('native', 'triton', 'eager')
-BACKEND_CHOICES: Tuple[str, ...] = ('auto',) + BACKENDS
 
 _default_backend = 'auto'
 _warned: set = set()
@@ -528,9 +527,6 @@ def reset_net(model: nn.Module) -> None:
             module.reset()
 
 
-#: The neuron codings (ECMT_SPEC 4 and 14): 'rate', the published neuron, re-sends the whole
-#: activation every step; 'differential' sends only the correction to its running estimate.
-CODINGS: Tuple[str, ...] = ('rate', 'differential')
 #: Places whose neurons feed an EC product (whose energy count needs the spikes and estimates).
 PRODUCT_PLACES = ('q', 'k', 'v', 's', 'gate', 'up')
 

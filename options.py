@@ -1,0 +1,36 @@
+"""Names and defaults of the command line's choices, defined once (no torch import: ``--help``
+and a bad flag answer at once).
+
+The engine, the search, the energy model and both entry scripts import these; nothing else spells
+them. Each tuple lists the choices in the order ``--help`` shows them, the default first.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+#: Neuron codings (ECMT_SPEC 4 and 14): 'rate' re-sends the whole activation every step,
+#: 'differential' only the correction to its running estimate.
+CODINGS: Tuple[str, ...] = ('rate', 'differential')
+#: Kernel backends a converted model runs on ('auto' chooses per device): see ``kernels``.
+BACKENDS: Tuple[str, ...] = ('native', 'triton', 'eager')
+BACKEND_CHOICES: Tuple[str, ...] = ('auto',) + BACKENDS
+#: Threshold granularity (ECMT_SPEC 15): one pair per place (section 3) or per channel.
+THRESHOLD_GRANULARITIES: Tuple[str, ...] = ('place', 'channel')
+#: Fire rules (ECMT_SPEC 15): 'ecmt' is section 4, 'round' rounds to the nearest level.
+FIRE_RULES: Tuple[str, ...] = ('ecmt', 'round')
+#: Energy models of the report (``energy.ENERGY_MODELS`` holds their figures, keyed by these).
+ENERGY_MODELS: Tuple[str, ...] = ('ecmt', 'fp32', 'fp16', 'int8', 'fp32_memory')
+
+# The --target_T threshold search (``low_latency``).
+#: Candidate global percents, highest first: on equal objectives the first (fewer spikes) wins.
+DEFAULT_PERCENTS: Tuple[float, ...] = (0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8)
+#: Candidate evaluations in all (the percents' included): each is one T-step simulation.
+DEFAULT_BUDGET = 128
+#: Calibration images the objective is computed on (the first ones of the calibration loader).
+DEFAULT_SEARCH_IMAGES = 512
+#: Memory for the search's block cache (block inputs of the current best thresholds), MiB.
+DEFAULT_CACHE_MIB = 2048
+#: Weight of the earlier steps in the objective (``--search_prefix_weight``).
+DEFAULT_PREFIX_WEIGHT = 0.13
+#: The search's objectives, by name (``low_latency.OBJECTIVES`` holds the functions).
+OBJECTIVE_NAMES: Tuple[str, ...] = ('kl', 'mse')
