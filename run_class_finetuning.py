@@ -30,7 +30,7 @@ from options import BACKEND_CHOICES, CODINGS, ENERGY_MODELS
 _LAZY = {
     'torch': ('torch', None), 'DataLoader': ('torch.utils.data', 'DataLoader'),
     'datasets': ('datasets', None), 'low_latency': ('low_latency', None),
-    'native_kernels': ('native_kernels', None), 'utils': ('utils', None), 'weights': ('weights', None),
+    'native_kernels': ('kernels.native', None), 'utils': ('utils', None), 'weights': ('weights', None),
     'energy': ('energy', None),
     'build_calibration_dataset': ('datasets', 'build_calibration_dataset'),
     'build_dataset': ('datasets', 'build_dataset'),

@@ -40,9 +40,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import eager_kernels
-from options import BACKEND_CHOICES, BACKENDS, CODINGS
-import native_kernels
+import kernels.eager as eager_kernels
+import kernels.native as native_kernels
+from kernels import (BACKEND_CHOICES, BACKENDS, ConversionError, backend_problem, kernels_of, level_table,
+                     level_width as _level_width, resolve_backend, set_default_backend)
+from options import CODINGS
 
 __all__ = [
     'PLACES', 'ConversionError', 'StatefulModule', 'MyTestPlace', 'TestNeuron', 'TwoSideNeuron',
@@ -60,10 +62,6 @@ __all__ = [
 PLACES = ('fc_qkv', 'q', 'k', 'v', 's', 'fc_out', 'fc1', 'gate', 'up', 'fc2')
 #: Places whose thresholds are not calibrated (``s`` uses ``softmax_p``).
 UNCALIBRATED_PLACES = ('s',)
-
-
-class ConversionError(ValueError):
-    """The model or its thresholds cannot be converted as asked; the message names the modules."""
 
 
 def get_modules(model: nn.Module, types: Tuple[type, ...] = ()) -> List[Tuple[str, nn.Module]]:
@@ -298,123 +296,6 @@ def mt_fire(membrane: torch.Tensor, theta_p: torch.Tensor, theta_n: torch.Tensor
     fire = usable & (magnitude >= _level_threshold(theta, level))
     spike = torch.where(fire, theta * torch.exp2(level), torch.zeros_like(theta))
     return torch.where(positive, spike, -spike)
-
-
-def level_table(theta_p: torch.Tensor, theta_n: torch.Tensor, levels: int,
-                width: Optional[int] = None) -> torch.Tensor:
-    """[4, width] float32: per level j, the positive threshold θp·2^j − θp/2, the positive spike
-    θp·2^j, the negative threshold and spike (same with θn). Thresholds of levels j >= ``levels``
-    (padding up to ``width``) and of a side whose θ is not positive are NaN: never reached."""
-    width = width or _level_width(levels)
-    theta_p = torch.as_tensor(theta_p, dtype=torch.float32).reshape(())
-    theta_n = torch.as_tensor(theta_n, dtype=torch.float32).reshape(()).to(theta_p.device)
-    j = torch.arange(width, dtype=torch.float32, device=theta_p.device)
-    scale = torch.exp2(j)  # exact powers of two
-    rows = []
-    for theta in (theta_p, theta_n):
-        threshold = theta * scale - theta * 0.5  # the rule's own expression: same rounding
-        threshold = torch.where((theta > 0) & (j < levels), threshold, torch.full_like(threshold, math.nan))
-        rows += [threshold, theta * scale]
-    return torch.stack(rows)
-
-
-def _level_width(levels: int) -> int:
-    # Levels are padded to a power of two (at least 8) so that one fused kernel serves many N.
-    return max(8, 1 << (int(levels) - 1).bit_length())
-
-
-# ---------------------------------------------------------------------------------------------
-# Backends: one set of kernels per backend, chosen once for a whole model at conversion
-# ---------------------------------------------------------------------------------------------
-#: The backends a converted model can run on. Each is a module of kernels with the same names,
-#: arguments, results and state layouts (see ``eager_kernels``): 'native' the C++ CPU kernels
-#: (``native_kernels``), 'triton' the Triton kernels (``triton_kernels``: CUDA, or the CPU under
-#: ``TRITON_INTERPRET=1``), 'eager' torch operations on any device (``eager_kernels``). 'auto'
-#: takes native on the CPU and triton on CUDA where they work, else eager, for the whole model.
-
-_default_backend = 'auto'
-_warned: set = set()
-
-
-def _triton_kernels():
-    try:
-        import triton_kernels
-    except ImportError:  # pragma: no cover - the module is part of the toolkit
-        return None
-    return triton_kernels
-
-
-def kernels_of(backend: str):
-    """The kernel module of ``backend`` ('native', 'triton' or 'eager')."""
-    if backend == 'native':
-        return native_kernels
-    if backend == 'eager':
-        return eager_kernels
-    if backend == 'triton':
-        module = _triton_kernels()
-        if module is None:  # pragma: no cover
-            raise ConversionError('the triton backend is not available: triton_kernels does not import')
-        return module
-    raise ValueError(f'unknown backend {backend!r}; choose one of {", ".join(BACKEND_CHOICES)}')
-
-
-def backend_problem(backend: str, device: torch.device | str = 'cpu') -> Optional[str]:
-    """Why ``backend`` cannot run a model on ``device``, or None if it can."""
-    device = torch.device(device)
-    if backend == 'eager':
-        return None
-    if backend == 'native':
-        if device.type != 'cpu':
-            return f'the native kernels run on the CPU only, and the model is on {device}'
-        if not native_kernels.ENABLED:
-            return 'the native kernels are turned off (ECMT_NATIVE=0)'
-        if native_kernels.library() is None:
-            return 'the native kernels could not be built (no working C++ compiler: see the warning above)'
-        return None
-    if backend == 'triton':
-        module = _triton_kernels()
-        if module is None or module.triton is None:
-            return 'Triton is not installed (it comes with the CUDA builds of torch: pip install triton)'
-        if device.type == 'cuda' and not module.INTERPRETED:
-            return None
-        if device.type == 'cpu' and module.INTERPRETED:
-            return None
-        return (f'Triton runs on CUDA devices, or on the CPU under TRITON_INTERPRET=1 (set before start), '
-                f'and the model is on {device}' + (' with TRITON_INTERPRET=1 set' if module.INTERPRETED else ''))
-    raise ValueError(f'unknown backend {backend!r}; choose one of {", ".join(BACKEND_CHOICES)}')
-
-
-def resolve_backend(backend: Optional[str] = None, device: torch.device | str = 'cpu') -> str:
-    """The backend a model on ``device`` runs on: ``backend`` itself (a ConversionError saying why
-    if it cannot run there), or for 'auto' (and None: the default, :func:`set_default_backend`)
-    native on the CPU and triton on CUDA where they work, else eager (warned once)."""
-    backend = backend or _default_backend
-    device = torch.device(device)
-    if backend != 'auto':
-        problem = backend_problem(backend, device)
-        if problem is not None:
-            raise ConversionError(f'backend {backend!r} cannot run here: {problem}')
-        return backend
-    preferred = {'cpu': 'native', 'cuda': 'triton'}.get(device.type, 'eager')
-    problem = backend_problem(preferred, device)
-    if problem is None:
-        return preferred
-    message = f'backend {preferred} unavailable ({problem}): the SNN runs on the eager backend (same numbers, slower)'
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message)
-    return 'eager'
-
-
-def set_default_backend(backend: str) -> str:
-    """The backend that modules built from now on, and conversions given no backend, take
-    ('auto', the default, or a name of :data:`BACKENDS`). Returns the previous default. Changes
-    no existing module: :func:`set_backend` does that."""
-    global _default_backend
-    if backend not in BACKEND_CHOICES:
-        raise ValueError(f'unknown backend {backend!r}; choose one of {", ".join(BACKEND_CHOICES)}')
-    previous, _default_backend = _default_backend, backend
-    return previous
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -742,10 +623,12 @@ class SharedQKV:
         if first.backend == 'native':
             xs = xs.float()
         differential = first.coding == 'differential'
-        membranes = [None if n.state is None else (n.state[0] if differential else n.state) for n in neurons]
+        # Copies: the kernels update the states they are given, and these are the neurons' own.
+        membranes = [None if n.state is None else (n.state[0] if differential else n.state).clone() for n in neurons]
         extra = {}
         if differential:
-            extra = dict(coding='differential', estimates=[None if n.state is None else n.state[1] for n in neurons],
+            extra = dict(coding='differential',
+                         estimates=[None if n.state is None else n.state[1].clone() for n in neurons],
                          t0=first.steps, sents=[n._sends() for n in neurons])
         results = first.kernels.qkv_parts_mt_steps(xs.contiguous(), self.heads, [n.level_table() for n in neurons],
                                                    membranes, keep, **extra)
@@ -1320,8 +1203,6 @@ def convert_to_snn(model: nn.Module, *, linear_num: int = 8, qkv_num: int = 8, s
 _FUSE = os.environ.get('ECMT_FUSE', '1') != '0'
 #: EC kinds that a backend's ``ec_mt_steps`` computes together with the MT neuron after them.
 FUSABLE_KINDS = ('gelu', 'softmax', 'layer_norm')
-#: Backends with fused kernels (EC module + neuron, and an attention's q/k/v neurons on qkv).
-FUSING_BACKENDS = ('native', 'triton')
 
 
 def _between_is_identity(modules: Sequence[Optional[nn.Module]]) -> bool:
@@ -1367,7 +1248,7 @@ def fuse_ec_neurons(model: nn.Module, enabled: Optional[bool] = None) -> int:
         qkv = getattr(module, 'ecmt_qkv_fusable', None)
         neurons = [getattr(module, f'place_{p}', None) for p in 'qkv']
         if (qkv is not None and qkv() and all(type(n) is TwoSideNeuron for n in neurons)
-                and all(n.backend in FUSING_BACKENDS for n in neurons)):
+                and all(n.kernels.FUSES for n in neurons)):
             module.fuse_qkv = True
             fused += 1
         pairs = getattr(module, 'ecmt_fusable', None)
@@ -1377,7 +1258,7 @@ def fuse_ec_neurons(model: nn.Module, enabled: Optional[bool] = None) -> int:
             ec, neuron = getattr(module, ec_name, None), getattr(module, neuron_name, None)
             between = [getattr(module, name, None) for name in between_names]
             if (type(ec) is exp_comp_neuron and ec.kind in FUSABLE_KINDS and type(neuron) is TwoSideNeuron
-                    and neuron.backend in FUSING_BACKENDS and ec.backend == neuron.backend
+                    and neuron.kernels.FUSES and ec.backend == neuron.backend
                     and _between_is_identity(between)):
                 passthrough = ECPassThrough(ec.module)
                 passthrough.backend = ec.backend

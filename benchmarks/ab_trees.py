@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import copy
 import json
 import os
@@ -62,11 +63,15 @@ class Checkout:
             raise SystemExit(f'error: {root} is not a checkout of this project (no trans_utils.py)')
         self.modules = {}
         PROJECT.update(path.stem for path in Path(self.root).glob('*.py'))
+        for package in Path(self.root).glob('*/__init__.py'):  # kernels/ and its modules
+            PROJECT.add(package.parent.name)
+            PROJECT.update(f'{package.parent.name}.{path.stem}' for path in package.parent.glob('*.py'))
         with self.active():
             import engine_for_finetuning  # noqa: F401  (imports the rest it needs)
             import model_vit  # noqa: F401
-            import native_kernels
             import trans_utils  # noqa: F401
+            native_kernels = importlib.import_module(
+                'kernels.native' if (Path(self.root) / 'kernels').is_dir() else 'native_kernels')
             import utils
             utils.keep_freed_memory()
             native_kernels.prepare()

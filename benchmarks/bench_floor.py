@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import native_kernels  # noqa: E402
+import kernels.native as native_kernels  # noqa: E402
 import utils  # noqa: E402
 from engine_for_finetuning import simulate  # noqa: E402
 from model_vit import create_model  # noqa: E402

@@ -17,7 +17,7 @@ PERCENTS = [0.99, 0.999, 0.9, 0.5, 1.0]
 def selection(request, monkeypatch):
     """Every implementation of the large-tensor path: the native kernel (the CPU default), numpy
     (its fallback) and torch's kernels (what other devices run)."""
-    import native_kernels
+    import kernels.native as native_kernels
     monkeypatch.setattr(trans_utils, '_CPU_SELECTION', request.param)
     if request.param == 'native':
         monkeypatch.setattr(native_kernels, 'ENABLED', True)
@@ -80,7 +80,7 @@ class KthvalueSpy:
     (the whole tensor when it fell back to the full selection)."""
 
     def __init__(self, monkeypatch):
-        import native_kernels
+        import kernels.native as native_kernels
         self.sizes = []
         original = trans_utils._kth_smallest
 

@@ -1,9 +1,9 @@
-"""The Triton kernels (triton_kernels) against the plain references (tests/reference.py), against
+"""The Triton kernels (kernels/triton.py) against the plain references (tests/reference.py), against
 themselves (the fused EC + neuron kernels, the fused q/k/v neurons) and against the native CPU
 kernels, in every chunking of 8 steps (1x8, 8x1, 3+5: state carried between chunks).
 
 Without a CUDA device they run on the CPU in Triton's interpreter, which Triton reads when this
-module imports triton_kernels; with one, on the GPU (the references still on the CPU). Tensors
+module imports kernels.triton; with one, on the GPU (the references still on the CPU). Tensors
 are tiny and blocks large: the interpreter runs one program at a time."""
 import functools
 import importlib
@@ -20,8 +20,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
 pytest.importorskip('triton')
 
-import eager_kernels  # noqa: E402
-import triton_kernels  # noqa: E402
+import kernels.eager as eager_kernels  # noqa: E402
+import kernels.triton as triton_kernels  # noqa: E402
 import trans_utils  # noqa: E402
 from reference import ref_ec, ref_ec_product, ref_mt_neuron  # noqa: E402
 
@@ -399,7 +399,7 @@ def test_nonzero_counts_equal_torch(layout, dim):
 # ---- against the native CPU kernels -------------------------------------------------------------
 @pytest.fixture(scope='module')
 def native():
-    import native_kernels
+    import kernels.native as native_kernels
     if not native_kernels.ENABLED or native_kernels.library() is None:
         pytest.skip('the native kernels are not available here')
     return native_kernels
@@ -506,7 +506,7 @@ _COMPILE_CHECK = r'''
 import os, sys
 os.environ.pop('TRITON_INTERPRET', None)
 sys.path.insert(0, sys.argv[1])
-import triton, triton_kernels as tk
+import triton, kernels.triton as tk
 from triton.backends.compiler import GPUTarget
 P, I, C = '*fp32', 'i32', '*i64'
 ec = dict(x=P, cum=P, prev=P, out=P, t0='fp32', K=I)
@@ -553,7 +553,7 @@ def test_kernels_compile_for_a_gpu():
         from triton.backends.nvidia import compiler  # noqa: F401
     except ImportError:
         pytest.skip("Triton's NVIDIA backend is not installed")
-    root = os.path.dirname(os.path.abspath(triton_kernels.__file__))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(triton_kernels.__file__)))
     result = subprocess.run([sys.executable, '-c', _COMPILE_CHECK, root], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,7 +10,7 @@ CPU's instruction set, and written atomically (concurrent processes never load h
 Every later process loads it in about a millisecond.
 
 Where no compiler works, :func:`library` returns None after one warning and the callers use
-torch's kernels (the eager backend, ``eager_kernels``, for the steps; numpy for the statistics):
+torch's kernels (the eager backend, ``kernels.eager``, for the steps; numpy for the statistics):
 the same numbers, slower. ``ECMT_NATIVE=0`` turns the kernels off. The tests hold every kernel to the plain
 reference implementations (``tests/reference.py``) and to the other paths.
 """
@@ -24,14 +24,16 @@ from typing import Optional, Tuple
 
 import torch
 
-from eager_kernels import differential_coding
+from kernels import differential_coding
 
 #: False: never build or load the library (``ECMT_NATIVE=0``); the callers' fallbacks run.
 ENABLED = os.environ.get('ECMT_NATIVE', '1') != '0'
 #: Largest rank the selection kernel accepts (its kMaxDims).
 MAX_DIMS = 25
-#: EC kinds with a kernel of their own (any other function runs through eager_kernels).
+#: EC kinds with a kernel of their own (any other function runs through kernels.eager).
 EC_KINDS = ('gelu', 'softmax', 'layer_norm')
+#: Fused kernels here: an EC function with the MT neuron it feeds, and q/k/v on one qkv output.
+FUSES = True
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'ecmt_kernels.cpp')
 _library: Optional[ctypes.CDLL] = None
@@ -186,7 +188,7 @@ def _ptr(t: Optional[torch.Tensor]):
 
 def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tensor], keep: bool, *,
              coding: str = 'rate', estimate: Optional[torch.Tensor] = None, t0: int = 0, sent: bool = False):
-    """K steps of the MT neuron (see ``eager_kernels.mt_step``) on a float32 CPU input
+    """K steps of the MT neuron (see ``kernels.eager.mt_step``) on a float32 CPU input
     ``x`` [K, ...] of any strides (a permuted q/k/v view is read where it lies). ``membrane``: the
     flat state carried from the previous chunk, or None on a batch's first chunk (it starts at
     zero and is not read). With ``keep`` the membrane after the K steps is written (into
@@ -240,8 +242,7 @@ def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
     one = [None] * 3
     tables, membranes, estimates, sents = list(one), list(one), list(one), [False] * 3
     tables[part], membranes[part], estimates[part], sents[part] = table, membrane, estimate, sent
-    return _qkv_pass('qkv_mt_steps', qkv, heads, tables, membranes, keep, coding, estimates, t0, sents,
-                     in_place=True)[part]
+    return _qkv_pass('qkv_mt_steps', qkv, heads, tables, membranes, keep, coding, estimates, t0, sents)[part]
 
 
 def qkv_parts_mt_steps(qkv: torch.Tensor, heads: int, tables, membranes, keep: bool, *, coding: str = 'rate',
@@ -251,17 +252,13 @@ def qkv_parts_mt_steps(qkv: torch.Tensor, heads: int, tables, membranes, keep: b
     what :func:`qkv_mt_steps` returns for that part, or None for a part whose table is None.
     ``tables``, ``membranes``, ``estimates`` (differential) and ``sents`` have one entry per part;
     the parts' tables have one width, and their states are all given or all None (the neurons of
-    one attention step together). The given states are read, never written: the states after the
-    chunk (with ``keep``) are new tensors, so that the neurons that own them take them up
-    themselves."""
-    return _qkv_pass('qkv_parts_mt_steps', qkv, heads, tables, membranes, keep, coding, estimates, t0, sents,
-                     in_place=False)
+    one attention step together). The given states are updated in place, as by every kernel."""
+    return _qkv_pass('qkv_parts_mt_steps', qkv, heads, tables, membranes, keep, coding, estimates, t0, sents)
 
 
 def _qkv_pass(name: str, qkv: torch.Tensor, heads: int, tables, membranes, keep: bool, coding: str, estimates,
-              t0: int, sents, in_place: bool):
-    """One ``ecmt_qkv_mt_steps`` call for the parts that have a table; ``in_place``: the given
-    states are updated, else kept states are new tensors."""
+              t0: int, sents):
+    """One ``ecmt_qkv_mt_steps`` call for the parts that have a table (given states updated in place)."""
     if qkv.dim() != 4 or not qkv.is_contiguous() or qkv.dtype != torch.float32 or heads < 1 \
             or qkv.shape[-1] % (3 * heads):
         raise ValueError(f'{name}: qkv must be a contiguous float32 [K, B, N, 3 * heads * D] tensor')
@@ -284,8 +281,7 @@ def _qkv_pass(name: str, qkv: torch.Tensor, heads: int, tables, membranes, keep:
     fresh = membranes[active[0]] is None
 
     def state_of(given):  # the tensor the kernel reads and (with keep) writes
-        state = _state(given, n, keep)[0]
-        return state.clone() if keep and given is not None and not in_place else state
+        return _state(given, n, keep)[0]
     table_ptrs, membrane_ptrs, spike_ptrs, estimate_ptrs, sent_ptrs = ([None] * 3 for _ in range(5))
     outs = [None] * 3
     for p in active:

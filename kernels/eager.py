@@ -2,8 +2,8 @@
 device (the CUDA fallback where Triton does not import, and the reference backend of the tests).
 
 Every function has the name, arguments, return values and state layout of its twin in
-``native_kernels`` (the C++ CPU kernels) and ``triton_kernels`` (CUDA), so that a stateful module
-calls ``kernels.mt_steps(...)`` whatever backend it was converted for (``trans_utils.KERNELS``):
+``kernels.native`` (the C++ CPU kernels) and ``kernels.triton`` (CUDA), so that a stateful module
+calls ``kernels.mt_steps(...)`` whatever backend it was converted for (``kernels.kernels_of``):
 
 * ``mt_steps`` / ``qkv_mt_steps``   K steps of the MT neuron (ECMT_SPEC 4), on an input or on one
                                     part (q, k or v) of a fused qkv linear output;
@@ -26,8 +26,12 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from kernels import differential_coding, parts_mt_steps
+
 #: EC kinds with a kernel of their own here (any other function goes through ec_function_steps).
 EC_KINDS = ('gelu', 'softmax', 'layer_norm')
+#: No fused kernels: an EC module and its neuron, and the q/k/v neurons, run apart.
+FUSES = False
 
 
 def available() -> bool:
@@ -77,17 +81,6 @@ def _check_state(name: str, state: Optional[torch.Tensor], n: int) -> None:
         raise ValueError(f'{name}: the state must be float32 with one element per input element of a step')
 
 
-def differential_coding(name: str, coding: str, membrane: Optional[torch.Tensor],
-                        estimate: Optional[torch.Tensor]) -> bool:
-    """Whether ``coding`` is the differential one, checking that its two states come together (the
-    argument check of every backend's neuron kernels)."""
-    if coding not in ('rate', 'differential'):
-        raise ValueError(f"{name}: coding must be 'rate' or 'differential', got {coding!r}")
-    if coding == 'differential' and (membrane is None) != (estimate is None):
-        raise ValueError(f'{name}: the membrane and the estimate are carried together')
-    return coding == 'differential'
-
-
 def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tensor], keep: bool, *,
              coding: str = 'rate', estimate: Optional[torch.Tensor] = None, t0: int = 0, sent: bool = False):
     """K steps of the MT neuron on ``x`` [K, ...] (any strides and float dtype; computed in
@@ -117,13 +110,21 @@ def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tens
         for k in range(steps):
             outputs[k], spikes[k], v, r = differential_step(v, r, x[k].float(), table, t0 + k + 1)
         counts = (spikes != 0).reshape(steps, -1).sum(1)
-        states = (v.reshape(-1).contiguous(), r.reshape(-1).contiguous()) if keep else (None, None)
+        states = (_kept(membrane, v), _kept(estimate, r)) if keep else (None, None)
         return outputs, counts, *states, (spikes if sent else None)
     for k in range(steps):
         spike, v = mt_step(v, x[k].float(), table)
         spikes[k] = spike
     counts = (spikes != 0).reshape(steps, -1).sum(1)
-    return spikes, counts, (v.reshape(-1).contiguous() if keep else None)
+    return spikes, counts, (_kept(membrane, v) if keep else None)
+
+
+def _kept(given: Optional[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
+    """The state after a chunk, written into the given state tensor (the one state semantics of
+    every backend: ``kernels/__init__``), or a new flat tensor on a batch's first chunk."""
+    if given is None:
+        return value.reshape(-1).contiguous()
+    return given.copy_(value.reshape(-1))
 
 
 def qkv_part(qkv: torch.Tensor, part: int, heads: int) -> torch.Tensor:
@@ -148,29 +149,6 @@ def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
     the keywords of :func:`mt_steps` for a differential neuron."""
     _check_qkv('qkv_mt_steps', qkv, part, heads)
     return mt_steps(qkv_part(qkv, part, heads), table, membrane, keep, **coding)
-
-
-def parts_mt_steps(qkv_mt_steps: Callable, qkv: torch.Tensor, heads: int, tables, membranes, keep: bool, *,
-                   coding: str = 'rate', estimates=(None, None, None), t0: int = 0, sents=(False, False, False)):
-    """``qkv_parts_mt_steps`` (see ``native_kernels``, which reads each row once) as one
-    ``qkv_mt_steps`` call per part that has a table, for the backends without a joint kernel: per
-    part what ``qkv_mt_steps`` returns, or None. The given states are read, never written (a kept
-    state is a new tensor)."""
-    if not (len(tables) == len(membranes) == len(estimates) == len(sents) == 3):
-        raise ValueError('qkv_parts_mt_steps: give one table, membrane, estimate and sent flag per part')
-    if all(table is None for table in tables):
-        raise ValueError('qkv_parts_mt_steps: no part has a table')
-
-    def copy(state):
-        return state.clone() if keep and state is not None else state
-    results = [None] * 3
-    for part, table in enumerate(tables):
-        if table is None:
-            continue
-        extra = (dict(coding=coding, estimate=copy(estimates[part]), t0=t0, sent=sents[part])
-                 if coding == 'differential' else {})
-        results[part] = qkv_mt_steps(qkv, part, heads, table, copy(membranes[part]), keep, **extra)
-    return results
 
 
 def qkv_parts_mt_steps(qkv: torch.Tensor, heads: int, tables, membranes, keep: bool, **coding):
@@ -252,7 +230,7 @@ def ec_function_steps(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     if (cum is None) != (prev is None):
         raise ValueError('ec steps: the running sum and the last total are carried together')
     means = running_sums(x, cum)
-    new_cum = means[-1].reshape(-1).clone() if keep else None
+    new_cum = _kept(cum, means[-1].clone()) if keep else None
     steps = _steps(t0, x.shape[0], means.dim(), means.device)
     means.div_(steps)
     folded = means.flatten(0, 1) if means.dim() > 1 else means
@@ -260,8 +238,9 @@ def ec_function_steps(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     if totals.data_ptr() == means.data_ptr():  # an in-place f: the totals are its own
         totals = totals.clone()
     totals.mul_(steps)
-    new_prev = totals[-1].reshape(-1).clone() if keep else None
-    return _differences(totals, prev), new_cum, new_prev
+    out = _differences(totals, prev)  # before prev is written
+    new_prev = _kept(prev, totals[-1].clone()) if keep else None
+    return out, new_cum, new_prev
 
 
 def ec_gelu_steps(x: torch.Tensor, cum: Optional[torch.Tensor], prev: Optional[torch.Tensor], t0: int,

@@ -1,7 +1,7 @@
-"""Triton kernels of the toolkit: the GPU twin of :mod:`native_kernels` (the C++ CPU kernels).
+"""Triton kernels of the toolkit: the GPU twin of :mod:`kernels.native` (the C++ CPU kernels).
 
 Every function here has the name, arguments, return values and state layout of its namesake in
-``native_kernels``, so that a module calls ``kernels.mt_steps(...)`` whichever backend
+``kernels.native``, so that a module calls ``kernels.mt_steps(...)`` whichever backend
 ``kernels`` is. What differs is where it runs:
 
 - on CUDA tensors, the kernels are compiled by Triton for the GPU (once per table width,
@@ -20,7 +20,7 @@ of a tile of elements in registers for all K steps of a chunk; the state is read
 from a previous chunk and written only with ``keep``):
 
 - :func:`mt_steps`: K steps of the multi-threshold neuron (ECMT_SPEC 4) by the table comparison
-  of ``eager_kernels.mt_step``: spikes bit for bit those of the literal rule;
+  of ``kernels.eager.mt_step``: spikes bit for bit those of the literal rule;
 - :func:`qkv_mt_steps`: the q, k or v neuron reading its part of a fused qkv output in place
   (contiguous runs of a token's row) and writing head-major spikes;
 - :func:`ec_gelu_steps`, :func:`ec_softmax_steps`, :func:`ec_layer_norm_steps`: expectation
@@ -44,7 +44,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from eager_kernels import differential_coding, parts_mt_steps
+from kernels import differential_coding, parts_mt_steps
 
 try:
     import triton
@@ -53,8 +53,10 @@ except ImportError:  # the module stays importable; available() is False
     triton = None
     tl = None
 
-#: EC kinds with a kernel of their own (any other function runs through eager_kernels).
+#: EC kinds with a kernel of their own (any other function runs through kernels.eager).
 EC_KINDS = ('gelu', 'softmax', 'layer_norm')
+#: Fused kernels here: an EC function with the MT neuron it feeds, and q/k/v on one qkv output.
+FUSES = True
 #: Floating-point inputs the kernels load (and convert to float32).
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: Longest row of the softmax and LayerNorm kernels (a row is one program's tile).
@@ -79,12 +81,12 @@ def available() -> bool:
 
 def _require(*tensors: Optional[torch.Tensor]) -> None:
     if triton is None:
-        raise RuntimeError('triton_kernels: Triton is not installed (pip install triton); use native_kernels or '
+        raise RuntimeError('kernels.triton: Triton is not installed (pip install triton); use the native or '
                            'the eager backend')
     for t in tensors:
         if t is not None and t.device.type != 'cuda' and not INTERPRETED:
-            raise RuntimeError(f'triton_kernels: a tensor on {t.device} needs Triton\'s interpreter: set '
-                               'TRITON_INTERPRET=1 before importing triton_kernels (or move it to a CUDA device)')
+            raise RuntimeError(f'kernels.triton: a tensor on {t.device} needs Triton\'s interpreter: set '
+                               'TRITON_INTERPRET=1 before importing kernels.triton (or move it to a CUDA device)')
 
 
 def _next_power_of_2(n: int) -> int:
@@ -435,7 +437,7 @@ else:
 def _state(state: Optional[torch.Tensor], n: int, keep: bool, device: torch.device
            ) -> Tuple[Optional[torch.Tensor], bool]:
     """(the state tensor the kernel reads and/or writes, whether it starts at zero), as
-    native_kernels keeps it; a fresh state that is kept is allocated here (the kernel writes it)."""
+    kernels.native keeps it; a fresh state that is kept is allocated here (the kernel writes it)."""
     if state is not None:
         if (state.numel() != n or not state.is_contiguous() or state.dtype != torch.float32
                 or state.device != device):
@@ -477,7 +479,7 @@ def _coding_state(differential: bool, estimate, n: int, keep: bool, device, shap
 
 def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tensor], keep: bool, *,
              coding: str = 'rate', estimate: Optional[torch.Tensor] = None, t0: int = 0, sent: bool = False):
-    """K steps of the MT neuron (``eager_kernels.mt_step``) on ``x`` [K, ...] (float32, fp16
+    """K steps of the MT neuron (``kernels.eager.mt_step``) on ``x`` [K, ...] (float32, fp16
     or bf16; a non-contiguous x is copied first). ``membrane``: the flat state carried from the
     previous chunk, or None on a batch's first chunk (it starts at zero and is not read). With
     ``keep`` the membrane after the K steps is written (into ``membrane``, or a new tensor) and
@@ -562,7 +564,7 @@ def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
 
 def qkv_parts_mt_steps(qkv: torch.Tensor, heads: int, tables, membranes, keep: bool, **coding):
     """The q, k and v neurons on one fused qkv output: :func:`qkv_mt_steps` per part
-    (``eager_kernels.parts_mt_steps``; on a GPU each part is its own launch)."""
+    (``kernels.eager.parts_mt_steps``; on a GPU each part is its own launch)."""
     return parts_mt_steps(qkv_mt_steps, qkv, heads, tables, membranes, keep, **coding)
 
 # ---- expectation compensation -------------------------------------------------------------------

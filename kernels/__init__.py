@@ -1,0 +1,227 @@
+"""The multi-step kernels of the stateful modules, one module per backend, and what they share.
+
+A backend is a module of kernels with one signature per kernel (:class:`Kernels`): ``eager``
+(torch operations, any device; the reference backend of the tests), ``native`` (C++ CPU kernels,
+``csrc/ecmt_kernels.cpp``, loaded through ctypes) and ``triton`` (CUDA; the CPU under
+``TRITON_INTERPRET=1``). A converted module keeps the kernel module it was given at conversion
+(:func:`kernels_of`, from :data:`BACKEND_TABLE`) and never branches on a backend's name.
+
+State semantics, the same on every backend: a kernel given a state tensor (membrane, estimate,
+running sum, last total) reads it and, with ``keep``, writes the state after the chunk into it in
+place and returns it; given None (a batch's first chunk: the state starts at zero) with ``keep`` it
+returns a new tensor; without ``keep`` (a batch's last chunk) it writes nothing and returns None.
+A caller that must not see its state changed passes a copy. The EC product's bookkeeping
+(``running_sums``, ``scaled_differences``) is pure: it reads what it is given and returns new
+tensors, from which the product module makes its state.
+
+The MT neuron's thresholds reach the kernels as a level table (:func:`level_table`): per level j
+the positive fire threshold, the positive spike, the negative fire threshold and the negative
+spike, NaN where a level never fires (levels past N, dead sides).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import warnings
+from types import ModuleType
+from typing import Callable, Dict, Optional, Protocol, Sequence, Tuple
+
+import torch
+
+from options import BACKEND_CHOICES, BACKENDS, CODINGS
+
+__all__ = ['BACKENDS', 'BACKEND_CHOICES', 'BACKEND_TABLE', 'ConversionError', 'Kernels', 'kernels_of',
+           'backend_problem', 'resolve_backend', 'set_default_backend', 'default_backend', 'level_table',
+           'level_width', 'differential_coding', 'parts_mt_steps']
+
+
+class ConversionError(ValueError):
+    """The model or its thresholds cannot be converted as asked (a backend that cannot run here
+    included); the message names the modules."""
+
+
+#: Backend name -> the module of its kernels (imported on first use: triton may be missing).
+BACKEND_TABLE: Dict[str, str] = {'native': 'kernels.native', 'triton': 'kernels.triton', 'eager': 'kernels.eager'}
+
+_default_backend = 'auto'
+_warned: set = set()
+
+
+class Kernels(Protocol):
+    """What a backend module provides (the signatures every backend shares; each function's
+    docstring in ``kernels.eager`` is the reference). States are flat float32 tensors, one element
+    per element of a step; see the module docstring for who writes them."""
+
+    #: EC kinds with a kernel of their own (any other function: ``eager.ec_function_steps``).
+    EC_KINDS: Tuple[str, ...]
+
+    def available(self) -> bool: ...
+
+    def mt_steps(self, x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tensor], keep: bool, *,
+                 coding: str = 'rate', estimate: Optional[torch.Tensor] = None, t0: int = 0,
+                 sent: bool = False) -> tuple:
+        """K steps of the MT neuron on ``x`` [K, ...]: rate (spikes, counts [K], membrane);
+        differential (outputs r + s, counts of s [K], membrane, estimate, spikes s or None)."""
+
+    def qkv_mt_steps(self, qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
+                     membrane: Optional[torch.Tensor], keep: bool, **coding) -> tuple:
+        """:meth:`mt_steps` on part ``part`` (q 0, k 1, v 2) of a fused qkv output
+        [K, B, N, 3*heads*D]; the outputs are [K, B, heads, N, D]."""
+
+    def qkv_parts_mt_steps(self, qkv: torch.Tensor, heads: int, tables: Sequence[Optional[torch.Tensor]],
+                           membranes: Sequence[Optional[torch.Tensor]], keep: bool, **coding) -> list:
+        """:meth:`qkv_mt_steps` of the parts whose table is given, in one pass where the backend
+        can (per part its result, or None)."""
+
+    def ec_gelu_steps(self, x, cum, prev, t0: int, keep: bool, approximate: bool) -> tuple: ...
+
+    def ec_softmax_steps(self, x, cum, prev, t0: int, keep: bool) -> tuple: ...
+
+    def ec_layer_norm_steps(self, x, cum, prev, t0: int, keep: bool, weight, bias, eps: float) -> tuple: ...
+
+    def ec_mt_steps(self, kind: str, x, cum, prev, t0: int, keep: bool, table, membrane, **extra) -> tuple:
+        """K steps of an EC function and the MT neuron it feeds, in one pass."""
+
+    def running_sums(self, x: torch.Tensor, carried: Optional[torch.Tensor]) -> torch.Tensor: ...
+
+    def scaled_differences(self, totals: torch.Tensor, prev: Optional[torch.Tensor], t0: int, keep: bool,
+                           scale: float) -> Tuple[torch.Tensor, Optional[torch.Tensor]]: ...
+
+    def nonzero_counts(self, x: torch.Tensor, dim: int) -> Optional[torch.Tensor]: ...
+
+
+def _load(backend: str) -> Optional[ModuleType]:
+    try:
+        return importlib.import_module(BACKEND_TABLE[backend])
+    except ImportError:  # pragma: no cover - the modules are part of the toolkit
+        return None
+
+
+def kernels_of(backend: str) -> Kernels:
+    """The kernel module of ``backend`` (a name of :data:`BACKENDS`)."""
+    if backend not in BACKEND_TABLE:
+        raise ValueError(f'unknown backend {backend!r}; choose one of {", ".join(BACKENDS)}')
+    module = _load(backend)
+    if module is None:  # pragma: no cover
+        raise ConversionError(f'the {backend} backend is not available: {BACKEND_TABLE[backend]} does not import')
+    return module
+
+
+def backend_problem(backend: str, device: torch.device | str = 'cpu') -> Optional[str]:
+    """Why ``backend`` cannot run a model on ``device``, or None if it can."""
+    device = torch.device(device)
+    if backend == 'eager':
+        return None
+    if backend == 'native':
+        native = _load('native')
+        if device.type != 'cpu':
+            return f'the native kernels run on the CPU only, and the model is on {device}'
+        if not native.ENABLED:
+            return 'the native kernels are turned off (ECMT_NATIVE=0)'
+        if native.library() is None:
+            return 'the native kernels could not be built (no working C++ compiler: see the warning above)'
+        return None
+    if backend == 'triton':
+        module = _load('triton')
+        if module is None or module.triton is None:
+            return 'Triton is not installed (it comes with the CUDA builds of torch: pip install triton)'
+        if device.type == 'cuda' and not module.INTERPRETED:
+            return None
+        if device.type == 'cpu' and module.INTERPRETED:
+            return None
+        return (f'Triton runs on CUDA devices, or on the CPU under TRITON_INTERPRET=1 (set before start), '
+                f'and the model is on {device}' + (' with TRITON_INTERPRET=1 set' if module.INTERPRETED else ''))
+    raise ValueError(f'unknown backend {backend!r}; choose one of {", ".join(BACKEND_CHOICES)}')
+
+
+def resolve_backend(backend: Optional[str] = None, device: torch.device | str = 'cpu') -> str:
+    """The backend a model on ``device`` runs on: ``backend`` itself (a ConversionError saying why
+    if it cannot run there), or for 'auto' (and None: the default, :func:`set_default_backend`)
+    native on the CPU and triton on CUDA where they work, else eager (warned once)."""
+    backend = backend or _default_backend
+    device = torch.device(device)
+    if backend != 'auto':
+        problem = backend_problem(backend, device)
+        if problem is not None:
+            raise ConversionError(f'backend {backend!r} cannot run here: {problem}')
+        return backend
+    preferred = {'cpu': 'native', 'cuda': 'triton'}.get(device.type, 'eager')
+    problem = backend_problem(preferred, device)
+    if problem is None:
+        return preferred
+    message = f'backend {preferred} unavailable ({problem}): the SNN runs on the eager backend (same numbers, slower)'
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message)
+    return 'eager'
+
+
+def set_default_backend(backend: str) -> str:
+    """The backend that conversions given no backend take ('auto', the default, or a name of
+    :data:`BACKENDS`). Returns the previous default. Changes no existing module:
+    ``trans_utils.set_backend`` does that."""
+    global _default_backend
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f'unknown backend {backend!r}; choose one of {", ".join(BACKEND_CHOICES)}')
+    previous, _default_backend = _default_backend, backend
+    return previous
+
+
+def default_backend() -> str:
+    return _default_backend
+
+
+# ---------------------------------------------------------------------------------------------
+# What the backends share
+# ---------------------------------------------------------------------------------------------
+def level_width(levels: int) -> int:
+    """Levels are padded to a power of two (at least 8) so that one compiled kernel serves many N."""
+    return max(8, 1 << (int(levels) - 1).bit_length())
+
+
+def level_table(theta_p: torch.Tensor, theta_n: torch.Tensor, levels: int,
+                width: Optional[int] = None) -> torch.Tensor:
+    """[4, width] float32: per level j, the positive threshold θp·2^j − θp/2, the positive spike
+    θp·2^j, the negative threshold and spike (same with θn). Thresholds of levels j >= ``levels``
+    (padding up to ``width``) and of a side whose θ is not positive are NaN: never reached."""
+    width = width or level_width(levels)
+    theta_p = torch.as_tensor(theta_p, dtype=torch.float32).reshape(())
+    theta_n = torch.as_tensor(theta_n, dtype=torch.float32).reshape(()).to(theta_p.device)
+    j = torch.arange(width, dtype=torch.float32, device=theta_p.device)
+    scale = torch.exp2(j)  # exact powers of two
+    rows = []
+    for theta in (theta_p, theta_n):
+        threshold = theta * scale - theta * 0.5  # the rule's own expression: same rounding
+        threshold = torch.where((theta > 0) & (j < levels), threshold, torch.full_like(threshold, math.nan))
+        rows += [threshold, theta * scale]
+    return torch.stack(rows)
+
+
+def differential_coding(name: str, coding: str, membrane: Optional[torch.Tensor],
+                        estimate: Optional[torch.Tensor]) -> bool:
+    """Whether ``coding`` is the differential one, checking that its two states come together (the
+    argument check of every backend's neuron kernels)."""
+    if coding not in CODINGS:
+        raise ValueError(f"{name}: coding must be one of {', '.join(CODINGS)}, got {coding!r}")
+    if coding == 'differential' and (membrane is None) != (estimate is None):
+        raise ValueError(f'{name}: the membrane and the estimate are carried together')
+    return coding == 'differential'
+
+
+def parts_mt_steps(qkv_mt_steps: Callable, qkv: torch.Tensor, heads: int, tables, membranes, keep: bool, *,
+                   coding: str = 'rate', estimates=(None, None, None), t0: int = 0, sents=(False, False, False)):
+    """``qkv_parts_mt_steps`` as one ``qkv_mt_steps`` call per part that has a table, for the
+    backends without a joint kernel (``native`` reads each row once): per part what
+    ``qkv_mt_steps`` returns, or None. States as every kernel's (updated in place with ``keep``)."""
+    if not (len(tables) == len(membranes) == len(estimates) == len(sents) == 3):
+        raise ValueError('qkv_parts_mt_steps: give one table, membrane, estimate and sent flag per part')
+    if all(table is None for table in tables):
+        raise ValueError('qkv_parts_mt_steps: no part has a table')
+    results = [None] * 3
+    for part, table in enumerate(tables):
+        if table is None:
+            continue
+        extra = (dict(coding=coding, estimate=estimates[part], t0=t0, sent=sents[part])
+                 if coding == 'differential' else {})
+        results[part] = qkv_mt_steps(qkv, part, heads, table, membranes[part], keep, **extra)
+    return results
