@@ -30,21 +30,19 @@ dtype, and is not kept past a batch's last chunk.
 from __future__ import annotations
 
 import itertools
-import math
 import os
-import warnings
 import weakref
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 import kernels.eager as eager_kernels
-import kernels.native as native_kernels
 from kernels import (BACKEND_CHOICES, BACKENDS, ConversionError, backend_problem, kernels_of, level_table,
-                     level_width as _level_width, resolve_backend, set_default_backend)
+                     resolve_backend, set_default_backend)
 from options import CODINGS
+from calibration import UNCALIBRATED_PLACES, TestNeuron, sync_calibration, tail_quantiles  # noqa: F401 (published names)
+from multistep import ONE_STEP, Chunk, MultiStep  # noqa: F401
 
 __all__ = [
     'PLACES', 'ConversionError', 'StatefulModule', 'MyTestPlace', 'TestNeuron', 'TwoSideNeuron',
@@ -60,8 +58,6 @@ __all__ = [
 #: Placeholder kinds, in the order they appear in a transformer block (ECMT_SPEC section 2; 'gate'
 #: and 'up' are the two operands of a gated MLP's element-wise product, section 12).
 PLACES = ('fc_qkv', 'q', 'k', 'v', 's', 'fc_out', 'fc1', 'gate', 'up', 'fc2')
-#: Places whose thresholds are not calibrated (``s`` uses ``softmax_p``).
-UNCALIBRATED_PLACES = ('s',)
 
 
 def get_modules(model: nn.Module, types: Tuple[type, ...] = ()) -> List[Tuple[str, nn.Module]]:
@@ -88,181 +84,6 @@ class MyTestPlace(nn.Module):
 
     def extra_repr(self) -> str:
         return f'place={self.place}'
-
-
-# Tensors up to this size take the plain selection; larger ones the candidate-set path.
-_DIRECT_SELECT_MAX = 1 << 15
-_SAMPLE_SIZE = 1 << 13
-_sample_indices_cache: Dict[Tuple[int, torch.device], torch.Tensor] = {}
-
-
-def _sample_indices(n: int, device: torch.device) -> torch.Tensor:
-    """A fixed pseudo-random set of flat indices into a tensor of n elements (cached)."""
-    key = (n, device)
-    indices = _sample_indices_cache.get(key)
-    if indices is None:
-        if len(_sample_indices_cache) > 256:
-            _sample_indices_cache.clear()
-        generator = torch.Generator().manual_seed(n)
-        indices = torch.randint(0, n, (_SAMPLE_SIZE,), generator=generator).to(device)
-        _sample_indices_cache[key] = indices
-    return indices
-
-
-# How CPU tensors select: 'native' (native_kernels; numpy where the kernels are unavailable),
-# 'numpy', or 'torch' (torch's kernels, what other devices run; for tests).
-_CPU_SELECTION = 'native'
-
-
-def _kth_smallest(values, k: int):
-    """The k-th smallest (1-based) of a 1-D torch tensor or numpy array (one selection)."""
-    if isinstance(values, np.ndarray):
-        return np.partition(values, k - 1)[k - 1]
-    return torch.kthvalue(values, k).values
-
-
-def tail_quantiles(x: torch.Tensor, percent: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The exact ``percent`` and ``1 - percent`` order statistics of ``x`` (ECMT_SPEC 3).
-
-    With n elements, the upper statistic is the k-th smallest with ``k = int(percent * n)`` and the
-    lower one the k-th smallest with ``k = int((1 - percent) * n)`` (1-based, at least 1). Works for
-    any size (``torch.quantile`` refuses more than 2^24 elements) and any strides (a permuted view
-    is not copied: order statistics do not depend on the order). For large tensors a random
-    sample gives bounds just outside both quantiles; the elements beyond the bounds are gathered
-    and the statistics are selected among them. The counts prove the bounds right; otherwise (an
-    unlucky sample) the full selection is used, so the result is always exact. On the CPU one
-    pass of a small native kernel does the comparisons and the gathering (``native_kernels``,
-    about three times faster than numpy, which is the fallback). A tensor holding a NaN has no order
-    statistics: both results are NaN then (the calibration refuses such thresholds).
-    Returns two 0-d float32 tensors on ``x``'s device.
-    """
-    if not 0.0 < percent <= 1.0:
-        raise ValueError(f'percent must be in (0, 1], got {percent}')
-    x = x.detach()
-    if x.dtype != torch.float32:
-        x = x.float()
-    n = x.numel()
-    if n == 0:
-        raise ValueError('cannot calibrate on an empty tensor')
-    k_hi = min(n, max(1, int(percent * n)))
-    k_lo = min(n, max(1, int((1 - percent) * n)))
-    if n <= _DIRECT_SELECT_MAX:
-        flat = x.reshape(-1)
-        return _nan_if_any(flat, torch.kthvalue(flat, k_hi).values, torch.kthvalue(flat, k_lo).values)
-
-    indices = _sample_indices(n, x.device)
-    m = indices.numel()
-    # Bounds a little looser than the quantiles: 6 standard deviations of a sample quantile.
-    spread = 6.0 * math.sqrt(max(percent * (1 - percent), 1.0 / m) / m) + 2.0 / m
-    r_hi = max(1, min(m, int((percent - spread) * m)))  # ranks of the bounds in the sample
-    r_lo = max(1, min(m, int((1 - percent + spread) * m) + 1))
-    on_cpu = x.device.type == 'cpu'
-    if (on_cpu and _CPU_SELECTION == 'native' and x.dim() <= native_kernels.MAX_DIMS
-            and native_kernels.library() is not None):
-        q_hi, q_lo, _ = native_kernels.tail_quantiles(x, indices, r_hi, r_lo, k_hi, k_lo)
-        return q_hi, q_lo
-    if on_cpu and _CPU_SELECTION != 'torch':
-        values = x.numpy()  # numpy over the tensor's own memory, whatever its strides
-        if np.isnan(values).any():
-            nan = torch.tensor(float('nan'))
-            return nan, nan.clone()
-        sample = values.flat[indices.numpy()]
-    else:
-        values = x.reshape(-1)
-        sample = torch.take(values, indices)
-    hb, lb = _kth_smallest(sample, r_hi), _kth_smallest(sample, r_lo)
-    if not bool(lb < hb):
-        q_hi, q_lo = _full_selection(values, k_hi), _full_selection(values, k_lo)
-    else:
-        upper, lower = _beyond(values, hb, lb)  # every element >= hb, every element <= lb
-        need_hi = n - k_hi + 1  # elements >= the upper statistic
-        q_hi = (_kth_smallest(upper, len(upper) - need_hi + 1) if len(upper) >= need_hi
-                else _full_selection(values, k_hi))
-        q_lo = _kth_smallest(lower, k_lo) if len(lower) >= k_lo else _full_selection(values, k_lo)
-    if isinstance(values, np.ndarray):
-        return (torch.from_numpy(np.asarray(q_hi, dtype=np.float32)),
-                torch.from_numpy(np.asarray(q_lo, dtype=np.float32)))
-    return _nan_if_any(values, q_hi, q_lo)
-
-
-def _nan_if_any(flat: torch.Tensor, q_hi: torch.Tensor, q_lo: torch.Tensor):
-    """NaN statistics for a tensor holding a NaN (no host synchronisation on a GPU)."""
-    has_nan = torch.isnan(flat).any()
-    nan = torch.full((), float('nan'), device=flat.device)
-    return torch.where(has_nan, nan, q_hi), torch.where(has_nan, nan, q_lo)
-
-
-def _full_selection(values, k: int):
-    return _kth_smallest(values.reshape(-1), k)
-
-
-def _beyond(values, hb, lb):
-    """(elements >= hb, elements <= lb) of a torch tensor or a numpy array (any shape).
-    (Splitting the array over two threads was tried: slower in the calibration pass, where
-    OpenMP's spinning threads hold the second core.)"""
-    return values[values >= hb], values[values <= lb]
-
-
-class TestNeuron(nn.Module):
-    """Calibrating placeholder (``for_v``): identity that records thresholds (ECMT_SPEC 3).
-
-    ``scale_p`` is the running mean over batches of the ``percent`` quantile of the input,
-    ``scale_n`` that of the negated ``1 - percent`` quantile; each batch weighs the same.
-    Both are buffers of shape [1] and travel in the state_dict under the placeholder's path.
-    """
-
-    def __init__(self, place: str, percent: float = 0.99) -> None:
-        super().__init__()
-        if not 0.0 < percent <= 1.0:
-            raise ValueError(f'percent must be in (0, 1], got {percent}')
-        self.place = place
-        self.percent = percent
-        self.calibrate = place not in UNCALIBRATED_PLACES
-        self.register_buffer('scale_p', torch.zeros(1))
-        self.register_buffer('scale_n', torch.zeros(1))
-        # float64 sums of the per-batch values; the count is a Python int (no host sync).
-        self.register_buffer('sum_p', torch.zeros(1, dtype=torch.float64), persistent=False)
-        self.register_buffer('sum_n', torch.zeros(1, dtype=torch.float64), persistent=False)
-        self.num_batches = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.calibrate:
-            q_hi, q_lo = tail_quantiles(x, self.percent)
-            self.sum_p += q_hi.double()
-            self.sum_n -= q_lo.double()
-            self.num_batches += 1
-            self.scale_p.copy_(self.sum_p / self.num_batches)
-            self.scale_n.copy_(self.sum_n / self.num_batches)
-        return x
-
-    def extra_repr(self) -> str:
-        return f'place={self.place}, percent={self.percent}, batches={self.num_batches}'
-
-
-def sync_calibration(model: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor]) -> int:
-    """Pool the ``for_v`` statistics of all processes into every process's TestNeurons.
-
-    ``reduce`` sums a tensor over processes (``utils.all_reduce_sum``). The per-batch sums and the
-    batch counts of every TestNeuron are summed in one collective, and ``scale_p``/``scale_n``
-    become the mean over all processes' batches, each batch weighted equally, as one process
-    seeing all of them would compute; every process ends with the same thresholds. A process that
-    saw no batch contributes zeros. Call it once, after calibration (calling again double-counts).
-    Returns the number of batches calibrated on, over all processes.
-    """
-    neurons = [m for m in model.modules() if isinstance(m, TestNeuron)]
-    if not neurons:
-        return 0
-    stats = torch.stack([torch.cat([n.sum_p, n.sum_n, torch.full_like(n.sum_p, n.num_batches)])
-                         for n in neurons])
-    stats = reduce(stats)
-    for neuron, (sum_p, sum_n, count) in zip(neurons, stats.unbind(0)):
-        neuron.sum_p.copy_(sum_p.reshape(1))
-        neuron.sum_n.copy_(sum_n.reshape(1))
-        neuron.num_batches = int(round(float(count)))
-        if neuron.num_batches:
-            neuron.scale_p.copy_(neuron.sum_p / neuron.num_batches)
-            neuron.scale_n.copy_(neuron.sum_n / neuron.num_batches)
-    return max(n.num_batches for n in neurons)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,23 +144,6 @@ def set_backend(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 # Stateful modules: one chunk function each, time-major chunks of steps
 # ---------------------------------------------------------------------------------------------
-class Chunk:
-    """The chunk of steps a forward pass holds: ``steps`` K, and ``last``: whether they end the
-    batch (a module then keeps no state afterwards). :class:`MultiStep` gives one object to every
-    stateful module of a model and changes it before each pass; a module called on its own runs
-    one step per call and keeps its state (:data:`ONE_STEP`)."""
-    __slots__ = ('steps', 'last')
-
-    def __init__(self, steps: int = 1, last: bool = False) -> None:
-        self.steps, self.last = int(steps), bool(last)
-
-    def __repr__(self) -> str:
-        return f'Chunk(steps={self.steps}, last={self.last})'
-
-
-ONE_STEP = Chunk(1, False)
-
-
 class StatefulModule(nn.Module):
     """Base of every module that keeps state across time steps (neurons, EC modules, EC products).
 
@@ -949,66 +753,6 @@ class MulNeuron(_ECProduct):
         return float(out.numel())
 
 
-class MultiStep:
-    """Runs a converted model on chunks of time steps (ECMT_SPEC 13), layer by layer.
-
-    While open, the input of the converted region (the output of the model's input modules,
-    ``ecmt_input_modules``: the patch embedding of the unchanged image and the position
-    embedding) is repeated K times, time-major, at the entry of the first region module called in
-    a forward pass, so that the input modules run once per chunk and every later layer runs once
-    on K*B rows. Every stateful module (found afresh at every open: no cache to go stale after
-    module surgery) shares one :class:`Chunk`, which :meth:`chunk` sets before each pass. On
-    leaving, the hooks are removed and every module is back to one step per call.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.clock = Chunk(1, False)
-        self.modules = [m for m in model.modules() if isinstance(m, StatefulModule)]
-        for module in self.modules:
-            module.clock = self.clock
-        self._entered = False
-        skip = _skip_prefixes(model)
-        self.handles = [model.register_forward_pre_hook(self._new_pass)]
-        for name, child in model.named_children():
-            if _in_region(name, skip):
-                self.handles.append(child.register_forward_pre_hook(self._enter_region))
-
-    @property
-    def steps(self) -> int:
-        return self.clock.steps
-
-    def chunk(self, steps: int, last: bool) -> None:
-        """The next forward pass runs ``steps`` steps; ``last``: they end the batch."""
-        self.clock.steps, self.clock.last = int(steps), bool(last)
-
-    def _new_pass(self, module, args) -> None:
-        self._entered = False
-
-    def _enter_region(self, module, args):
-        if self._entered:
-            return None
-        self._entered = True
-        steps = self.clock.steps
-        if steps == 1 or not args:
-            return None
-        x = args[0]
-        return (x.unsqueeze(0).expand(steps, *x.shape).flatten(0, 1), *args[1:])
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-        for module in self.modules:
-            module.clock = ONE_STEP
-
-    def __enter__(self) -> 'MultiStep':
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 # ---------------------------------------------------------------------------------------------
 # Module surgery
 # ---------------------------------------------------------------------------------------------
@@ -1042,12 +786,12 @@ def _named_children_recursive(module: nn.Module, prefix: str = '') -> Iterator[T
         yield from _named_children_recursive(child, full)
 
 
-def _skip_prefixes(model: nn.Module) -> Tuple[str, ...]:
+def skip_prefixes(model: nn.Module) -> Tuple[str, ...]:
     # Modules that only ever see the constant input (direct coding) are outside the converted region.
     return tuple(getattr(model, 'ecmt_input_modules', ('patch_embed',)))
 
 
-def _in_region(name: str, skip: Tuple[str, ...]) -> bool:
+def in_region(name: str, skip: Tuple[str, ...]) -> bool:
     return not any(name == p or name.startswith(p + '.') for p in skip)
 
 
@@ -1122,9 +866,9 @@ def replace_testneuron_by_twosideneuron(model: nn.Module, linear_num: int = 8, q
 
 def replace_nonlinear_by_neuron(model: nn.Module) -> nn.Module:
     """Wrap every nonlinear module of the converted region in an :class:`exp_comp_neuron`."""
-    skip = _skip_prefixes(model)
+    skip = skip_prefixes(model)
     for parent, attr, name, child in list(_named_children_recursive(model)):
-        if isinstance(parent, (exp_comp_neuron, ECPassThrough)) or not _in_region(name, skip):
+        if isinstance(parent, (exp_comp_neuron, ECPassThrough)) or not in_region(name, skip):
             continue
         if isinstance(child, EC_MODULE_TYPES):
             setattr(parent, attr, exp_comp_neuron(child))
@@ -1159,12 +903,12 @@ def register_snn_modules(containers: Iterable[type] = (), leaves: Iterable[type]
 def check_fully_converted(model: nn.Module) -> None:
     """Refuse a half-converted network: every module of the converted region must be an MT neuron,
     an EC module, a known linear module, or a registered container. Raises ConversionError."""
-    skip = _skip_prefixes(model)
+    skip = skip_prefixes(model)
     leaves = ((TwoSideNeuron, exp_comp_neuron, ECPassThrough, AtNeuron, MulNeuron) + LINEAR_MODULE_TYPES
               + tuple(_SNN_LEAVES))
     bad = []
     for _, _, name, child in _named_children_recursive(model):
-        if not _in_region(name, skip) or _inside_ec(model, name):
+        if not in_region(name, skip) or _inside_ec(model, name):
             continue
         if type(child) in _SNN_CONTAINERS or isinstance(child, leaves):
             continue

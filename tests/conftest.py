@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # Triton's kernels run on the CPU under its interpreter, which is read when they are defined (at
-# import): set it before anything imports triton_kernels, unless a GPU is there to run them.
+# import): set it before anything imports kernels.triton, unless a GPU is there to run them.
 if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
 

@@ -4,6 +4,7 @@ import functools
 import pytest
 import torch
 
+import calibration
 import trans_utils
 from reference import ref_quantiles
 from trans_utils import tail_quantiles
@@ -18,7 +19,7 @@ def selection(request, monkeypatch):
     """Every implementation of the large-tensor path: the native kernel (the CPU default), numpy
     (its fallback) and torch's kernels (what other devices run)."""
     import kernels.native as native_kernels
-    monkeypatch.setattr(trans_utils, '_CPU_SELECTION', request.param)
+    monkeypatch.setattr(calibration, '_CPU_SELECTION', request.param)
     if request.param == 'native':
         monkeypatch.setattr(native_kernels, 'ENABLED', True)
         assert native_kernels.library() is not None, 'the native kernels failed to build or load'
@@ -82,12 +83,12 @@ class KthvalueSpy:
     def __init__(self, monkeypatch):
         import kernels.native as native_kernels
         self.sizes = []
-        original = trans_utils._kth_smallest
+        original = calibration._kth_smallest
 
         def spy(values, k):
             self.sizes.append(len(values))
             return original(values, k)
-        monkeypatch.setattr(trans_utils, '_kth_smallest', spy)
+        monkeypatch.setattr(calibration, '_kth_smallest', spy)
         native = native_kernels.tail_quantiles
 
         def native_spy(x, *args):
@@ -100,9 +101,9 @@ class KthvalueSpy:
 def sample_positions(n):
     """The flat indices whose values the large-tensor path samples to place its bounds (an
     implementation detail, needed here to build inputs that defeat the sample on purpose)."""
-    if hasattr(trans_utils, '_sample_indices'):  # a fixed pseudo-random sample
-        return trans_utils._sample_indices(n, torch.device('cpu')).unique()
-    return torch.arange(0, n, n // trans_utils._SAMPLE_SIZE)  # a strided sample
+    if hasattr(calibration, '_sample_indices'):  # a fixed pseudo-random sample
+        return calibration._sample_indices(n, torch.device('cpu')).unique()
+    return torch.arange(0, n, n // calibration._SAMPLE_SIZE)  # a strided sample
 
 
 @functools.lru_cache(maxsize=1)
@@ -232,7 +233,7 @@ def strided_layouts():
 @pytest.mark.parametrize('layout', list(strided_layouts()))
 def test_any_strides_are_exact(layout, selection):
     x = strided_layouts()[layout]
-    assert x.numel() > trans_utils._DIRECT_SELECT_MAX
+    assert x.numel() > calibration._DIRECT_SELECT_MAX
     for percent in (0.99, 0.9, 1.0):
         assert_exact(x, percent)
 
@@ -243,7 +244,7 @@ def test_a_nan_gives_nan_statistics(n, where, selection):
     """NaN has no place in an order: a tensor holding one has no quantiles (both NaN), whatever
     the path, instead of a number that silently depends on where NaN sorts."""
     x = torch.randn(n, generator=torch.Generator().manual_seed(n))
-    position = n // 3 if where == 'anywhere' or n <= trans_utils._DIRECT_SELECT_MAX else int(sample_positions(n)[0])
+    position = n // 3 if where == 'anywhere' or n <= calibration._DIRECT_SELECT_MAX else int(sample_positions(n)[0])
     x[position] = float('nan')
     hi, lo = tail_quantiles(x, 0.99)
     assert hi.isnan() and lo.isnan() and hi.dtype == torch.float32

@@ -11,6 +11,7 @@ import torch
 
 import kernels.eager as eager_kernels
 import kernels.native as native_kernels
+import calibration
 import trans_utils
 from reference import ref_differential_neuron, ref_mt_neuron, ref_quantiles
 
@@ -372,7 +373,7 @@ def test_without_a_compiler_everything_falls_back_with_one_warning(monkeypatch, 
 def test_selection_scan_on_several_threads_is_exact(native, monkeypatch, layout):
     """The selection kernel's scan splits the tensor among threads (blocks of rows, or chunks of
     one long row) and joins what each gathered: the statistics are the same at any count."""
-    monkeypatch.setattr(trans_utils, '_CPU_SELECTION', 'native')
+    monkeypatch.setattr(calibration, '_CPU_SELECTION', 'native')
     g = torch.Generator().manual_seed(21)
     x = {'contiguous': lambda: torch.randn(300_007, generator=g),
          'permuted': lambda: torch.randn(7, 33, 3, 5, 64, generator=g).permute(2, 0, 3, 1, 4)[1],
