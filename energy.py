@@ -3,7 +3,7 @@ time step, in five classes, against the ANN's under the same energy model (issue
 
 Classes (pJ per image):
 
-* ``synaptic``  spike-driven accumulates: the SOPs of :class:`trans_utils.SOPMonitor` (ECMT_SPEC 8
+* ``synaptic``  spike-driven accumulates: the SOPs of :class:`monitors.SOPMonitor` (ECMT_SPEC 8
   and 14) of linear layers fed by MT neurons and of EC products;
 * ``mac``       dense multiply-accumulates: the ANN's, and those the SNN still does (linear layers
   fed by an analog input, such as the head after the final EC norm; the patch embedding, once);
@@ -15,9 +15,9 @@ Classes (pJ per image):
 * ``memory``    SRAM accesses: membranes and EC running sums read and written per element and step,
   weights read once per step, activations written (a spike per event, analog outputs per element).
 
-:class:`EnergyMonitor` counts with forward hooks by module type and input/output shape, reading
-the SOPs that the SOPMonitor it is given already counts and the chunk (``step``, ``time_steps``)
-that ``engine_for_finetuning.simulate`` sets on that SOPMonitor. :func:`energy_report` prices the
+``monitors.EnergyMonitor`` counts them, a view of the same hooks as ``monitors.SOPMonitor``'s (by
+module type and input/output shape, the SOPs that SOPMonitor counts and the chunk, ``step`` and
+``time_steps``, that ``engine_for_finetuning.simulate`` sets on it). :func:`energy_report` prices the
 counts with one of :data:`ENERGY_MODELS`. Under ``ecmt`` (the published pair, 0.9 pJ per SOP and
 4.6 pJ per MAC) only ``synaptic`` and the ANN's ``mac`` of the counted layers are non-zero and the
 ratio is the published ``energy_ratio``.
@@ -25,14 +25,15 @@ ratio is the published ``energy_ratio``.
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from trans_utils import ECPassThrough, TwoSideNeuron, _ECProduct, exp_comp_neuron
+if TYPE_CHECKING:
+    from monitors import EnergyMonitor
+
 
 __all__ = ['CLASSES', 'ENERGY_MODELS', 'EnergyModel', 'FUNCTION_OPS', 'SPECIAL_OPS', 'EnergyMonitor',
            'EnergyReport', 'energy_report', 'function_ops', 'quantised_bits', 'sram_pj_per_bit']
@@ -226,213 +227,6 @@ SNN_KEYS = ('mac',) + tuple(f'nl_{op}' for op in _OP_KEYS) + (
 ANN_KEYS = ('mac',) + tuple(f'nl_{op}' for op in _OP_KEYS) + ('mem_weights', 'mem_act')
 
 
-class EnergyMonitor:
-    """Counts, with forward hooks, the operations and memory accesses of every module of a
-    converted model that :data:`CLASSES` cover, per time step, and the ANN's for the same images.
-
-    ``sop_monitor``: the :class:`trans_utils.SOPMonitor` of the same run; its synaptic counts are
-    read from it, and its ``step`` / ``time_steps`` (set by ``simulate`` before each chunk) say
-    which steps a call covers: module inputs are time-major [K*B, ...]. Elements are counted from
-    the shapes of inputs and outputs; the spikes a neuron emits from its per-step non-zero counts.
-    Convolutions (the patch embedding) run once per image, outside the converted region: counted
-    at step 1. All hook logic is in :meth:`_hook`, by module type.
-    """
-
-    def __init__(self, model: nn.Module, sop_monitor) -> None:
-        self.sop = sop_monitor
-        self.names: List[str] = []
-        self.kinds: List[str] = []
-        self.functions: Dict[int, Optional[str]] = {}
-        self.analog_input: Dict[int, bool] = {}         # linear layers: fed by something not spikes
-        self.sizes: Dict[int, Dict[str, float]] = {}     # bytes: weights, state and output per image
-        self.images = 0
-        self._snn: Dict[Tuple[int, int, str], float] = {}  # (module, step, key) -> count
-        self._ann: Dict[Tuple[int, str], float] = {}       # (module, key) -> count
-        self._spikes: Dict[int, torch.Tensor] = {}  # module -> non-zero spikes per step, float64
-        self._posted: Optional[Tuple[weakref.ref, int]] = None
-        self.handles = [model.register_forward_pre_hook(self._count_images)]
-        for name, module in model.named_modules():
-            kind = self._kind(module)
-            if kind is None:
-                continue
-            index = len(self.names)
-            self.names.append(name)
-            self.kinds.append(kind)
-            self.handles.append(module.register_forward_hook(
-                lambda mod, args, output, index=index: self._hook(index, mod, args, output)))
-
-    @staticmethod
-    def _kind(module: nn.Module) -> Optional[str]:
-        if isinstance(module, nn.Linear):
-            return 'linear'
-        if isinstance(module, _ECProduct):
-            return 'product'
-        if isinstance(module, TwoSideNeuron):
-            return 'neuron'
-        if isinstance(module, (exp_comp_neuron, ECPassThrough)):
-            return f'ec_{module.kind}'
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            return 'conv'
-        return None
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-        self._posted = None
-
-    def __enter__(self) -> 'EnergyMonitor':
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    # -- bookkeeping ---------------------------------------------------------------------------
-    def _count_images(self, module, args) -> None:
-        if self.sop.step == 0 and args and torch.is_tensor(args[0]):
-            self.images += int(args[0].shape[0])
-
-    def _add(self, index: int, key: str, per_step: float, steps: int) -> None:
-        """``per_step`` of ``key`` at each of the chunk's ``steps`` steps."""
-        if not per_step:
-            return
-        first = self.sop.step
-        for t in range(first, first + steps):
-            self._snn[index, t, key] = self._snn.get((index, t, key), 0.0) + per_step
-
-    def _add_ann(self, index: int, key: str, value: float) -> None:
-        if value and self.sop.step == 0:  # what the ANN does once per image: count it with step 1
-            self._ann[index, key] = self._ann.get((index, key), 0.0) + value
-
-    def _size(self, index: int, what: str, nbytes: float) -> None:
-        sizes = self.sizes.setdefault(index, {})
-        sizes[what] = max(sizes.get(what, 0.0), float(nbytes))
-
-    def _add_function(self, index: int, kind: str, module: Optional[nn.Module], x: torch.Tensor, K: int,
-                      written: bool) -> None:
-        """An EC function of ``kind`` on ``x`` ([K*B, ...]): f and the bookkeeping at every step,
-        its two states (running sum, last total) read and written per element, its output written
-        per element (unless ``written`` is False: fused into the neuron it feeds); the ANN: f once."""
-        step_shape = (x.shape[0] // K,) + tuple(x.shape[1:])
-        ops, name = function_ops(kind, module, step_shape)
-        self.functions[index] = name
-        elements = float(math.prod(step_shape))
-        per_image = elements / max(1, step_shape[0])
-        for op, n in ops.items():
-            self._add(index, f'nl_{op}', n, K)
-            self._add_ann(index, f'nl_{op}', n)
-        for op, n in EC_STEP_OPS.items():
-            self._add(index, f'nl_{op}', n * elements, K)
-        self._add(index, 'mem_state', 4 * elements, K)
-        self._size(index, 'state', 2 * per_image * WORD_BITS / 8)
-        self._add_ann(index, 'mem_act', elements)
-        if written:
-            self._add(index, 'mem_act', elements, K)
-        self._size(index, 'act', per_image * WORD_BITS / 8)
-
-    # -- the hooks -----------------------------------------------------------------------------
-    def _hook(self, index: int, module: nn.Module, args, output) -> None:
-        """Everything counted at a module's call, by its type (an EC module fused with the neuron
-        it feeds is counted at the pass-through left in its place)."""
-        K = max(1, int(self.sop.time_steps))
-        if isinstance(module, TwoSideNeuron):
-            x = args[0]
-            elements = float(output.numel()) / K
-            batch = max(1, output.shape[0] // K) if output.dim() else 1
-            self._add(index, 'neuron_add', elements, K)
-            self._add(index, 'neuron_cmp', 2 * module.levels * elements, K)
-            self._add(index, 'mem_state', 2 * elements, K)  # membrane read and written
-            self._size(index, 'state', elements / batch * WORD_BITS / 8)
-            self._size(index, 'act', elements / batch * WORD_BITS / 8)
-            # The neuron's own per-step counts, which the SOP monitor's hook (registered first)
-            # took from it and posted with its output; counted here only if not.
-            posted = getattr(self.sop, '_posted', None)
-            if posted is not None and posted[0]() is output and posted[2] is not None and posted[2].numel() == K:
-                counts = posted[2]
-            else:
-                counts = (output != 0).reshape(K, -1).sum(1)
-            # Subtracts and spike writes: one per emitted spike (events). Added up in place in one
-            # small tensor per neuron: a count tensor kept per call until the end of the run
-            # would pin the heap (see trans_utils.TwoSideNeuron).
-            first = self.sop.step
-            totals = self._spikes.get(index)
-            if totals is None or totals.numel() < first + K:
-                grown = torch.zeros(first + K, dtype=torch.float64, device=counts.device)
-                if totals is not None:
-                    grown[:totals.numel()] = totals
-                totals = self._spikes[index] = grown
-            totals[first:first + K] += counts.detach().double()
-            self._posted = (weakref.ref(output), output._version)
-        elif isinstance(module, (exp_comp_neuron, ECPassThrough)):
-            # An EC module fused with the neuron it feeds leaves a pass-through in its place, fed
-            # the EC module's input: counted as the EC module (the report counts the converted
-            # network, not how a backend's kernels fuse it; every backend reports the same).
-            self._add_function(index, module.kind, module.module, args[0], K, written=True)
-        elif isinstance(module, _ECProduct):
-            a, b = args[0], args[1]
-            operands = float(a.numel() + b.numel()) / K
-            out = float(output.numel()) / K
-            batch = max(1, output.shape[0] // K) if output.dim() > 2 else 1
-            self._add(index, 'nl_add', operands + PRODUCT_OUTPUT_OPS['add'] * out, K)
-            self._add(index, 'nl_mul', PRODUCT_OUTPUT_OPS['mul'] * out, K)
-            self._add(index, 'mem_state', 2 * (operands + out), K)  # A, B and the last total
-            self._add(index, 'mem_act', out, K)
-            self._add_ann(index, 'mem_act', out)
-            self._size(index, 'state', (operands + out) / batch * WORD_BITS / 8)
-            self._size(index, 'act', out / batch * WORD_BITS / 8)
-        elif isinstance(module, nn.Linear):
-            x = args[0]
-            posted = self._posted
-            spikes = posted is not None and posted[1] == x._version and (
-                posted[0]() is x or posted[0]() is getattr(x, '_base', None))
-            self.analog_input[index] = self.analog_input.get(index, False) or not spikes
-            batch = max(1, x.shape[0] // K)
-            weights = float(module.weight.numel() + (module.bias.numel() if module.bias is not None else 0))
-            out = float(output.numel()) / K
-            self._add(index, 'mem_weights', weights * batch, K)  # once per step and image
-            self._add(index, 'mem_act', out, K)
-            self._add_ann(index, 'mem_weights', weights * batch)
-            self._add_ann(index, 'mem_act', out)
-            self._size(index, 'weights', weights * WORD_BITS / 8)
-            self._size(index, 'act', out / batch * WORD_BITS / 8)
-        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            if self.sop.step != 0:
-                return
-            batch = max(1, output.shape[0])
-            fan_in = module.in_channels // module.groups * math.prod(module.kernel_size)
-            macs = float(output.numel()) * fan_in
-            weights = float(module.weight.numel() + (module.bias.numel() if module.bias is not None else 0))
-            for key, value in (('mac', macs), ('mem_weights', weights * batch), ('mem_act', float(output.numel()))):
-                self._add(index, key, value, 1)
-                self._add_ann(index, key, value)
-            self._size(index, 'weights', weights * WORD_BITS / 8)
-            self._size(index, 'act', output.numel() / batch * WORD_BITS / 8)
-
-    # -- results -------------------------------------------------------------------------------
-    def counts(self, steps: int, reduce: Optional[Callable] = None) -> Tuple[torch.Tensor, torch.Tensor, int]:
-        """(SNN counts [modules, steps, len(SNN_KEYS)], ANN counts [modules, len(ANN_KEYS)], images),
-        float64, summed over processes by ``reduce``."""
-        snn = torch.zeros(len(self.names), steps, len(SNN_KEYS), dtype=torch.float64)
-        ann = torch.zeros(len(self.names), len(ANN_KEYS), dtype=torch.float64)
-        for (i, t, key), value in self._snn.items():
-            if t < steps:
-                snn[i, t, SNN_KEYS.index(key)] += value
-        for (i, key), value in self._ann.items():
-            ann[i, ANN_KEYS.index(key)] += value
-        for i, counts in self._spikes.items():
-            counts = counts.cpu()[:steps]
-            snn[i, :counts.numel(), SNN_KEYS.index('neuron_add')] += counts  # the subtract
-            snn[i, :counts.numel(), SNN_KEYS.index('mem_act')] += counts     # the spike written
-        images = torch.tensor([float(self.images)], dtype=torch.float64)
-        if reduce is not None:
-            device = self.sop.sops.device if self.sop.sops is not None else torch.device('cpu')
-            packed = reduce(torch.cat([snn.reshape(-1), ann.reshape(-1), images]).to(device)).cpu()
-            snn = packed[:snn.numel()].reshape(snn.shape)
-            ann = packed[snn.numel():snn.numel() + ann.numel()].reshape(ann.shape)
-            images = packed[-1:]
-        return snn, ann, int(images.item())
-
-
 # ---------------------------------------------------------------------------------------------
 # Pricing
 # ---------------------------------------------------------------------------------------------
@@ -462,7 +256,7 @@ class EnergyReport:
                  reduce: Optional[Callable] = None) -> None:
         self.model = ENERGY_MODELS[model] if isinstance(model, str) else model
         if monitor.sop.sops is None and reduce is None:  # no linear layer nor product ran
-            steps = 1 + max([t for _, t, _ in monitor._snn] + [c.numel() - 1 for c in monitor._spikes.values()] + [0])
+            steps = monitor.steps_counted
             sops = dense = torch.zeros(len(monitor.sop.names), steps, dtype=torch.float64)
         else:
             sops, dense = (t.double().cpu() for t in monitor.sop.totals(reduce))
@@ -601,3 +395,12 @@ def energy_report(monitor: EnergyMonitor, model: str = 'ecmt', reduce: Optional[
     if model not in ENERGY_MODELS:
         raise ValueError(f'unknown energy model {model!r}; choose from {", ".join(ENERGY_MODELS)}')
     return EnergyReport(monitor, model, reduce)
+
+
+def __getattr__(name: str):
+    """``energy.EnergyMonitor``: the energy view of the monitors' hooks (``monitors``, which
+    imports this module's counting tables)."""
+    if name == 'EnergyMonitor':
+        import monitors
+        return monitors.EnergyMonitor
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

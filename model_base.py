@@ -96,6 +96,16 @@ class ConvertibleAttention(nn.Module):
         """EC module -> modules between -> MT neuron, in this forward (trans_utils.fuse_ec_neurons)."""
         return [('softmax', ('attn_drop',), 'place_s'), ('norm', (), 'place_fc_out')]
 
+    def ecmt_feeds(self):
+        """Which places' outputs are the operands of which linear layers and products, in this
+        forward (the monitors look producers up in it: trans_utils.feed_graph). Grouped-query
+        attention repeats k and v after their places: those operands are copies, not outputs."""
+        kv = 'place_k' if self.num_kv_heads == self.num_heads else None
+        vv = 'place_v' if self.num_kv_heads == self.num_heads else None
+        return [('qkv', ('place_fc_qkv',)), ('q_proj', ('place_fc_qkv',)), ('k_proj', ('place_fc_qkv',)),
+                ('v_proj', ('place_fc_qkv',)), ('qk_matmul', ('place_q', kv)), ('av_matmul', ('place_s', vv)),
+                ('proj', ('place_fc_out',))]
+
     def ecmt_qkv_fusable(self) -> bool:
         """Whether q, k and v go from the fused qkv linear layer straight to their places (no q/k
         norm between; a rotary embedding, given per call, turns the fusion off for that call)."""
@@ -169,6 +179,10 @@ class ConvertibleMlp(nn.Module):
         """EC module -> modules between -> MT neuron, in this forward (trans_utils.fuse_ec_neurons)."""
         return [('act', ('drop1', 'norm'), 'place_fc2'), ('norm', (), 'place_fc2')]
 
+    def ecmt_feeds(self):
+        """Which places feed which linear layers (trans_utils.feed_graph)."""
+        return [('fc1', ('place_fc1',)), ('fc2', ('place_fc2',))]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(self.place_fc1(x))
         x = self.drop1(self.act(x))
@@ -204,6 +218,11 @@ class ConvertibleGluMlp(nn.Module):
     def ecmt_fusable(self):
         """EC module -> modules between -> MT neuron, in this forward (trans_utils.fuse_ec_neurons)."""
         return [('act', (), 'place_gate'), ('norm', (), 'place_fc2')]
+
+    def ecmt_feeds(self):
+        """Which places feed which linear layers and the gate product (trans_utils.feed_graph)."""
+        return [('fc1', ('place_fc1',)), ('fc1_g', ('place_fc1',)), ('fc1_x', ('place_fc1',)),
+                ('mul', ('place_gate', 'place_up')), ('fc2', ('place_fc2',))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.place_fc1(x)
@@ -242,6 +261,11 @@ class ConvertibleAttentionPool(nn.Module):
         self.av_matmul = MyAt()
         self.place_k = MyTestPlace('k')
         self.place_v = MyTestPlace('v')
+
+    def ecmt_feeds(self):
+        """The products' place-fed operands (trans_utils.feed_graph): the learned query and the
+        attention probabilities are analog."""
+        return [('qk_matmul', (None, 'place_k')), ('av_matmul', (None, 'place_v'))]
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, N, _ = x.shape

@@ -31,15 +31,14 @@ from __future__ import annotations
 
 import itertools
 import os
-import weakref
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-import kernels.eager as eager_kernels
-from kernels import (BACKEND_CHOICES, BACKENDS, ConversionError, backend_problem, kernels_of, level_table,
+from kernels import (BACKEND_CHOICES, BACKENDS, Backend, ConversionError, backend_problem, kernels_of, level_table,
                      resolve_backend, set_default_backend)
+from kernels.eager import ec_function_steps
 from options import CODINGS
 from calibration import UNCALIBRATED_PLACES, TestNeuron, sync_calibration, tail_quantiles  # noqa: F401 (published names)
 from multistep import ONE_STEP, Chunk, MultiStep  # noqa: F401
@@ -52,7 +51,9 @@ __all__ = [
     'reset_net', 'set_backend', 'set_default_backend', 'resolve_backend', 'backend_problem', 'kernels_of',
     'BACKENDS', 'BACKEND_CHOICES', 'threshold_config',
     'EC_MODULE_TYPES', 'register_snn_modules', 'check_fully_converted', 'BaseMonitor', 'SOPMonitor',
-    'product_nonzero_macs', 'spike_level_counts', 'fuse_ec_neurons', 'CODINGS',
+    'product_nonzero_macs', 'spike_level_counts', 'fuse_ec_neurons', 'CODINGS', 'Recording', 'NO_RECORDING',
+    'NeuronRecord', 'ProductRecord', 'ECRecord', 'NeuronState', 'ECState', 'ECNeuronState', 'ProductState',
+    'set_recording', 'feed_graph',
 ]
 
 #: Placeholder kinds, in the order they appear in a transformer block (ECMT_SPEC section 2; 'gate'
@@ -129,16 +130,67 @@ def set_backend(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
     (:func:`resolve_backend`: 'auto'/None chooses), resetting their state, and make the fusions
     that backend has (:func:`fuse_ec_neurons`). :func:`convert_to_snn` calls it; call it again
     after moving a converted model to another device. The name is in ``model.ecmt_backend``."""
-    name = resolve_backend(backend, model_device(model))
+    kernels = kernels_of(resolve_backend(backend, model_device(model)))
     for module in model.modules():
-        if isinstance(module, StatefulModule):
-            module.backend = name
-            module.reset()
-        elif isinstance(module, ECPassThrough):  # the EC module it stands for, if unfused
-            module.backend = name
-    model.ecmt_backend = name
+        if isinstance(module, (StatefulModule, ECPassThrough)):  # a pass-through: its EC module, if unfused
+            module.kernels = kernels
+            if isinstance(module, StatefulModule):
+                module.reset()
+    model.ecmt_backend = kernels.name
     fuse_ec_neurons(model)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# What a module records of each call, and what a monitor asks it to record
+# ---------------------------------------------------------------------------------------------
+class Recording(NamedTuple):
+    """What the records of a stateful module hold beyond their step numbers; what costs time or
+    memory is off unless a monitor asks for it, once, when it is attached (:func:`set_recording`)."""
+    #: Neurons: the non-zero elements of what they sent, per step; products: operations per step.
+    counts: bool = False
+    #: Neurons: the spikes of the call per level (positive and negative side).
+    levels: bool = False
+    #: Differential neurons: the spikes s they sent and their estimates before each step.
+    sent: bool = False
+
+
+NO_RECORDING = Recording()
+
+
+class NeuronRecord(NamedTuple):
+    """What an MT neuron did in its last call (``last_record``), replaced at every call."""
+    first_step: int                    # t0: the steps of the batch before this call
+    steps: int                         # K: the steps of this call
+    nonzero: Optional[torch.Tensor]    # [K] int64: non-zero elements sent per step (s, differential)
+    levels: Optional[torch.Tensor]     # [2, levels] int64: spikes of this call per level
+    sent: Optional[torch.Tensor]       # differential: the spikes s, shaped and laid out as the output
+    estimates: Optional[torch.Tensor]  # differential: the estimates r before each step, as ``sent``
+
+
+class ProductRecord(NamedTuple):
+    """What an EC product did in its last call (``last_record``)."""
+    first_step: int
+    steps: int
+    operations: Optional[torch.Tensor]  # [K] float64: operations of ECMT_SPEC 8 per step
+    dense: float                        # the dense product's operations of the call (all steps)
+
+
+class ECRecord(NamedTuple):
+    """What an EC module did in its last call: the steps (its outputs are all dense)."""
+    first_step: int
+    steps: int
+
+
+def set_recording(model: nn.Module, recording: Recording = NO_RECORDING,
+                  names: Optional[Iterable[str]] = None) -> None:
+    """What the records of ``model``'s stateful modules hold from their next call on (all of them,
+    or those named in ``names``): a monitor calls it when it is attached, and with
+    :data:`NO_RECORDING` when it is removed. Thresholds, states and outputs are not touched."""
+    wanted = None if names is None else set(names)
+    for name, module in model.named_modules():
+        if isinstance(module, StatefulModule) and (wanted is None or name in wanted):
+            module.recording = recording
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,14 +202,18 @@ class StatefulModule(nn.Module):
     Inputs and outputs are time-major, the K steps of a chunk folded into the batch: [K*B, ...],
     the layout timm's code runs on unchanged; only these modules view it as [K, B, ...]. Each
     subclass has ONE chunk function, ``run_chunk(inputs of K steps, state, t0, keep) -> (outputs,
-    per-step non-zero counts or None, state)``, on the kernels of its backend (:func:`kernels_of`),
-    whatever K: called directly, a module takes one step per call (K = 1 of the same function).
-    Its forward only splits time, calls it, keeps the returned state and advances ``steps`` (the
-    steps of the batch so far: the first step number t0 of the next chunk). ``clock`` (a
-    :class:`Chunk`) says how many steps a call holds and whether it ends the batch; after a
-    batch's last chunk the module holds nothing (memory does not grow with depth). The state is
-    None after :meth:`reset` and takes its shape from the first chunk. ``backend`` names the
-    kernels (:func:`set_backend` chooses it for a whole model).
+    state, record)``, on its kernels, whatever K: called directly, a module takes one step per
+    call (K = 1 of the same function). Its forward only splits time, calls it, keeps the returned
+    state (a NamedTuple of the subclass, the same fields whatever the options) and its record
+    (``last_record``, what the call did, for monitors to read), and advances ``steps`` (the steps
+    of the batch so far: the first step number t0 of the next chunk). ``clock`` (a :class:`Chunk`)
+    says how many steps a call holds and whether it ends the batch; after a batch's last chunk the
+    module holds no state (memory does not grow with depth). The state is None after
+    :meth:`reset` and takes its shape from the first chunk.
+
+    ``kernels`` (:class:`kernels.Backend`) is given at conversion (:func:`set_backend`); a module
+    made and called on its own takes the default backend for its first input's device, once.
+    ``recording`` (:func:`set_recording`) says what its records hold.
     """
     kind = 'function'
 
@@ -165,13 +221,22 @@ class StatefulModule(nn.Module):
         super().__init__()
         self.steps = 0
         self.clock = ONE_STEP
-        self.backend = resolve_backend(None, 'cpu')
+        self.kernels: Optional[Backend] = None
+        self.recording = NO_RECORDING
         self.state = None
+        self.last_record = None
         self.step_shape: Tuple[int, ...] = ()  # of one step's input (the state is kept flat)
+        self._device_checked: Optional[torch.device] = None
 
     @property
-    def kernels(self):
-        return kernels_of(self.backend)
+    def backend(self) -> Optional[str]:
+        """The name of the kernels' backend (None before the first call of a module on its own)."""
+        return None if self.kernels is None else self.kernels.name
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self.kernels = kernels_of(name)
+        self._device_checked = None
 
     def reset(self) -> None:
         self.steps = 0
@@ -186,15 +251,26 @@ class StatefulModule(nn.Module):
         return x.unflatten(0, (steps, x.shape[0] // steps))
 
     def _check_device(self, x: torch.Tensor) -> None:
-        if self.backend == 'native' and x.device.type != 'cpu':
-            raise RuntimeError(f'this {type(self).__name__} was converted for the CPU (native backend): call '
-                               'trans_utils.set_backend(model) after moving the model')
+        if x.device == self._device_checked:
+            return
+        if self.kernels is None:
+            self.kernels = kernels_of(resolve_backend(None, x.device))
+        problem = self.kernels.problem_on(x.device)
+        if problem is not None:
+            raise RuntimeError(f'this {type(self).__name__} runs on the {self.kernels.name} backend, which cannot '
+                               f'take this input ({problem}): call trans_utils.set_backend(model) after moving the model')
+        self._device_checked = x.device
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as the kernels read it (float32 unless they read its dtype as it is)."""
+        return x if x.dtype in self.kernels.INPUT_DTYPES else x.float()
 
     def _shaped(self, flat: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if flat is None else flat.view(self.step_shape)
 
-    def _advance(self, state) -> None:
-        """Keep the chunk's final state, or nothing after a batch's last chunk."""
+    def _advance(self, state, record) -> None:
+        """Keep the chunk's final state (nothing after a batch's last chunk) and its record."""
+        self.last_record = record
         if self.clock.last:
             self.reset()
         else:
@@ -216,28 +292,30 @@ def reset_net(model: nn.Module) -> None:
 PRODUCT_PLACES = ('q', 'k', 'v', 's', 'gate', 'up')
 
 
+class NeuronState(NamedTuple):
+    """An MT neuron's state after a chunk, flat: the membrane, and a differential neuron's running
+    estimate (None for rate coding)."""
+    membrane: torch.Tensor
+    estimate: Optional[torch.Tensor]
+
+
 class TwoSideNeuron(StatefulModule):
     """Multi-threshold neuron of ``snn`` mode (ECMT_SPEC 4).
 
     Each step: ``v += x``; emit at most one spike of ``+scale_p * 2^j`` or ``-scale_n * 2^j``
     (``j < levels``); ``v -= spike``. The output is the spike (float32, the shape of ``x``).
-    State: the membrane (flat), with the level table built from ``scale_p``/``scale_n`` at a
-    batch's first chunk (thresholds changed in place apply from the next batch). With
-    ``count_nonzero`` (set by the energy monitor, which takes them in its hook) each call also
-    gives the non-zero spikes per step, ``last_nonzero`` ([K] int64), for the linear layer this
-    neuron feeds; otherwise ``last_nonzero`` stays None. Nothing a call makes outlives it unless
-    asked for: a small tensor kept from one layer's call to the next batch sits between the large
-    freed blocks of later layers and keeps glibc from merging them, so that the heap of a CPU run
-    grew by about 70 MiB per block (ViT-S/16, batch 8, T=4). Given ``qkv_part=(part, heads)``, the input is an
-    attention's fused qkv linear output [K*B, N, 3*heads*D] and the neuron (q: part 0, k: 1, v: 2)
-    reads its own part of it in place, returning [K*B, heads, N, D] as on the split view.
+    State: :class:`NeuronState`, with the level table built from ``scale_p``/``scale_n`` at a
+    batch's first chunk (thresholds changed in place apply from the next batch). Its record
+    (:class:`NeuronRecord`) holds what ``recording`` asks for: the non-zero spikes per step (which
+    the kernels count in their own pass), the spikes per level, a differential neuron's spikes
+    and estimates. Given ``qkv_part=(part, heads)``, the input is an attention's fused qkv linear
+    output [K*B, N, 3*heads*D] and the neuron (q: part 0, k: 1, v: 2) reads its own part of it in
+    place, returning [K*B, heads, N, D] as on the split view.
 
-    ``coding='differential'`` (ECMT_SPEC 14): the neuron keeps a running estimate r too (state:
-    (membrane, estimate), both flat) and, at step t, fires the same rule on ``(v + x) - r``, keeps
-    ``v = u - s``, outputs ``y = r + s`` and updates ``r += s / t``. Its output is y (what the
-    next module computes with); what it transmits, and what ``last_nonzero`` and the level counts
-    count, is s. With ``record_sent`` (set by the energy monitor) each call also leaves
-    ``last_sent`` = (s, the estimates before each step), both shaped like the output.
+    ``coding='differential'`` (ECMT_SPEC 14): the neuron keeps a running estimate r too and, at
+    step t, fires the same rule on ``(v + x) - r``, keeps ``v = u - s``, outputs ``y = r + s`` and
+    updates ``r += s / t``. Its output is y (what the next module computes with); what it
+    transmits, and what its record counts, is s.
     """
     kind = 'neuron'
 
@@ -251,15 +329,8 @@ class TwoSideNeuron(StatefulModule):
         self.place = place
         self.levels = int(levels)
         self.coding = coding
-        self.record_sent = False
-        self.last_sent: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.register_buffer('scale_p', torch.as_tensor(scale_p, dtype=torch.float32).reshape(1).clone())
         self.register_buffer('scale_n', torch.as_tensor(scale_n, dtype=torch.float32).reshape(1).clone())
-        self.count_nonzero = False
-        self.last_nonzero: Optional[torch.Tensor] = None
-        # Spike counts per level (positive and negative side), filled only when asked for.
-        self.count_levels = False
-        self.level_counts: Optional[torch.Tensor] = None
         self._table: Optional[torch.Tensor] = None
 
     def reset(self) -> None:
@@ -275,59 +346,68 @@ class TwoSideNeuron(StatefulModule):
     @property
     def membrane(self) -> Optional[torch.Tensor]:
         """The membrane potential after the last step (shaped like one step's input), or None."""
-        if self.coding == 'differential':
-            return None if self.state is None else self._shaped(self.state[0])
-        return self._shaped(self.state)
+        return None if self.state is None else self._shaped(self.state.membrane)
 
     @property
     def estimate(self) -> Optional[torch.Tensor]:
         """A differential neuron's running estimate r after the last step (shaped like one step's
         input), or None."""
-        if self.coding != 'differential' or self.state is None:
-            return None
-        return self._shaped(self.state[-1])
+        return None if self.state is None else self._shaped(self.state.estimate)
 
-    def _coding_arguments(self, state, t0: int, sent: bool) -> Dict:
-        """The kernels' keywords for a differential neuron whose (membrane, estimate) is ``state``."""
-        return dict(coding='differential', estimate=None if state is None else state[1], t0=t0, sent=sent)
+    @property
+    def wants_sent(self) -> bool:
+        """Whether a call must also give the spikes s (a differential neuron whose record holds
+        its spikes per level or its spikes and estimates)."""
+        return self.coding == 'differential' and (self.recording.levels or self.recording.sent)
 
-    def run_chunk(self, xs: torch.Tensor, state, t0: int, keep: bool,
-                  qkv_part: Optional[Tuple[int, int]] = None, sent: bool = False):
-        """K steps: (outputs [K, ...], non-zero spikes per step [K], state or None without keep);
-        the state is the membrane, or (membrane, estimate) for a differential neuron, whose
-        outputs are y = r + s; with ``sent`` (differential only) the spikes s [K, ...] follow.
+    def kernel_arguments(self, state: Optional[NeuronState], t0: int) -> Dict:
+        """The keywords of this neuron's coding for its kernels, from its state before a chunk."""
+        if self.coding != 'differential':
+            return {}
+        return dict(coding='differential', estimate=None if state is None else state.estimate, t0=t0,
+                    sent=self.wants_sent)
+
+    def run_chunk(self, xs: torch.Tensor, state: Optional[NeuronState], t0: int, keep: bool,
+                  qkv_part: Optional[Tuple[int, int]] = None):
+        """K steps: (outputs [K, ...], :class:`NeuronState` or None without keep, :class:`NeuronRecord`).
         ``xs``: [K, ...], or the fused qkv output [K, B, N, 3*heads*D] with ``qkv_part``."""
-        kernels = self.kernels
-        if self.backend == 'native':
-            xs = xs.float()
-        if self.coding == 'differential':
-            membrane = None if state is None else state[0]
-            coding = self._coding_arguments(state, t0, sent)
-            if qkv_part is not None:
-                part, heads = qkv_part
-                result = kernels.qkv_mt_steps(xs.contiguous(), part, heads, self.level_table(), membrane, keep,
-                                              **coding)
-            else:
-                result = kernels.mt_steps(xs, self.level_table(), membrane, keep, **coding)
-            return self._chunk_result(result, keep, sent)
+        xs = self._input(xs)
+        membrane = None if state is None else state.membrane
+        coding = self.kernel_arguments(state, t0)
+        start = self.start_estimate(state)  # before the kernels update the state in place
         if qkv_part is not None:
             part, heads = qkv_part
-            return kernels.qkv_mt_steps(xs.contiguous(), part, heads, self.level_table(), state, keep)
-        return kernels.mt_steps(xs, self.level_table(), state, keep)
+            result = self.kernels.qkv_mt_steps(xs.contiguous(), part, heads, self.level_table(), membrane, keep,
+                                               **coding)
+        else:
+            result = self.kernels.mt_steps(xs, self.level_table(), membrane, keep, **coding)
+        return self.chunk_from_kernel(result, start, t0, keep)
 
-    def _chunk_result(self, result, keep: bool, sent: bool):
-        """A kernel's neuron result as :meth:`run_chunk` returns it (a differential neuron's two
-        states as one, its spikes s last when asked for)."""
-        if self.coding != 'differential':
-            return result
-        out, counts, membrane, estimate, spikes = result
-        new_state = (membrane, estimate) if keep else None
-        return (out, counts, new_state, spikes) if sent else (out, counts, new_state)
+    def start_estimate(self, state: Optional[NeuronState]) -> Optional[torch.Tensor]:
+        """A copy of the estimate before a chunk, where the record will need it (a differential
+        neuron recording what it sent), else None."""
+        if state is None or self.coding != 'differential' or not self.recording.sent:
+            return None
+        return state.estimate.clone()
 
-    def _sends(self) -> bool:
-        """Whether a call must also give the spikes s (a differential neuron whose levels are
-        counted or whose spikes the energy monitor reads)."""
-        return self.coding == 'differential' and (self.count_levels or self.record_sent)
+    def chunk_from_kernel(self, result: tuple, start: Optional[torch.Tensor], t0: int, keep: bool):
+        """:meth:`run_chunk`'s result from what a neuron kernel returned for this neuron's chunk
+        (``start``: :meth:`start_estimate` of the state before it)."""
+        if self.coding == 'differential':
+            out, counts, membrane, estimate, spikes = result
+        else:
+            out, counts, membrane = result
+            estimate, spikes = None, out
+        new_state = NeuronState(membrane, estimate) if keep else None
+        recording = self.recording
+        levels = (spike_level_counts(spikes, self.scale_p, self.scale_n, self.levels)
+                  if recording.levels else None)
+        sent = estimates = None
+        if recording.sent and self.coding == 'differential':
+            sent = spikes
+            estimates = _estimates_before(spikes, start, t0)
+        record = NeuronRecord(t0, out.shape[0], counts if recording.counts else None, levels, sent, estimates)
+        return out, new_state, record
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, qkv_part: Optional[Tuple[int, int]] = None,
@@ -335,46 +415,15 @@ class TwoSideNeuron(StatefulModule):
         self._check_device(x)
         xs = self._split_time(x.detach())
         self.step_shape = tuple(xs.shape[1:]) if qkv_part is None else (xs.shape[1], qkv_part[1], xs.shape[2], -1)
-        sent = self._sends()
-        start = self.state[-1].clone() if sent and self.record_sent and self.state is not None else None
         if shared is not None:
-            out, counts, state, *spikes = shared.take(self, xs)
+            out, state, record = shared.take(self, xs)
         else:
-            out, counts, state, *spikes = self.run_chunk(xs, self.state, self.steps, not self.clock.last, qkv_part,
-                                                         sent=sent)
+            out, state, record = self.run_chunk(xs, self.state, self.steps, not self.clock.last, qkv_part)
         shape = (-1,) + tuple(out.shape[2:]) if qkv_part is not None else x.shape
-        out = out.reshape(shape)
-        spikes = spikes[0].reshape(shape) if spikes else out
-        self._record(spikes, counts)
-        if sent and self.record_sent:
-            self.last_sent = (spikes, self._estimates_before(spikes, start, self.steps))
-        self._advance(state)
-        return out
-
-    def _estimates_before(self, spikes: torch.Tensor, start: Optional[torch.Tensor], t0: int) -> torch.Tensor:
-        """The estimates r before each step of the chunk, shaped like its spikes s, from the
-        estimate before it (None: zero), with the neuron's own float operations (r + s / t)."""
-        steps = self.clock.steps
-        s = spikes.unflatten(0, (steps, -1))
-        r = torch.zeros_like(s[0]) if start is None else start.view(s.shape[1:])
-        before = torch.empty_like(s)
-        for k in range(steps):
-            before[k] = r
-            r = r + s[k] / torch.full_like(s[k], float(t0 + k + 1))
-        return before.view(spikes.shape)
-
-    def _record(self, spike: torch.Tensor, counts: torch.Tensor) -> None:
-        self.last_nonzero = counts if self.count_nonzero else None
-        if self.count_levels:
-            self._count(spike)
-
-    @torch.no_grad()
-    def _count(self, spike: torch.Tensor) -> None:
-        counts = spike_level_counts(spike, self.scale_p, self.scale_n, self.levels)
-        if self.level_counts is None:
-            self.level_counts = counts
-        else:  # in place: a new sum per call would be kept until the next batch (see the class)
-            self.level_counts += counts
+        if record.sent is not None:
+            record = record._replace(sent=record.sent.reshape(shape), estimates=record.estimates.reshape(shape))
+        self._advance(state, record)
+        return out.reshape(shape)
 
     def extra_repr(self) -> str:
         coding = '' if self.coding == 'rate' else f', coding={self.coding}'
@@ -382,18 +431,30 @@ class TwoSideNeuron(StatefulModule):
                 f'scale_p={self.scale_p.item():.6g}, scale_n={self.scale_n.item():.6g}{coding}, backend={self.backend}')
 
 
+def _estimates_before(spikes: torch.Tensor, start: Optional[torch.Tensor], t0: int) -> torch.Tensor:
+    """The estimates r before each step of a differential neuron's chunk, [K, ...] like its spikes
+    s, from the estimate before the chunk (None: zero), with the neuron's own float operations
+    (r + s / t, ECMT_SPEC 14)."""
+    r = torch.zeros_like(spikes[0]) if start is None else start.view(spikes.shape[1:]).clone()
+    before = torch.empty_like(spikes)
+    for k in range(spikes.shape[0]):
+        before[k] = r
+        r = r + spikes[k] / torch.full_like(spikes[k], float(t0 + k + 1))
+    return before
+
+
 class SharedQKV:
     """One forward's fused qkv output, shared by an attention's q, k and v neurons (made by the
     attention for that call and dropped after it; it outlives no call).
 
     A neuron given it (``TwoSideNeuron.forward(qkv, qkv_part=(part, heads), shared=...)``) takes
-    its part through :meth:`take`: the first of the three runs all of them in ONE pass of its
-    backend's ``qkv_parts_mt_steps`` (each token's row read once, not a third of it three times:
-    on the CPU about a fifth less time for the three neurons), from the three neurons' states and
-    level tables, which it reads and does not change; each neuron then takes its own outputs and
-    counts, and keeps its own new state in its own forward. Where the three cannot go together
-    (another backend, coding or level width; different steps or states), each neuron runs its own
-    chunk function, as it would alone."""
+    its part through :meth:`take`: the first of the three runs all of them in ONE pass of their
+    kernels' ``qkv_parts_mt_steps`` (each token's row read once, not a third of it three times:
+    on the CPU about a fifth less time for the three neurons), from copies of the three neurons'
+    states and their level tables; each neuron then takes its own outputs, state and record (made
+    by its own :meth:`TwoSideNeuron.chunk_from_kernel`) and keeps them in its own forward. Where
+    the three cannot go together (other kernels, coding or level width; different steps or
+    states), each neuron runs its own chunk function, as it would alone."""
 
     def __init__(self, heads: int, neurons: Sequence['TwoSideNeuron']) -> None:
         self.heads, self.neurons = heads, tuple(neurons)
@@ -403,7 +464,7 @@ class SharedQKV:
         first = self.neurons[0]
         return (len(self.neurons) == 3
                 and all(type(n).run_chunk is TwoSideNeuron.run_chunk for n in self.neurons)
-                and all(n.backend == first.backend and n.coding == first.coding and n.clock is first.clock
+                and all(n.kernels is first.kernels and n.coding == first.coding and n.clock is first.clock
                         and n.steps == first.steps and (n.state is None) == (first.state is None)
                         and n.level_table().shape == first.level_table().shape for n in self.neurons))
 
@@ -418,25 +479,23 @@ class SharedQKV:
                 self.results = self._run_joint(xs, keep)
         result = self.results[part]
         if result is None:
-            return neuron.run_chunk(xs, neuron.state, neuron.steps, keep, (part, self.heads), sent=neuron._sends())
+            return neuron.run_chunk(xs, neuron.state, neuron.steps, keep, (part, self.heads))
         self.results[part] = None  # nothing kept past the neuron that takes it
-        return result
+        # The kernels had copies of the states: the neuron's own are as before the chunk.
+        return neuron.chunk_from_kernel(result, neuron.start_estimate(neuron.state), neuron.steps, keep)
 
     def _run_joint(self, xs: torch.Tensor, keep: bool) -> List:
         neurons, first = self.neurons, self.neurons[0]
-        if first.backend == 'native':
-            xs = xs.float()
-        differential = first.coding == 'differential'
+        xs = first._input(xs)
         # Copies: the kernels update the states they are given, and these are the neurons' own.
-        membranes = [None if n.state is None else (n.state[0] if differential else n.state).clone() for n in neurons]
+        membranes = [None if n.state is None else n.state.membrane.clone() for n in neurons]
         extra = {}
-        if differential:
+        if first.coding == 'differential':
             extra = dict(coding='differential',
-                         estimates=[None if n.state is None else n.state[1].clone() for n in neurons],
-                         t0=first.steps, sents=[n._sends() for n in neurons])
-        results = first.kernels.qkv_parts_mt_steps(xs.contiguous(), self.heads, [n.level_table() for n in neurons],
-                                                   membranes, keep, **extra)
-        return [n._chunk_result(r, keep, n._sends()) for n, r in zip(neurons, results)]
+                         estimates=[None if n.state is None else n.state.estimate.clone() for n in neurons],
+                         t0=first.steps, sents=[n.wants_sent for n in neurons])
+        return first.kernels.qkv_parts_mt_steps(xs.contiguous(), self.heads, [n.level_table() for n in neurons],
+                                                membranes, keep, **extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,16 +548,23 @@ def _ec_steps(kernels, kind: str, flat: torch.Tensor, cum, prev, t0: int, keep: 
     return kernels.ec_layer_norm_steps(flat, cum, prev, t0, keep, extra['weight'], extra['bias'], extra['eps'])
 
 
+
+class ECState(NamedTuple):
+    """An EC module's state after a chunk, flat: the running sum of inputs and the last total."""
+    cum: torch.Tensor
+    prev: torch.Tensor
+
+
 class exp_comp_neuron(StatefulModule):
     """Expectation compensation of a nonlinear module f (ECMT_SPEC 5).
 
     With A_t the running sum of inputs after step t, the output is ``t*f(A_t/t) - (t-1)*f(A_(t-1)/(t-1))``,
     so the outputs summed over steps 1..t are ``t * f(mean input)``. A chunk of K steps takes the
     running means of all K steps, evaluates f once over all of them and returns the differences
-    along time. State: (running sum, last total t*f(A_t/t)), flat. The wrapped module is
-    ``self.module``; GELU, and a softmax or LayerNorm over the last dimension, run as the backend's
-    own multi-step kernels on native and triton; every other function (and every function on
-    eager) is the module itself called once on the K running means.
+    along time. State: :class:`ECState`. The wrapped module is ``self.module``; GELU, and a softmax
+    or LayerNorm over the last dimension, run as the kernels' own multi-step kernels where the
+    backend has them (``EC_KINDS``); every other function is the module itself called once on the
+    K running means.
     """
 
     def __init__(self, module: nn.Module) -> None:
@@ -509,32 +575,32 @@ class exp_comp_neuron(StatefulModule):
     @property
     def cum_input(self) -> Optional[torch.Tensor]:
         """The running sum of inputs after the last step (shaped like one step's input), or None."""
-        return None if self.state is None else self._shaped(self.state[0])
+        return None if self.state is None else self._shaped(self.state.cum)
 
     @property
     def prev_total(self) -> Optional[torch.Tensor]:
         """``t * f(cum_input / t)`` of the last step t (shaped like one step's input), or None."""
-        return None if self.state is None else self._shaped(self.state[1])
+        return None if self.state is None else self._shaped(self.state.prev)
 
-    def run_chunk(self, xs: torch.Tensor, state, t0: int, keep: bool):
-        """K steps of [K, B, ...]: (outputs [K, B, ...] float32, None, (cum, prev) or None)."""
+    def run_chunk(self, xs: torch.Tensor, state: Optional[ECState], t0: int, keep: bool):
+        """K steps of [K, B, ...]: (outputs [K, B, ...] float32, :class:`ECState` or None, :class:`ECRecord`)."""
         cum, prev = state if state is not None else (None, None)
         kernels = self.kernels
-        if self.backend != 'eager' and self.kind in kernels.EC_KINDS:
+        if self.kind in kernels.EC_KINDS:
             flat, extra = _ec_kernel_arguments(self.kind, self.module, xs.float())
             out, cum, prev = _ec_steps(kernels, self.kind, flat, cum, prev, t0, keep, extra)
             out = out.view(xs.shape)
         else:
-            out, cum, prev = eager_kernels.ec_function_steps(self.module, xs, cum, prev, t0, keep)
-        return out, None, ((cum, prev) if keep else None)
+            out, cum, prev = ec_function_steps(self.module, xs, cum, prev, t0, keep)
+        return out, (ECState(cum, prev) if keep else None), ECRecord(t0, xs.shape[0])
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_device(x)
         xs = self._split_time(x.detach())
         self.step_shape = tuple(xs.shape[1:])
-        out, _, state = self.run_chunk(xs, self.state, self.steps, not self.clock.last)
-        self._advance(state)
+        out, state, record = self.run_chunk(xs, self.state, self.steps, not self.clock.last)
+        self._advance(state, record)
         return out.view(x.shape)
 
 
@@ -542,16 +608,25 @@ class ECPassThrough(nn.Module):
     """Where an EC module's output goes straight to an MT neuron and the two are fused
     (:func:`fuse_ec_neurons`), the EC module's place: it passes its input on unchanged to the
     :class:`ECNeuron` that computes both. Holds the wrapped function (``module``, so that its
-    parameters keep their names) and no state."""
+    parameters keep their names), the kernels the EC module had, and no state."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, kernels: Optional[Backend] = None) -> None:
         super().__init__()
         self.module = module
         self.kind = _ec_kind(module)
-        self.backend = resolve_backend(None, 'cpu')
+        self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+
+class ECNeuronState(NamedTuple):
+    """A fused EC module and MT neuron's state after a chunk, flat: the EC module's running sum and
+    last total, the neuron's membrane and (differential coding) estimate."""
+    cum: torch.Tensor
+    prev: torch.Tensor
+    membrane: torch.Tensor
+    estimate: Optional[torch.Tensor]
 
 
 class ECNeuron(TwoSideNeuron):
@@ -559,39 +634,35 @@ class ECNeuron(TwoSideNeuron):
     (``ec_mt_steps``): the EC output never goes to memory. Made at conversion by
     :func:`fuse_ec_neurons` in the neuron's place (same name, thresholds and levels; the EC
     module's place becomes an :class:`ECPassThrough`), it takes the EC module's input and owns
-    both states: (running sum, last total, membrane). The same spikes, states and counts as the
-    two modules apart. ``ec_kind`` names the function ('gelu', 'softmax', 'layer_norm');
-    ``ec_function`` is the wrapped module (held by the pass-through)."""
+    both states (:class:`ECNeuronState`). The same spikes, states and records as the two modules
+    apart. ``ec_kind`` names the function ('gelu', 'softmax', 'layer_norm'); ``ec_function`` is
+    the wrapped module (held by the pass-through)."""
 
     def __init__(self, neuron: TwoSideNeuron, function: nn.Module) -> None:
         super().__init__(neuron.place, neuron.scale_p, neuron.scale_n, neuron.levels, neuron.coding)
-        self.backend, self.record_sent = neuron.backend, neuron.record_sent
-        self.count_levels, self.level_counts = neuron.count_levels, neuron.level_counts
-        self.count_nonzero = neuron.count_nonzero
+        self.kernels, self.recording = neuron.kernels, neuron.recording
         self.ec_kind = _ec_kind(function)
         self.__dict__['ec_function'] = function  # a reference, not a submodule (the pass-through holds it)
 
-    def run_chunk(self, xs: torch.Tensor, state, t0: int, keep: bool, qkv_part=None, sent: bool = False):
-        """K steps of EC then neuron: (outputs [K, ...], counts [K], (cum, prev, membrane) or None;
-        a differential neuron's state ends with its estimate, and ``sent`` adds its spikes s)."""
+    def run_chunk(self, xs: torch.Tensor, state: Optional[ECNeuronState], t0: int, keep: bool, qkv_part=None):
+        """K steps of EC then neuron: (outputs [K, ...], :class:`ECNeuronState` or None, :class:`NeuronRecord`)."""
         flat, extra = _ec_kernel_arguments(self.ec_kind, self.ec_function, xs.float())
+        cum, prev, membrane, estimate = state if state is not None else (None,) * 4
+        before = None if state is None else NeuronState(membrane, estimate)
+        coding = self.kernel_arguments(before, t0)
+        coding.pop('t0', None)  # ec_mt_steps takes the first step as its EC part does
+        start = self.start_estimate(before)  # before the kernels update the state in place
+        out, counts, cum, prev, *neuron = self.kernels.ec_mt_steps(
+            self.ec_kind, flat, cum, prev, t0, keep, self.level_table(), membrane, **extra, **coding)
+        out = out.view(xs.shape)
         if self.coding == 'differential':
-            cum, prev, membrane, estimate = state if state is not None else (None,) * 4
-            out, counts, cum, prev, membrane, estimate, spikes = self.kernels.ec_mt_steps(
-                self.ec_kind, flat, cum, prev, t0, keep, self.level_table(), membrane, **extra,
-                coding='differential', estimate=estimate, sent=sent)
-            new_state = (cum, prev, membrane, estimate) if keep else None
-            if sent:
-                return out.view(xs.shape), counts, new_state, spikes.view(xs.shape)
-            return out.view(xs.shape), counts, new_state
-        cum, prev, membrane = state if state is not None else (None, None, None)
-        spike, counts, cum, prev, membrane = self.kernels.ec_mt_steps(
-            self.ec_kind, flat, cum, prev, t0, keep, self.level_table(), membrane, **extra)
-        return spike.view(xs.shape), counts, ((cum, prev, membrane) if keep else None)
-
-    @property
-    def membrane(self) -> Optional[torch.Tensor]:
-        return None if self.state is None else self._shaped(self.state[2])
+            membrane, estimate, spikes = neuron
+            neuron_result = (out, counts, membrane, estimate, None if spikes is None else spikes.view(xs.shape))
+        else:
+            neuron_result = (out, counts, neuron[0])
+        out, neuron_state, record = self.chunk_from_kernel(neuron_result, start, t0, keep)
+        new_state = ECNeuronState(cum, prev, *neuron_state) if keep else None
+        return out, new_state, record
 
     def extra_repr(self) -> str:
         return f'ec={self.ec_kind}, ' + super().extra_repr()
@@ -625,6 +696,14 @@ def _nonzero_counts(x: torch.Tensor, dim: int) -> torch.Tensor:
     return _mask(x).sum(dim=dim).double()
 
 
+class ProductState(NamedTuple):
+    """An EC product's state after a chunk, flat: the running sums of both operands and the last
+    total."""
+    cum_a: torch.Tensor
+    cum_b: torch.Tensor
+    prev: torch.Tensor
+
+
 class _ECProduct(StatefulModule):
     """Expectation compensation of a product of two time-varying operands (ECMT_SPEC 6); the
     subclasses supply the product (:meth:`_op`) and its operation count (:meth:`_operations`).
@@ -633,16 +712,10 @@ class _ECProduct(StatefulModule):
     A chunk of K steps forms the running sums of both operands along time (float32), takes one
     batched product over all K (in float32 also under autocast: the totals grow like t²), and one
     fused pass scales each by 1/t, takes the differences along time and applies ``scale``. State:
-    (both running sums, the last total), flat. ``count_operations`` (set by the energy monitor)
-    makes each call also give ``last_operations``, the per-step operation counts [K] float64 of
-    ECMT_SPEC 8.
+    :class:`ProductState`. Its record (:class:`ProductRecord`) holds the per-step operation counts
+    of ECMT_SPEC 8 when ``recording.counts`` asks for them, and the dense count.
     """
     kind = 'product'
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count_operations = False
-        self.last_operations: Optional[torch.Tensor] = None
 
     def _op(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -656,38 +729,38 @@ class _ECProduct(StatefulModule):
 
     def sent_operations(self, sent_a: torch.Tensor, sent_b: torch.Tensor, estimate_a: torch.Tensor,
                         estimate_b: torch.Tensor) -> torch.Tensor:
-        """Per-step operations [K] float64 of the last call when both operands came from
-        differential neurons (ECMT_SPEC 14): nz(s_a)·nz(s_b) + nz(s_a)·nz(r_b) + nz(r_a)·nz(s_b),
-        with s the spikes sent and r the estimates before the step, each given as the operands
-        were ([K*B, ...], the same views)."""
+        """Per-step operations [K] float64 of a call whose two operands came from differential
+        neurons (ECMT_SPEC 14): nz(s_a)·nz(s_b) + nz(s_a)·nz(r_b) + nz(r_a)·nz(s_b), with s the
+        spikes sent and r the estimates before the step, each given as the operands were
+        ([K*B, ...], the same views), K the steps of that call."""
         split = self._split_time
         return self._operations(split(sent_a), split(sent_b), split(estimate_a), split(estimate_b))
 
     # The state after the last step, each shaped like that step's operand (or output), or None.
     @property
     def cum_a(self) -> Optional[torch.Tensor]:
-        return None if self.state is None else self.state[0].view(self._shapes[0])
+        return None if self.state is None else self.state.cum_a.view(self._shapes[0])
 
     @property
     def cum_b(self) -> Optional[torch.Tensor]:
-        return None if self.state is None else self.state[1].view(self._shapes[1])
+        return None if self.state is None else self.state.cum_b.view(self._shapes[1])
 
     @property
     def prev_total(self) -> Optional[torch.Tensor]:
-        return None if self.state is None else self.state[2].view(self._shapes[2])
+        return None if self.state is None else self.state.prev.view(self._shapes[2])
 
     def _count_nonzero(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        self._check_device(x)
         counts = self.kernels.nonzero_counts(x, dim)
         return _nonzero_counts(x, dim) if counts is None else counts.double()
 
-    def run_chunk(self, a_steps: torch.Tensor, b_steps: torch.Tensor, state, t0: int, keep: bool,
-                  scale: Optional[float] = None):
-        """K steps of [K, ...] operands: (outputs [K, ...], per-step operation counts [K] float64
-        or None, (cum_a, cum_b, last total) or None without keep)."""
+    def run_chunk(self, a_steps: torch.Tensor, b_steps: torch.Tensor, state: Optional[ProductState], t0: int,
+                  keep: bool, scale: Optional[float] = None):
+        """K steps of [K, ...] operands: (outputs [K, ...], :class:`ProductState` or None without
+        keep, :class:`ProductRecord`)."""
         cum_a, cum_b, prev = state if state is not None else (None, None, None)
         kernels = self.kernels
-        if self.backend == 'native':
-            a_steps, b_steps = a_steps.float(), b_steps.float()
+        a_steps, b_steps = self._input(a_steps), self._input(b_steps)
         sums_a = kernels.running_sums(a_steps, cum_a)
         sums_b = kernels.running_sums(b_steps, cum_b)
         with torch.autocast(sums_a.device.type, enabled=False):
@@ -695,13 +768,14 @@ class _ECProduct(StatefulModule):
                 totals = self._op(sums_a[0], sums_b[0]).float().unsqueeze(0)
             else:
                 totals = self._op(sums_a, sums_b).float()
-        operations = self._operations(a_steps, b_steps, sums_a, sums_b) if self.count_operations else None
+        operations = self._operations(a_steps, b_steps, sums_a, sums_b) if self.recording.counts else None
+        dense = self.dense_operations(a_steps, b_steps, totals)
         out, last = kernels.scaled_differences(totals.contiguous(), prev, t0, keep,
                                                1.0 if scale is None else float(scale))
         new_state = None
         if keep:
-            new_state = (sums_a[-1].reshape(-1).clone(), sums_b[-1].reshape(-1).clone(), last.reshape(-1))
-        return out, operations, new_state
+            new_state = ProductState(sums_a[-1].reshape(-1).clone(), sums_b[-1].reshape(-1).clone(), last.reshape(-1))
+        return out, new_state, ProductRecord(t0, a_steps.shape[0], operations, dense)
 
     @torch.no_grad()
     def forward(self, a: torch.Tensor, b: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
@@ -709,10 +783,9 @@ class _ECProduct(StatefulModule):
         multiplying the output afterwards, without another pass over it)."""
         self._check_device(a)
         a_steps, b_steps = self._split_time(a.detach()), self._split_time(b.detach())
-        out, operations, state = self.run_chunk(a_steps, b_steps, self.state, self.steps, not self.clock.last, scale)
+        out, state, record = self.run_chunk(a_steps, b_steps, self.state, self.steps, not self.clock.last, scale)
         self._shapes = (a_steps.shape[1:], b_steps.shape[1:], out.shape[1:])
-        self.last_operations = operations
-        self._advance(state)
+        self._advance(state, record)
         return out[0] if out.shape[0] == 1 else out.flatten(0, 1)
 
 
@@ -974,13 +1047,11 @@ def fuse_ec_neurons(model: nn.Module, enabled: Optional[bool] = None) -> int:
         if isinstance(child, ECNeuron):
             plain = TwoSideNeuron(child.place, child.scale_p, child.scale_n, child.levels,
                                   child.coding).to(child.scale_p.device)
-            plain.backend, plain.count_levels, plain.level_counts = child.backend, child.count_levels, child.level_counts
-            plain.count_nonzero = child.count_nonzero
-            plain.record_sent = child.record_sent
+            plain.kernels, plain.recording = child.kernels, child.recording
             setattr(parent, attr, plain)
         elif isinstance(child, ECPassThrough):
             ec = exp_comp_neuron(child.module)
-            ec.backend = child.backend
+            ec.kernels = child.kernels
             setattr(parent, attr, ec)
     for module in model.modules():
         if hasattr(module, 'ecmt_qkv_fusable'):
@@ -992,7 +1063,7 @@ def fuse_ec_neurons(model: nn.Module, enabled: Optional[bool] = None) -> int:
         qkv = getattr(module, 'ecmt_qkv_fusable', None)
         neurons = [getattr(module, f'place_{p}', None) for p in 'qkv']
         if (qkv is not None and qkv() and all(type(n) is TwoSideNeuron for n in neurons)
-                and all(n.kernels.FUSES for n in neurons)):
+                and all(n.kernels is not None and n.kernels.FUSES for n in neurons)):
             module.fuse_qkv = True
             fused += 1
         pairs = getattr(module, 'ecmt_fusable', None)
@@ -1002,10 +1073,9 @@ def fuse_ec_neurons(model: nn.Module, enabled: Optional[bool] = None) -> int:
             ec, neuron = getattr(module, ec_name, None), getattr(module, neuron_name, None)
             between = [getattr(module, name, None) for name in between_names]
             if (type(ec) is exp_comp_neuron and ec.kind in FUSABLE_KINDS and type(neuron) is TwoSideNeuron
-                    and neuron.kernels.FUSES and ec.backend == neuron.backend
+                    and neuron.kernels is not None and neuron.kernels.FUSES and ec.kernels is neuron.kernels
                     and _between_is_identity(between)):
-                passthrough = ECPassThrough(ec.module)
-                passthrough.backend = ec.backend
+                passthrough = ECPassThrough(ec.module, ec.kernels)
                 setattr(module, neuron_name, ECNeuron(neuron, ec.module))
                 setattr(module, ec_name, passthrough)
                 fused += 1
@@ -1013,20 +1083,8 @@ def fuse_ec_neurons(model: nn.Module, enabled: Optional[bool] = None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Energy monitor
+# Level counts (a neuron's record) and the feed graph (what a monitor looks producers up in)
 # ---------------------------------------------------------------------------------------------
-#: Energy of one accumulate (AC) and one multiply-accumulate (MAC), in pJ (45 nm, ECMT_SPEC 8).
-E_AC, E_MAC = 0.9, 4.6
-
-
-def product_nonzero_macs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Multiply-adds of ``a @ b`` whose two factors are both non-zero, without a product:
-    for each inner index k, (non-zeros of a's column k) x (non-zeros of b's row k), summed."""
-    cols = (a != 0).sum(dim=-2, dtype=torch.float32)   # [..., K]
-    rows = (b != 0).sum(dim=-1, dtype=torch.float32)   # [..., K]
-    return (cols * rows).sum(dtype=torch.float64)
-
-
 def _spike_level_index(spike, theta_p, theta_n, levels: int) -> torch.Tensor:
     """Per element: j for a spike +theta_p*2^j, levels + j for -theta_n*2^j, 2*levels for none
     (spikes are exact multiples theta*2^j: the rounded log2 finds j)."""
@@ -1046,266 +1104,31 @@ def spike_level_counts(spike: torch.Tensor, theta_p: torch.Tensor, theta_n: torc
     return counts[:2 * levels].view(2, levels)
 
 
-class BaseMonitor:
-    """Forward hooks on chosen modules, removed by :meth:`remove` (or on leaving a ``with``)."""
+def feed_graph(model: nn.Module) -> Dict[str, Tuple[Optional[str], ...]]:
+    """Who feeds whom, as the model's convertible modules declare it (``ecmt_feeds()``: pairs of
+    a consumer's attribute, a linear layer or a product, and the attributes of the places whose
+    outputs are its operands, None for an operand that is not a place's output as it left it):
+    {consumer's full name: (producer's full name or None, ...)}. A consumer not declared is fed by
+    something else than a place (an analog input)."""
+    graph: Dict[str, Tuple[Optional[str], ...]] = {}
+    for prefix, module in model.named_modules():
+        declared = getattr(module, 'ecmt_feeds', None)
+        if declared is None:
+            continue
+        join = (lambda attr: f'{prefix}.{attr}') if prefix else (lambda attr: attr)
+        for consumer, producers in declared():
+            if getattr(module, consumer, None) is None:
+                continue
+            graph[join(consumer)] = tuple(None if p is None else join(p) for p in producers)
+    return graph
 
-    def __init__(self) -> None:
-        self.handles: List = []
 
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
+_MONITOR_NAMES = ('BaseMonitor', 'SOPMonitor', 'product_nonzero_macs', 'E_AC', 'E_MAC')
 
 
-class SOPMonitor(BaseMonitor):
-    """Synaptic operations (SOPs) of every ``nn.Linear`` and every EC product, per time step.
-
-    Linear layer: SOPs = non-zero input elements x out_features; dense = all input elements x
-    out_features. EC matrix product at step t (operands a, b; running sums A, B including step t):
-    SOPs = nz(a)·nz(b) + nz(a)·nz(B) + nz(A)·nz(b), each the multiply-adds whose two factors are
-    non-zero; dense = the product's multiply-adds. EC element-wise product: the same three terms
-    per element, against one dense operation per element. Firing rate after t steps
-    r_t = SOPs(1..t) / dense(1..t) over all layers and images; energy relative to the ANN
-    E_t = t · (0.9/4.6) · r_t (ECMT_SPEC 8). Counts come from non-zero counts per tensor, row and
-    column, never from extra matrix products: a linear layer fed by an MT neuron takes the
-    per-step counts the neuron's kernel made in its own pass (its explicit output
-    ``last_nonzero``); each EC product counts its own operations from the running sums it forms
-    (``last_operations``). They stay on the device (no host sync per step), and add up over all
-    batches.
-
-    Differential neurons (ECMT_SPEC 14) transmit their spikes s, not their outputs y = r + s: their
-    ``last_nonzero`` counts s, so a linear layer they feed counts nz(s) x out_features; the neurons
-    that feed products (:data:`PRODUCT_PLACES`) leave their s and their estimates before each step
-    (``record_sent``), and an EC product whose two operands are views of two such neurons'
-    outputs counts nz(s_a)·nz(s_b) + nz(s_a)·nz(r_b) + nz(r_a)·nz(s_b) (``sent_operations``).
-    A product with another operand (an analog one, or a copy such as grouped-query attention's
-    repeated k/v) keeps the count of section 8 on the operands as given. Level counts are of s.
-
-    Steps: :func:`engine_for_finetuning.simulate` calls :meth:`new_batch` before each batch and
-    sets ``step`` (0-based, the first step of the chunk) and ``time_steps`` (K, the steps in the
-    chunk) before each forward pass. Driven step by step (``time_steps`` 1), set ``step`` before
-    each step. ``count_levels=True`` also counts the MT neurons' spikes per level, on the first
-    ``level_batches`` batches only (None: all).
-    """
-
-    def __init__(self, model: nn.Module, count_levels: bool = False,
-                 level_batches: Optional[int] = None) -> None:
-        super().__init__()
-        if level_batches is not None and level_batches < 1:
-            raise ValueError(f'level_batches must be >= 1 or None, got {level_batches}')
-        self.step = 0
-        self.time_steps = 1
-        self.batches = 0
-        self.count_levels = bool(count_levels)
-        self.level_batches = level_batches
-        self.names: List[str] = []
-        self.kinds: List[str] = []
-        self._sops: Optional[torch.Tensor] = None    # [layers, steps] float64, on the device
-        self._dense: Optional[torch.Tensor] = None   # [layers, steps] float64
-        # SOPs are added up as each hook runs (a hook keeps no tensor: a batch's counts held until
-        # the next batch pinned the heap like the neurons' counts, see TwoSideNeuron); dense
-        # counts (plain numbers) are added up at the next batch or when read.
-        self._pending_dense: Dict[Tuple[int, int], float] = {}
-        self._device: Optional[torch.device] = None
-        # The last MT neuron output: (weak reference, its version, its per-step non-zero counts).
-        self._posted: Optional[Tuple[weakref.ref, int, torch.Tensor]] = None
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Linear):
-                self._watch(name, module, 'linear', self._linear_hook)
-            elif isinstance(module, _ECProduct):
-                module.count_operations = True
-                self._watch(name, module, 'product', self._product_hook)
-        self.neurons = [(n, m) for n, m in model.named_modules() if isinstance(m, TwoSideNeuron)]
-        # What differential neurons feeding products sent, by neuron: (the output, its version,
-        # spikes s, estimates before each step), taken by the product. The output is held (not
-        # weakly: its operand may be a view whose base object is gone) so that its memory cannot
-        # be another tensor's; an entry lives until the product takes it or the neuron's next call.
-        self._sent: Dict[int, Tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = {}
-        for _, neuron in self.neurons:
-            neuron.count_nonzero = True
-            neuron.count_levels = self.count_levels
-            neuron.level_counts = None
-            neuron.record_sent = neuron.coding == 'differential' and neuron.place in PRODUCT_PLACES
-            self.handles.append(neuron.register_forward_hook(self._neuron_hook))
-        self._products = [m for m in model.modules() if isinstance(m, _ECProduct)]
-
-    def _watch(self, name: str, module: nn.Module, kind: str, hook: Callable) -> None:
-        index = len(self.names)
-        self.names.append(name)
-        self.kinds.append(kind)
-        self.handles.append(module.register_forward_hook(
-            lambda mod, inputs, output, index=index: hook(index, mod, inputs, output)))
-
-    def new_batch(self) -> None:
-        """Counts add up over batches; only level counting stops after ``level_batches``."""
-        self._flush()
-        self._sent.clear()
-        self.batches += 1
-        if self.count_levels and self.level_batches is not None:
-            counting = self.batches <= self.level_batches
-            for _, neuron in self.neurons:
-                neuron.count_levels = counting
-
-    @property
-    def sops(self) -> Optional[torch.Tensor]:
-        """Synaptic operations per layer and step, [layers, steps] float64 (None before any)."""
-        self._flush()
-        return self._sops
-
-    @property
-    def dense(self) -> Optional[torch.Tensor]:
-        """Dense operations per layer and step, [layers, steps] float64 (None before any)."""
-        self._flush()
-        return self._dense
-
-    def zero_counts(self, steps: int, device) -> None:
-        """Zero counts for ``steps`` steps, if nothing was counted (a distributed process that saw
-        no image still takes part in the reductions of the totals)."""
-        if self.sops is None:
-            self._sops = torch.zeros(len(self.names), steps, dtype=torch.float64, device=device)
-            self._dense = torch.zeros_like(self._sops)
-
-    def _flush(self) -> None:
-        if not self._pending_dense:
-            return
-        device = self._device
-        self._grow(max(step for _, step in self._pending_dense) + 1, device)
-        dense = torch.zeros_like(self._dense, device='cpu')
-        for (i, t), value in self._pending_dense.items():
-            dense[i, t] = value
-        self._dense += dense.to(device)
-        self._pending_dense.clear()
-
-    def _grow(self, steps: int, device) -> None:
-        """The totals hold at least ``steps`` steps, on ``device``."""
-        if self._sops is None or self._sops.shape[1] < steps or self._sops.device != device:
-            grown = torch.zeros(len(self.names), steps, dtype=torch.float64, device=device)
-            grown_dense = torch.zeros_like(grown)
-            if self._sops is not None:
-                grown[:, :self._sops.shape[1]] = self._sops.to(device)
-                grown_dense[:, :self._dense.shape[1]] = self._dense.to(device)
-            self._sops, self._dense = grown, grown_dense
-
-    def _add(self, index: int, counts: torch.Tensor, factor: float, dense_per_step: float, device) -> None:
-        end = self.step + counts.numel()
-        self._grow(end, device)
-        self._sops[index, self.step:end] += counts.reshape(-1).double() * factor
-        for k in range(counts.numel()):
-            key = (index, self.step + k)
-            self._pending_dense[key] = self._pending_dense.get(key, 0.0) + dense_per_step
-        self._device = device
-
-    @property
-    def level_batches_counted(self) -> int:
-        """Batches whose spikes the level counts cover."""
-        if not self.count_levels:
-            return 0
-        return self.batches if self.level_batches is None else min(self.batches, self.level_batches)
-
-    def _neuron_hook(self, module, inputs, output) -> None:
-        # Taken from the module, which then holds no tensor past its call (see TwoSideNeuron).
-        counts, module.last_nonzero = module.last_nonzero, None
-        self._posted = (weakref.ref(output), output._version, counts)
-        if module.last_sent is not None:
-            self._sent[id(module)] = (output, output._version, *module.last_sent)
-            module.last_sent = None
-
-    def _take_sent(self, x: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """(spikes, estimates before each step) viewed as ``x`` is, if ``x`` is an unmodified view
-        of a differential neuron's output (the same memory and version), else None. Taken once:
-        the monitor holds no neuron's spikes past the product that uses them."""
-        for key, (output, version, spikes, estimates) in list(self._sent.items()):
-            if (output.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() and x._version == version
-                    and x.dtype == spikes.dtype and output.is_contiguous() and spikes.shape == output.shape):
-                del self._sent[key]
-                offset = x.storage_offset() - output.storage_offset()
-                return (spikes.as_strided(x.shape, x.stride(), spikes.storage_offset() + offset),
-                        estimates.as_strided(x.shape, x.stride(), estimates.storage_offset() + offset))
-        return None
-
-    def _linear_hook(self, index, module, inputs, output) -> None:
-        x = inputs[0]
-        posted = self._posted
-        if posted is not None and posted[0]() is x and posted[1] == x._version:
-            counts = posted[2]  # counted by the MT neuron that emitted x, in its own pass
-        else:
-            counts = (x != 0).reshape(self.time_steps, -1).sum(1)  # an analog input (the head's), or modified
-        self._add(index, counts, float(module.out_features),
-                  float(x.numel() // self.time_steps) * module.out_features, x.device)
-
-    def _product_hook(self, index, module, inputs, output) -> None:
-        a, b = inputs[:2]
-        counts, module.last_operations = module.last_operations, None
-        if self._sent:
-            sent_a, sent_b = self._take_sent(a), self._take_sent(b)
-            if sent_a is not None and sent_b is not None:
-                counts = module.sent_operations(sent_a[0], sent_b[0], sent_a[1], sent_b[1])
-        self._add(index, counts, 1.0, module.dense_operations(a, b, output) / counts.numel(), a.device)
-
-    def totals(self, reduce: Optional[Callable] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per-layer, per-step SOPs and dense counts ([layers, steps], summed over processes)."""
-        if self.sops is None:
-            raise RuntimeError('the monitor has counted nothing yet')
-        sops, dense = self.sops, self.dense
-        if reduce is not None:
-            sops, dense = reduce(sops.clone()), reduce(dense.clone())
-        return sops, dense
-
-    def summary(self, reduce: Optional[Callable] = None) -> Dict[str, List[float]]:
-        """``fire_rate`` r_t and ``energy_ratio`` E_t for t = 1..T (ECMT_SPEC 8)."""
-        sops, dense = self.totals(reduce)
-        cum_sops = sops.sum(0).cumsum(0)
-        cum_dense = dense.sum(0).cumsum(0)
-        rate = (cum_sops / cum_dense.clamp_min(1)).cpu()
-        steps = torch.arange(1, rate.numel() + 1, dtype=torch.float64)
-        energy = steps * (E_AC / E_MAC) * rate
-        return {'fire_rate': rate.tolist(), 'energy_ratio': energy.tolist()}
-
-    def layer_records(self, reduce: Optional[Callable] = None) -> List[Dict]:
-        """One record per monitored layer and step: name, kind, step, sops, dense, firing rate."""
-        sops, dense = (t.cpu() for t in self.totals(reduce))
-        records = []
-        for index, (name, kind) in enumerate(zip(self.names, self.kinds)):
-            for step in range(sops.shape[1]):
-                d = float(dense[index, step])
-                records.append({'layer': name, 'kind': kind, 'step': step + 1,
-                                'sops': float(sops[index, step]), 'dense': d,
-                                'fire_rate': float(sops[index, step]) / d if d else 0.0})
-        return records
-
-    def level_counts(self, reduce: Optional[Callable] = None) -> List[Dict]:
-        """Spikes per level of every MT neuron (``count_levels=True``): positive and negative."""
-        out = []
-        for name, neuron in self.neurons:
-            counts = neuron.level_counts
-            if counts is None:
-                if not self.count_levels:
-                    continue
-                # Saw no batch here; zeros keep a distributed reduction in step with the others.
-                counts = torch.zeros(2, neuron.levels, dtype=torch.int64, device=neuron.scale_p.device)
-            counts = reduce(counts.clone()) if reduce is not None else counts
-            counts = counts.cpu()
-            out.append({'neuron': name, 'place': neuron.place, 'levels': neuron.levels,
-                        'scale_p': float(neuron.scale_p), 'scale_n': float(neuron.scale_n),
-                        'positive': counts[0].tolist(), 'negative': counts[1].tolist()})
-        return out
-
-    def remove(self) -> None:
-        super().remove()
-        for _, neuron in self.neurons:
-            neuron.count_levels = neuron.count_nonzero = False
-            neuron.last_nonzero = None
-            neuron.record_sent = False
-            neuron.last_sent = None
-        self._sent.clear()
-        for product in self._products:
-            product.count_operations = False
-            product.last_operations = None
-        self._posted = None
+def __getattr__(name: str):
+    """The monitors' published names (they live in ``monitors``, which imports this module)."""
+    if name in _MONITOR_NAMES:
+        import monitors
+        return getattr(monitors, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

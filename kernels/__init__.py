@@ -30,7 +30,7 @@ import torch
 
 from options import BACKEND_CHOICES, BACKENDS, CODINGS
 
-__all__ = ['BACKENDS', 'BACKEND_CHOICES', 'BACKEND_TABLE', 'ConversionError', 'Kernels', 'kernels_of',
+__all__ = ['BACKENDS', 'BACKEND_CHOICES', 'BACKEND_TABLE', 'Backend', 'ConversionError', 'Kernels', 'kernels_of',
            'backend_problem', 'resolve_backend', 'set_default_backend', 'default_backend', 'level_table',
            'level_width', 'differential_coding', 'parts_mt_steps']
 
@@ -54,6 +54,10 @@ class Kernels(Protocol):
 
     #: EC kinds with a kernel of their own (any other function: ``eager.ec_function_steps``).
     EC_KINDS: Tuple[str, ...]
+    #: Input dtypes the kernels read as they are (any other is converted to float32 first).
+    INPUT_DTYPES: Tuple[torch.dtype, ...]
+    #: Whether fused kernels exist (an EC function with its neuron; q/k/v on one qkv output).
+    FUSES: bool
 
     def available(self) -> bool: ...
 
@@ -97,14 +101,48 @@ def _load(backend: str) -> Optional[ModuleType]:
         return None
 
 
-def kernels_of(backend: str) -> Kernels:
-    """The kernel module of ``backend`` (a name of :data:`BACKENDS`)."""
+class Backend:
+    """A backend as a converted module keeps it: the kernels of one backend (attributes are the
+    kernel module's), its ``name`` for display and records, and :meth:`problem_on` for a device.
+    One object per backend, shared by every module; copying a model (``copy.deepcopy``) and
+    pickling keep the same object, as they would a module-level function."""
+    __slots__ = ('name', 'module')
+
+    def __init__(self, name: str, module: ModuleType) -> None:
+        self.name, self.module = name, module
+
+    def __getattr__(self, attr: str):
+        return getattr(self.module, attr)
+
+    def problem_on(self, device: torch.device) -> Optional[str]:
+        """Why these kernels cannot take tensors on ``device``, or None."""
+        return backend_problem(self.name, device)
+
+    def __deepcopy__(self, memo) -> 'Backend':
+        return self
+
+    def __reduce__(self):
+        return kernels_of, (self.name,)
+
+    def __repr__(self) -> str:
+        return f'Backend({self.name!r})'
+
+
+_backends: Dict[str, Backend] = {}
+
+
+def kernels_of(backend: str) -> Backend:
+    """The kernels of ``backend`` (a name of :data:`BACKENDS`), as a module keeps them."""
+    found = _backends.get(backend)
+    if found is not None:
+        return found
     if backend not in BACKEND_TABLE:
         raise ValueError(f'unknown backend {backend!r}; choose one of {", ".join(BACKENDS)}')
     module = _load(backend)
     if module is None:  # pragma: no cover
         raise ConversionError(f'the {backend} backend is not available: {BACKEND_TABLE[backend]} does not import')
-    return module
+    found = _backends[backend] = Backend(backend, module)
+    return found
 
 
 def backend_problem(backend: str, device: torch.device | str = 'cpu') -> Optional[str]:

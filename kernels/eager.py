@@ -28,9 +28,13 @@ import torch.nn.functional as F
 
 from kernels import differential_coding, parts_mt_steps
 
-#: EC kinds with a kernel of their own here (any other function goes through ec_function_steps).
-EC_KINDS = ('gelu', 'softmax', 'layer_norm')
+#: EC kinds a module runs through this backend's own kernels: none, the eager backend calls the
+#: wrapped module itself (ec_function_steps) for every kind; ec_gelu/softmax/layer_norm_steps below
+#: are the same functions written as the other backends' kernels take them (ec_mt_steps uses them).
+EC_KINDS = ()
 #: No fused kernels: an EC module and its neuron, and the q/k/v neurons, run apart.
+#: Input dtypes the kernels read (any floating dtype: each step is computed in float32).
+INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FUSES = False
 
 

@@ -33,6 +33,8 @@ MAX_DIMS = 25
 #: EC kinds with a kernel of their own (any other function runs through kernels.eager).
 EC_KINDS = ('gelu', 'softmax', 'layer_norm')
 #: Fused kernels here: an EC function with the MT neuron it feeds, and q/k/v on one qkv output.
+#: Input dtypes the kernels read (a module converts any other to float32 first).
+INPUT_DTYPES = (torch.float32,)
 FUSES = True
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'ecmt_kernels.cpp')

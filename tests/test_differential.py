@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _runs(neuron, xs, sizes, **call):
     """(outputs, spikes sent, counts per step, estimates before each step) of ``neuron`` fed
     ``xs`` in chunks of ``sizes``."""
-    neuron.record_sent = neuron.count_nonzero = True  # as the energy monitor asks
+    neuron.recording = trans_utils.Recording(counts=True, sent=True)  # as the energy monitor asks
     outputs, sent, counts, before, first = [], [], [], [], 0
     neuron.clock = trans_utils.Chunk()
     try:
@@ -36,9 +36,9 @@ def _runs(neuron, xs, sizes, **call):
             neuron.clock.steps, neuron.clock.last = count, first + count == len(xs)
             out = neuron(torch.cat(xs[first:first + count]), **call)
             outputs += list(out.chunk(count))
-            sent += list(neuron.last_sent[0].chunk(count))
-            before += list(neuron.last_sent[1].chunk(count))
-            counts += neuron.last_nonzero.tolist()
+            sent += list(neuron.last_record.sent.chunk(count))
+            before += list(neuron.last_record.estimates.chunk(count))
+            counts += neuron.last_record.nonzero.tolist()
             first += count
     finally:
         neuron.clock = trans_utils.ONE_STEP
@@ -147,6 +147,10 @@ class Toy(nn.Module):
             self.add_module(f'place_{place}', TwoSideNeuron(place, theta, theta * 0.8, 4, coding))
         self.qk, self.mul, self.fc = AtNeuron(), MulNeuron(), nn.Linear(6, 5)
 
+    def ecmt_feeds(self):
+        """The places feeding each product and the linear layer (trans_utils.feed_graph)."""
+        return [('qk', ('place_q', 'place_k')), ('mul', ('place_gate', 'place_up')), ('fc', ('place_fc1',))]
+
     def forward(self, q, k, g, u, x):
         return (self.qk(self.place_q(q), self.place_k(k).transpose(-2, -1)),
                 self.mul(self.place_gate(g), self.place_up(u)), self.fc(self.place_fc1(x)))
@@ -220,8 +224,8 @@ def test_energy_counts_what_is_transmitted_against_a_brute_force_count(fast, cod
             sops = monitor.sops
             for name in ('qk', 'mul', 'fc'):
                 assert sops[monitor.names.index(name)].tolist() == want[name], (chunks, name)
-            assert torch.equal(model.place_fc1.level_counts, want_levels), chunks
-            assert not monitor._sent  # every neuron's spikes were taken by the product they feed
+            fc1 = next(r for r in monitor.level_counts() if r['neuron'] == 'place_fc1')
+            assert torch.equal(torch.tensor([fc1['positive'], fc1['negative']]), want_levels), chunks
 
 
 # ---------------------------------------------------------------- whole models
@@ -286,9 +290,8 @@ def test_fusions_change_no_number_in_differential_mode(backend):
         for sizes in ([4], [1, 3]):
             with torch.no_grad(), SOPMonitor(model, count_levels=True) as monitor:
                 logits = simulate(model, x, 4, time_chunk=sizes, monitor=monitor)
-                levels = [n.level_counts.clone() for _, n in monitor.neurons]
+                levels = monitor.level_counts()
                 results[on, len(sizes)] = (logits, monitor.sops.clone(), levels)
-                assert not monitor._sent
     want = results[False, 2]
     for key, (logits, sops, levels) in results.items():
         # The head's matrix product on a strided view of [K*B] rows rounds differently for another
@@ -296,7 +299,7 @@ def test_fusions_change_no_number_in_differential_mode(backend):
         assert torch.equal(logits, results[False, key[1]][0]), key
         torch.testing.assert_close(logits, want[0], rtol=0, atol=1e-5, msg=key)
         assert torch.equal(sops, want[1]), key
-        assert all(torch.equal(a, b) for a, b in zip(levels, want[2])), key
+        assert levels == want[2], key
 
 
 def test_products_count_the_spikes_not_the_outputs():
@@ -304,12 +307,11 @@ def test_products_count_the_spikes_not_the_outputs():
     sent, not the section 8 count on the outputs y (which the module itself makes)."""
     from test_models import images
     model = differential_family('vit_cls_token', levels=4)
-    # The section 8 counts each product makes on its outputs, copied before the monitor's hook
-    # (registered after this one) takes them.
+    # The section 8 counts each product makes on its outputs (its record).
     made = {}
     for name, module in model.named_modules():
         if isinstance(module, trans_utils._ECProduct):
-            module.register_forward_hook(lambda m, i, o, name=name: made.__setitem__(name, m.last_operations.clone()))
+            module.register_forward_hook(lambda m, i, o, name=name: made.__setitem__(name, m.last_record.operations.clone()))
     with torch.no_grad(), SOPMonitor(model) as monitor:
         simulate(model, images(2), 4, time_chunk=[4], monitor=monitor)
         products = [i for i, kind in enumerate(monitor.kinds) if kind == 'product']

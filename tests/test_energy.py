@@ -30,6 +30,10 @@ class OneBlock(nn.Module):
         self.act = exp_comp_neuron(nn.GELU())
         self.head = nn.Linear(2, 3)
 
+    def ecmt_feeds(self):
+        """The place feeds fc (trans_utils.feed_graph); the head's input is analog."""
+        return [('fc', ('place',))]
+
     def forward(self, x):
         return self.head(self.act(self.fc(self.place(self.norm(x)))))
 

@@ -198,7 +198,7 @@ def test_mul_counts_against_brute_force_masks(fast, sizes):
     assert sops[0].tolist() == expected
     assert dense[0].tolist() == [3 * 5 * 7.0] * 4
     monitor.remove()
-    assert not mul.count_operations
+    assert mul.recording == trans_utils.NO_RECORDING  # what the monitor asked for is released
 
 
 @pytest.mark.parametrize('sizes', [[T], [1] * T, [1, 2]], ids=['1xT', 'Tx1', '1+2'])
@@ -259,7 +259,7 @@ def test_counts_use_no_matrix_product(eager_neuron):
         with recorder:  # the counting alone, as the modules and hooks do it
             at._operations(*steps, *steps)
             mul._operations(steps[0], steps[0], steps[0], steps[0])
-            monitor._linear_hook(1, linear, (a,), None)
+            monitor._hook('linear', linear, (a,), None)
     products = {'mm', 'bmm', 'matmul', 'baddbmm', 'addmm', 'addbmm', 'dot', 'einsum', 'linear', 'mv'}
     assert recorder.ops and not recorder.ops & products, recorder.ops
 
@@ -288,10 +288,10 @@ def test_remove_detaches_every_hook_and_stops_level_counting(eager_neuron):
     model = tiny_snn()
     before = {name: len(m._forward_hooks) for name, m in model.named_modules()}
     monitor = SOPMonitor(model, count_levels=True)
-    assert all(n.count_levels for _, n in monitor.neurons)
+    assert all(n.recording.levels and n.recording.counts for _, n in monitor.neurons)
     monitor.remove()
     assert {name: len(m._forward_hooks) for name, m in model.named_modules()} == before
-    assert not any(n.count_levels for _, n in monitor.neurons)
+    assert all(n.recording == trans_utils.NO_RECORDING for _, n in monitor.neurons)
     with pytest.raises(RuntimeError, match='counted nothing'):
         monitor.summary()
 
@@ -394,7 +394,7 @@ def test_level_counts_are_off_unless_asked(eager_neuron):
     monitor = SOPMonitor(model)
     run(model, monitor, [images(2)], steps=1)
     assert monitor.level_counts() == [] and monitor.level_batches_counted == 0
-    assert all(n.level_counts is None for _, n in monitor.neurons)
+    assert all(n.last_record.levels is None for _, n in monitor.neurons)  # not even counted
     monitor.remove()
 
 

@@ -69,26 +69,31 @@ def test_neuron_chunks_match_the_reference_bit_for_bit(fast, chunks, levels):
     qkv = [torch.randn(2, 9, 3, 2, 8, generator=g) * theta_p * 2 ** (levels - 1) for _ in range(T)]
     xs = [t.permute(2, 0, 3, 1, 4)[0] for t in qkv]
     neuron = TwoSideNeuron('q', theta_p, theta_n, levels)
-    neuron.count_nonzero = True  # as the energy monitor asks
+    neuron.recording = trans_utils.Recording(counts=True)  # as the energy monitor asks
     wanted = ref_mt_neuron(xs, theta_p, theta_n, levels)
     got = run_chunks(neuron, [(x,) for x in xs], CHUNKINGS[chunks])
     for t, (spike, want) in enumerate(zip(got, wanted)):
         assert torch.equal(spike, want), f'step {t + 1}'
-    assert neuron.membrane is None and neuron.last_nonzero.shape == (CHUNKINGS[chunks][-1],)
+    assert neuron.membrane is None and neuron.last_record.nonzero.shape == (CHUNKINGS[chunks][-1],)
     fired = torch.stack(got)
     assert (fired > 0).any() and (fired < 0).any()
 
 
-def test_neuron_counts_per_step_are_its_explicit_output(fast):
+def test_neuron_counts_per_step_are_in_its_record(fast):
+    """A neuron's record holds its per-step non-zero counts only when a monitor asked for them
+    (nothing costly or kept past the call otherwise); the step numbers always."""
     neuron = TwoSideNeuron('fc1', 0.2, 0.2, 4)
     xs = spike_like((3, 7, 5), 5, seed=3)
     neuron.clock = trans_utils.Chunk(5, False)
     neuron(torch.cat(xs))
-    assert neuron.last_nonzero is None  # not asked for: nothing outlives the call
+    assert neuron.last_record.nonzero is None and neuron.last_record.levels is None
+    assert (neuron.last_record.first_step, neuron.last_record.steps) == (0, 5)
     neuron.reset()
-    neuron.count_nonzero = True  # as the energy monitor asks
+    neuron.recording = trans_utils.Recording(counts=True, levels=True)  # as the energy monitor asks
     spikes = neuron(torch.cat(xs)).chunk(5)
-    assert neuron.last_nonzero.tolist() == [int((s != 0).sum()) for s in spikes]
+    assert neuron.last_record.nonzero.tolist() == [int((s != 0).sum()) for s in spikes]
+    levels = neuron.last_record.levels
+    assert int(levels.sum()) == sum(int((s != 0).sum()) for s in spikes)
 
 
 EC_FUNCTIONS = {
@@ -393,7 +398,7 @@ def test_qkv_neurons_that_cannot_go_together_run_apart(monkeypatch):
     assert attentions and all(a.fuse_qkv for a in attentions)
     for attention in attentions:
         attention.place_k.levels = 40
-    kernels = trans_utils.kernels_of(attentions[0].place_q.backend)
+    kernels = attentions[0].place_q.kernels.module  # the module its kernels are looked up in
     joint, real = [], kernels.qkv_parts_mt_steps
     monkeypatch.setattr(kernels, 'qkv_parts_mt_steps', lambda *a, **k: joint.append(1) or real(*a, **k))
     x = images(2)
@@ -439,7 +444,7 @@ def test_fused_ec_neurons_change_no_number(monkeypatch, backend, config, pairs, 
         kinds[m.ec_kind] = kinds.get(m.ec_kind, 0) + 1
     assert kinds == pairs
     assert sum(isinstance(m, trans_utils.ECPassThrough) for m in model.modules()) == sum(pairs.values())
-    kernels = trans_utils.kernels_of(backend)
+    kernels = trans_utils.kernels_of(backend).module  # the module the backend's kernels are looked up in
     calls, qkv_calls = [], []
     real, real_qkv = kernels.ec_mt_steps, kernels.qkv_parts_mt_steps
     monkeypatch.setattr(kernels, 'ec_mt_steps', lambda kind, *a, **k: calls.append(kind) or real(kind, *a, **k))
@@ -454,7 +459,7 @@ def test_fused_ec_neurons_change_no_number(monkeypatch, backend, config, pairs, 
         for chunks, sizes in chunkings.items():
             with torch.no_grad(), trans_utils.SOPMonitor(model, count_levels=True) as monitor:
                 logits = simulate(model, x, T, time_chunk=sizes, monitor=monitor)
-                levels = [n.level_counts.clone() for _, n in monitor.neurons]
+                levels = monitor.level_counts()
                 results[on, chunks] = (logits, monitor.sops.clone(), levels)
     chunk_runs = sum(len(s) for s in chunkings.values())
     assert len(calls) == sum(pairs.values()) * chunk_runs
@@ -462,7 +467,7 @@ def test_fused_ec_neurons_change_no_number(monkeypatch, backend, config, pairs, 
     want = results[False, '1x8']
     for key, (logits, sops, levels) in results.items():
         assert torch.equal(logits, want[0]) and torch.equal(sops, want[1]), key
-        assert all(torch.equal(a, b) for a, b in zip(levels, want[2])), key
+        assert levels == want[2], key
 
 
 def test_fusion_is_made_at_conversion_and_undone_by_what_lies_between():
