@@ -14,8 +14,7 @@ import torch
 
 from engine_for_finetuning import simulate
 from reference import ref_simulate
-from test_multistep import CHUNKINGS, FAMILIES, converted_family
-from test_models import images
+from helpers import CHUNKINGS, FAMILIES, converted_family, images
 from trans_utils import StatefulModule, set_backend
 
 pytestmark = [pytest.mark.cuda,

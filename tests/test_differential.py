@@ -15,7 +15,7 @@ import model_vit
 import trans_utils
 from engine_for_finetuning import simulate
 from reference import ref_differential_neuron, ref_mt_neuron, ref_simulate
-from test_multistep import CHUNKINGS, FAMILIES, run_chunks
+from helpers import CHUNKINGS, FAMILIES, MODEL_CONFIGS, build, build_family, calibrate, images, run_chunks
 from trans_utils import (AtNeuron, ECNeuron, MulNeuron, SOPMonitor, TwoSideNeuron, convert_to_snn,
                          exp_comp_neuron, set_backend)
 
@@ -232,11 +232,8 @@ def test_energy_counts_what_is_transmitted_against_a_brute_force_count(fast, cod
 
 def differential_family(config, levels=8, seed=0):
     """A tiny calibrated model of ``config`` converted with differential neurons."""
-    import test_families
-    import test_models
-    source = test_models if config in test_models.CONFIGS else test_families
-    model, _ = source.build(config, seed=seed)
-    source.calibrate(model)
+    model, _ = (build if config in MODEL_CONFIGS else build_family)(config, seed=seed)
+    calibrate(model)
     return convert_to_snn(model, linear_num=levels, qkv_num=levels, softmax_num=levels,
                           fc2_thresholds=model_vit.default_fc2_thresholds(model), coding='differential')
 
@@ -256,7 +253,6 @@ def test_every_family_in_differential_mode_equals_the_reference(config):
     """Every family, on native and eager (triton on two families), chunkings 1x8 and 3+5, against
     the literal step-by-step network with differential neurons: eager to the rounding of pooling,
     native and triton to that of their own GELU/softmax/LayerNorm."""
-    from test_models import images
     model = differential_family(config, levels=4)
     assert all(m.coding == 'differential' for m in model.modules() if isinstance(m, TwoSideNeuron))
     x = images(2)
@@ -279,7 +275,6 @@ def test_fusions_change_no_number_in_differential_mode(backend):
     problem = trans_utils.backend_problem(backend, 'cpu')
     if problem:
         pytest.skip(problem)
-    from test_models import images
     model = differential_family('vit_cls_token', levels=4)
     set_backend(model, backend)
     x = images(2)
@@ -305,7 +300,6 @@ def test_fusions_change_no_number_in_differential_mode(backend):
 def test_products_count_the_spikes_not_the_outputs():
     """In a differential model every product's count is the section 14 count of what its neurons
     sent, not the section 8 count on the outputs y (which the module itself makes)."""
-    from test_models import images
     model = differential_family('vit_cls_token', levels=4)
     # The section 8 counts each product makes on its outputs (its record).
     made = {}

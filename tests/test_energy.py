@@ -12,7 +12,7 @@ import torch.nn as nn
 import energy
 from energy import CLASSES, ENERGY_MODELS, FUNCTION_OPS, SPECIAL_OPS, EnergyMonitor, energy_report
 from engine_for_finetuning import simulate
-from test_monitor import images, run, tiny_snn
+from helpers import build_family as build_tiny_family, calibrate, cli_run, run, snn_images as images, tiny_snn
 from trans_utils import AtNeuron, MulNeuron, MyAt, MyMul, SOPMonitor, TwoSideNeuron, exp_comp_neuron
 
 pytestmark = pytest.mark.usefixtures('single_thread', 'eager_neuron')
@@ -142,9 +142,8 @@ def test_function_table_per_element_and_row():
 def build_family(family):
     if family == 'vit':
         return tiny_snn()
-    from test_families import build, calibrate
     from trans_utils import convert_to_snn
-    model, _ = build(family)
+    model, _ = build_tiny_family(family)
     return convert_to_snn(calibrate(model))
 
 
@@ -263,14 +262,12 @@ def test_every_chunking_gives_the_same_report(sizes):
     assert counted(sizes) == counted(3)
 
 
-@pytest.mark.parametrize('fast', ['native'], indirect=True)
+@pytest.mark.parametrize('fast', ['native', 'triton'], indirect=True)
 def test_fused_kernels_give_the_eager_report(fast):
     """With the native or Triton kernels the EC modules are fused with the neurons they feed and
     the q, k, v neurons read the qkv output: the same counts as the eager modules, one by one (the
     report counts the converted network, not how a backend fuses it)."""
     import trans_utils
-    if fast == 'eager':
-        pytest.skip('the eager backend is the reference here')
 
     def counted():
         model = tiny_snn()
@@ -389,7 +386,6 @@ def test_an_ec_module_fused_with_its_neuron_is_counted_as_the_ec_module():
 # ------------------------------------------------------------------------- CLI and reports
 def test_cli_energy_model_results_csv_and_plot(tmp_path):
     pytest.importorskip('PIL.Image')
-    from test_report import cli_run
     record = cli_run(tmp_path, '--test_mode', 'for_v', '--savename', 'tiny_for_v', '--calib_batches', '1')
     out = {}
     for model in ('ecmt', 'fp32_memory'):

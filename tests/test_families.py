@@ -14,76 +14,11 @@ import model_eva
 import model_vit
 import trans_utils
 from conftest import relative_error, run_snn
+from helpers import FAMILY_CONFIGS as CONFIGS, TINY, build_family as build, calibrate, images
 from trans_utils import (ConversionError, MulNeuron, MyMul, SOPMonitor, TwoSideNeuron,
-                         convert_to_snn, exp_comp_neuron, get_modules, replace_test_by_testneuron,
-                         reset_net)
+                         convert_to_snn, exp_comp_neuron, get_modules, reset_net)
 
 pytestmark = pytest.mark.usefixtures('single_thread')
-
-TINY = dict(img_size=16, patch_size=4, depth=2, num_classes=10)
-BLOCK_PLACES = ['fc_qkv', 'q', 'k', 'v', 's', 'fc_out']
-MLP_PLACES = ['fc1', 'fc2']
-GLU_PLACES = ['fc1', 'gate', 'up', 'fc2']
-
-# name -> (timm name, kwargs, places of the whole model, EC-wrapped modules that must exist)
-CONFIGS = {
-    # EVA-02 tiny/small: rope, packed SwiGLU (GluMlp), mean pooling + fc_norm.
-    'eva02_tiny': ('eva02_tiny_patch14_224', dict(embed_dim=32, num_heads=2),
-                   (BLOCK_PLACES + GLU_PLACES) * 2, ['blocks.0.mlp.act', 'fc_norm']),
-    # EVA-02 base-style: separate q/k/v, SwiGLU with its norm, the attention's inner norm.
-    'eva02_swiglu_norms': ('eva02_base_patch14_224', dict(embed_dim=32, num_heads=2, scale_attn_inner=True),
-                           (BLOCK_PLACES + GLU_PLACES) * 2, ['blocks.0.mlp.norm', 'blocks.0.attn.norm']),
-    # timm SBB rotary ViT: register token, LayerScale, rope without absolute position embedding.
-    'vit_rope_reg': ('vit_medium_patch16_rope_reg1_gap_256', dict(embed_dim=32, num_heads=2, init_values=0.1),
-                     (BLOCK_PLACES + MLP_PLACES) * 2, ['blocks.0.mlp.act']),
-    # Naver rotary ViT: AttentionRope, mixed (learned, per-block) rope, class token.
-    'vit_rope_mixed': ('vit_small_patch16_rope_mixed_224', dict(embed_dim=32, num_heads=2, init_values=0.1),
-                       (BLOCK_PLACES + MLP_PLACES) * 2, ['blocks.0.mlp.act']),
-    # SigLIP: attention pooling with a latent query and its own MLP.
-    'siglip_map': ('vit_base_patch16_siglip_224', dict(embed_dim=32, num_heads=2),
-                   (BLOCK_PLACES + MLP_PLACES) * 2 + ['k', 'v'] + MLP_PLACES,
-                   ['attn_pool.softmax', 'attn_pool.norm', 'attn_pool.mlp.act']),
-    # Perception Encoder: Eva with AttentionRope, a pre-norm and attention pooling.
-    'vit_pe_core': ('vit_pe_core_tiny_patch16_384', dict(embed_dim=32, num_heads=2, attn_pool_num_heads=2),
-                    (BLOCK_PLACES + MLP_PLACES) * 2 + ['k', 'v'] + MLP_PLACES, ['norm_pre', 'attn_pool.norm']),
-    # DeiT distilled: class and distillation tokens, the two heads averaged.
-    'deit_distilled': ('deit_tiny_distilled_patch16_224', dict(embed_dim=48, num_heads=3),
-                       (BLOCK_PLACES + MLP_PLACES) * 2, ['norm']),
-}
-
-
-def build(config, seed=0):
-    """(convertible model, plain timm model) with the same random weights, O(1) logits."""
-    name, kwargs, _, _ = CONFIGS[config]
-    kwargs = dict(TINY, **kwargs)
-    torch.manual_seed(seed)
-    plain = timm.create_model(name, pretrained=False, **kwargs).eval()
-    with torch.no_grad():
-        # timm initialises linear layers small (std 0.02; heads smaller, GLU gates near zero):
-        # attention would be near uniform and rotary embeddings near invisible. Weights of the
-        # scale of trained ones instead (std 1/sqrt(fan-in)), O(1) logits.
-        for module in plain.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.normal_(0, module.in_features ** -0.5)
-                if module.bias is not None:
-                    module.bias.normal_(0, 0.1)
-    model = model_vit.create_model(name, **kwargs).eval()
-    model.load_state_dict(plain.state_dict(), strict=True)
-    return model, plain
-
-
-def images(n=2, seed=1):
-    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
-
-
-def calibrate(model, batches=3, seed=2):
-    replace_test_by_testneuron(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _ in range(batches):
-            model(torch.randn(8, 3, 16, 16, generator=g))
-    return model
-
 
 # ---------------------------------------------------------------- timm compatibility
 

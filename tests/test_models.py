@@ -6,7 +6,6 @@ small enough (16x16 images, 2 blocks) that a 32-step SNN runs in well under a se
 import copy
 
 import pytest
-import timm
 import torch
 import torch.nn as nn
 
@@ -14,63 +13,11 @@ import model_eva
 import model_vit
 import trans_utils
 from conftest import relative_error, run_snn
+from helpers import MODEL_CONFIGS as CONFIGS, TINY, build, calibrate, calibrate_and_convert, images
 from trans_utils import (AtNeuron, ConversionError, TwoSideNeuron, convert_to_snn,
                          exp_comp_neuron, get_modules, replace_test_by_testneuron, reset_net)
 
 pytestmark = pytest.mark.usefixtures('single_thread')
-
-TINY = dict(img_size=16, patch_size=4, depth=2, num_classes=10)
-
-CONFIGS = {
-    'vit_cls_token': ('vit_tiny_patch16_224', dict(embed_dim=48, num_heads=3)),
-    'vit_avg_pool': ('vit_tiny_patch16_224', dict(embed_dim=32, num_heads=2, global_pool='avg',
-                                                  fc_norm=True, class_token=False)),
-    'vit_layerscale_qknorm': ('vit_tiny_patch16_224', dict(embed_dim=32, num_heads=2, init_values=0.1,
-                                                           qk_norm=True)),
-    'vit_pre_norm': ('vit_tiny_patch16_224', dict(embed_dim=32, num_heads=2, pre_norm=True)),
-    'deit': ('deit_tiny_patch16_224', dict(embed_dim=48, num_heads=3)),
-    'eva_giant': ('eva_giant_patch14_224', dict(embed_dim=48, num_heads=3, mlp_ratio=4.0)),
-    'eva_g_alias': ('eva_g_patch14', dict(embed_dim=32, num_heads=2, mlp_ratio=6144 / 1408)),
-}
-
-
-def build(config, seed=0):
-    """(convertible model, plain timm model) with the same random weights, O(1) logits."""
-    name, kwargs = CONFIGS[config]
-    kwargs = dict(TINY, **kwargs)
-    torch.manual_seed(seed)
-    plain = timm.create_model(model_vit.resolve_model_name(name)[0], pretrained=False, **kwargs).eval()
-    with torch.no_grad():  # timm initialises heads small (EVA: 1e-3); make the logits O(1)
-        plain.head.weight.normal_(0, 0.3)
-        plain.head.bias.normal_(0, 0.1)
-    model = model_vit.create_model(name, **kwargs).eval()
-    model.load_state_dict(plain.state_dict(), strict=True)
-    return model, plain
-
-
-def images(n=2, seed=1):
-    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
-
-
-def calibrate(model, batches=3, seed=2):
-    replace_test_by_testneuron(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _ in range(batches):
-            model(torch.randn(8, 3, 16, 16, generator=g))
-    return model
-
-
-def calibrate_and_convert(model):
-    """Calibrate ``model`` on random images, convert it with 16 levels everywhere, and return a
-    fixed input with the ANN's logits on it (taken before the conversion)."""
-    calibrate(model)
-    x = images()
-    with torch.no_grad():
-        ann = model(x)
-    convert_to_snn(model, linear_num=16, qkv_num=16, softmax_num=16, fc2_thresholds=None)
-    return x, ann
-
 
 # ---------------------------------------------------------------- timm compatibility
 

@@ -9,8 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import model_vit
 import trans_utils
-from trans_utils import (AtNeuron, MulNeuron, SOPMonitor, TwoSideNeuron, convert_to_snn, replace_test_by_testneuron,
-                         reset_net, spike_level_counts)
+from helpers import run, snn_images as images, tiny_snn
+from trans_utils import AtNeuron, MulNeuron, SOPMonitor, TwoSideNeuron, convert_to_snn, spike_level_counts
 
 pytestmark = pytest.mark.usefixtures('single_thread')
 
@@ -31,35 +31,6 @@ def mask(x):
 def brute_product(a, b, cum_a, cum_b):
     """nz(a)·nz(b) + nz(a)·nz(B) + nz(A)·nz(b) by multiplying the non-zero masks out."""
     return float((mask(a) @ mask(b)).sum() + (mask(a) @ mask(cum_b)).sum() + (mask(cum_a) @ mask(b)).sum())
-
-
-def tiny_snn(seed=0):
-    """A converted ViT (16x16 images, patch 4, width 32, 2 blocks) with calibrated thresholds."""
-    torch.manual_seed(seed)
-    model = model_vit.create_model('vit_tiny_patch16_224', img_size=16, patch_size=4, embed_dim=32,
-                                   depth=2, num_heads=2, num_classes=10).eval()
-    replace_test_by_testneuron(model)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(8, 3, 16, 16, generator=g))
-    return convert_to_snn(model, fc2_thresholds=model_vit.default_fc2_thresholds(model))
-
-
-def images(n=4, seed=3):
-    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
-
-
-def run(model, monitor, batches, steps=T):
-    """The evaluation loop's protocol: new_batch() per batch, monitor.step before each step."""
-    with torch.no_grad():
-        for x in batches:
-            reset_net(model)
-            monitor.new_batch()
-            for t in range(steps):
-                monitor.step = t
-                model(x)
-    reset_net(model)
 
 
 class BruteForce:

@@ -15,7 +15,7 @@ import model_vit
 import trans_utils
 from engine_for_finetuning import chunk_sizes, simulate
 from reference import ref_ec, ref_ec_product, ref_mt_neuron, ref_simulate
-from test_models import build, calibrate, images
+from helpers import CHUNKINGS, FAMILIES, build, calibrate, converted_family, images, run_chunks
 from trans_utils import (AtNeuron, MulNeuron, MultiStep, StatefulModule, TwoSideNeuron, convert_to_snn,
                          exp_comp_neuron, reset_net, set_backend)
 from utils import UserError
@@ -23,25 +23,6 @@ from utils import UserError
 pytestmark = pytest.mark.usefixtures('single_thread')
 
 T = 8
-CHUNKINGS = {'1x8': [8], '8x1': [1] * 8, '3+5': [3, 5]}
-
-
-def run_chunks(module, step_inputs, sizes):
-    """Feed ``module`` the per-step inputs (a list of tuples of tensors) in chunks of ``sizes``,
-    time-major, as MultiStep drives it; return the per-step outputs."""
-    outputs, first = [], 0
-    module.clock = trans_utils.Chunk()
-    try:
-        for count in sizes:
-            module.clock.steps, module.clock.last = count, first + count == len(step_inputs)
-            chunk = [torch.cat([step[i] for step in step_inputs[first:first + count]])
-                     for i in range(len(step_inputs[0]))]
-            outputs += list(module(*chunk).chunk(count))
-            first += count
-    finally:
-        module.clock = trans_utils.ONE_STEP
-    assert module.steps == 0 and module.state is None, 'the module kept state after the last chunk'
-    return outputs
 
 
 def spike_like(shape, steps, seed, scale=1.0):
@@ -191,26 +172,6 @@ POOLING_ROUNDING = {'vit_avg_pool': 2e-5}
 def _backends(triton=True):
     return [b for b in trans_utils.BACKENDS
             if trans_utils.backend_problem(b, 'cpu') is None and (triton or b != 'triton')]
-
-
-#: Every family the toolkit converts, one tiny model each: class-token ViT, mean-pooled ViT,
-#: LayerScale + qk-norm ViT, pre-norm ViT, EVA-01, EVA-02 (GluMlp; SwiGLU + norms), rotary ViTs
-#: with registers, attention pooling (SigLIP, PE), distilled DeiT.
-FAMILIES = ['vit_cls_token', 'vit_avg_pool', 'vit_layerscale_qknorm', 'vit_pre_norm', 'eva_giant',
-            'eva02_tiny', 'eva02_swiglu_norms', 'vit_rope_reg', 'vit_rope_mixed', 'siglip_map', 'vit_pe_core',
-            'deit_distilled']
-
-
-def converted_family(config, levels=8, seed=0):
-    """A tiny calibrated and converted model of ``config`` (tests/test_models.py or
-    tests/test_families.py), on the default backend."""
-    import test_families
-    import test_models
-    source = test_models if config in test_models.CONFIGS else test_families
-    model, _ = source.build(config, seed=seed)
-    source.calibrate(model)
-    return convert_to_snn(model, linear_num=levels, qkv_num=levels, softmax_num=levels,
-                          fc2_thresholds=model_vit.default_fc2_thresholds(model))
 
 
 @pytest.mark.parametrize('config', FAMILIES)
