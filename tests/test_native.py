@@ -315,7 +315,7 @@ def test_wrappers_refuse_mismatched_arguments(native):
     with pytest.raises(ValueError):
         native_kernels.mt_steps(torch.zeros(2, 10), table, torch.zeros(11), True)
     with pytest.raises(ValueError):
-        native_kernels.mt_steps(torch.zeros(2, 10), table.t(), None, True)
+        native_kernels.mt_steps(torch.zeros(2, 10), table[0].t(), None, True)
     with pytest.raises(ValueError):
         native_kernels.ec_gelu_steps(torch.zeros(2, 5), torch.zeros(5), None, 1, True, False)
     with pytest.raises(ValueError):

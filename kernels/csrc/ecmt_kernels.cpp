@@ -410,13 +410,37 @@ inline const float* tile_input(const float* x, const StepLayout& l, int64_t k, c
 // u = (v + x) - r; s fires on u as above; v = u - s; out = r + s; r = r + s / t; `sent` (if not
 // null) receives s. Counts are of s. The order of these float operations is the reference's
 // (tests/reference.py), so that every backend gives the same bits.
-template <int W, bool Differential = false>
+// Per-channel thresholds (ECMT_SPEC 15): the table is [C, 4, width], one block per channel, and
+// the element at row-major index i of a step uses channel ((i / inner) % groups) * cwidth +
+// i % cwidth (kernels.channel_map). A neuron tile then takes, per element, the offset of its
+// channel's block (`chan`, computed once per tile and reused for its K steps); with one channel
+// (chan null) the tile reads the table as it always did.
+struct ChannelMap {
+    int64_t inner = 1, groups = 1, width = 1;
+    bool per_channel() const { return groups * width > 1; }
+};
+
+// chan[j] = the table offset (channel * 4 * table_width) of element first + j, j < len.
+inline void channel_offsets(const ChannelMap& m, int64_t table_width, int64_t first, int64_t len, int32_t* chan) {
+    const int64_t block = 4 * table_width;
+    int64_t r = first % m.inner, g = (first / m.inner) % m.groups, w = first % m.width;
+    for (int64_t j = 0; j < len; ++j) {
+        chan[j] = static_cast<int32_t>((g * m.width + w) * block);
+        if (++w == m.width) w = 0;
+        if (++r == m.inner) {
+            r = 0;
+            if (++g == m.groups) g = 0;
+        }
+    }
+}
+
+template <int W, bool Differential = false, bool PerChannel = false>
 void mt_tile(float* __restrict v, const float* __restrict x, const float* __restrict table, int64_t width,
              float* __restrict spike, int64_t len, int64_t& count, float* __restrict r = nullptr,
-             float step = 1.0f, float* __restrict sent = nullptr) {
+             float step = 1.0f, float* __restrict sent = nullptr, const int32_t* __restrict chan = nullptr) {
     const int w = W > 0 ? W : static_cast<int>(width);
     float tp[W > 0 ? W : 1], sp[W > 0 ? W : 1], tn[W > 0 ? W : 1], sn[W > 0 ? W : 1];
-    if (W > 0) {
+    if (W > 0 && !PerChannel) {
         for (int j = 0; j < W; ++j) {
             tp[j] = table[j];
             sp[j] = table[W + j];
@@ -430,7 +454,14 @@ void mt_tile(float* __restrict v, const float* __restrict x, const float* __rest
         const float u = Differential ? (v[i] + x[i]) - r[i] : v[i] + x[i];
         const float negated = -u;
         float up = 0.0f, down = 0.0f;
-        if (W > 0) {
+        if (PerChannel) {
+            const float* t = table + chan[i];
+#pragma GCC unroll 64
+            for (int j = 0; j < w; ++j) {
+                up = u >= t[j] ? t[w + j] : up;
+                down = negated >= t[2 * w + j] ? t[3 * w + j] : down;
+            }
+        } else if (W > 0) {
 #pragma GCC unroll 64
             for (int j = 0; j < W; ++j) {
                 up = u >= tp[j] ? sp[j] : up;
@@ -457,18 +488,27 @@ void mt_tile(float* __restrict v, const float* __restrict x, const float* __rest
     count += fired;
 }
 
-// One neuron tile of either coding (r, step and sent are used by the differential one only).
-template <int W>
+// One neuron tile of either coding (r, step and sent are used by the differential one only) and
+// either kind of table (chan: the elements' channel offsets, null with one channel).
+template <int W, bool PerChannel>
 inline void neuron_tile(bool differential, float* v, float* r, const float* x, const float* table, int64_t width,
-                        float* out, float* sent, int64_t len, float step, int64_t& count) {
-    if (differential) mt_tile<W, true>(v, x, table, width, out, len, count, r, step, sent);
-    else mt_tile<W, false>(v, x, table, width, out, len, count);
+                        float* out, float* sent, int64_t len, float step, int64_t& count, const int32_t* chan) {
+    if (differential) mt_tile<W, true, PerChannel>(v, x, table, width, out, len, count, r, step, sent, chan);
+    else mt_tile<W, false, PerChannel>(v, x, table, width, out, len, count, nullptr, 1.0f, nullptr, chan);
 }
 
+// The same, choosing the kind of table per tile (a branch per tile, not per element).
 template <int W>
+inline void neuron_tile_any(bool differential, float* v, float* r, const float* x, const float* table, int64_t width,
+                        float* out, float* sent, int64_t len, float step, int64_t& count, const int32_t* chan) {
+    if (chan != nullptr) neuron_tile<W, true>(differential, v, r, x, table, width, out, sent, len, step, count, chan);
+    else neuron_tile<W, false>(differential, v, r, x, table, width, out, sent, len, step, count, nullptr);
+}
+
+template <int W, bool PerChannel>
 void mt_steps(const float* x, const StepLayout& l, float* membrane, bool fresh, bool keep, const float* table,
-              int64_t width, float* spike, int64_t* counts, int threads, bool differential = false,
-              float* estimate = nullptr, float t0 = 0.0f, float* sent = nullptr) {
+              int64_t width, float* spike, int64_t* counts, int threads, bool differential,
+              float* estimate, float t0, float* sent, const ChannelMap& channels) {
     const int64_t n = l.rows * l.inner, K = l.steps;
     for (int64_t k = 0; k < K; ++k) counts[k] = 0;
     const int64_t items = (n + kItem - 1) / kItem;  // runs of kItem elements in logical order
@@ -480,16 +520,18 @@ void mt_steps(const float* x, const StepLayout& l, float* membrane, bool fresh, 
         for (int64_t item = 0; item < items; ++item) {
             const int64_t end = std::min(n, (item + 1) * kItem);
             float v[kTile], r[kTile], buffer[kTile];
+            int32_t chan[PerChannel ? kTile : 1];
             for (int64_t at = item * kItem; at < end; at += kTile) {
                 const int64_t len = std::min(kTile, end - at);
                 tile_source(l, at, len, source);
+                if (PerChannel) channel_offsets(channels, width, at, len, chan);
                 for (int64_t j = 0; j < len; ++j) v[j] = fresh ? 0.0f : membrane[at + j];
                 if (differential)
                     for (int64_t j = 0; j < len; ++j) r[j] = fresh ? 0.0f : estimate[at + j];
                 for (int64_t k = 0; k < K; ++k)
-                    neuron_tile<W>(differential, v, r, tile_input(x, l, k, source, buffer), table, width,
-                                   spike + k * n + at, sent ? sent + k * n + at : nullptr, len,
-                                   t0 + static_cast<float>(k + 1), local[k]);
+                    neuron_tile<W, PerChannel>(differential, v, r, tile_input(x, l, k, source, buffer), table, width,
+                                               spike + k * n + at, sent ? sent + k * n + at : nullptr, len,
+                                               t0 + static_cast<float>(k + 1), local[k], PerChannel ? chan : nullptr);
                 if (keep) {
                     for (int64_t j = 0; j < len; ++j) membrane[at + j] = v[j];
                     if (differential)
@@ -512,13 +554,19 @@ void mt_steps(const float* x, const StepLayout& l, float* membrane, bool fresh, 
 template <int W>
 void qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H, int64_t D,
                   const float* const* tables, int64_t width, float* const* membranes, bool fresh, bool keep,
-                  float* const* spikes, int64_t* counts, int threads, bool differential = false,
-                  float* const* estimates = nullptr, float t0 = 0.0f, float* const* sents = nullptr) {
+                  float* const* spikes, int64_t* counts, int threads, bool differential,
+                  float* const* estimates, float t0, float* const* sents, const ChannelMap* channels) {
     const int64_t C = H * D, row = 3 * C, step_in = B * N * row, step_out = B * N * C;
     for (int64_t i = 0; i < 3 * K; ++i) counts[i] = 0;
+    bool per_channel[3], any_per_channel = false;
+    for (int p = 0; p < 3; ++p) {
+        per_channel[p] = tables[p] != nullptr && channels[p].per_channel();
+        any_per_channel = any_per_channel || per_channel[p];
+    }
     // Work items: blocks of up to `span` tokens of one image, whose membranes (span x 3C) stay in
-    // a thread buffer over the K steps (and, differential, the estimates in a second one); each
-    // step reads the block's rows in one sweep and writes 3H runs of span x D spikes.
+    // a thread buffer over the K steps (and, differential, the estimates in a second one; with
+    // per-channel tables, the elements' channel offsets in a third); each step reads the block's
+    // rows in one sweep and writes 3H runs of span x D spikes.
     const int64_t span = std::max<int64_t>(1, std::min<int64_t>(N, 16384 / std::max<int64_t>(row, 1)));
     const int64_t blocks = (N + span - 1) / span, items = B * blocks;
 #pragma omp parallel num_threads(threads) if (threads > 1 && items > 1)
@@ -526,16 +574,19 @@ void qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H, in
         std::vector<int64_t> local(3 * K, 0);
         std::vector<float> state(static_cast<size_t>(span * row));
         std::vector<float> estimate_state(differential ? static_cast<size_t>(span * row) : 0);
+        std::vector<int32_t> channel_state(any_per_channel ? static_cast<size_t>(span * row) : 0);
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; ++item) {
             const int64_t b = item / blocks, n0 = (item % blocks) * span, count = std::min(span, N - n0);
             float* v = state.data();
             float* r = estimate_state.data();
+            int32_t* chan = channel_state.data();
             for (int64_t i = 0; i < count; ++i)
                 for (int p = 0; p < 3; ++p) {
                     if (tables[p] == nullptr) continue;
                     for (int64_t h = 0; h < H; ++h) {
                         const int64_t at = i * row + p * C + h * D, from = ((b * H + h) * N + n0 + i) * D;
+                        if (per_channel[p]) channel_offsets(channels[p], width, from, D, chan + at);
                         if (fresh) {
                             std::fill(v + at, v + at + D, 0.0f);
                             if (differential) std::fill(r + at, r + at + D, 0.0f);
@@ -558,9 +609,10 @@ void qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H, in
                             float* out = spikes[p] + to;
                             float* sent = (differential && sents && sents[p]) ? sents[p] + to : nullptr;
                             for (int64_t d0 = 0; d0 < D; d0 += kTile)
-                                neuron_tile<W>(differential, v + at + d0, r + at + d0, in + at + d0, tables[p], width,
-                                               out + d0, sent ? sent + d0 : nullptr, std::min(kTile, D - d0), step,
-                                               local[p * K + k]);
+                                neuron_tile_any<W>(differential, v + at + d0, r + at + d0, in + at + d0, tables[p],
+                                                   width, out + d0, sent ? sent + d0 : nullptr,
+                                                   std::min(kTile, D - d0), step, local[p * K + k],
+                                                   per_channel[p] ? chan + at + d0 : nullptr);
                         }
                     }
             }
@@ -674,6 +726,7 @@ struct FusedNeuron {
     bool differential = false;
     float* estimate = nullptr;
     float* sent = nullptr;
+    ChannelMap channels;  // per-channel thresholds (ECMT_SPEC 15) when channels.per_channel()
 };
 
 // Runs CALL (a statement using the compile-time table width W) for a neuron's table width.
@@ -700,6 +753,9 @@ void ec_gelu_steps(const float* x, float* cum, float* prev, bool fresh, bool kee
             for (int64_t col = item * kItem; col < end; col += kTile) {
                 const int64_t len = std::min(kTile, end - col);
                 float c[kTile], p[kTile], v[kTile], d[kTile], r[kTile];
+                int32_t chan[kTile];
+                const bool per_channel = neuron && neuron->channels.per_channel();
+                if (per_channel) channel_offsets(neuron->channels, neuron->width, col, len, chan);
                 for (int64_t j = 0; j < len; ++j) {
                     c[j] = fresh ? 0.0f : cum[col + j];
                     p[j] = fresh ? 0.0f : prev[col + j];
@@ -720,9 +776,10 @@ void ec_gelu_steps(const float* x, float* cum, float* prev, bool fresh, bool kee
                         p[j] = total;
                     }
                     if (neuron)
-                        neuron_tile<W>(neuron->differential, v, r, d, neuron->table, neuron->width,
-                                       neuron->spike + k * n + col, neuron->sent ? neuron->sent + k * n + col : nullptr,
-                                       len, steps, local[k]);
+                        neuron_tile_any<W>(neuron->differential, v, r, d, neuron->table, neuron->width,
+                                           neuron->spike + k * n + col,
+                                           neuron->sent ? neuron->sent + k * n + col : nullptr, len, steps, local[k],
+                                           per_channel ? chan : nullptr);
                 }
                 if (keep) {
                     for (int64_t j = 0; j < len; ++j) {
@@ -865,6 +922,8 @@ void ec_row_steps(const float* x, float* cum, float* prev, bool fresh, bool keep
     {
         const bool differential = neuron && neuron->differential;
         std::vector<float> c(cols), p(cols), v(neuron ? cols : 0), d(neuron ? cols : 0), e(differential ? cols : 0);
+        const bool per_channel = neuron && neuron->channels.per_channel();
+        std::vector<int32_t> chan(per_channel ? cols : 0);
         std::vector<int64_t> local(neuron ? K : 0, 0);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; ++r) {
@@ -876,6 +935,7 @@ void ec_row_steps(const float* x, float* cum, float* prev, bool fresh, bool keep
                 std::copy_n(cum + at, cols, c.data());
                 std::copy_n(prev + at, cols, p.data());
             }
+            if (per_channel) channel_offsets(neuron->channels, neuron->width, at, cols, chan.data());
             if (neuron) {
                 if (neuron->fresh) std::fill(v.begin(), v.end(), 0.0f);
                 else std::copy_n(neuron->membrane + at, cols, v.data());
@@ -889,10 +949,11 @@ void ec_row_steps(const float* x, float* cum, float* prev, bool fresh, bool keep
                 row_step(c.data(), x + k * n + at, p.data(), steps, neuron ? d.data() : out + k * n + at, cols);
                 if (neuron)
                     for (int64_t off = 0; off < cols; off += kTile)
-                        neuron_tile<W>(differential, v.data() + off, e.data() + off, d.data() + off, neuron->table,
-                                       neuron->width, neuron->spike + k * n + at + off,
-                                       neuron->sent ? neuron->sent + k * n + at + off : nullptr,
-                                       std::min(kTile, cols - off), steps, local[k]);
+                        neuron_tile_any<W>(differential, v.data() + off, e.data() + off, d.data() + off,
+                                           neuron->table, neuron->width, neuron->spike + k * n + at + off,
+                                           neuron->sent ? neuron->sent + k * n + at + off : nullptr,
+                                           std::min(kTile, cols - off), steps, local[k],
+                                           per_channel ? chan.data() + off : nullptr);
             }
             if (keep) {
                 std::copy_n(c.data(), cols, cum + at);
@@ -916,55 +977,72 @@ extern "C" {
 
 // K steps of the MT neuron. x: float32 [K, rest...] of the given sizes and strides (in elements,
 // ndim >= 1); membrane: the rest's n elements in row-major order, read unless `fresh` (the state
-// starts at zero) and written if `keep`; table [4, width] (per level: positive threshold,
-// positive spike, negative threshold, negative spike); spike: [K, n] contiguous, written;
+// starts at zero) and written if `keep`; table [C, 4, width] (per channel and level: positive
+// threshold, positive spike, negative threshold, negative spike), the element at row-major index
+// i of a step using channel ((i / inner) % groups) * cwidth + i % cwidth (C = groups * cwidth;
+// C = 1: the one-channel path of before); spike: [K, n] contiguous, written;
 // counts[k]: the number of non-zero spikes of step k. differential (ECMT_SPEC 14): the estimates
 // (n floats, read unless `fresh`, written if `keep`, like the membrane) are carried too, the steps
 // are t0+1..t0+K, `spike` receives the outputs r + s and `sent` (if not null, [K, n]) the spikes s.
 // Returns 0, or -1 for bad arguments.
 int ecmt_mt_steps(const float* x, int ndim, const int64_t* sizes, const int64_t* strides, float* membrane,
                   int fresh, int keep, const float* table, int64_t width, float* spike, int64_t* counts,
-                  int threads, int differential, float* estimate, float t0, float* sent) {
+                  int threads, int differential, float* estimate, float t0, float* sent, int64_t inner,
+                  int64_t groups, int64_t cwidth) {
     StepLayout l;
     if (!make_layout(ndim, sizes, strides, l)) return -1;
     if ((!fresh || keep) && membrane == nullptr) return -1;
     if (differential && (!fresh || keep) && estimate == nullptr) return -1;
+    if (inner < 1 || groups < 1 || cwidth < 1) return -1;
     const bool d = differential != 0;
-    ECMT_WITH_WIDTH(width, (mt_steps<W>(x, l, membrane, fresh, keep, table, width, spike, counts, threads, d,
-                                        estimate, t0, d ? sent : nullptr)))
+    const ChannelMap channels{inner, groups, cwidth};
+    if (channels.per_channel()) {
+        ECMT_WITH_WIDTH(width, (mt_steps<W, true>(x, l, membrane, fresh, keep, table, width, spike, counts, threads,
+                                                  d, estimate, t0, d ? sent : nullptr, channels)))
+    } else {
+        ECMT_WITH_WIDTH(width, (mt_steps<W, false>(x, l, membrane, fresh, keep, table, width, spike, counts, threads,
+                                                   d, estimate, t0, d ? sent : nullptr, channels)))
+    }
     return 0;
 }
 
 // The q, k and v MT neurons of a fused qkv output x: float32 [K, B, N, 3, H, D] contiguous.
-// tables[3]: each neuron's [4, width] table (one width for the three); membranes[3]: each
+// tables[3]: each neuron's [C, 4, width] table (one width for the three); membranes[3]: each
 // neuron's [B, H, N, D] state in row-major order, read unless `fresh`, written if `keep`
 // (a null table: that part is skipped, its membrane and spikes are not touched);
 // spikes[3]: [K, B, H, N, D] contiguous, written; counts [3, K]: non-zero spikes per neuron and
 // step. differential: the three neurons are differential ones (ECMT_SPEC 14), with estimates[3]
 // kept as the membranes are, steps t0+1..t0+K, and sents[3] (each may be null) receiving the
-// spikes s while spikes[3] receive the outputs r + s. Returns 0, or -1 for bad arguments.
+// spikes s while spikes[3] receive the outputs r + s. channel_maps [3, 3]: each part's (inner,
+// groups, cwidth) over the row-major index of one step of its [B, H, N, D] output, as in
+// ecmt_mt_steps. Returns 0, or -1 for bad arguments.
 int ecmt_qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H, int64_t D,
                       const float* table_q, const float* table_k, const float* table_v, int64_t width,
                       float* membrane_q, float* membrane_k, float* membrane_v, int fresh, int keep,
                       float* spike_q, float* spike_k, float* spike_v, int64_t* counts, int threads,
                       int differential, float* estimate_q, float* estimate_k, float* estimate_v, float t0,
-                      float* sent_q, float* sent_k, float* sent_v) {
+                      float* sent_q, float* sent_k, float* sent_v, const int64_t* channel_maps) {
     if (K < 0 || B < 0 || N < 0 || H < 0 || D < 0 || width < 1) return -1;
     const float* tables[3] = {table_q, table_k, table_v};
     float* membranes[3] = {membrane_q, membrane_k, membrane_v};
     float* estimates[3] = {estimate_q, estimate_k, estimate_v};
     float* spikes[3] = {spike_q, spike_k, spike_v};
     float* sents[3] = {sent_q, sent_k, sent_v};
+    ChannelMap channels[3];
     int parts = 0;
     for (int p = 0; p < 3; ++p) {
         if (tables[p] == nullptr) continue;  // a part not asked for
         ++parts;
         if (spikes[p] == nullptr || ((!fresh || keep) && membranes[p] == nullptr)) return -1;
         if (differential && (!fresh || keep) && estimates[p] == nullptr) return -1;
+        if (channel_maps != nullptr) {
+            channels[p] = ChannelMap{channel_maps[3 * p], channel_maps[3 * p + 1], channel_maps[3 * p + 2]};
+            if (channels[p].inner < 1 || channels[p].groups < 1 || channels[p].width < 1) return -1;
+        }
     }
     if (parts == 0) return -1;
     ECMT_WITH_WIDTH(width, (qkv_mt_steps<W>(x, K, B, N, H, D, tables, width, membranes, fresh, keep, spikes, counts,
-                                            threads, differential != 0, estimates, t0, sents)));
+                                            threads, differential != 0, estimates, t0, sents, channels)));
     return 0;
 }
 
@@ -995,18 +1073,24 @@ void ecmt_ec_layer_norm_steps(const float* x, float* cum, float* prev, int fresh
 }
 
 // The three EC kernels above with an MT neuron fused after them (FusedNeuron): instead of `out`
-// they write spike [K, n] (n: the elements of a step) and counts [K]; table [4, width] and the
-// membrane (n floats, read unless mfresh, written if mkeep) are the neuron's; differential, its
+// they write spike [K, n] (n: the elements of a step) and counts [K]; table [C, 4, width] with the
+// channel map (inner, groups, cwidth) over a step's row-major index, and the membrane (n floats,
+// read unless mfresh, written if mkeep) are the neuron's, as in ecmt_mt_steps; differential, its
 // estimate and sent as in ecmt_mt_steps (the steps are the EC kernel's). Return 0, or -1 for bad
 // arguments.
+#define ECMT_FUSED_NEURON                                                                                  \
+    if (table == nullptr || ((!mfresh || mkeep) && membrane == nullptr)) return -1;                       \
+    if (differential && (!mfresh || mkeep) && estimate == nullptr) return -1;                             \
+    if (inner < 1 || groups < 1 || cwidth < 1) return -1;                                                 \
+    const FusedNeuron neuron{table, width, membrane, mfresh != 0, mkeep != 0, spike, counts,              \
+                             differential != 0, estimate, differential ? sent : nullptr,                  \
+                             ChannelMap{inner, groups, cwidth}};
+
 int ecmt_ec_gelu_mt_steps(const float* x, float* cum, float* prev, int fresh, int keep, float t0, int64_t K,
                           int64_t n, int approximate, const float* table, int64_t width, float* membrane,
                           int mfresh, int mkeep, float* spike, int64_t* counts, int threads, int differential,
-                          float* estimate, float* sent) {
-    if (table == nullptr || ((!mfresh || mkeep) && membrane == nullptr)) return -1;
-    if (differential && (!mfresh || mkeep) && estimate == nullptr) return -1;
-    const FusedNeuron neuron{table, width, membrane, mfresh != 0, mkeep != 0, spike, counts,
-                             differential != 0, estimate, differential ? sent : nullptr};
+                          float* estimate, float* sent, int64_t inner, int64_t groups, int64_t cwidth) {
+    ECMT_FUSED_NEURON
     if (approximate) {
         ECMT_WITH_WIDTH(width, (ec_gelu_steps<gelu_tanh, W>(x, cum, prev, fresh, keep, t0, nullptr, K, n, threads,
                                                             &neuron)))
@@ -1020,11 +1104,8 @@ int ecmt_ec_gelu_mt_steps(const float* x, float* cum, float* prev, int fresh, in
 int ecmt_ec_softmax_mt_steps(const float* x, float* cum, float* prev, int fresh, int keep, float t0, int64_t K,
                              int64_t rows, int64_t cols, const float* table, int64_t width, float* membrane,
                              int mfresh, int mkeep, float* spike, int64_t* counts, int threads, int differential,
-                          float* estimate, float* sent) {
-    if (table == nullptr || ((!mfresh || mkeep) && membrane == nullptr)) return -1;
-    if (differential && (!mfresh || mkeep) && estimate == nullptr) return -1;
-    const FusedNeuron neuron{table, width, membrane, mfresh != 0, mkeep != 0, spike, counts,
-                             differential != 0, estimate, differential ? sent : nullptr};
+                             float* estimate, float* sent, int64_t inner, int64_t groups, int64_t cwidth) {
+    ECMT_FUSED_NEURON
     ECMT_WITH_WIDTH(width, (ec_row_steps<W>(x, cum, prev, fresh, keep, t0, nullptr, K, rows, cols, threads,
                                             ec_softmax_rows, &neuron)))
     return 0;
@@ -1034,11 +1115,8 @@ int ecmt_ec_layer_norm_mt_steps(const float* x, float* cum, float* prev, int fre
                                 const float* weight, const float* bias, float eps, int64_t K, int64_t rows,
                                 int64_t cols, const float* table, int64_t width, float* membrane, int mfresh,
                                 int mkeep, float* spike, int64_t* counts, int threads, int differential,
-                                float* estimate, float* sent) {
-    if (table == nullptr || ((!mfresh || mkeep) && membrane == nullptr)) return -1;
-    if (differential && (!mfresh || mkeep) && estimate == nullptr) return -1;
-    const FusedNeuron neuron{table, width, membrane, mfresh != 0, mkeep != 0, spike, counts,
-                             differential != 0, estimate, differential ? sent : nullptr};
+                                float* estimate, float* sent, int64_t inner, int64_t groups, int64_t cwidth) {
+    ECMT_FUSED_NEURON
     auto row = [=](float* c, const float* xr, float* p, float steps, float* o, int64_t m) {
         ec_layer_norm_row(c, xr, p, steps, weight, bias, eps, o, m);
     };
