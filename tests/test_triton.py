@@ -510,12 +510,15 @@ import triton, kernels.triton as tk
 from triton.backends.compiler import GPUTarget
 P, I, C = '*fp32', 'i32', '*i64'
 ec = dict(x=P, cum=P, prev=P, out=P, t0='fp32', K=I)
-neuron = dict(table=P, membrane=P, counts=C, estimate=P, sent=P)
-coding = dict(estimate=P, sent=P, t0='fp32')
+channel_map = dict(inner=I, groups=I, cwidth=I)  # per-channel thresholds (ECMT_SPEC 15)
+neuron = dict(table=P, membrane=P, counts=C, estimate=P, sent=P, **channel_map)
+coding = dict(estimate=P, sent=P, t0='fp32', **channel_map)
 flags = dict(FRESH=False, KEEP=True, FUSED=True, NEURON_FRESH=False, W=16)
 kernels = []
-for differential in (False, True):  # the rate neuron, and the differential one (ECMT_SPEC 14)
-    codings = dict(DIFFERENTIAL=differential, SENT=differential)
+# the rate neuron and the differential one (ECMT_SPEC 14), each with one channel's table and with
+# a table per channel
+for differential, per_channel in ((False, False), (True, False), (False, True), (True, True)):
+    codings = dict(DIFFERENTIAL=differential, SENT=differential, PER_CHANNEL=per_channel)
     kernels += [
         (tk._mt_kernel, dict(x='*bf16', table=P, membrane=P, spike=P, counts=C, K=I, n=I, **coding),
          dict(FRESH=False, KEEP=True, W=16, BLOCK=1024, **codings)),
@@ -557,4 +560,4 @@ def test_kernels_compile_for_a_gpu():
     result = subprocess.run([sys.executable, '-c', _COMPILE_CHECK, root], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count(' ok') == 15  # 6 neuron kernels of each coding, 3 others
+    assert result.stdout.count(' ok') == 27  # 6 neuron kernels of each coding and table kind, 3 others
