@@ -1,4 +1,5 @@
-"""Plain, slow, literal reference implementations of the ECMT rules (ECMT_SPEC sections 3-6).
+"""Plain, slow, literal reference implementations of the ECMT rules (ECMT_SPEC sections 3-6, the
+differential neuron of 14 and the per-channel thresholds and rounding fire rule of 15).
 
 Nothing here is meant to be fast: each function restates its section of the spec as directly as
 possible, so that the optimised code in ``trans_utils`` can be held to it.
@@ -144,6 +145,32 @@ def ref_ec_product(as_: Sequence[torch.Tensor], bs: Sequence[torch.Tensor]) -> L
             cum_a, cum_b = cum_a + a, cum_b + b
         outs.append(out)
     return outs
+
+
+def ref_running_sums(xs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """ECMT_SPEC 6's running sums, literally: A_1 = x_1, A_t = A_(t-1) + x_t, in float32."""
+    sums, cum = [], None
+    for x in xs:
+        cum = x.float().clone() if cum is None else cum + x.float()
+        sums.append(cum)
+    return sums
+
+
+def ref_product_differences(products: Sequence[torch.Tensor], scale=None
+                            ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """ECMT_SPEC 6's outputs from the products P_t of the running sums (P_t = A_t·B_t), step by
+    step in float32: total_t = P_t / t (a correctly rounded division), out_t = total_t −
+    total_(t−1) (total_1 alone at t = 1), then times ``scale`` (the model's q·kᵀ scale) if given.
+    Returns (the outputs, the totals)."""
+    outs, totals, previous = [], [], None
+    for t, product in enumerate(products, start=1):
+        product = product.float()
+        total = product / torch.full_like(product, float(t))
+        out = total if previous is None else total - previous
+        outs.append(out if scale is None else out * scale)
+        totals.append(total)
+        previous = total
+    return outs, totals
 
 
 def ref_quantiles(x: torch.Tensor, percent: float) -> Tuple[torch.Tensor, torch.Tensor]:

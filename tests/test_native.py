@@ -9,10 +9,10 @@ import os
 import pytest
 import torch
 
-import kernels.eager as eager_kernels
 import kernels.native as native_kernels
 import trans_utils
-from reference import ref_differential_neuron, ref_mt_neuron, ref_quantiles
+from reference import (ref_differential_neuron, ref_mt_neuron, ref_product_differences, ref_quantiles,
+                       ref_running_sums)
 
 needs_compiler = pytest.mark.skipif(not any(
     os.path.exists(os.path.join(d, c)) for d in os.environ.get('PATH', '').split(os.pathsep)
@@ -234,35 +234,35 @@ def test_layer_norm_ec_steps_match_float64(native, threads, cols, affine):
 @pytest.mark.parametrize('layout', ['contiguous', 'transposed'])
 @pytest.mark.parametrize('chunks', CHUNKS)
 @pytest.mark.parametrize('scale', [None, 0.125 ** 0.5])
-def test_product_bookkeeping_equals_the_torch_steps_bit_for_bit(native, threads, layout, chunks, scale):
+def test_product_bookkeeping_equals_the_reference_bit_for_bit(native, threads, layout, chunks, scale):
     """The EC products' running sums (of a transposed k, say) and scaled differences along time:
-    the same float operations as trans_utils' torch steps, in every chunking."""
+    ECMT_SPEC 6's float32 steps as tests/reference.py takes them, bit for bit, in every chunking
+    (the state carried from one chunk to the next)."""
     g = torch.Generator().manual_seed(9)
     full = torch.randn(4, 3, 70, 65, generator=g) * (torch.rand(4, 3, 70, 65, generator=g) < 0.5)
     xs = full.transpose(-2, -1) if layout == 'transposed' else full
     products = torch.randn(4, 3, 50, 33, generator=g)
-    cum_native = cum_torch = prev_native = prev_torch = None
+    want_sums = ref_running_sums(list(xs))
+    want_outs, want_totals = ref_product_differences(list(products), scale)
+    cum = prev = None
     first = 0
     for count in CHUNKS[chunks]:
         keep = first + count < 4
-        sums = native_kernels.running_sums(xs[first:first + count], cum_native)
-        want = eager_kernels.running_sums(xs[first:first + count], cum_torch)
-        assert sums.is_contiguous() and torch.equal(sums, want)
-        cum_native, cum_torch = sums[-1].clone(), want[-1].clone()
+        sums = native_kernels.running_sums(xs[first:first + count], cum)
+        assert sums.is_contiguous()
+        assert all(torch.equal(sums[k], want_sums[first + k]) for k in range(count))
+        cum = sums[-1].reshape(-1).clone()
         totals = products[first:first + count].clone()
         if scale is None:
-            out, last = native_kernels.scaled_differences(totals.clone(), prev_native, first, keep)
+            out, last = native_kernels.scaled_differences(totals, prev, first, keep)
         else:
-            out, last = native_kernels.scaled_differences(totals.clone(), prev_native, first, keep, scale)
-        steps = torch.arange(first + 1, first + count + 1, dtype=torch.float32).view(-1, 1, 1, 1)
-        scaled = totals / steps
-        want = eager_kernels._differences(scaled.clone(), prev_torch)
-        assert torch.equal(out, want if scale is None else want * scale)  # the output times the scale
+            out, last = native_kernels.scaled_differences(totals, prev, first, keep, scale)
+        assert all(torch.equal(out[k], want_outs[first + k]) for k in range(count))  # the output times the scale
         if keep:
-            assert torch.equal(last, scaled[-1])
+            assert torch.equal(last, want_totals[first + count - 1])
         else:
             assert last is None
-        prev_native, prev_torch = last, scaled[-1]
+        prev = None if last is None else last.reshape(-1)
         first += count
 
 

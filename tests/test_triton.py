@@ -448,7 +448,7 @@ def test_wrappers_refuse_mismatched_arguments():
     with pytest.raises(ValueError, match='state'):
         triton_kernels.mt_steps(x, table, torch.zeros(11, device=DEVICE), True)
     with pytest.raises(ValueError, match='table'):
-        triton_kernels.mt_steps(x, table.t(), None, True)
+        triton_kernels.mt_steps(x, table[0].t(), None, True)
     with pytest.raises(ValueError, match='float32, float16 or bfloat16'):
         triton_kernels.mt_steps(x.double(), table, None, True)
     with pytest.raises(ValueError, match='carried together'):
