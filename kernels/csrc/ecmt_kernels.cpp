@@ -412,24 +412,47 @@ inline const float* tile_input(const float* x, const StepLayout& l, int64_t k, c
 // (tests/reference.py), so that every backend gives the same bits.
 // Per-channel thresholds (ECMT_SPEC 15): the table is [C, 4, width], one block per channel, and
 // the element at row-major index i of a step uses channel ((i / inner) % groups) * cwidth +
-// i % cwidth (kernels.channel_map). A neuron tile then takes, per element, the offset of its
-// channel's block (`chan`, computed once per tile and reused for its K steps); with one channel
-// (chan null) the tile reads the table as it always did.
+// i % cwidth (kernels.channel_map). A neuron tile then reads its elements' levels from a
+// per-element copy, lv[q * stride + i] for row q < 4 * width of the channel's block (made by
+// tile_levels, once per tile for its K steps where the loops allow), so that the comparisons stay
+// vectorised over the elements as with one channel. With one channel the tile reads the table as
+// it always did (a template parameter: that code is unchanged).
 struct ChannelMap {
     int64_t inner = 1, groups = 1, width = 1;
+    const float* levels = nullptr;  // the table channel-major: levels[q * C + c]
     bool per_channel() const { return groups * width > 1; }
 };
 
-// chan[j] = the table offset (channel * 4 * table_width) of element first + j, j < len.
-inline void channel_offsets(const ChannelMap& m, int64_t table_width, int64_t first, int64_t len, int32_t* chan) {
-    const int64_t block = 4 * table_width;
-    int64_t r = first % m.inner, g = (first / m.inner) % m.groups, w = first % m.width;
-    for (int64_t j = 0; j < len; ++j) {
-        chan[j] = static_cast<int32_t>((g * m.width + w) * block);
-        if (++w == m.width) w = 0;
-        if (++r == m.inner) {
-            r = 0;
-            if (++g == m.groups) g = 0;
+// The channel-major copy of a [C, rows] table (what ChannelMap::levels points to).
+std::vector<float> channel_major(const float* table, int64_t C, int64_t rows) {
+    std::vector<float> out(static_cast<size_t>(C * rows));
+    for (int64_t c = 0; c < C; ++c)
+        for (int64_t q = 0; q < rows; ++q) out[q * C + c] = table[c * rows + q];
+    return out;
+}
+
+// lv[q * stride + i] = row q (< rows = 4 * width) of the level block of element first + i's
+// channel, i < len: copied by runs of consecutive channels (a tile of a token's features or of a
+// head's channels is one run or two).
+inline void tile_levels(const ChannelMap& m, int64_t rows, int64_t first, int64_t len, float* lv, int64_t stride) {
+    const int64_t C = m.groups * m.width;
+    const bool grouped = m.groups > 1;
+    int64_t r = first % m.inner, g = grouped ? (first / m.inner) % m.groups : 0, w = first % m.width;
+    for (int64_t i = 0; i < len;) {
+        int64_t run = std::min(len - i, m.width - w);
+        if (grouped) run = std::min(run, m.inner - r);
+        const float* from = m.levels + g * m.width + w;
+        for (int64_t q = 0; q < rows; ++q)
+            std::memcpy(lv + q * stride + i, from + q * C, static_cast<size_t>(run) * sizeof(float));
+        i += run;
+        w += run;
+        if (w == m.width) w = 0;
+        if (grouped) {
+            r += run;
+            if (r == m.inner) {
+                r = 0;
+                if (++g == m.groups) g = 0;
+            }
         }
     }
 }
@@ -437,7 +460,8 @@ inline void channel_offsets(const ChannelMap& m, int64_t table_width, int64_t fi
 template <int W, bool Differential = false, bool PerChannel = false>
 void mt_tile(float* __restrict v, const float* __restrict x, const float* __restrict table, int64_t width,
              float* __restrict spike, int64_t len, int64_t& count, float* __restrict r = nullptr,
-             float step = 1.0f, float* __restrict sent = nullptr, const int32_t* __restrict chan = nullptr) {
+             float step = 1.0f, float* __restrict sent = nullptr, const float* __restrict lv = nullptr,
+             int64_t stride = 0) {
     const int w = W > 0 ? W : static_cast<int>(width);
     float tp[W > 0 ? W : 1], sp[W > 0 ? W : 1], tn[W > 0 ? W : 1], sn[W > 0 ? W : 1];
     if (W > 0 && !PerChannel) {
@@ -455,11 +479,10 @@ void mt_tile(float* __restrict v, const float* __restrict x, const float* __rest
         const float negated = -u;
         float up = 0.0f, down = 0.0f;
         if (PerChannel) {
-            const float* t = table + chan[i];
 #pragma GCC unroll 64
             for (int j = 0; j < w; ++j) {
-                up = u >= t[j] ? t[w + j] : up;
-                down = negated >= t[2 * w + j] ? t[3 * w + j] : down;
+                up = u >= lv[j * stride + i] ? lv[(w + j) * stride + i] : up;
+                down = negated >= lv[(2 * w + j) * stride + i] ? lv[(3 * w + j) * stride + i] : down;
             }
         } else if (W > 0) {
 #pragma GCC unroll 64
@@ -489,20 +512,28 @@ void mt_tile(float* __restrict v, const float* __restrict x, const float* __rest
 }
 
 // One neuron tile of either coding (r, step and sent are used by the differential one only) and
-// either kind of table (chan: the elements' channel offsets, null with one channel).
+// either kind of table (PerChannel: the elements' levels lv, row stride `stride`).
 template <int W, bool PerChannel>
 inline void neuron_tile(bool differential, float* v, float* r, const float* x, const float* table, int64_t width,
-                        float* out, float* sent, int64_t len, float step, int64_t& count, const int32_t* chan) {
-    if (differential) mt_tile<W, true, PerChannel>(v, x, table, width, out, len, count, r, step, sent, chan);
-    else mt_tile<W, false, PerChannel>(v, x, table, width, out, len, count, nullptr, 1.0f, nullptr, chan);
+                        float* out, float* sent, int64_t len, float step, int64_t& count, const float* lv = nullptr,
+                        int64_t stride = 0) {
+    if (differential) mt_tile<W, true, PerChannel>(v, x, table, width, out, len, count, r, step, sent, lv, stride);
+    else mt_tile<W, false, PerChannel>(v, x, table, width, out, len, count, nullptr, 1.0f, nullptr, lv, stride);
 }
 
-// The same, choosing the kind of table per tile (a branch per tile, not per element).
+// The same for elements first .. first + len - 1 (len <= kTile) of a step, choosing the kind of
+// table per tile (a branch per tile, not per element); with a per-channel map the levels are
+// copied into `scratch` (4 * width * kTile floats) first.
 template <int W>
 inline void neuron_tile_any(bool differential, float* v, float* r, const float* x, const float* table, int64_t width,
-                        float* out, float* sent, int64_t len, float step, int64_t& count, const int32_t* chan) {
-    if (chan != nullptr) neuron_tile<W, true>(differential, v, r, x, table, width, out, sent, len, step, count, chan);
-    else neuron_tile<W, false>(differential, v, r, x, table, width, out, sent, len, step, count, nullptr);
+                            float* out, float* sent, int64_t len, float step, int64_t& count, const ChannelMap* map,
+                            int64_t first, float* scratch) {
+    if (map != nullptr && map->per_channel()) {
+        tile_levels(*map, 4 * width, first, len, scratch, kTile);
+        neuron_tile<W, true>(differential, v, r, x, table, width, out, sent, len, step, count, scratch, kTile);
+    } else {
+        neuron_tile<W, false>(differential, v, r, x, table, width, out, sent, len, step, count);
+    }
 }
 
 template <int W, bool PerChannel>
@@ -515,23 +546,23 @@ void mt_steps(const float* x, const StepLayout& l, float* membrane, bool fresh, 
 #pragma omp parallel num_threads(threads) if (threads > 1 && n > kItem)
     {
         std::vector<int64_t> local(K, 0);
+        std::vector<float> lv(PerChannel ? static_cast<size_t>(4 * width * kTile) : 0);
         TileSource source;
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; ++item) {
             const int64_t end = std::min(n, (item + 1) * kItem);
             float v[kTile], r[kTile], buffer[kTile];
-            int32_t chan[PerChannel ? kTile : 1];
             for (int64_t at = item * kItem; at < end; at += kTile) {
                 const int64_t len = std::min(kTile, end - at);
                 tile_source(l, at, len, source);
-                if (PerChannel) channel_offsets(channels, width, at, len, chan);
+                if (PerChannel) tile_levels(channels, 4 * width, at, len, lv.data(), kTile);  // for the K steps
                 for (int64_t j = 0; j < len; ++j) v[j] = fresh ? 0.0f : membrane[at + j];
                 if (differential)
                     for (int64_t j = 0; j < len; ++j) r[j] = fresh ? 0.0f : estimate[at + j];
                 for (int64_t k = 0; k < K; ++k)
                     neuron_tile<W, PerChannel>(differential, v, r, tile_input(x, l, k, source, buffer), table, width,
                                                spike + k * n + at, sent ? sent + k * n + at : nullptr, len,
-                                               t0 + static_cast<float>(k + 1), local[k], PerChannel ? chan : nullptr);
+                                               t0 + static_cast<float>(k + 1), local[k], lv.data(), kTile);
                 if (keep) {
                     for (int64_t j = 0; j < len; ++j) membrane[at + j] = v[j];
                     if (differential)
@@ -564,9 +595,9 @@ void qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H, in
         any_per_channel = any_per_channel || per_channel[p];
     }
     // Work items: blocks of up to `span` tokens of one image, whose membranes (span x 3C) stay in
-    // a thread buffer over the K steps (and, differential, the estimates in a second one; with
-    // per-channel tables, the elements' channel offsets in a third); each step reads the block's
-    // rows in one sweep and writes 3H runs of span x D spikes.
+    // a thread buffer over the K steps (and, differential, the estimates in a second one); each
+    // step reads the block's
+    // rows in one sweep and writes 3H runs of span x D spikes (per-channel levels copied per run).
     const int64_t span = std::max<int64_t>(1, std::min<int64_t>(N, 16384 / std::max<int64_t>(row, 1)));
     const int64_t blocks = (N + span - 1) / span, items = B * blocks;
 #pragma omp parallel num_threads(threads) if (threads > 1 && items > 1)
@@ -574,19 +605,17 @@ void qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H, in
         std::vector<int64_t> local(3 * K, 0);
         std::vector<float> state(static_cast<size_t>(span * row));
         std::vector<float> estimate_state(differential ? static_cast<size_t>(span * row) : 0);
-        std::vector<int32_t> channel_state(any_per_channel ? static_cast<size_t>(span * row) : 0);
+        std::vector<float> scratch(any_per_channel ? static_cast<size_t>(4 * width * kTile) : 0);
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; ++item) {
             const int64_t b = item / blocks, n0 = (item % blocks) * span, count = std::min(span, N - n0);
             float* v = state.data();
             float* r = estimate_state.data();
-            int32_t* chan = channel_state.data();
             for (int64_t i = 0; i < count; ++i)
                 for (int p = 0; p < 3; ++p) {
                     if (tables[p] == nullptr) continue;
                     for (int64_t h = 0; h < H; ++h) {
                         const int64_t at = i * row + p * C + h * D, from = ((b * H + h) * N + n0 + i) * D;
-                        if (per_channel[p]) channel_offsets(channels[p], width, from, D, chan + at);
                         if (fresh) {
                             std::fill(v + at, v + at + D, 0.0f);
                             if (differential) std::fill(r + at, r + at + D, 0.0f);
@@ -612,7 +641,8 @@ void qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H, in
                                 neuron_tile_any<W>(differential, v + at + d0, r + at + d0, in + at + d0, tables[p],
                                                    width, out + d0, sent ? sent + d0 : nullptr,
                                                    std::min(kTile, D - d0), step, local[p * K + k],
-                                                   per_channel[p] ? chan + at + d0 : nullptr);
+                                                   per_channel[p] ? &channels[p] : nullptr,
+                                                   to - k * step_out + d0, scratch.data());
                         }
                     }
             }
@@ -747,15 +777,16 @@ void ec_gelu_steps(const float* x, float* cum, float* prev, bool fresh, bool kee
 #pragma omp parallel num_threads(threads) if (threads > 1 && items > 1)
     {
         std::vector<int64_t> local(neuron ? K : 0, 0);
+        const bool per_channel = neuron && neuron->channels.per_channel();
+        std::vector<float> lv(per_channel ? static_cast<size_t>(4 * neuron->width * kTile) : 0);
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; ++item) {
             const int64_t end = std::min(n, (item + 1) * kItem);
             for (int64_t col = item * kItem; col < end; col += kTile) {
                 const int64_t len = std::min(kTile, end - col);
                 float c[kTile], p[kTile], v[kTile], d[kTile], r[kTile];
-                int32_t chan[kTile];
-                const bool per_channel = neuron && neuron->channels.per_channel();
-                if (per_channel) channel_offsets(neuron->channels, neuron->width, col, len, chan);
+                if (per_channel)  // the tile's levels, for its K steps
+                    tile_levels(neuron->channels, 4 * neuron->width, col, len, lv.data(), kTile);
                 for (int64_t j = 0; j < len; ++j) {
                     c[j] = fresh ? 0.0f : cum[col + j];
                     p[j] = fresh ? 0.0f : prev[col + j];
@@ -775,11 +806,16 @@ void ec_gelu_steps(const float* x, float* cum, float* prev, bool fresh, bool kee
                         ok[j] = total - p[j];
                         p[j] = total;
                     }
-                    if (neuron)
-                        neuron_tile_any<W>(neuron->differential, v, r, d, neuron->table, neuron->width,
-                                           neuron->spike + k * n + col,
-                                           neuron->sent ? neuron->sent + k * n + col : nullptr, len, steps, local[k],
-                                           per_channel ? chan : nullptr);
+                    if (per_channel)
+                        neuron_tile<W, true>(neuron->differential, v, r, d, neuron->table, neuron->width,
+                                             neuron->spike + k * n + col,
+                                             neuron->sent ? neuron->sent + k * n + col : nullptr, len, steps,
+                                             local[k], lv.data(), kTile);
+                    else if (neuron)
+                        neuron_tile<W, false>(neuron->differential, v, r, d, neuron->table, neuron->width,
+                                              neuron->spike + k * n + col,
+                                              neuron->sent ? neuron->sent + k * n + col : nullptr, len, steps,
+                                              local[k]);
                 }
                 if (keep) {
                     for (int64_t j = 0; j < len; ++j) {
@@ -923,7 +959,7 @@ void ec_row_steps(const float* x, float* cum, float* prev, bool fresh, bool keep
         const bool differential = neuron && neuron->differential;
         std::vector<float> c(cols), p(cols), v(neuron ? cols : 0), d(neuron ? cols : 0), e(differential ? cols : 0);
         const bool per_channel = neuron && neuron->channels.per_channel();
-        std::vector<int32_t> chan(per_channel ? cols : 0);
+        std::vector<float> lv(per_channel ? static_cast<size_t>(4 * neuron->width * cols) : 0);
         std::vector<int64_t> local(neuron ? K : 0, 0);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; ++r) {
@@ -935,7 +971,7 @@ void ec_row_steps(const float* x, float* cum, float* prev, bool fresh, bool keep
                 std::copy_n(cum + at, cols, c.data());
                 std::copy_n(prev + at, cols, p.data());
             }
-            if (per_channel) channel_offsets(neuron->channels, neuron->width, at, cols, chan.data());
+            if (per_channel) tile_levels(neuron->channels, 4 * neuron->width, at, cols, lv.data(), cols);  // the row's
             if (neuron) {
                 if (neuron->fresh) std::fill(v.begin(), v.end(), 0.0f);
                 else std::copy_n(neuron->membrane + at, cols, v.data());
@@ -947,13 +983,19 @@ void ec_row_steps(const float* x, float* cum, float* prev, bool fresh, bool keep
             for (int64_t k = 0; k < K; ++k) {
                 const float steps = t0 + static_cast<float>(k + 1);
                 row_step(c.data(), x + k * n + at, p.data(), steps, neuron ? d.data() : out + k * n + at, cols);
-                if (neuron)
-                    for (int64_t off = 0; off < cols; off += kTile)
-                        neuron_tile_any<W>(differential, v.data() + off, e.data() + off, d.data() + off,
-                                           neuron->table, neuron->width, neuron->spike + k * n + at + off,
-                                           neuron->sent ? neuron->sent + k * n + at + off : nullptr,
-                                           std::min(kTile, cols - off), steps, local[k],
-                                           per_channel ? chan.data() + off : nullptr);
+                if (!neuron) continue;
+                for (int64_t off = 0; off < cols; off += kTile) {
+                    if (per_channel)
+                        neuron_tile<W, true>(differential, v.data() + off, e.data() + off, d.data() + off,
+                                             neuron->table, neuron->width, neuron->spike + k * n + at + off,
+                                             neuron->sent ? neuron->sent + k * n + at + off : nullptr,
+                                             std::min(kTile, cols - off), steps, local[k], lv.data() + off, cols);
+                    else
+                        neuron_tile<W, false>(differential, v.data() + off, e.data() + off, d.data() + off,
+                                              neuron->table, neuron->width, neuron->spike + k * n + at + off,
+                                              neuron->sent ? neuron->sent + k * n + at + off : nullptr,
+                                              std::min(kTile, cols - off), steps, local[k]);
+                }
             }
             if (keep) {
                 std::copy_n(c.data(), cols, cum + at);
@@ -995,8 +1037,11 @@ int ecmt_mt_steps(const float* x, int ndim, const int64_t* sizes, const int64_t*
     if (differential && (!fresh || keep) && estimate == nullptr) return -1;
     if (inner < 1 || groups < 1 || cwidth < 1) return -1;
     const bool d = differential != 0;
-    const ChannelMap channels{inner, groups, cwidth};
+    ChannelMap channels{inner, groups, cwidth};
+    std::vector<float> levels;
     if (channels.per_channel()) {
+        levels = channel_major(table, groups * cwidth, 4 * width);
+        channels.levels = levels.data();
         ECMT_WITH_WIDTH(width, (mt_steps<W, true>(x, l, membrane, fresh, keep, table, width, spike, counts, threads,
                                                   d, estimate, t0, d ? sent : nullptr, channels)))
     } else {
@@ -1029,6 +1074,7 @@ int ecmt_qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H
     float* spikes[3] = {spike_q, spike_k, spike_v};
     float* sents[3] = {sent_q, sent_k, sent_v};
     ChannelMap channels[3];
+    std::vector<float> levels[3];
     int parts = 0;
     for (int p = 0; p < 3; ++p) {
         if (tables[p] == nullptr) continue;  // a part not asked for
@@ -1038,6 +1084,10 @@ int ecmt_qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H
         if (channel_maps != nullptr) {
             channels[p] = ChannelMap{channel_maps[3 * p], channel_maps[3 * p + 1], channel_maps[3 * p + 2]};
             if (channels[p].inner < 1 || channels[p].groups < 1 || channels[p].width < 1) return -1;
+            if (channels[p].per_channel()) {
+                levels[p] = channel_major(tables[p], channels[p].groups * channels[p].width, 4 * width);
+                channels[p].levels = levels[p].data();
+            }
         }
     }
     if (parts == 0) return -1;
@@ -1082,9 +1132,14 @@ void ecmt_ec_layer_norm_steps(const float* x, float* cum, float* prev, int fresh
     if (table == nullptr || ((!mfresh || mkeep) && membrane == nullptr)) return -1;                       \
     if (differential && (!mfresh || mkeep) && estimate == nullptr) return -1;                             \
     if (inner < 1 || groups < 1 || cwidth < 1) return -1;                                                 \
+    ChannelMap channels{inner, groups, cwidth};                                                           \
+    std::vector<float> levels;                                                                            \
+    if (channels.per_channel()) {                                                                         \
+        levels = channel_major(table, groups * cwidth, 4 * width);                                        \
+        channels.levels = levels.data();                                                                  \
+    }                                                                                                     \
     const FusedNeuron neuron{table, width, membrane, mfresh != 0, mkeep != 0, spike, counts,              \
-                             differential != 0, estimate, differential ? sent : nullptr,                  \
-                             ChannelMap{inner, groups, cwidth}};
+                             differential != 0, estimate, differential ? sent : nullptr, channels};
 
 int ecmt_ec_gelu_mt_steps(const float* x, float* cum, float* prev, int fresh, int keep, float t0, int64_t K,
                           int64_t n, int approximate, const float* table, int64_t width, float* membrane,
