@@ -431,10 +431,12 @@ std::vector<float> channel_major(const float* table, int64_t C, int64_t rows) {
     return out;
 }
 
-// lv[q * stride + i] = row q (< rows = 4 * width) of the level block of element first + i's
-// channel, i < len: copied by runs of consecutive channels (a tile of a token's features or of a
-// head's channels is one run or two).
-inline void tile_levels(const ChannelMap& m, int64_t rows, int64_t first, int64_t len, float* lv, int64_t stride) {
+// lv[q * kTile + i] = row q (< rows = 4 * width) of the level block of element first + i's
+// channel, i < len <= kTile: copied by runs of consecutive channels (a tile of a token's features
+// or of a head's channels is one run or two). The row stride is the constant kTile: with a
+// run-time stride (reading the channel-major table in place, say) the comparisons are no longer
+// vectorised, ten times slower.
+inline void tile_levels(const ChannelMap& m, int64_t rows, int64_t first, int64_t len, float* lv) {
     const int64_t C = m.groups * m.width;
     const bool grouped = m.groups > 1;
     int64_t r = first % m.inner, g = grouped ? (first / m.inner) % m.groups : 0, w = first % m.width;
@@ -443,7 +445,7 @@ inline void tile_levels(const ChannelMap& m, int64_t rows, int64_t first, int64_
         if (grouped) run = std::min(run, m.inner - r);
         const float* from = m.levels + g * m.width + w;
         for (int64_t q = 0; q < rows; ++q)
-            std::memcpy(lv + q * stride + i, from + q * C, static_cast<size_t>(run) * sizeof(float));
+            std::memcpy(lv + q * kTile + i, from + q * C, static_cast<size_t>(run) * sizeof(float));
         i += run;
         w += run;
         if (w == m.width) w = 0;
@@ -460,8 +462,7 @@ inline void tile_levels(const ChannelMap& m, int64_t rows, int64_t first, int64_
 template <int W, bool Differential = false, bool PerChannel = false>
 void mt_tile(float* __restrict v, const float* __restrict x, const float* __restrict table, int64_t width,
              float* __restrict spike, int64_t len, int64_t& count, float* __restrict r = nullptr,
-             float step = 1.0f, float* __restrict sent = nullptr, const float* __restrict lv = nullptr,
-             int64_t stride = 0) {
+             float step = 1.0f, float* __restrict sent = nullptr, const float* __restrict lv = nullptr) {
     const int w = W > 0 ? W : static_cast<int>(width);
     float tp[W > 0 ? W : 1], sp[W > 0 ? W : 1], tn[W > 0 ? W : 1], sn[W > 0 ? W : 1];
     if (W > 0 && !PerChannel) {
@@ -481,8 +482,8 @@ void mt_tile(float* __restrict v, const float* __restrict x, const float* __rest
         if (PerChannel) {
 #pragma GCC unroll 64
             for (int j = 0; j < w; ++j) {
-                up = u >= lv[j * stride + i] ? lv[(w + j) * stride + i] : up;
-                down = negated >= lv[(2 * w + j) * stride + i] ? lv[(3 * w + j) * stride + i] : down;
+                up = u >= lv[j * kTile + i] ? lv[(w + j) * kTile + i] : up;
+                down = negated >= lv[(2 * w + j) * kTile + i] ? lv[(3 * w + j) * kTile + i] : down;
             }
         } else if (W > 0) {
 #pragma GCC unroll 64
@@ -512,13 +513,12 @@ void mt_tile(float* __restrict v, const float* __restrict x, const float* __rest
 }
 
 // One neuron tile of either coding (r, step and sent are used by the differential one only) and
-// either kind of table (PerChannel: the elements' levels lv, row stride `stride`).
+// either kind of table (PerChannel: the elements' levels lv, tile_levels' layout).
 template <int W, bool PerChannel>
 inline void neuron_tile(bool differential, float* v, float* r, const float* x, const float* table, int64_t width,
-                        float* out, float* sent, int64_t len, float step, int64_t& count, const float* lv = nullptr,
-                        int64_t stride = 0) {
-    if (differential) mt_tile<W, true, PerChannel>(v, x, table, width, out, len, count, r, step, sent, lv, stride);
-    else mt_tile<W, false, PerChannel>(v, x, table, width, out, len, count, nullptr, 1.0f, nullptr, lv, stride);
+                        float* out, float* sent, int64_t len, float step, int64_t& count, const float* lv = nullptr) {
+    if (differential) mt_tile<W, true, PerChannel>(v, x, table, width, out, len, count, r, step, sent, lv);
+    else mt_tile<W, false, PerChannel>(v, x, table, width, out, len, count, nullptr, 1.0f, nullptr, lv);
 }
 
 // The same for elements first .. first + len - 1 (len <= kTile) of a step, choosing the kind of
@@ -529,8 +529,8 @@ inline void neuron_tile_any(bool differential, float* v, float* r, const float* 
                             float* out, float* sent, int64_t len, float step, int64_t& count, const ChannelMap* map,
                             int64_t first, float* scratch) {
     if (map != nullptr && map->per_channel()) {
-        tile_levels(*map, 4 * width, first, len, scratch, kTile);
-        neuron_tile<W, true>(differential, v, r, x, table, width, out, sent, len, step, count, scratch, kTile);
+        tile_levels(*map, 4 * width, first, len, scratch);
+        neuron_tile<W, true>(differential, v, r, x, table, width, out, sent, len, step, count, scratch);
     } else {
         neuron_tile<W, false>(differential, v, r, x, table, width, out, sent, len, step, count);
     }
@@ -555,14 +555,14 @@ void mt_steps(const float* x, const StepLayout& l, float* membrane, bool fresh, 
             for (int64_t at = item * kItem; at < end; at += kTile) {
                 const int64_t len = std::min(kTile, end - at);
                 tile_source(l, at, len, source);
-                if (PerChannel) tile_levels(channels, 4 * width, at, len, lv.data(), kTile);  // for the K steps
+                if (PerChannel) tile_levels(channels, 4 * width, at, len, lv.data());  // for the K steps
                 for (int64_t j = 0; j < len; ++j) v[j] = fresh ? 0.0f : membrane[at + j];
                 if (differential)
                     for (int64_t j = 0; j < len; ++j) r[j] = fresh ? 0.0f : estimate[at + j];
                 for (int64_t k = 0; k < K; ++k)
                     neuron_tile<W, PerChannel>(differential, v, r, tile_input(x, l, k, source, buffer), table, width,
                                                spike + k * n + at, sent ? sent + k * n + at : nullptr, len,
-                                               t0 + static_cast<float>(k + 1), local[k], lv.data(), kTile);
+                                               t0 + static_cast<float>(k + 1), local[k], lv.data());
                 if (keep) {
                     for (int64_t j = 0; j < len; ++j) membrane[at + j] = v[j];
                     if (differential)
@@ -786,7 +786,7 @@ void ec_gelu_steps(const float* x, float* cum, float* prev, bool fresh, bool kee
                 const int64_t len = std::min(kTile, end - col);
                 float c[kTile], p[kTile], v[kTile], d[kTile], r[kTile];
                 if (per_channel)  // the tile's levels, for its K steps
-                    tile_levels(neuron->channels, 4 * neuron->width, col, len, lv.data(), kTile);
+                    tile_levels(neuron->channels, 4 * neuron->width, col, len, lv.data());
                 for (int64_t j = 0; j < len; ++j) {
                     c[j] = fresh ? 0.0f : cum[col + j];
                     p[j] = fresh ? 0.0f : prev[col + j];
@@ -810,7 +810,7 @@ void ec_gelu_steps(const float* x, float* cum, float* prev, bool fresh, bool kee
                         neuron_tile<W, true>(neuron->differential, v, r, d, neuron->table, neuron->width,
                                              neuron->spike + k * n + col,
                                              neuron->sent ? neuron->sent + k * n + col : nullptr, len, steps,
-                                             local[k], lv.data(), kTile);
+                                             local[k], lv.data());
                     else if (neuron)
                         neuron_tile<W, false>(neuron->differential, v, r, d, neuron->table, neuron->width,
                                               neuron->spike + k * n + col,
@@ -959,7 +959,8 @@ void ec_row_steps(const float* x, float* cum, float* prev, bool fresh, bool keep
         const bool differential = neuron && neuron->differential;
         std::vector<float> c(cols), p(cols), v(neuron ? cols : 0), d(neuron ? cols : 0), e(differential ? cols : 0);
         const bool per_channel = neuron && neuron->channels.per_channel();
-        std::vector<float> lv(per_channel ? static_cast<size_t>(4 * neuron->width * cols) : 0);
+        const int64_t chunks = (cols + kTile - 1) / kTile;  // a row's tiles, each its own levels
+        std::vector<float> lv(per_channel ? static_cast<size_t>(4 * neuron->width * kTile * chunks) : 0);
         std::vector<int64_t> local(neuron ? K : 0, 0);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; ++r) {
@@ -971,7 +972,10 @@ void ec_row_steps(const float* x, float* cum, float* prev, bool fresh, bool keep
                 std::copy_n(cum + at, cols, c.data());
                 std::copy_n(prev + at, cols, p.data());
             }
-            if (per_channel) tile_levels(neuron->channels, 4 * neuron->width, at, cols, lv.data(), cols);  // the row's
+            if (per_channel)  // the row's levels, for its K steps
+                for (int64_t off = 0, t = 0; off < cols; off += kTile, ++t)
+                    tile_levels(neuron->channels, 4 * neuron->width, at + off, std::min(kTile, cols - off),
+                                lv.data() + t * 4 * neuron->width * kTile);
             if (neuron) {
                 if (neuron->fresh) std::fill(v.begin(), v.end(), 0.0f);
                 else std::copy_n(neuron->membrane + at, cols, v.data());
@@ -989,7 +993,8 @@ void ec_row_steps(const float* x, float* cum, float* prev, bool fresh, bool keep
                         neuron_tile<W, true>(differential, v.data() + off, e.data() + off, d.data() + off,
                                              neuron->table, neuron->width, neuron->spike + k * n + at + off,
                                              neuron->sent ? neuron->sent + k * n + at + off : nullptr,
-                                             std::min(kTile, cols - off), steps, local[k], lv.data() + off, cols);
+                                             std::min(kTile, cols - off), steps, local[k],
+                                             lv.data() + off / kTile * 4 * neuron->width * kTile);
                     else
                         neuron_tile<W, false>(differential, v.data() + off, e.data() + off, d.data() + off,
                                               neuron->table, neuron->width, neuron->spike + k * n + at + off,
