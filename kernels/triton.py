@@ -307,7 +307,8 @@ if triton is not None:
 
     @triton.jit
     def _ec_rows_kernel(x, cum, prev, out, t0, K, rows, cols, weight, bias, eps, table, membrane, counts,
-                        estimate, sent, inner, groups, cwidth, LAYER_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        estimate, sent, inner, groups, cwidth, LAYER_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                        HAS_BIAS: tl.constexpr,
                         FRESH: tl.constexpr, KEEP: tl.constexpr, FUSED: tl.constexpr, NEURON_FRESH: tl.constexpr,
                         W: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, DIFFERENTIAL: tl.constexpr,
                         SENT: tl.constexpr, PER_CHANNEL: tl.constexpr):
@@ -502,11 +503,12 @@ def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tens
     or bf16; a non-contiguous x is copied first). ``table``: ``kernels.level_table`` [C, 4, width]
     (or [4, width]: one channel) and ``channels=(inner, groups, width)``, the element at row-major
     index i of a step using channel ((i // inner) % groups) * width + i % width
-    (``kernels.channel_map``; one channel compiles the kernel without the per-element lookup). ``membrane``: the flat state carried from the
-    previous chunk, or None on a batch's first chunk (it starts at zero and is not read). With
-    ``keep`` the membrane after the K steps is written (into ``membrane``, or a new tensor) and
-    returned; without, nothing is written and None is returned. Returns (spikes [K, ...]
-    contiguous float32, non-zero spikes per step [K] int64, membrane or None).
+    (``kernels.channel_map``; one channel compiles the kernel without the per-element lookup).
+    ``membrane``: the flat state carried from the previous chunk, or None on a batch's first chunk
+    (it starts at zero and is not read). With ``keep`` the membrane after the K steps is written
+    (into ``membrane``, or a new tensor) and returned; without, nothing is written and None is
+    returned. Returns (spikes [K, ...] contiguous float32, non-zero spikes per step [K] int64,
+    membrane or None).
 
     ``coding='differential'`` (ECMT_SPEC 14): the flat ``estimate`` is carried with the membrane
     (both None on a batch's first chunk), the steps are t0+1..t0+K, and the result is (outputs
@@ -551,8 +553,9 @@ def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
     read in place (contiguous runs of heads * D per token), the spikes written head-major. The
     same spikes, counts and state as :func:`mt_steps` on ``qkv.view(K, B, N, 3, heads, D).permute(3,
     0, 1, 4, 2, 5)[part]``; ``channels`` over one step of that view, [B, heads, N, D].
-    ``membrane``: the flat [B, heads, N, D] state (None on a batch's first chunk). Returns (spikes [K, B, heads, N, D] contiguous float32, non-zero spikes per step [K]
-    int64, membrane or None without ``keep``); differential coding as :func:`mt_steps`."""
+    ``membrane``: the flat [B, heads, N, D] state (None on a batch's first chunk). Returns (spikes
+    [K, B, heads, N, D] contiguous float32, non-zero spikes per step [K] int64, membrane or None
+    without ``keep``); differential coding as :func:`mt_steps`."""
     if (qkv.dim() != 4 or not qkv.is_contiguous() or qkv.dtype not in INPUT_DTYPES or heads < 1
             or qkv.shape[-1] % (3 * heads)):
         raise ValueError('qkv_mt_steps: qkv must be a contiguous float32 (or fp16/bf16) [K, B, N, 3 * heads * D] '
@@ -714,8 +717,9 @@ def ec_mt_steps(kind: str, x: torch.Tensor, cum: Optional[torch.Tensor], prev: O
     ``table``, ``channels`` (over one step of ``x``) and ``membrane`` are those of :func:`mt_steps`
     (None on a batch's first chunk). The same spikes as :func:`mt_steps` fed the EC kernel's
     output, bit for bit. Returns (spikes shaped like ``x``, non-zero spikes per step [K] int64,
-    cum, prev, membrane), the states None unless ``keep``; with ``coding='differential'`` (the neuron's steps are the EC kernel's): (outputs
-    r + s, counts of s, cum, prev, membrane, estimate, the spikes s if ``sent`` else None)."""
+    cum, prev, membrane), the states None unless ``keep``; with ``coding='differential'`` (the
+    neuron's steps are the EC kernel's): (outputs r + s, counts of s, cum, prev, membrane,
+    estimate, the spikes s if ``sent`` else None)."""
     if kind not in ('gelu', 'softmax', 'layer_norm'):
         raise ValueError(f'ec_mt_steps: unknown kind {kind!r} (gelu, softmax or layer_norm)')
     name = f'ec_mt_steps({kind})'
