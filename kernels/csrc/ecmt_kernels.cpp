@@ -512,6 +512,14 @@ void mt_tile(float* __restrict v, const float* __restrict x, const float* __rest
     count += fired;
 }
 
+// Whether elements first .. first + len - 1 have consecutive channels (one run), and the first.
+inline bool one_run(const ChannelMap& m, int64_t first, int64_t len, int64_t& channel) {
+    const bool grouped = m.groups > 1;
+    const int64_t r = first % m.inner, w = first % m.width;
+    channel = (grouped ? (first / m.inner) % m.groups : 0) * m.width + w;
+    return len <= m.width - w && (!grouped || len <= m.inner - r);
+}
+
 // One neuron tile of either coding (r, step and sent are used by the differential one only) and
 // either kind of table (PerChannel: the elements' levels lv, tile_levels' layout).
 template <int W, bool PerChannel>
@@ -521,19 +529,26 @@ inline void neuron_tile(bool differential, float* v, float* r, const float* x, c
     else mt_tile<W, false, PerChannel>(v, x, table, width, out, len, count, nullptr, 1.0f, nullptr, lv);
 }
 
-// The same for elements first .. first + len - 1 (len <= kTile) of a step, choosing the kind of
-// table per tile (a branch per tile, not per element); with a per-channel map the levels are
-// copied into `scratch` (4 * width * kTile floats) first.
-template <int W>
-inline void neuron_tile_any(bool differential, float* v, float* r, const float* x, const float* table, int64_t width,
-                            float* out, float* sent, int64_t len, float step, int64_t& count, const ChannelMap* map,
-                            int64_t first, float* scratch) {
-    if (map != nullptr && map->per_channel()) {
-        tile_levels(*map, 4 * width, first, len, scratch);
-        neuron_tile<W, true>(differential, v, r, x, table, width, out, sent, len, step, count, scratch);
+// The levels of one run of elements first .. first + len - 1 (len <= kTile) kept in a slot of
+// the caller's: copied (tile_levels) unless the slot already holds the levels of the same
+// consecutive channels (q/k/v's per-(head, channel) levels are the same for every token and step).
+struct LevelSlot {
+    int64_t channel = -1, len = 0;  // what the slot's levels are (channel -1: nothing reusable)
+};
+
+inline const float* slot_levels(const ChannelMap& m, int64_t rows, int64_t first, int64_t len, float* lv,
+                                LevelSlot& slot) {
+    int64_t channel;
+    if (one_run(m, first, len, channel)) {
+        if (slot.channel != channel || slot.len != len) {
+            tile_levels(m, rows, first, len, lv);
+            slot = LevelSlot{channel, len};
+        }
     } else {
-        neuron_tile<W, false>(differential, v, r, x, table, width, out, sent, len, step, count);
+        tile_levels(m, rows, first, len, lv);
+        slot = LevelSlot{};
     }
+    return lv;
 }
 
 template <int W, bool PerChannel>
@@ -605,7 +620,11 @@ void qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H, in
         std::vector<int64_t> local(3 * K, 0);
         std::vector<float> state(static_cast<size_t>(span * row));
         std::vector<float> estimate_state(differential ? static_cast<size_t>(span * row) : 0);
-        std::vector<float> scratch(any_per_channel ? static_cast<size_t>(4 * width * kTile) : 0);
+        // per-channel levels: one slot of [4 * width][kTile] per (part, head, tile of a head)
+        const int64_t head_tiles = (D + kTile - 1) / kTile;
+        std::vector<LevelSlot> slots(any_per_channel ? static_cast<size_t>(3 * H * head_tiles) : 0);
+        std::vector<float> slot_buffer(any_per_channel ? static_cast<size_t>(3 * H * head_tiles * 4 * width * kTile)
+                                                       : 0);
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; ++item) {
             const int64_t b = item / blocks, n0 = (item % blocks) * span, count = std::min(span, N - n0);
@@ -637,12 +656,22 @@ void qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H, in
                             const int64_t to = k * step_out + ((b * H + h) * N + n0 + i) * D;
                             float* out = spikes[p] + to;
                             float* sent = (differential && sents && sents[p]) ? sents[p] + to : nullptr;
-                            for (int64_t d0 = 0; d0 < D; d0 += kTile)
-                                neuron_tile_any<W>(differential, v + at + d0, r + at + d0, in + at + d0, tables[p],
-                                                   width, out + d0, sent ? sent + d0 : nullptr,
-                                                   std::min(kTile, D - d0), step, local[p * K + k],
-                                                   per_channel[p] ? &channels[p] : nullptr,
-                                                   to - k * step_out + d0, scratch.data());
+                            for (int64_t d0 = 0; d0 < D; d0 += kTile) {
+                                const int64_t len = std::min(kTile, D - d0);
+                                float* o = out + d0;
+                                float* so = sent ? sent + d0 : nullptr;
+                                if (per_channel[p]) {
+                                    const int64_t slot = (p * H + h) * head_tiles + d0 / kTile;
+                                    const float* lv = slot_levels(channels[p], 4 * width, to - k * step_out + d0, len,
+                                                                  slot_buffer.data() + slot * 4 * width * kTile,
+                                                                  slots[slot]);
+                                    neuron_tile<W, true>(differential, v + at + d0, r + at + d0, in + at + d0,
+                                                         tables[p], width, o, so, len, step, local[p * K + k], lv);
+                                } else {
+                                    neuron_tile<W, false>(differential, v + at + d0, r + at + d0, in + at + d0,
+                                                          tables[p], width, o, so, len, step, local[p * K + k]);
+                                }
+                            }
                         }
                     }
             }
