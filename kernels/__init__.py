@@ -28,11 +28,11 @@ from typing import Callable, Dict, Optional, Protocol, Sequence, Tuple
 
 import torch
 
-from options import BACKEND_CHOICES, BACKENDS, CODINGS
+from options import BACKEND_CHOICES, BACKENDS, CODINGS, FIRE_RULES
 
 __all__ = ['BACKENDS', 'BACKEND_CHOICES', 'BACKEND_TABLE', 'Backend', 'ConversionError', 'Kernels', 'kernels_of',
            'backend_problem', 'resolve_backend', 'set_default_backend', 'default_backend', 'level_table',
-           'level_width', 'differential_coding', 'parts_mt_steps']
+           'level_width', 'channel_map', 'channel_table', 'part_channels', 'differential_coding', 'parts_mt_steps']
 
 
 class ConversionError(ValueError):
@@ -217,22 +217,106 @@ def level_width(levels: int) -> int:
     return max(8, 1 << (int(levels) - 1).bit_length())
 
 
-def level_table(theta_p: torch.Tensor, theta_n: torch.Tensor, levels: int,
-                width: Optional[int] = None) -> torch.Tensor:
-    """[4, width] float32: per level j, the positive threshold θp·2^j − θp/2, the positive spike
-    θp·2^j, the negative threshold and spike (same with θn). Thresholds of levels j >= ``levels``
-    (padding up to ``width``) and of a side whose θ is not positive are NaN: never reached."""
+def level_table(theta_p, theta_n, levels: int, width: Optional[int] = None,
+                fire_rule: str = 'ecmt') -> torch.Tensor:
+    """The MT neuron's thresholds as the kernels read them: float32 [C, 4, width] contiguous, one
+    [4, width] block per channel (C: the elements of ``theta_p`` and ``theta_n``, tensors of one
+    shape, in row-major order; a scalar or [1] gives C = 1). Per level j: the positive fire
+    threshold, the positive spike θp·2^j, the negative fire threshold and spike (same with θn).
+    Fire thresholds: ``fire_rule='ecmt'`` (ECMT_SPEC 4) θ·2^j − θ·0.5; ``'round'`` (ECMT_SPEC 15)
+    θ·f_j with f_0 = 0.5 and f_j = 0.75·2^j for j >= 1 (exact in float32: one rounding, the
+    reference's expression). NaN (never reached) for levels j >= ``levels`` (padding up to
+    ``width``) and for a channel side whose θ is not positive (or NaN). Which element of a
+    kernel's input uses which channel: the kernels' ``channels`` argument (:func:`channel_map`)."""
+    if fire_rule not in FIRE_RULES:
+        raise ValueError(f"fire_rule must be one of {', '.join(FIRE_RULES)}, got {fire_rule!r}")
     width = width or level_width(levels)
-    theta_p = torch.as_tensor(theta_p, dtype=torch.float32).reshape(())
-    theta_n = torch.as_tensor(theta_n, dtype=torch.float32).reshape(()).to(theta_p.device)
+    theta_p = torch.as_tensor(theta_p, dtype=torch.float32)
+    theta_n = torch.as_tensor(theta_n, dtype=torch.float32).to(theta_p.device)
+    if theta_p.numel() != theta_n.numel() or (theta_p.numel() > 1 and theta_p.shape != theta_n.shape):
+        raise ValueError(f'level_table: theta_p {tuple(theta_p.shape)} and theta_n {tuple(theta_n.shape)} must have '
+                         'one shape')
+    theta_p, theta_n = theta_p.reshape(-1, 1), theta_n.reshape(-1, 1)
     j = torch.arange(width, dtype=torch.float32, device=theta_p.device)
     scale = torch.exp2(j)  # exact powers of two
+    if fire_rule == 'round':
+        factor = torch.where(j >= 1, scale * 0.75, torch.full_like(scale, 0.5))  # exact
     rows = []
     for theta in (theta_p, theta_n):
-        threshold = theta * scale - theta * 0.5  # the rule's own expression: same rounding
+        if fire_rule == 'round':
+            threshold = theta * factor
+        else:
+            threshold = theta * scale - theta * 0.5  # the rule's own expression: same rounding
         threshold = torch.where((theta > 0) & (j < levels), threshold, torch.full_like(threshold, math.nan))
         rows += [threshold, theta * scale]
-    return torch.stack(rows)
+    return torch.stack(rows, dim=1).contiguous()
+
+
+def channel_map(theta_shape: Sequence[int], step_shape: Sequence[int]) -> Tuple[int, int, int]:
+    """The kernels' ``channels=(inner, groups, width)`` for thresholds of shape ``theta_shape``
+    broadcast (right-aligned) against one step of a kernel's output, ``step_shape``: the element
+    at row-major index i of a step uses channel ((i // inner) % groups) * width + i % width, the
+    row-major index of its threshold. The trailing dimensions that the thresholds do not broadcast
+    form ``width``; at most one further block of them, before broadcast dimensions, forms
+    ``groups`` (its inner: the elements of one step after it); a scalar gives (1, 1, 1) and one
+    block alone (1, 1, width). A shape that does not broadcast, or a third block, raises
+    ValueError (expand the thresholds instead)."""
+    theta_shape, step_shape = tuple(int(s) for s in theta_shape), tuple(int(s) for s in step_shape)
+    problem = f'thresholds of shape {theta_shape} do not broadcast against a step of shape {step_shape}'
+    if len(theta_shape) > len(step_shape):
+        if any(s != 1 for s in theta_shape[:len(theta_shape) - len(step_shape)]):
+            raise ValueError(problem)
+        theta_shape = theta_shape[len(theta_shape) - len(step_shape):]
+    theta_shape = (1,) * (len(step_shape) - len(theta_shape)) + theta_shape
+    blocks = [1]  # from the right: width, the broadcast run after groups, groups
+    own = True  # whether the current block holds dimensions of the thresholds' own
+    for t, s in zip(reversed(theta_shape), reversed(step_shape)):
+        if s == 1 and t == 1:
+            continue
+        if t != s and t != 1:
+            raise ValueError(problem)
+        if (t == s) != own:
+            own = not own
+            blocks.append(1)
+            if len(blocks) > 3 and own:
+                raise ValueError(f'{problem} as one block of channels or two (the channels of thresholds of '
+                                 f'shape {theta_shape} are not one run of (inner, groups, width): expand them)')
+        blocks[-1] *= s
+    width = blocks[0]
+    between = blocks[1] if len(blocks) > 1 else 1
+    groups = blocks[2] if len(blocks) > 2 else 1
+    if groups == 1:
+        return 1, 1, width
+    return between * width, groups, width
+
+
+def channel_table(name: str, table: torch.Tensor, channels) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
+    """(``table`` as [C, 4, width], the channel map) after checking them against each other: an
+    old [4, width] table is one channel; ``channels`` is (inner, groups, width) of positive
+    integers with groups * width == C (what every backend's neuron kernels check)."""
+    if table.dim() == 2:
+        table = table.unsqueeze(0)
+    if table.dim() != 3 or table.shape[1] != 4 or table.shape[2] < 1:
+        raise ValueError(f'{name}: table must be a [C, 4, width] tensor (or [4, width]: one channel), got '
+                         f'{tuple(table.shape)}')
+    try:
+        inner, groups, width = (int(c) for c in channels)
+    except (TypeError, ValueError):
+        raise ValueError(f'{name}: channels must be (inner, groups, width), got {channels!r}') from None
+    if min(inner, groups, width) < 1:
+        raise ValueError(f'{name}: channels must be positive (inner, groups, width), got {channels!r}')
+    if groups * width != table.shape[0]:
+        raise ValueError(f'{name}: channels {(inner, groups, width)} name {groups * width} channels, the table has '
+                         f'{table.shape[0]}')
+    return table, (inner, groups, width)
+
+
+def part_channels(channels) -> list:
+    """The channel map of each part (q, k, v) of ``qkv_parts_mt_steps``: one (inner, groups,
+    width) for the three, or a sequence of three (None: one channel)."""
+    if len(channels) == 3 and all(c is None or isinstance(c, (tuple, list)) for c in channels):
+        return [(1, 1, 1) if c is None else tuple(c) for c in channels]
+    return [tuple(channels)] * 3
 
 
 def differential_coding(name: str, coding: str, membrane: Optional[torch.Tensor],

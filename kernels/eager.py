@@ -26,7 +26,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from kernels import differential_coding, parts_mt_steps
+from kernels import channel_table, differential_coding, part_channels, parts_mt_steps
 
 #: EC kinds a module runs through this backend's own kernels: none, the eager backend calls the
 #: wrapped module itself (ec_function_steps) for every kind; ec_gelu/softmax/layer_norm_steps below
@@ -42,42 +42,68 @@ def available() -> bool:
     return True
 
 
-def mt_step(membrane: torch.Tensor, x: torch.Tensor, table: torch.Tensor
-            ) -> Tuple[torch.Tensor, torch.Tensor]:
+def mt_step(membrane: torch.Tensor, x: torch.Tensor, table) -> Tuple[torch.Tensor, torch.Tensor]:
     """One MT step on tensors of one shape: the membrane after ``v + x`` is compared with every
-    level's threshold in turn (``table``: ``trans_utils.level_table``); thresholds grow with the
-    level, so the last level passed is the largest that fires, and NaN thresholds (levels beyond
-    N, dead sides) never pass. Only comparisons and selections: the same spikes as the literal
-    rule bit for bit. Returns (spike, new membrane)."""
+    level's threshold in turn (``table``: a one-channel ``kernels.level_table``, or the levels of
+    :func:`channel_levels`); thresholds grow with the level, so the last level passed is the
+    largest that fires, and NaN thresholds (levels beyond N, dead sides) never pass. Only
+    comparisons and selections: the same spikes as the literal rule bit for bit. Returns (spike,
+    new membrane)."""
     membrane = membrane + x
     spike = fire(membrane, table)
     return spike, membrane - spike
 
 
-def fire(u: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """The spike the MT rule emits for a membrane ``u`` that already holds this step's input."""
+def fire(u: torch.Tensor, table) -> torch.Tensor:
+    """The spike the MT rule emits for a membrane ``u`` that already holds this step's input
+    (``table``: a one-channel level table, or per level (positive threshold, spike, negative
+    threshold, spike) tensors broadcastable to ``u``, :func:`channel_levels`)."""
+    levels = _scalar_levels(table) if isinstance(table, torch.Tensor) else table
     up = torch.zeros_like(u)
     down = torch.zeros_like(u)
-    for j in range(table.shape[1]):
-        up = torch.where(u >= table[0, j], table[1, j], up)
-        down = torch.where(-u >= table[2, j], table[3, j], down)
+    for up_at, up_spike, down_at, down_spike in levels:
+        up = torch.where(u >= up_at, up_spike, up)
+        down = torch.where(-u >= down_at, down_spike, down)
     return up - down
 
 
-def differential_step(membrane: torch.Tensor, estimate: torch.Tensor, x: torch.Tensor, table: torch.Tensor,
+def _scalar_levels(table: torch.Tensor) -> list:
+    table = table.reshape(4, -1)  # one channel
+    return [(table[0, j], table[1, j], table[2, j], table[3, j]) for j in range(table.shape[1])]
+
+
+def channel_levels(table: torch.Tensor, channels: Tuple[int, int, int], n: int
+                   ) -> Tuple[Optional[Tuple[int, ...]], list]:
+    """The thresholds of a [C, 4, width] table laid over a step of ``n`` elements by the channel
+    map ``channels`` (``kernels.channel_map``): (the shape to view a step as, None for its own
+    shape; per level the (positive threshold, spike, negative threshold, spike) broadcastable to
+    that view). One channel: 0-d tensors. Otherwise a view [outer, groups, inner / width, width]
+    against [groups, 1, width] thresholds where the map allows it, else every element's own
+    (gathered, [n])."""
+    if table.shape[0] == 1:
+        return None, _scalar_levels(table[0])
+    inner, groups, width = channels
+    if groups == 1:
+        inner = width  # the channel is i % width alone
+    if inner % width == 0 and n % (groups * inner) == 0:
+        shape = (n // (groups * inner), groups, inner // width, width)
+        per = table.view(groups, 1, width, 4, table.shape[2])
+    else:
+        i = torch.arange(n, device=table.device)
+        shape = (n,)
+        per = table[((i // inner) % groups) * width + i % width]
+    return shape, [(per[..., 0, j], per[..., 1, j], per[..., 2, j], per[..., 3, j]) for j in range(table.shape[2])]
+
+
+def differential_step(membrane: torch.Tensor, estimate: torch.Tensor, x: torch.Tensor, table,
                       step: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step t = ``step`` of the differential neuron (ECMT_SPEC 14), in the float order every
     backend follows: u = (v + x) - r; s = the MT spike for u; v = u - s; y = r + s; r = r + s / t.
-    Returns (y, s, new membrane, new estimate)."""
+    ``table`` as :func:`fire` takes it. Returns (y, s, new membrane, new estimate)."""
     u = (membrane + x) - estimate
     spike = fire(u, table)
     # A divisor tensor, not a Python number: torch may multiply by a scalar's reciprocal instead.
     return estimate + spike, spike, u - spike, estimate + spike / torch.full_like(spike, float(step))
-
-
-def _check_table(name: str, table: torch.Tensor) -> None:
-    if table.dim() != 2 or table.shape[0] != 4:
-        raise ValueError(f'{name}: table must be a [4, width] tensor')
 
 
 def _check_state(name: str, state: Optional[torch.Tensor], n: int) -> None:
@@ -86,39 +112,47 @@ def _check_state(name: str, state: Optional[torch.Tensor], n: int) -> None:
 
 
 def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tensor], keep: bool, *,
-             coding: str = 'rate', estimate: Optional[torch.Tensor] = None, t0: int = 0, sent: bool = False):
+             coding: str = 'rate', estimate: Optional[torch.Tensor] = None, t0: int = 0, sent: bool = False,
+             channels: Tuple[int, int, int] = (1, 1, 1)):
     """K steps of the MT neuron on ``x`` [K, ...] (any strides and float dtype; computed in
-    float32). ``membrane``: the flat state after the previous chunk, or None (zero) on a batch's
-    first chunk. Returns (spikes [K, ...] float32 contiguous, non-zero spikes per step [K] int64,
-    the membrane after the chunk if ``keep``, else None).
+    float32). ``table``: ``kernels.level_table`` [C, 4, width] (or [4, width]: one channel);
+    ``channels=(inner, groups, width)``: the element at row-major index i of a step uses channel
+    ((i // inner) % groups) * width + i % width (``kernels.channel_map``; groups * width == C).
+    ``membrane``: the flat state after the previous chunk, or None (zero) on a batch's first chunk.
+    Returns (spikes [K, ...] float32 contiguous, non-zero spikes per step [K] int64, the membrane
+    after the chunk if ``keep``, else None).
 
     ``coding='differential'`` (ECMT_SPEC 14, :func:`differential_step`): the flat ``estimate`` is
     carried with the membrane (both None on a batch's first chunk), the steps are t0+1..t0+K, and
     the result is (outputs r + s [K, ...], non-zero spikes s per step [K], membrane, estimate (the
     states None without ``keep``), the spikes s [K, ...] if ``sent`` else None)."""
-    _check_table('mt_steps', table)
+    table, channels = channel_table('mt_steps', table, channels)
     if x.dim() < 1:
         raise ValueError('mt_steps: x must have a leading time dimension')
     differential = differential_coding('mt_steps', coding, membrane, estimate)
     steps = x.shape[0]
     step_shape = x.shape[1:]
-    _check_state('mt_steps', membrane, math.prod(step_shape))
-    _check_state('mt_steps', estimate, math.prod(step_shape))
-    table = table.to(x.device)
-    v = (torch.zeros(step_shape, dtype=torch.float32, device=x.device) if membrane is None
-         else membrane.view(step_shape))
+    n = math.prod(step_shape)
+    _check_state('mt_steps', membrane, n)
+    _check_state('mt_steps', estimate, n)
+    view, levels = channel_levels(table.to(x.device), channels, n)
+    view = step_shape if view is None else view
+    v = (torch.zeros(view, dtype=torch.float32, device=x.device) if membrane is None
+         else membrane.view(view))
     spikes = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    flat = spikes.view(steps, *view)
     if differential:
-        r = torch.zeros_like(v) if estimate is None else estimate.view(step_shape)
+        r = torch.zeros_like(v) if estimate is None else estimate.view(view)
         outputs = torch.empty_like(spikes)
+        flat_outputs = outputs.view(steps, *view)
         for k in range(steps):
-            outputs[k], spikes[k], v, r = differential_step(v, r, x[k].float(), table, t0 + k + 1)
+            flat_outputs[k], flat[k], v, r = differential_step(v, r, x[k].float().reshape(view), levels, t0 + k + 1)
         counts = (spikes != 0).reshape(steps, -1).sum(1)
         states = (_kept(membrane, v), _kept(estimate, r)) if keep else (None, None)
         return outputs, counts, *states, (spikes if sent else None)
     for k in range(steps):
-        spike, v = mt_step(v, x[k].float(), table)
-        spikes[k] = spike
+        spike, v = mt_step(v, x[k].float().reshape(view), levels)
+        flat[k] = spike
     counts = (spikes != 0).reshape(steps, -1).sum(1)
     return spikes, counts, (_kept(membrane, v) if keep else None)
 
@@ -150,15 +184,21 @@ def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
     """:func:`mt_steps` of the q (``part`` 0), k (1) or v (2) neuron of an attention, on its part
     of the fused qkv linear output ``qkv`` [K, B, N, 3*heads*D]. Returns (spikes [K, B, heads, N,
     D] contiguous, counts [K], membrane: flat [B, heads, N, D] as mt_steps keeps it); ``coding``:
-    the keywords of :func:`mt_steps` for a differential neuron."""
+    the keywords of :func:`mt_steps` (a differential neuron's, and ``channels`` over one step of
+    the output, [B, heads, N, D])."""
     _check_qkv('qkv_mt_steps', qkv, part, heads)
     return mt_steps(qkv_part(qkv, part, heads), table, membrane, keep, **coding)
 
 
-def qkv_parts_mt_steps(qkv: torch.Tensor, heads: int, tables, membranes, keep: bool, **coding):
+def qkv_parts_mt_steps(qkv: torch.Tensor, heads: int, tables, membranes, keep: bool, *,
+                       channels=(1, 1, 1), **coding):
     """The q, k and v neurons on one fused qkv output (:func:`parts_mt_steps` over
-    :func:`qkv_mt_steps`)."""
-    return parts_mt_steps(qkv_mt_steps, qkv, heads, tables, membranes, keep, **coding)
+    :func:`qkv_mt_steps`); ``channels``: one map for the three parts, or one per part."""
+    maps = part_channels(channels)
+
+    def one_part(qkv, part, heads, table, membrane, keep, **extra):
+        return qkv_mt_steps(qkv, part, heads, table, membrane, keep, channels=maps[part], **extra)
+    return parts_mt_steps(one_part, qkv, heads, tables, membranes, keep, **coding)
 
 
 def running_sums(x: torch.Tensor, carried: Optional[torch.Tensor]) -> torch.Tensor:
@@ -276,11 +316,14 @@ def ec_layer_norm_steps(x: torch.Tensor, cum: Optional[torch.Tensor], prev: Opti
 def ec_mt_steps(kind: str, x: torch.Tensor, cum: Optional[torch.Tensor], prev: Optional[torch.Tensor], t0: int,
                 keep: bool, table: torch.Tensor, membrane: Optional[torch.Tensor], *, approximate: bool = False,
                 weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, eps: float = 0.0,
-                coding: str = 'rate', estimate: Optional[torch.Tensor] = None, sent: bool = False):
+                coding: str = 'rate', estimate: Optional[torch.Tensor] = None, sent: bool = False,
+                channels: Tuple[int, int, int] = (1, 1, 1)):
     """An EC kernel (``kind`` 'gelu', 'softmax', 'layer_norm') followed by the MT neuron it feeds:
-    here the two in turn. Returns (spikes shaped like ``x``, counts [K], cum, prev, membrane); a
-    differential neuron (steps t0+1..t0+K): (outputs, counts, cum, prev, membrane, estimate, the
-    spikes s if ``sent`` else None)."""
+    here the two in turn (``table`` and ``channels`` as :func:`mt_steps` takes them, over one step
+    of ``x``). Returns (spikes shaped like ``x``, counts [K], cum, prev, membrane); a differential
+    neuron (steps t0+1..t0+K): (outputs, counts, cum, prev, membrane, estimate, the spikes s if
+    ``sent`` else None)."""
+    channel_table(f'ec_mt_steps({kind})', table, channels)  # before any state is written
     if kind == 'gelu':
         out, cum, prev = ec_gelu_steps(x, cum, prev, t0, keep, approximate)
     elif kind == 'softmax':
@@ -291,7 +334,7 @@ def ec_mt_steps(kind: str, x: torch.Tensor, cum: Optional[torch.Tensor], prev: O
         raise ValueError(f'ec_mt_steps: unknown kind {kind!r}')
     if coding == 'differential':
         y, counts, membrane, estimate, spikes = mt_steps(out, table, membrane, keep, coding=coding,
-                                                         estimate=estimate, t0=t0, sent=sent)
+                                                         estimate=estimate, t0=t0, sent=sent, channels=channels)
         return y, counts, cum, prev, membrane, estimate, spikes
-    spike, counts, membrane = mt_steps(out, table, membrane, keep, coding=coding)
+    spike, counts, membrane = mt_steps(out, table, membrane, keep, coding=coding, channels=channels)
     return spike, counts, cum, prev, membrane

@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from kernels import differential_coding
+from kernels import channel_table, differential_coding, part_channels
 
 #: False: never build or load the library (``ECMT_NATIVE=0``); the callers' fallbacks run.
 ENABLED = os.environ.get('ECMT_NATIVE', '1') != '0'
@@ -143,10 +143,10 @@ def _build() -> str:
 def _load(path: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(path)
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.ecmt_mt_steps.argtypes = [p, i32, p, p, p, i32, i32, p, i64, p, p, i32, i32, p, f32, p]
+    lib.ecmt_mt_steps.argtypes = [p, i32, p, p, p, i32, i32, p, i64, p, p, i32, i32, p, f32, p, i64, i64, i64]
     lib.ecmt_mt_steps.restype = i32
     lib.ecmt_qkv_mt_steps.argtypes = [p, i64, i64, i64, i64, i64, p, p, p, i64, p, p, p, i32, i32, p, p, p, p, i32,
-                                      i32, p, p, p, f32, p, p, p]
+                                      i32, p, p, p, f32, p, p, p, p]
     lib.ecmt_qkv_mt_steps.restype = i32
     lib.ecmt_ec_gelu_steps.argtypes = [p, p, p, i32, i32, f32, p, i64, i64, i32, i32]
     lib.ecmt_ec_gelu_steps.restype = None
@@ -155,13 +155,13 @@ def _load(path: str) -> ctypes.CDLL:
     lib.ecmt_ec_layer_norm_steps.argtypes = [p, p, p, i32, i32, f32, p, p, f32, p, i64, i64, i64, i32]
     lib.ecmt_ec_layer_norm_steps.restype = None
     lib.ecmt_ec_gelu_mt_steps.argtypes = [p, p, p, i32, i32, f32, i64, i64, i32, p, i64, p, i32, i32, p, p, i32,
-                                          i32, p, p]
+                                          i32, p, p, i64, i64, i64]
     lib.ecmt_ec_gelu_mt_steps.restype = i32
     lib.ecmt_ec_softmax_mt_steps.argtypes = [p, p, p, i32, i32, f32, i64, i64, i64, p, i64, p, i32, i32, p, p, i32,
-                                             i32, p, p]
+                                             i32, p, p, i64, i64, i64]
     lib.ecmt_ec_softmax_mt_steps.restype = i32
     lib.ecmt_ec_layer_norm_mt_steps.argtypes = [p, p, p, i32, i32, f32, p, p, f32, i64, i64, i64, p, i64, p, i32,
-                                                i32, p, p, i32, i32, p, p]
+                                                i32, p, p, i32, i32, p, p, i64, i64, i64]
     lib.ecmt_ec_layer_norm_mt_steps.restype = i32
     lib.ecmt_running_sums.argtypes = [p, i32, p, p, p, p, i32]
     lib.ecmt_running_sums.restype = i32
@@ -188,15 +188,30 @@ def _ptr(t: Optional[torch.Tensor]):
     return None if t is None else t.data_ptr()
 
 
+def _table(name: str, table: torch.Tensor, channels) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
+    """([C, 4, width] table, channel map), checked (``kernels.channel_table``) for the kernels: a
+    contiguous float32 CPU table whose channel offsets fit the kernels' 32-bit offsets."""
+    table, channels = channel_table(name, table, channels)
+    if not table.is_contiguous() or table.dtype != torch.float32 or table.device.type != 'cpu':
+        raise ValueError(f'{name}: table must be a contiguous float32 CPU tensor')
+    if table.numel() >= 1 << 31:
+        raise ValueError(f'{name}: a table of {table.shape[0]} channels is too large for the native kernels')
+    return table, channels
+
+
 def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tensor], keep: bool, *,
-             coding: str = 'rate', estimate: Optional[torch.Tensor] = None, t0: int = 0, sent: bool = False):
+             coding: str = 'rate', estimate: Optional[torch.Tensor] = None, t0: int = 0, sent: bool = False,
+             channels: Tuple[int, int, int] = (1, 1, 1)):
     """K steps of the MT neuron (see ``kernels.eager.mt_step``) on a float32 CPU input
-    ``x`` [K, ...] of any strides (a permuted q/k/v view is read where it lies). ``membrane``: the
-    flat state carried from the previous chunk, or None on a batch's first chunk (it starts at
-    zero and is not read). With ``keep`` the membrane after the K steps is written (into
-    ``membrane``, or a new tensor) and returned; without (a batch's last chunk) nothing is written
-    and None is returned. Returns (spikes [K, ...] contiguous, non-zero spikes per step [K] int64,
-    membrane or None).
+    ``x`` [K, ...] of any strides (a permuted q/k/v view is read where it lies). ``table``:
+    ``kernels.level_table`` [C, 4, width] (or [4, width]: one channel); ``channels=(inner, groups,
+    width)``: the element at row-major index i of a step uses channel ((i // inner) % groups) *
+    width + i % width (``kernels.channel_map``; groups * width == C; one channel takes the
+    kernel's scalar path). ``membrane``: the flat state carried from the previous chunk, or None on
+    a batch's first chunk (it starts at zero and is not read). With ``keep`` the membrane after the
+    K steps is written (into ``membrane``, or a new tensor) and returned; without (a batch's last
+    chunk) nothing is written and None is returned. Returns (spikes [K, ...] contiguous, non-zero
+    spikes per step [K] int64, membrane or None).
 
     ``coding='differential'`` (ECMT_SPEC 14): the running ``estimate`` is carried with the membrane
     (both None on a batch's first chunk), the steps are t0+1..t0+K, and the result is (outputs r + s
@@ -204,8 +219,7 @@ def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tens
     s [K, ...] if ``sent`` else None)."""
     if x.dim() < 1 or x.dim() > MAX_DIMS + 1:
         raise ValueError(f'mt_steps: x must have 1 to {MAX_DIMS + 1} dimensions')
-    if table.dim() != 2 or table.shape[0] != 4 or not table.is_contiguous():
-        raise ValueError('mt_steps: table must be a contiguous [4, width] tensor')
+    table, channels = _table('mt_steps', table, channels)
     differential = differential_coding('mt_steps', coding, membrane, estimate)
     steps = x.shape[0]
     n = x[0].numel() if steps else 0
@@ -217,9 +231,9 @@ def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tens
     shape = (ctypes.c_int64 * x.dim())(*x.shape)
     strides = (ctypes.c_int64 * x.dim())(*x.stride())
     status = library().ecmt_mt_steps(x.data_ptr(), x.dim(), shape, strides, _ptr(membrane), int(fresh),
-                                     int(bool(keep)), table.data_ptr(), table.shape[1], spike.data_ptr(),
+                                     int(bool(keep)), table.data_ptr(), table.shape[2], spike.data_ptr(),
                                      counts.data_ptr(), torch.get_num_threads(), int(differential), _ptr(estimate),
-                                     float(t0), _ptr(spikes_sent))
+                                     float(t0), _ptr(spikes_sent), *channels)
     if status != 0:
         raise RuntimeError(f'ecmt_mt_steps rejected its arguments (status {status})')
     if differential:
@@ -229,37 +243,42 @@ def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tens
 
 def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
                  membrane: Optional[torch.Tensor], keep: bool, *, coding: str = 'rate',
-                 estimate: Optional[torch.Tensor] = None, t0: int = 0, sent: bool = False):
+                 estimate: Optional[torch.Tensor] = None, t0: int = 0, sent: bool = False,
+                 channels: Tuple[int, int, int] = (1, 1, 1)):
     """K steps of the q (``part`` 0), k (1) or v (2) MT neuron of an attention on its part of the
     fused qkv linear output ``qkv``: float32 CPU [K, B, N, 3 * heads * D] contiguous, read in place
     row after row (only this part's contiguous third of each token's row), the spikes written
     head-major. The same spikes, counts and state as :func:`mt_steps` on the permuted view
     ``qkv.view(K, B, N, 3, heads, D).permute(3, 0, 1, 4, 2, 5)[part]``, which reads with a stride of
-    3 * heads * D between tokens. ``membrane``: the flat [B, heads, N, D] state (None on a batch's
-    first chunk), updated in place. Returns (spikes [K, B, heads, N, D] contiguous, non-zero spikes
-    per step [K] int64, membrane or None without ``keep``); differential coding as
-    :func:`mt_steps`."""
+    3 * heads * D between tokens; ``channels`` over one step of that view, [B, heads, N, D] (per
+    (head, channel) thresholds [heads, 1, D]: (N * D, heads, D)). ``membrane``: the flat
+    [B, heads, N, D] state (None on a batch's first chunk), updated in place. Returns (spikes
+    [K, B, heads, N, D] contiguous, non-zero spikes per step [K] int64, membrane or None without
+    ``keep``); differential coding as :func:`mt_steps`."""
     if part not in (0, 1, 2):
         raise ValueError(f'qkv_mt_steps: part must be 0 (q), 1 (k) or 2 (v), got {part}')
     one = [None] * 3
     tables, membranes, estimates, sents = list(one), list(one), list(one), [False] * 3
     tables[part], membranes[part], estimates[part], sents[part] = table, membrane, estimate, sent
-    return _qkv_pass('qkv_mt_steps', qkv, heads, tables, membranes, keep, coding, estimates, t0, sents)[part]
+    return _qkv_pass('qkv_mt_steps', qkv, heads, tables, membranes, keep, coding, estimates, t0, sents,
+                     [channels] * 3)[part]
 
 
 def qkv_parts_mt_steps(qkv: torch.Tensor, heads: int, tables, membranes, keep: bool, *, coding: str = 'rate',
-                       estimates=(None, None, None), t0: int = 0, sents=(False, False, False)):
+                       estimates=(None, None, None), t0: int = 0, sents=(False, False, False), channels=(1, 1, 1)):
     """The q, k and v neurons of one attention on a fused qkv output in ONE pass (each token's row
     read once, whole, instead of a third of it by each neuron): per part (0 q, 1 k, 2 v) exactly
     what :func:`qkv_mt_steps` returns for that part, or None for a part whose table is None.
     ``tables``, ``membranes``, ``estimates`` (differential) and ``sents`` have one entry per part;
     the parts' tables have one width, and their states are all given or all None (the neurons of
-    one attention step together). The given states are updated in place, as by every kernel."""
-    return _qkv_pass('qkv_parts_mt_steps', qkv, heads, tables, membranes, keep, coding, estimates, t0, sents)
+    one attention step together); ``channels``: one map for the three parts, or one per part. The
+    given states are updated in place, as by every kernel."""
+    return _qkv_pass('qkv_parts_mt_steps', qkv, heads, tables, membranes, keep, coding, estimates, t0, sents,
+                     part_channels(channels))
 
 
 def _qkv_pass(name: str, qkv: torch.Tensor, heads: int, tables, membranes, keep: bool, coding: str, estimates,
-              t0: int, sents):
+              t0: int, sents, channels):
     """One ``ecmt_qkv_mt_steps`` call for the parts that have a table (given states updated in place)."""
     if qkv.dim() != 4 or not qkv.is_contiguous() or qkv.dtype != torch.float32 or heads < 1 \
             or qkv.shape[-1] % (3 * heads):
@@ -269,11 +288,12 @@ def _qkv_pass(name: str, qkv: torch.Tensor, heads: int, tables, membranes, keep:
     active = [p for p in range(3) if tables[p] is not None]
     if not active:
         raise ValueError(f'{name}: no part has a table')
-    width = tables[active[0]].shape[-1]
+    tables, channels = list(tables), list(channels)
     for p in active:
-        if tables[p].dim() != 2 or tables[p].shape[0] != 4 or not tables[p].is_contiguous() \
-                or tables[p].shape[1] != width:
-            raise ValueError(f'{name}: the tables must be contiguous [4, width] tensors of one width')
+        tables[p], channels[p] = _table(name, tables[p], channels[p])
+    width = tables[active[0]].shape[-1]
+    if any(tables[p].shape[-1] != width for p in active):
+        raise ValueError(f'{name}: the tables must be [C, 4, width] tensors of one width')
     if len({membranes[p] is None for p in active}) > 1:
         raise ValueError(f'{name}: the parts\' membranes must all be given or all be None')
     differential = any([differential_coding(name, coding, membranes[p], estimates[p]) for p in active])
@@ -295,10 +315,11 @@ def _qkv_pass(name: str, qkv: torch.Tensor, heads: int, tables, membranes, keep:
         table_ptrs[p], membrane_ptrs[p], spike_ptrs[p] = tables[p].data_ptr(), _ptr(membrane), spike.data_ptr()
         estimate_ptrs[p], sent_ptrs[p] = _ptr(estimate), _ptr(sent)
     counts = torch.empty(3, K, dtype=torch.int64)
+    maps = (ctypes.c_int64 * 9)(*[int(c) for p in range(3) for c in (channels[p] if p in active else (1, 1, 1))])
     status = library().ecmt_qkv_mt_steps(qkv.data_ptr(), K, B, N, heads, D, *table_ptrs, width, *membrane_ptrs,
                                          int(fresh), int(bool(keep)), *spike_ptrs, counts.data_ptr(),
                                          torch.get_num_threads(), int(differential), *estimate_ptrs, float(t0),
-                                         *sent_ptrs)
+                                         *sent_ptrs, maps)
     if status != 0:
         raise RuntimeError(f'ecmt_qkv_mt_steps rejected its arguments (status {status})')
     results = [None] * 3
@@ -370,17 +391,18 @@ def ec_layer_norm_steps(x: torch.Tensor, cum: Optional[torch.Tensor], prev: Opti
 def ec_mt_steps(kind: str, x: torch.Tensor, cum: Optional[torch.Tensor], prev: Optional[torch.Tensor], t0: int,
                 keep: bool, table: torch.Tensor, membrane: Optional[torch.Tensor], *, approximate: bool = False,
                 weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, eps: float = 0.0,
-                coding: str = 'rate', estimate: Optional[torch.Tensor] = None, sent: bool = False):
+                coding: str = 'rate', estimate: Optional[torch.Tensor] = None, sent: bool = False,
+                channels: Tuple[int, int, int] = (1, 1, 1)):
     """An EC kernel (``kind`` 'gelu', 'softmax' or 'layer_norm', with the arguments and state of
     :func:`ec_gelu_steps` / :func:`ec_softmax_steps` / :func:`ec_layer_norm_steps`) with the MT
-    neuron it feeds fused after it: the EC output never leaves the kernel; the neuron's ``table``
-    and ``membrane`` are those of :func:`mt_steps` (None on a batch's first chunk). The same
-    spikes as :func:`mt_steps` fed the EC kernel's output. Returns (spikes shaped like ``x``,
-    non-zero spikes per step [K] int64, cum, prev, membrane), the states None unless ``keep``;
-    with ``coding='differential'`` (the neuron's steps are the EC kernel's t0+1..t0+K): (outputs
-    r + s, counts of s, cum, prev, membrane, estimate, the spikes s if ``sent`` else None)."""
-    if table.dim() != 2 or table.shape[0] != 4 or not table.is_contiguous():
-        raise ValueError('ec_mt_steps: table must be a contiguous [4, width] tensor')
+    neuron it feeds fused after it: the EC output never leaves the kernel; the neuron's ``table``,
+    ``channels`` (over one step of ``x``) and ``membrane`` are those of :func:`mt_steps` (None on a
+    batch's first chunk). The same spikes as :func:`mt_steps` fed the EC kernel's output. Returns
+    (spikes shaped like ``x``, non-zero spikes per step [K] int64, cum, prev, membrane), the states
+    None unless ``keep``; with ``coding='differential'`` (the neuron's steps are the EC kernel's
+    t0+1..t0+K): (outputs r + s, counts of s, cum, prev, membrane, estimate, the spikes s if
+    ``sent`` else None)."""
+    table, channels = _table('ec_mt_steps', table, channels)
     differential = differential_coding('ec_mt_steps', coding, membrane, estimate)
     rank = 2 if kind == 'gelu' else 3
     if kind == 'layer_norm':
@@ -394,8 +416,8 @@ def ec_mt_steps(kind: str, x: torch.Tensor, cum: Optional[torch.Tensor], prev: O
     counts = torch.empty(x.shape[0], dtype=torch.int64)
     lib, threads = library(), torch.get_num_threads()
     head = (x.data_ptr(), _ptr(cum), _ptr(prev), int(fresh), int(bool(keep)), float(t0))
-    neuron = (table.data_ptr(), table.shape[1], _ptr(membrane), int(mfresh), int(bool(keep)), spike.data_ptr(),
-              counts.data_ptr(), threads, int(differential), _ptr(estimate), _ptr(spikes_sent))
+    neuron = (table.data_ptr(), table.shape[2], _ptr(membrane), int(mfresh), int(bool(keep)), spike.data_ptr(),
+              counts.data_ptr(), threads, int(differential), _ptr(estimate), _ptr(spikes_sent), *channels)
     if kind == 'gelu':
         status = lib.ecmt_ec_gelu_mt_steps(*head, x.shape[0], x.shape[1], int(bool(approximate)), *neuron)
     elif kind == 'softmax':

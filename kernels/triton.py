@@ -44,7 +44,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from kernels import differential_coding, parts_mt_steps
+from kernels import channel_table, differential_coding, part_channels, parts_mt_steps
 
 try:
     import triton
@@ -124,6 +124,17 @@ if triton is not None:
         return up - down
 
     @triton.jit
+    def _levels_at(table, index, inner, groups, cwidth, W: tl.constexpr, PER_CHANNEL: tl.constexpr):
+        """Where the levels of the elements at row-major ``index`` (of one step) lie in a
+        [C, 4, W] table: with PER_CHANNEL, each element's channel block, channel
+        ((index // inner) % groups) * cwidth + index % cwidth (in range for any index, so masked
+        lanes read the table too); otherwise the one channel's block."""
+        if PER_CHANNEL:
+            return table + (((index // inner) % groups) * cwidth + index % cwidth) * (4 * W)
+        else:
+            return table
+
+    @triton.jit
     def _neuron_step(v, d, mask, table, spike_ptrs, count_ptr, W: tl.constexpr):
         """One MT step of a tile fed d: writes the spikes, adds their non-zero count; returns the
         new membrane."""
@@ -149,13 +160,15 @@ if triton is not None:
         return u - s, r + tl.math.div_rn(s, step + tl.zeros_like(s))
 
     @triton.jit
-    def _mt_kernel(x, table, membrane, spike, counts, K, n, estimate, sent, t0, FRESH: tl.constexpr,
-                   KEEP: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, DIFFERENTIAL: tl.constexpr,
-                   SENT: tl.constexpr):
+    def _mt_kernel(x, table, membrane, spike, counts, K, n, estimate, sent, t0, inner, groups, cwidth,
+                   FRESH: tl.constexpr, KEEP: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr,
+                   DIFFERENTIAL: tl.constexpr, SENT: tl.constexpr, PER_CHANNEL: tl.constexpr):
         # DIFFERENTIAL: the estimates are carried as the membrane is, `spike` receives the
-        # outputs r + s and `sent` (SENT) the spikes s; steps t0+1..t0+K.
+        # outputs r + s and `sent` (SENT) the spikes s; steps t0+1..t0+K. PER_CHANNEL: each
+        # element's thresholds are its channel's (_levels_at).
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
+        table = _levels_at(table, offs, inner, groups, cwidth, W, PER_CHANNEL)
         if FRESH:
             v = tl.zeros([BLOCK], dtype=tl.float32)
         else:
@@ -184,9 +197,9 @@ if triton is not None:
                 tl.store(estimate + offs, r, mask=mask)
 
     @triton.jit
-    def _qkv_kernel(qkv, table, membrane, spike, counts, part, K, N, H, D, n, estimate, sent, t0,
-                    FRESH: tl.constexpr, KEEP: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr,
-                    DIFFERENTIAL: tl.constexpr, SENT: tl.constexpr):
+    def _qkv_kernel(qkv, table, membrane, spike, counts, part, K, N, H, D, n, estimate, sent, t0, inner, groups,
+                    cwidth, FRESH: tl.constexpr, KEEP: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr,
+                    DIFFERENTIAL: tl.constexpr, SENT: tl.constexpr, PER_CHANNEL: tl.constexpr):
         # Program i: elements [i*BLOCK, (i+1)*BLOCK) of the neuron's [B, N, H*D] input, which lie
         # in the fused rows at part*H*D (contiguous runs of H*D); its spikes and membrane are
         # [B, H, N, D].
@@ -199,6 +212,7 @@ if triton is not None:
         token = row % N
         source = row * (3 * width) + part * width + col
         target = (((row // N) * H + head) * N + token) * D + col % D
+        table = _levels_at(table, target, inner, groups, cwidth, W, PER_CHANNEL)  # channels of the output
         if FRESH:
             v = tl.zeros([BLOCK], dtype=tl.float32)
         else:
@@ -238,10 +252,10 @@ if triton is not None:
             return a * 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
 
     @triton.jit
-    def _ec_gelu_kernel(x, cum, prev, out, t0, K, n, table, membrane, counts, estimate, sent, FRESH: tl.constexpr,
-                        KEEP: tl.constexpr, APPROXIMATE: tl.constexpr, FUSED: tl.constexpr,
+    def _ec_gelu_kernel(x, cum, prev, out, t0, K, n, table, membrane, counts, estimate, sent, inner, groups, cwidth,
+                        FRESH: tl.constexpr, KEEP: tl.constexpr, APPROXIMATE: tl.constexpr, FUSED: tl.constexpr,
                         NEURON_FRESH: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr,
-                        DIFFERENTIAL: tl.constexpr, SENT: tl.constexpr):
+                        DIFFERENTIAL: tl.constexpr, SENT: tl.constexpr, PER_CHANNEL: tl.constexpr):
         # Per element and step s = t0+k+1: A += x; total = s * gelu(A / s); out = total - P;
         # P = total. FUSED: `out` receives the spikes of the MT neuron fed `total - P` instead.
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -253,6 +267,7 @@ if triton is not None:
             c = tl.load(cum + offs, mask=mask, other=0.0)
             p = tl.load(prev + offs, mask=mask, other=0.0)
         if FUSED:
+            table = _levels_at(table, offs, inner, groups, cwidth, W, PER_CHANNEL)
             if NEURON_FRESH:
                 v = tl.zeros([BLOCK], dtype=tl.float32)
             else:
@@ -292,10 +307,11 @@ if triton is not None:
 
     @triton.jit
     def _ec_rows_kernel(x, cum, prev, out, t0, K, rows, cols, weight, bias, eps, table, membrane, counts,
-                        estimate, sent, LAYER_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        estimate, sent, inner, groups, cwidth, LAYER_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                        HAS_BIAS: tl.constexpr,
                         FRESH: tl.constexpr, KEEP: tl.constexpr, FUSED: tl.constexpr, NEURON_FRESH: tl.constexpr,
                         W: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, DIFFERENTIAL: tl.constexpr,
-                        SENT: tl.constexpr):
+                        SENT: tl.constexpr, PER_CHANNEL: tl.constexpr):
         # ROWS whole rows per program. Per step s: A += x; total = s * f(A / s) over each row
         # (f: softmax, or LayerNorm with biased variance, then weight and bias); out = total - P;
         # P = total. FUSED as in _ec_gelu_kernel.
@@ -312,6 +328,7 @@ if triton is not None:
             c = tl.load(cum + offs, mask=mask, other=0.0)
             p = tl.load(prev + offs, mask=mask, other=0.0)
         if FUSED:
+            table = _levels_at(table, offs, inner, groups, cwidth, W, PER_CHANNEL)
             if NEURON_FRESH:
                 v = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
             else:
@@ -447,13 +464,15 @@ def _state(state: Optional[torch.Tensor], n: int, keep: bool, device: torch.devi
     return (torch.empty(n, dtype=torch.float32, device=device) if keep else None), True
 
 
-def _check_table(name: str, table: torch.Tensor, device: torch.device) -> int:
-    if (table.dim() != 2 or table.shape[0] != 4 or table.shape[1] < 1 or not table.is_contiguous()
-            or table.dtype != torch.float32):
-        raise ValueError(f'{name}: table must be a contiguous float32 [4, width] tensor')
+def _check_table(name: str, table: torch.Tensor, device: torch.device, channels):
+    """(the [C, 4, width] table, the launch arguments of its channel map: (inner, groups, width),
+    PER_CHANNEL) after ``kernels.channel_table``'s checks and the kernels' own."""
+    table, channels = channel_table(name, table, channels)
+    if not table.is_contiguous() or table.dtype != torch.float32:
+        raise ValueError(f'{name}: table must be a contiguous float32 [C, 4, width] tensor')
     if table.device != device:
         raise ValueError(f'{name}: table must be on the input\'s device ({device})')
-    return table.shape[1]
+    return table, channels, table.shape[0] > 1
 
 
 def _check_input(name: str, x: torch.Tensor) -> None:
@@ -478,13 +497,18 @@ def _coding_state(differential: bool, estimate, n: int, keep: bool, device, shap
 
 
 def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tensor], keep: bool, *,
-             coding: str = 'rate', estimate: Optional[torch.Tensor] = None, t0: int = 0, sent: bool = False):
+             coding: str = 'rate', estimate: Optional[torch.Tensor] = None, t0: int = 0, sent: bool = False,
+             channels: Tuple[int, int, int] = (1, 1, 1)):
     """K steps of the MT neuron (``kernels.eager.mt_step``) on ``x`` [K, ...] (float32, fp16
-    or bf16; a non-contiguous x is copied first). ``membrane``: the flat state carried from the
-    previous chunk, or None on a batch's first chunk (it starts at zero and is not read). With
-    ``keep`` the membrane after the K steps is written (into ``membrane``, or a new tensor) and
-    returned; without, nothing is written and None is returned. Returns (spikes [K, ...]
-    contiguous float32, non-zero spikes per step [K] int64, membrane or None).
+    or bf16; a non-contiguous x is copied first). ``table``: ``kernels.level_table`` [C, 4, width]
+    (or [4, width]: one channel) and ``channels=(inner, groups, width)``, the element at row-major
+    index i of a step using channel ((i // inner) % groups) * width + i % width
+    (``kernels.channel_map``; one channel compiles the kernel without the per-element lookup).
+    ``membrane``: the flat state carried from the previous chunk, or None on a batch's first chunk
+    (it starts at zero and is not read). With ``keep`` the membrane after the K steps is written
+    (into ``membrane``, or a new tensor) and returned; without, nothing is written and None is
+    returned. Returns (spikes [K, ...] contiguous float32, non-zero spikes per step [K] int64,
+    membrane or None).
 
     ``coding='differential'`` (ECMT_SPEC 14): the flat ``estimate`` is carried with the membrane
     (both None on a batch's first chunk), the steps are t0+1..t0+K, and the result is (outputs
@@ -493,7 +517,8 @@ def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tens
     if x.dim() < 1:
         raise ValueError('mt_steps: x must have at least one dimension (steps first)')
     _check_input('mt_steps', x)
-    width = _check_table('mt_steps', table, x.device)
+    table, channels, per_channel = _check_table('mt_steps', table, x.device, channels)
+    width = table.shape[2]
     differential = differential_coding('mt_steps', coding, membrane, estimate)
     _require(x)
     x = x.contiguous()
@@ -506,10 +531,10 @@ def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tens
         block = _block(n)
         _mt_kernel[(triton.cdiv(n, block),)](x, table, spike if membrane is None else membrane, spike, counts,
                                             steps, n, spike if estimate is None else estimate,
-                                            spike if spikes_sent is None else spikes_sent, float(t0),
+                                            spike if spikes_sent is None else spikes_sent, float(t0), *channels,
                                             FRESH=fresh, KEEP=bool(keep), W=width, BLOCK=block,
                                             DIFFERENTIAL=differential, SENT=spikes_sent is not None,
-                                            num_warps=4, **_OPTIONS)
+                                            PER_CHANNEL=per_channel, num_warps=4, **_OPTIONS)
     elif keep and fresh:
         membrane.zero_()  # no step: still at rest
         if differential:
@@ -521,21 +546,24 @@ def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tens
 
 def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
                  membrane: Optional[torch.Tensor], keep: bool, *, coding: str = 'rate',
-                 estimate: Optional[torch.Tensor] = None, t0: int = 0, sent: bool = False):
+                 estimate: Optional[torch.Tensor] = None, t0: int = 0, sent: bool = False,
+                 channels: Tuple[int, int, int] = (1, 1, 1)):
     """K steps of the q (``part`` 0), k (1) or v (2) MT neuron of an attention on its part of the
     fused qkv linear output ``qkv``: contiguous [K, B, N, 3 * heads * D] (float32, fp16 or bf16),
     read in place (contiguous runs of heads * D per token), the spikes written head-major. The
     same spikes, counts and state as :func:`mt_steps` on ``qkv.view(K, B, N, 3, heads, D).permute(3,
-    0, 1, 4, 2, 5)[part]``. ``membrane``: the flat [B, heads, N, D] state (None on a batch's first
-    chunk). Returns (spikes [K, B, heads, N, D] contiguous float32, non-zero spikes per step [K]
-    int64, membrane or None without ``keep``); differential coding as :func:`mt_steps`."""
+    0, 1, 4, 2, 5)[part]``; ``channels`` over one step of that view, [B, heads, N, D].
+    ``membrane``: the flat [B, heads, N, D] state (None on a batch's first chunk). Returns (spikes
+    [K, B, heads, N, D] contiguous float32, non-zero spikes per step [K] int64, membrane or None
+    without ``keep``); differential coding as :func:`mt_steps`."""
     if (qkv.dim() != 4 or not qkv.is_contiguous() or qkv.dtype not in INPUT_DTYPES or heads < 1
             or qkv.shape[-1] % (3 * heads)):
         raise ValueError('qkv_mt_steps: qkv must be a contiguous float32 (or fp16/bf16) [K, B, N, 3 * heads * D] '
                          'tensor')
     if part not in (0, 1, 2):
         raise ValueError(f'qkv_mt_steps: part must be 0 (q), 1 (k) or 2 (v), got {part}')
-    width = _check_table('qkv_mt_steps', table, qkv.device)
+    table, channels, per_channel = _check_table('qkv_mt_steps', table, qkv.device, channels)
+    width = table.shape[2]
     differential = differential_coding('qkv_mt_steps', coding, membrane, estimate)
     _require(qkv)
     K, B, N, _ = qkv.shape
@@ -549,10 +577,10 @@ def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
         block = _block(n)
         _qkv_kernel[(triton.cdiv(n, block),)](qkv, table, spike if membrane is None else membrane, spike, counts,
                                              part, K, N, heads, D, n, spike if estimate is None else estimate,
-                                             spike if spikes_sent is None else spikes_sent, float(t0),
+                                             spike if spikes_sent is None else spikes_sent, float(t0), *channels,
                                              FRESH=fresh, KEEP=bool(keep), W=width, BLOCK=block,
                                              DIFFERENTIAL=differential, SENT=spikes_sent is not None,
-                                             num_warps=4, **_OPTIONS)
+                                             PER_CHANNEL=per_channel, num_warps=4, **_OPTIONS)
     elif keep and fresh:
         membrane.zero_()
         if differential:
@@ -562,10 +590,16 @@ def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
     return spike, counts, membrane if keep else None
 
 
-def qkv_parts_mt_steps(qkv: torch.Tensor, heads: int, tables, membranes, keep: bool, **coding):
+def qkv_parts_mt_steps(qkv: torch.Tensor, heads: int, tables, membranes, keep: bool, *, channels=(1, 1, 1),
+                       **coding):
     """The q, k and v neurons on one fused qkv output: :func:`qkv_mt_steps` per part
-    (``kernels.eager.parts_mt_steps``; on a GPU each part is its own launch)."""
-    return parts_mt_steps(qkv_mt_steps, qkv, heads, tables, membranes, keep, **coding)
+    (``kernels.parts_mt_steps``; on a GPU each part is its own launch); ``channels``: one map for
+    the three parts, or one per part."""
+    maps = part_channels(channels)
+
+    def one_part(qkv, part, heads, table, membrane, keep, **extra):
+        return qkv_mt_steps(qkv, part, heads, table, membrane, keep, channels=maps[part], **extra)
+    return parts_mt_steps(one_part, qkv, heads, tables, membranes, keep, **coding)
 
 # ---- expectation compensation -------------------------------------------------------------------
 def _ec_arguments(name: str, x: torch.Tensor, cum, prev, keep: bool, rank: int):
@@ -592,8 +626,8 @@ def _check_affine(name: str, x: torch.Tensor, weight: Optional[torch.Tensor], bi
 def _launch_ec(kind: str, x, cum, prev, fresh, keep, t0, out, neuron, *, approximate=False, weight=None,
                bias=None, eps=0.0):
     """Run one EC kernel over the chunk ``x``; ``neuron`` = (table, width, membrane, fresh, counts,
-    estimate or None, sent or None, differential) fuses the MT neuron after it (``out`` then
-    receives its outputs)."""
+    estimate or None, sent or None, differential, channels, per_channel) fuses the MT neuron after
+    it (``out`` then receives its outputs)."""
     steps = x.shape[0]
     if steps == 0 or x[0].numel() == 0:
         if keep and fresh:
@@ -605,14 +639,14 @@ def _launch_ec(kind: str, x, cum, prev, fresh, keep, t0, out, neuron, *, approxi
                 neuron[5].zero_()
         return
     fused = neuron is not None
-    table, width, membrane, neuron_fresh, counts, estimate, sent, differential = (
-        neuron if fused else (x, 1, x, True, x, None, None, False))
+    table, width, membrane, neuron_fresh, counts, estimate, sent, differential, channels, per_channel = (
+        neuron if fused else (x, 1, x, True, x, None, None, False, (1, 1, 1), False))
     state = dict(FRESH=fresh, KEEP=bool(keep), FUSED=fused, NEURON_FRESH=bool(neuron_fresh), W=width,
-                 DIFFERENTIAL=bool(differential), SENT=sent is not None)
+                 DIFFERENTIAL=bool(differential), SENT=sent is not None, PER_CHANNEL=per_channel)
     cum_arg = x if cum is None else cum
     prev_arg = x if prev is None else prev
     membrane_arg = x if membrane is None else membrane
-    coding_args = (x if estimate is None else estimate, x if sent is None else sent)
+    coding_args = (x if estimate is None else estimate, x if sent is None else sent, *channels)
     if kind == 'gelu':
         n = x.shape[1]
         block = _block(n)
@@ -675,19 +709,22 @@ def ec_layer_norm_steps(x: torch.Tensor, cum: Optional[torch.Tensor], prev: Opti
 def ec_mt_steps(kind: str, x: torch.Tensor, cum: Optional[torch.Tensor], prev: Optional[torch.Tensor], t0: int,
                 keep: bool, table: torch.Tensor, membrane: Optional[torch.Tensor], *, approximate: bool = False,
                 weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, eps: float = 0.0,
-                coding: str = 'rate', estimate: Optional[torch.Tensor] = None, sent: bool = False):
+                coding: str = 'rate', estimate: Optional[torch.Tensor] = None, sent: bool = False,
+                channels: Tuple[int, int, int] = (1, 1, 1)):
     """An EC kernel (``kind`` 'gelu', 'softmax' or 'layer_norm', with the arguments and state of
     :func:`ec_gelu_steps` / :func:`ec_softmax_steps` / :func:`ec_layer_norm_steps`) with the MT
     neuron it feeds fused after it: the EC output never leaves the registers; the neuron's
-    ``table`` and ``membrane`` are those of :func:`mt_steps` (None on a batch's first chunk). The
-    same spikes as :func:`mt_steps` fed the EC kernel's output, bit for bit. Returns (spikes shaped
-    like ``x``, non-zero spikes per step [K] int64, cum, prev, membrane), the states None unless
-    ``keep``; with ``coding='differential'`` (the neuron's steps are the EC kernel's): (outputs
-    r + s, counts of s, cum, prev, membrane, estimate, the spikes s if ``sent`` else None)."""
+    ``table``, ``channels`` (over one step of ``x``) and ``membrane`` are those of :func:`mt_steps`
+    (None on a batch's first chunk). The same spikes as :func:`mt_steps` fed the EC kernel's
+    output, bit for bit. Returns (spikes shaped like ``x``, non-zero spikes per step [K] int64,
+    cum, prev, membrane), the states None unless ``keep``; with ``coding='differential'`` (the
+    neuron's steps are the EC kernel's): (outputs r + s, counts of s, cum, prev, membrane,
+    estimate, the spikes s if ``sent`` else None)."""
     if kind not in ('gelu', 'softmax', 'layer_norm'):
         raise ValueError(f'ec_mt_steps: unknown kind {kind!r} (gelu, softmax or layer_norm)')
     name = f'ec_mt_steps({kind})'
-    width = _check_table(name, table, x.device)
+    table, channels, per_channel = _check_table(name, table, x.device, channels)
+    width = table.shape[2]
     if kind == 'layer_norm':
         _check_affine(name, x, weight, bias)
     differential = differential_coding(name, coding, membrane, estimate)
@@ -697,7 +734,8 @@ def ec_mt_steps(kind: str, x: torch.Tensor, cum: Optional[torch.Tensor], prev: O
     spike = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     counts = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
     _launch_ec(kind, x, cum, prev, fresh, keep, t0, spike,
-               (table, width, membrane, neuron_fresh, counts, estimate, spikes_sent, differential),
+               (table, width, membrane, neuron_fresh, counts, estimate, spikes_sent, differential, channels,
+                per_channel),
                approximate=approximate, weight=weight, bias=bias, eps=eps)
     if not keep:
         cum = prev = membrane = estimate = None

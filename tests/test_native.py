@@ -9,11 +9,12 @@ import os
 import pytest
 import torch
 
-import kernels.eager as eager_kernels
+import kernels
 import kernels.native as native_kernels
 import calibration
 import trans_utils
-from reference import ref_differential_neuron, ref_mt_neuron, ref_quantiles
+from reference import (ref_differential_neuron, ref_mt_neuron, ref_product_differences, ref_quantiles,
+                       ref_running_sums)
 
 needs_compiler = pytest.mark.skipif(not any(
     os.path.exists(os.path.join(d, c)) for d in os.environ.get('PATH', '').split(os.pathsep)
@@ -235,35 +236,35 @@ def test_layer_norm_ec_steps_match_float64(native, threads, cols, affine):
 @pytest.mark.parametrize('layout', ['contiguous', 'transposed'])
 @pytest.mark.parametrize('chunks', CHUNKS)
 @pytest.mark.parametrize('scale', [None, 0.125 ** 0.5])
-def test_product_bookkeeping_equals_the_torch_steps_bit_for_bit(native, threads, layout, chunks, scale):
+def test_product_bookkeeping_equals_the_reference_bit_for_bit(native, threads, layout, chunks, scale):
     """The EC products' running sums (of a transposed k, say) and scaled differences along time:
-    the same float operations as trans_utils' torch steps, in every chunking."""
+    ECMT_SPEC 6's float32 steps as tests/reference.py takes them, bit for bit, in every chunking
+    (the state carried from one chunk to the next)."""
     g = torch.Generator().manual_seed(9)
     full = torch.randn(4, 3, 70, 65, generator=g) * (torch.rand(4, 3, 70, 65, generator=g) < 0.5)
     xs = full.transpose(-2, -1) if layout == 'transposed' else full
     products = torch.randn(4, 3, 50, 33, generator=g)
-    cum_native = cum_torch = prev_native = prev_torch = None
+    want_sums = ref_running_sums(list(xs))
+    want_outs, want_totals = ref_product_differences(list(products), scale)
+    cum = prev = None
     first = 0
     for count in CHUNKS[chunks]:
         keep = first + count < 4
-        sums = native_kernels.running_sums(xs[first:first + count], cum_native)
-        want = eager_kernels.running_sums(xs[first:first + count], cum_torch)
-        assert sums.is_contiguous() and torch.equal(sums, want)
-        cum_native, cum_torch = sums[-1].clone(), want[-1].clone()
+        sums = native_kernels.running_sums(xs[first:first + count], cum)
+        assert sums.is_contiguous()
+        assert all(torch.equal(sums[k], want_sums[first + k]) for k in range(count))
+        cum = sums[-1].reshape(-1).clone()
         totals = products[first:first + count].clone()
         if scale is None:
-            out, last = native_kernels.scaled_differences(totals.clone(), prev_native, first, keep)
+            out, last = native_kernels.scaled_differences(totals, prev, first, keep)
         else:
-            out, last = native_kernels.scaled_differences(totals.clone(), prev_native, first, keep, scale)
-        steps = torch.arange(first + 1, first + count + 1, dtype=torch.float32).view(-1, 1, 1, 1)
-        scaled = totals / steps
-        want = eager_kernels._differences(scaled.clone(), prev_torch)
-        assert torch.equal(out, want if scale is None else want * scale)  # the output times the scale
+            out, last = native_kernels.scaled_differences(totals, prev, first, keep, scale)
+        assert all(torch.equal(out[k], want_outs[first + k]) for k in range(count))  # the output times the scale
         if keep:
-            assert torch.equal(last, scaled[-1])
+            assert torch.equal(last, want_totals[first + count - 1])
         else:
             assert last is None
-        prev_native, prev_torch = last, scaled[-1]
+        prev = None if last is None else last.reshape(-1)
         first += count
 
 
@@ -316,7 +317,7 @@ def test_wrappers_refuse_mismatched_arguments(native):
     with pytest.raises(ValueError):
         native_kernels.mt_steps(torch.zeros(2, 10), table, torch.zeros(11), True)
     with pytest.raises(ValueError):
-        native_kernels.mt_steps(torch.zeros(2, 10), table.t(), None, True)
+        native_kernels.mt_steps(torch.zeros(2, 10), table[0].t(), None, True)
     with pytest.raises(ValueError):
         native_kernels.ec_gelu_steps(torch.zeros(2, 5), torch.zeros(5), None, 1, True, False)
     with pytest.raises(ValueError):
@@ -432,7 +433,7 @@ def test_prepare_builds_on_a_thread_and_callers_wait_for_that_build(monkeypatch,
     assert builds == ['ecmt-native-kernels']
 
 
-def _ec_then_neuron(kind, x, cum, prev, t0, keep, table, membrane, affine):
+def _ec_then_neuron(kind, x, cum, prev, t0, keep, table, membrane, affine, channels=(1, 1, 1)):
     """The unfused pair: the EC kernel's output, then mt_steps on it."""
     if kind.startswith('gelu'):
         out, cum, prev = native_kernels.ec_gelu_steps(x, cum, prev, t0, keep, kind == 'gelu_tanh')
@@ -440,7 +441,7 @@ def _ec_then_neuron(kind, x, cum, prev, t0, keep, table, membrane, affine):
         out, cum, prev = native_kernels.ec_softmax_steps(x, cum, prev, t0, keep)
     else:
         out, cum, prev = native_kernels.ec_layer_norm_steps(x, cum, prev, t0, keep, *affine, 1e-6)
-    spike, counts, membrane = native_kernels.mt_steps(out, table, membrane, keep)
+    spike, counts, membrane = native_kernels.mt_steps(out, table, membrane, keep, channels=channels)
     return spike, counts, cum, prev, membrane
 
 
@@ -448,27 +449,34 @@ def _ec_then_neuron(kind, x, cum, prev, t0, keep, table, membrane, affine):
 @pytest.mark.parametrize('kind', ['gelu', 'gelu_tanh', 'softmax', 'layer_norm'])
 @pytest.mark.parametrize('levels', [4, 16, 33])  # table widths 8, 16 and 64 (generic)
 @pytest.mark.parametrize('chunks', CHUNKS)
-def test_fused_ec_neuron_equals_the_two_kernels_bit_for_bit(native, threads, kind, levels, chunks):
+@pytest.mark.parametrize('thresholds', ['place', 'channel'])
+def test_fused_ec_neuron_equals_the_two_kernels_bit_for_bit(native, threads, kind, levels, chunks, thresholds):
     """ec_mt_steps (an EC kernel with the MT neuron it feeds fused after it) gives the spikes,
-    counts and carried states of the EC kernel followed by mt_steps, whatever the chunking."""
+    counts and carried states of the EC kernel followed by mt_steps, whatever the chunking; with
+    one threshold pair, or one per feature (ECMT_SPEC 15; the rounding rule)."""
     g = torch.Generator().manual_seed(levels)
     rows, cols = 37, 197  # rows longer than a tile, 7289 elements: several tiles and work items
     xs = torch.randn(4, rows, cols, generator=g) * 3
     if kind.startswith('gelu'):
         xs = xs.reshape(4, -1)
     affine = (torch.randn(cols, generator=g), torch.randn(cols, generator=g))
-    table = trans_utils.level_table(torch.tensor(0.05), torch.tensor(0.03), levels)
+    if thresholds == 'place':
+        table, channels = trans_utils.level_table(torch.tensor(0.05), torch.tensor(0.03), levels), (1, 1, 1)
+    else:
+        theta_p, theta_n = torch.rand(cols, generator=g) * 0.1, torch.rand(cols, generator=g) * 0.1 - 0.01
+        table = kernels.level_table(theta_p, theta_n, levels, fire_rule='round')
+        channels = kernels.channel_map(theta_p.shape, (rows, cols))
     states = {'fused': [None, None, None], 'apart': [None, None, None]}
     first = 0
     for count in CHUNKS[chunks]:
         x, keep = xs[first:first + count], first + count < 4
         cum, prev, membrane = states['apart']
-        want = _ec_then_neuron(kind, x, cum, prev, first, keep, table, membrane, affine)
+        want = _ec_then_neuron(kind, x, cum, prev, first, keep, table, membrane, affine, channels)
         cum, prev, membrane = states['fused']
         extra = ({'approximate': kind == 'gelu_tanh'} if kind.startswith('gelu') else
                  {'weight': affine[0], 'bias': affine[1], 'eps': 1e-6} if kind == 'layer_norm' else {})
         got = native_kernels.ec_mt_steps('gelu' if kind.startswith('gelu') else kind, x, cum, prev, first, keep,
-                                         table, membrane, **extra)
+                                         table, membrane, channels=channels, **extra)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         assert int(got[1].sum()) > 0 and int((got[0] == 0).sum()) > 0  # both fire and rest: not void
         for a, b in zip(got[2:], want[2:]):
@@ -577,3 +585,73 @@ def test_qkv_neurons_refuse_mismatched_arguments(native):
         native_kernels.qkv_mt_steps(torch.randn(2, 1, 3, 12), 3, 2, table, None, False)
     with pytest.raises(ValueError, match='one element per input element'):
         native_kernels.qkv_mt_steps(torch.randn(2, 1, 3, 12), 1, 2, table, torch.zeros(5), True)
+
+
+def per_element(theta, step_shape, channels):
+    """Thresholds of one channel per element, [*step_shape], by the channel map's formula (for the
+    reference, which takes thresholds that broadcast against its input)."""
+    inner, groups, width = channels
+    i = torch.arange(math.prod(step_shape))
+    return theta.reshape(-1)[((i // inner) % groups) * width + i % width].view(step_shape)
+
+
+# (step shape, threshold shape or a map of its own): a token's features, q/k/v's (head, channel),
+# groups alone (width 1), and a map that no broadcast gives; steps of several work items.
+CHANNEL_MAPS = {'feature': ((3, 37, 40), (40,)), 'head_channel': ((3, 4, 37, 10), (4, 1, 10)),
+                'groups_only': ((3, 37, 40), (37, 1)), 'arbitrary': ((3, 37, 40), (7, 5, 3))}
+
+
+@needs_compiler
+@pytest.mark.parametrize('levels', [4, 17, 33])  # table widths 8, 32 and 64 (generic)
+@pytest.mark.parametrize('layout', CHANNEL_MAPS)
+@pytest.mark.parametrize('coding', ['rate', 'differential'])
+def test_per_channel_neuron_steps_equal_the_reference(native, threads, levels, layout, coding):
+    """mt_steps with a table per channel (ECMT_SPEC 15, both fire rules) on steps of several
+    tiles and work items, every table width: the reference's outputs bit for bit, chunked 1+3."""
+    step_shape, theta_shape = CHANNEL_MAPS[layout]
+    channels = theta_shape if layout == 'arbitrary' else kernels.channel_map(theta_shape, step_shape)
+    count = channels[1] * channels[2] if layout == 'arbitrary' else math.prod(theta_shape)
+    g = torch.Generator().manual_seed(levels)
+    theta_p, theta_n = torch.rand(count, generator=g) * 0.3 + 0.01, torch.rand(count, generator=g) * 0.3 + 0.01
+    theta_p[::4], theta_n[1::5] = 0.0, float('nan')  # dead sides
+    xs = torch.randn(4, *step_shape, generator=g) * 0.1 * 2 ** min(levels, 8)
+    for rule in ('ecmt', 'round'):
+        table = kernels.level_table(theta_p, theta_n, levels, fire_rule=rule)
+        full_p, full_n = per_element(theta_p, step_shape, channels), per_element(theta_n, step_shape, channels)
+        if layout != 'arbitrary':  # the map is the broadcast's
+            assert torch.equal(full_p, theta_p.view(theta_shape).expand(step_shape))
+        want = (ref_differential_neuron(list(xs), full_p, full_n, levels, rule) if coding == 'differential'
+                else [ref_mt_neuron(list(xs), full_p, full_n, levels, 'rate', rule)])
+        membrane = estimate = None
+        first = 0
+        for steps in (1, 3):
+            keep = first + steps < 4
+            extra = dict(coding=coding, estimate=estimate, t0=first, sent=True) if coding == 'differential' else {}
+            result = native_kernels.mt_steps(xs[first:first + steps], table, membrane, keep, channels=channels,
+                                             **extra)
+            for k in range(steps):
+                assert torch.equal(result[0][k], want[0][first + k]), (rule, first + k)
+                if coding == 'differential':
+                    assert torch.equal(result[4][k], want[1][first + k])
+            membrane, estimate = result[2], (result[3] if coding == 'differential' else None)
+            first += steps
+        assert any(bool((w > 0).any()) for w in want[0]) and any(bool((w < 0).any()) for w in want[0])
+
+
+@needs_compiler
+@pytest.mark.parametrize('shape', [(2, 150, 1, 64), (1, 4, 2, 88)], ids=['long_block', 'head_over_a_tile'])
+def test_per_channel_qkv_neurons_equal_the_reference(native, threads, shape):
+    """The joint q/k/v pass with per-(head, channel) tables on blocks of tokens over several work
+    items and heads longer than a tile: each part the reference on its head-split view."""
+    B, N, H, D = shape
+    g = torch.Generator().manual_seed(N)
+    qkv = torch.randn(3, B, N, 3 * H * D, generator=g) * 0.4
+    views = qkv.view(3, B, N, 3, H, D).permute(3, 0, 1, 4, 2, 5)
+    thresholds = [(torch.rand(H, 1, D, generator=g) * 0.1, torch.rand(H, 1, D, generator=g) * 0.1) for _ in range(3)]
+    tables = [kernels.level_table(p, n, 5, fire_rule='round') for p, n in thresholds]
+    channels = kernels.channel_map((H, 1, D), (B, H, N, D))
+    results = native_kernels.qkv_parts_mt_steps(qkv, H, tables, [None] * 3, False, channels=channels)
+    for part, (theta_p, theta_n) in enumerate(thresholds):
+        want = ref_mt_neuron(list(views[part]), theta_p, theta_n, 5, 'rate', 'round')
+        assert all(torch.equal(results[part][0][k], want[k]) for k in range(3)), part
+        assert int(results[part][1].sum()) > 0

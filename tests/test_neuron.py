@@ -219,3 +219,33 @@ def test_mean_error_after_T_steps_does_not_depend_on_the_threshold():
         assert torch.allclose(mt_error.relative_errors(T, points=5001), errors[0], atol=1e-5)
     rel = mt_error.relative_errors(2)
     assert float(rel.mean()) == pytest.approx(0.135, abs=5e-4) and float(rel.max()) == pytest.approx(1 / 3, abs=1e-3)
+
+
+@pytest.mark.parametrize('fire_rule', ['ecmt', 'round'])
+@pytest.mark.parametrize('coding', ['rate', 'differential'])
+def test_reference_with_a_threshold_per_channel_is_each_channels_own_neuron(fire_rule, coding):
+    """tests/reference.py with thresholds that broadcast against the input (ECMT_SPEC 15): each
+    channel's outputs are those of the neuron with that channel's scalar pair, dead sides
+    included; a [1] tensor is the float pair, bit for bit."""
+    theta_p = torch.tensor([0.3, 0.05, 0.0, 1.2, -0.1, 0.7])
+    theta_n = torch.tensor([0.2, NAN, 0.4, 0.0, 0.3, 0.7])
+    xs = [x * 2 for x in random_inputs(1.0, 1.0, 5, steps=4, shape=(3, 7, 6), seed=11)]
+    got = ref_mt_neuron(xs, theta_p, theta_n, 5, coding, fire_rule)
+    for c in range(6):
+        want = ref_mt_neuron([x[..., c] for x in xs], float(theta_p[c]), float(theta_n[c]), 5, coding, fire_rule)
+        assert all(torch.equal(a[..., c], b) for a, b in zip(got, want)), c
+    assert all(torch.equal(a, b) for a, b in zip(
+        ref_mt_neuron(xs, torch.tensor([0.3]), torch.tensor([0.2]), 5, coding, fire_rule),
+        ref_mt_neuron(xs, 0.3, 0.2, 5, coding, fire_rule)))
+    fired = torch.stack(got)
+    assert not (fired[..., 2] > 0).any() and not (fired[..., 4] > 0).any()  # θp <= 0: never up
+    assert not (fired[..., 1] < 0).any() and not (fired[..., 3] < 0).any()  # θn NaN or 0: never down
+    assert (fired[..., 0] > 0).any() and (fired[..., 0] < 0).any()
+
+
+def test_rounding_rule_first_spikes_are_nearer_than_the_floor_rules():
+    """ECMT_SPEC 15's example: at θ = 1 a membrane of 3 fires 2 under section 4's rule (floor
+    between levels) and 4 under the rounding rule (3 >= 0.75 * 4); 2.9 fires 2 under both."""
+    x = torch.tensor([3.0, 2.9, 0.5, 0.49, 200.0, -3.0])
+    assert ref_mt_neuron([x], 1.0, 1.0, 8)[0].tolist() == [2.0, 2.0, 1.0, 0.0, 128.0, -2.0]
+    assert ref_mt_neuron([x], 1.0, 1.0, 8, fire_rule='round')[0].tolist() == [4.0, 2.0, 1.0, 0.0, 128.0, -4.0]

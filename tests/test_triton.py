@@ -23,7 +23,8 @@ pytest.importorskip('triton')
 import kernels.eager as eager_kernels  # noqa: E402
 import kernels.triton as triton_kernels  # noqa: E402
 import trans_utils  # noqa: E402
-from reference import ref_ec, ref_ec_product, ref_mt_neuron  # noqa: E402
+from reference import (ref_ec, ref_ec_product, ref_mt_neuron, ref_product_differences,  # noqa: E402
+                       ref_running_sums)
 
 if not triton_kernels.available() and os.environ.get('TRITON_INTERPRET') == '1':
     triton_kernels = importlib.reload(triton_kernels)  # imported earlier, before the interpreter was asked for
@@ -340,43 +341,42 @@ def test_fused_ec_neuron_equals_the_two_kernels_bit_for_bit(kind, levels, chunks
 @pytest.mark.parametrize('layout', ['contiguous', 'transposed'])
 @pytest.mark.parametrize('chunks', CHUNKS)
 @pytest.mark.parametrize('scale', [None, 0.125 ** 0.5])
-def test_product_bookkeeping_equals_the_torch_steps_and_the_reference(layout, chunks, scale):
-    """running_sums (of a transposed k, say) and scaled_differences: the same float operations as
-    trans_utils' torch steps, in every chunking; and the EC product built from them (q·kᵀ times a
-    scale) is the reference's three-product form."""
+def test_product_bookkeeping_equals_the_reference(layout, chunks, scale):
+    """running_sums (of a transposed k, say) and scaled_differences: ECMT_SPEC 6's float32 steps
+    as tests/reference.py takes them (ref_running_sums, ref_product_differences), bit for bit, in
+    every chunking; and the EC product built from them (q·kᵀ times a scale) is the reference's
+    three-product form."""
     g = torch.Generator().manual_seed(9)
     a = torch.randn(STEPS, 2, 6, 5, generator=g) * (torch.rand(STEPS, 2, 6, 5, generator=g) < 0.6)
     full_b = torch.randn(STEPS, 2, 7, 5, generator=g)  # the k of q·kᵀ, read transposed
     b = full_b.transpose(-2, -1) if layout == 'transposed' else full_b[..., :5, :].contiguous()
+    want_sums = {'a': ref_running_sums(list(a)), 'b': ref_running_sums(list(b))}
     cum = {'a': None, 'b': None}
-    cum_torch = {'a': None, 'b': None}
-    prev = prev_torch = None
-    outs, first = [], 0
+    prev = None
+    outs, products, lasts, first = [], [], [], 0
     for count in CHUNKS[chunks]:
         keep = first + count < STEPS
         chunk = {'a': a[first:first + count], 'b': b[first:first + count]}
         sums = {}
         for name in 'ab':
             sums[name] = triton_kernels.running_sums(chunk[name].to(DEVICE), cum[name])
-            want = eager_kernels.running_sums(chunk[name], cum_torch[name])
-            assert sums[name].is_contiguous() and torch.equal(sums[name].cpu(), want)
-            cum[name], cum_torch[name] = sums[name][-1].reshape(-1).clone(), want[-1].clone()
+            assert sums[name].is_contiguous()
+            assert all(torch.equal(sums[name][k].cpu(), want_sums[name][first + k]) for k in range(count))
+            cum[name] = sums[name][-1].reshape(-1).clone()
         totals = (sums['a'] @ sums['b']).contiguous()
-        products = totals.cpu().clone()
+        products += list(totals.cpu().clone())
         args = () if scale is None else (scale,)
         out, last = triton_kernels.scaled_differences(totals, prev, first, keep, *args)
         assert out.data_ptr() == totals.data_ptr()  # in place
-        steps = torch.arange(first + 1, first + count + 1, dtype=torch.float32).view(-1, 1, 1, 1)
-        scaled = products / steps
-        want = eager_kernels._differences(scaled.clone(), prev_torch)
-        assert torch.equal(out.cpu(), want if scale is None else want * scale)
-        if keep:
-            assert last.shape == products.shape[1:] and torch.equal(last.cpu(), scaled[-1])
-        else:
-            assert last is None
-        prev, prev_torch = last, scaled[-1]
+        assert (last is not None) == keep
+        lasts.append(None if last is None else last.cpu())
+        prev = last
         outs += list(out.cpu())
         first += count
+    want_outs, want_totals = ref_product_differences(products, scale)
+    assert all(torch.equal(got, want) for got, want in zip(outs, want_outs))
+    ends = [sum(CHUNKS[chunks][:i + 1]) for i in range(len(CHUNKS[chunks]))]
+    assert all(last is None or torch.equal(last, want_totals[end - 1]) for last, end in zip(lasts, ends))
     ref = ref_ec_product(list(a), list(b))
     for t, (got, want) in enumerate(zip(outs, ref), start=1):
         want = want if scale is None else want * scale
@@ -448,7 +448,7 @@ def test_wrappers_refuse_mismatched_arguments():
     with pytest.raises(ValueError, match='state'):
         triton_kernels.mt_steps(x, table, torch.zeros(11, device=DEVICE), True)
     with pytest.raises(ValueError, match='table'):
-        triton_kernels.mt_steps(x, table.t(), None, True)
+        triton_kernels.mt_steps(x, table[0].t(), None, True)
     with pytest.raises(ValueError, match='float32, float16 or bfloat16'):
         triton_kernels.mt_steps(x.double(), table, None, True)
     with pytest.raises(ValueError, match='carried together'):
@@ -510,12 +510,15 @@ import triton, kernels.triton as tk
 from triton.backends.compiler import GPUTarget
 P, I, C = '*fp32', 'i32', '*i64'
 ec = dict(x=P, cum=P, prev=P, out=P, t0='fp32', K=I)
-neuron = dict(table=P, membrane=P, counts=C, estimate=P, sent=P)
-coding = dict(estimate=P, sent=P, t0='fp32')
+channel_map = dict(inner=I, groups=I, cwidth=I)  # per-channel thresholds (ECMT_SPEC 15)
+neuron = dict(table=P, membrane=P, counts=C, estimate=P, sent=P, **channel_map)
+coding = dict(estimate=P, sent=P, t0='fp32', **channel_map)
 flags = dict(FRESH=False, KEEP=True, FUSED=True, NEURON_FRESH=False, W=16)
 kernels = []
-for differential in (False, True):  # the rate neuron, and the differential one (ECMT_SPEC 14)
-    codings = dict(DIFFERENTIAL=differential, SENT=differential)
+# the rate neuron and the differential one (ECMT_SPEC 14), each with one channel's table and with
+# a table per channel
+for differential, per_channel in ((False, False), (True, False), (False, True), (True, True)):
+    codings = dict(DIFFERENTIAL=differential, SENT=differential, PER_CHANNEL=per_channel)
     kernels += [
         (tk._mt_kernel, dict(x='*bf16', table=P, membrane=P, spike=P, counts=C, K=I, n=I, **coding),
          dict(FRESH=False, KEEP=True, W=16, BLOCK=1024, **codings)),
@@ -557,4 +560,4 @@ def test_kernels_compile_for_a_gpu():
     result = subprocess.run([sys.executable, '-c', _COMPILE_CHECK, root], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count(' ok') == 15  # 6 neuron kernels of each coding, 3 others
+    assert result.stdout.count(' ok') == 27  # 6 neuron kernels of each coding and table kind, 3 others

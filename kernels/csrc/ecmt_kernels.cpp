@@ -410,13 +410,62 @@ inline const float* tile_input(const float* x, const StepLayout& l, int64_t k, c
 // u = (v + x) - r; s fires on u as above; v = u - s; out = r + s; r = r + s / t; `sent` (if not
 // null) receives s. Counts are of s. The order of these float operations is the reference's
 // (tests/reference.py), so that every backend gives the same bits.
-template <int W, bool Differential = false>
+// Per-channel thresholds (ECMT_SPEC 15): the table is [C, 4, width], one block per channel, and
+// the element at row-major index i of a step uses channel ((i / inner) % groups) * cwidth +
+// i % cwidth (kernels.channel_map). A neuron tile then reads its elements' levels from a
+// per-element copy, lv[q * stride + i] for row q < 4 * width of the channel's block (made by
+// tile_levels, once per tile for its K steps where the loops allow), so that the comparisons stay
+// vectorised over the elements as with one channel. With one channel the tile reads the table as
+// it always did (a template parameter: that code is unchanged).
+struct ChannelMap {
+    int64_t inner = 1, groups = 1, width = 1;
+    const float* levels = nullptr;  // the table channel-major: levels[q * C + c]
+    bool per_channel() const { return groups * width > 1; }
+};
+
+// The channel-major copy of a [C, rows] table (what ChannelMap::levels points to).
+std::vector<float> channel_major(const float* table, int64_t C, int64_t rows) {
+    std::vector<float> out(static_cast<size_t>(C * rows));
+    for (int64_t c = 0; c < C; ++c)
+        for (int64_t q = 0; q < rows; ++q) out[q * C + c] = table[c * rows + q];
+    return out;
+}
+
+// lv[q * kTile + i] = row q (< rows = 4 * width) of the level block of element first + i's
+// channel, i < len <= kTile: copied by runs of consecutive channels (a tile of a token's features
+// or of a head's channels is one run or two). The row stride is the constant kTile: with a
+// run-time stride (reading the channel-major table in place, say) the comparisons are no longer
+// vectorised, ten times slower.
+inline void tile_levels(const ChannelMap& m, int64_t rows, int64_t first, int64_t len, float* lv) {
+    const int64_t C = m.groups * m.width;
+    const bool grouped = m.groups > 1;
+    int64_t r = first % m.inner, g = grouped ? (first / m.inner) % m.groups : 0, w = first % m.width;
+    for (int64_t i = 0; i < len;) {
+        int64_t run = std::min(len - i, m.width - w);
+        if (grouped) run = std::min(run, m.inner - r);
+        const float* from = m.levels + g * m.width + w;
+        for (int64_t q = 0; q < rows; ++q)
+            std::memcpy(lv + q * kTile + i, from + q * C, static_cast<size_t>(run) * sizeof(float));
+        i += run;
+        w += run;
+        if (w == m.width) w = 0;
+        if (grouped) {
+            r += run;
+            if (r == m.inner) {
+                r = 0;
+                if (++g == m.groups) g = 0;
+            }
+        }
+    }
+}
+
+template <int W, bool Differential = false, bool PerChannel = false>
 void mt_tile(float* __restrict v, const float* __restrict x, const float* __restrict table, int64_t width,
              float* __restrict spike, int64_t len, int64_t& count, float* __restrict r = nullptr,
-             float step = 1.0f, float* __restrict sent = nullptr) {
+             float step = 1.0f, float* __restrict sent = nullptr, const float* __restrict lv = nullptr) {
     const int w = W > 0 ? W : static_cast<int>(width);
     float tp[W > 0 ? W : 1], sp[W > 0 ? W : 1], tn[W > 0 ? W : 1], sn[W > 0 ? W : 1];
-    if (W > 0) {
+    if (W > 0 && !PerChannel) {
         for (int j = 0; j < W; ++j) {
             tp[j] = table[j];
             sp[j] = table[W + j];
@@ -430,7 +479,13 @@ void mt_tile(float* __restrict v, const float* __restrict x, const float* __rest
         const float u = Differential ? (v[i] + x[i]) - r[i] : v[i] + x[i];
         const float negated = -u;
         float up = 0.0f, down = 0.0f;
-        if (W > 0) {
+        if (PerChannel) {
+#pragma GCC unroll 64
+            for (int j = 0; j < w; ++j) {
+                up = u >= lv[j * kTile + i] ? lv[(w + j) * kTile + i] : up;
+                down = negated >= lv[(2 * w + j) * kTile + i] ? lv[(3 * w + j) * kTile + i] : down;
+            }
+        } else if (W > 0) {
 #pragma GCC unroll 64
             for (int j = 0; j < W; ++j) {
                 up = u >= tp[j] ? sp[j] : up;
@@ -457,24 +512,56 @@ void mt_tile(float* __restrict v, const float* __restrict x, const float* __rest
     count += fired;
 }
 
-// One neuron tile of either coding (r, step and sent are used by the differential one only).
-template <int W>
-inline void neuron_tile(bool differential, float* v, float* r, const float* x, const float* table, int64_t width,
-                        float* out, float* sent, int64_t len, float step, int64_t& count) {
-    if (differential) mt_tile<W, true>(v, x, table, width, out, len, count, r, step, sent);
-    else mt_tile<W, false>(v, x, table, width, out, len, count);
+// Whether elements first .. first + len - 1 have consecutive channels (one run), and the first.
+inline bool one_run(const ChannelMap& m, int64_t first, int64_t len, int64_t& channel) {
+    const bool grouped = m.groups > 1;
+    const int64_t r = first % m.inner, w = first % m.width;
+    channel = (grouped ? (first / m.inner) % m.groups : 0) * m.width + w;
+    return len <= m.width - w && (!grouped || len <= m.inner - r);
 }
 
-template <int W>
+// One neuron tile of either coding (r, step and sent are used by the differential one only) and
+// either kind of table (PerChannel: the elements' levels lv, tile_levels' layout).
+template <int W, bool PerChannel>
+inline void neuron_tile(bool differential, float* v, float* r, const float* x, const float* table, int64_t width,
+                        float* out, float* sent, int64_t len, float step, int64_t& count, const float* lv = nullptr) {
+    if (differential) mt_tile<W, true, PerChannel>(v, x, table, width, out, len, count, r, step, sent, lv);
+    else mt_tile<W, false, PerChannel>(v, x, table, width, out, len, count, nullptr, 1.0f, nullptr, lv);
+}
+
+// The levels of one run of elements first .. first + len - 1 (len <= kTile) kept in a slot of
+// the caller's: copied (tile_levels) unless the slot already holds the levels of the same
+// consecutive channels (q/k/v's per-(head, channel) levels are the same for every token and step).
+struct LevelSlot {
+    int64_t channel = -1, len = 0;  // what the slot's levels are (channel -1: nothing reusable)
+};
+
+inline const float* slot_levels(const ChannelMap& m, int64_t rows, int64_t first, int64_t len, float* lv,
+                                LevelSlot& slot) {
+    int64_t channel;
+    if (one_run(m, first, len, channel)) {
+        if (slot.channel != channel || slot.len != len) {
+            tile_levels(m, rows, first, len, lv);
+            slot = LevelSlot{channel, len};
+        }
+    } else {
+        tile_levels(m, rows, first, len, lv);
+        slot = LevelSlot{};
+    }
+    return lv;
+}
+
+template <int W, bool PerChannel>
 void mt_steps(const float* x, const StepLayout& l, float* membrane, bool fresh, bool keep, const float* table,
-              int64_t width, float* spike, int64_t* counts, int threads, bool differential = false,
-              float* estimate = nullptr, float t0 = 0.0f, float* sent = nullptr) {
+              int64_t width, float* spike, int64_t* counts, int threads, bool differential,
+              float* estimate, float t0, float* sent, const ChannelMap& channels) {
     const int64_t n = l.rows * l.inner, K = l.steps;
     for (int64_t k = 0; k < K; ++k) counts[k] = 0;
     const int64_t items = (n + kItem - 1) / kItem;  // runs of kItem elements in logical order
 #pragma omp parallel num_threads(threads) if (threads > 1 && n > kItem)
     {
         std::vector<int64_t> local(K, 0);
+        std::vector<float> lv(PerChannel ? static_cast<size_t>(4 * width * kTile) : 0);
         TileSource source;
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; ++item) {
@@ -483,13 +570,14 @@ void mt_steps(const float* x, const StepLayout& l, float* membrane, bool fresh, 
             for (int64_t at = item * kItem; at < end; at += kTile) {
                 const int64_t len = std::min(kTile, end - at);
                 tile_source(l, at, len, source);
+                if (PerChannel) tile_levels(channels, 4 * width, at, len, lv.data());  // for the K steps
                 for (int64_t j = 0; j < len; ++j) v[j] = fresh ? 0.0f : membrane[at + j];
                 if (differential)
                     for (int64_t j = 0; j < len; ++j) r[j] = fresh ? 0.0f : estimate[at + j];
                 for (int64_t k = 0; k < K; ++k)
-                    neuron_tile<W>(differential, v, r, tile_input(x, l, k, source, buffer), table, width,
-                                   spike + k * n + at, sent ? sent + k * n + at : nullptr, len,
-                                   t0 + static_cast<float>(k + 1), local[k]);
+                    neuron_tile<W, PerChannel>(differential, v, r, tile_input(x, l, k, source, buffer), table, width,
+                                               spike + k * n + at, sent ? sent + k * n + at : nullptr, len,
+                                               t0 + static_cast<float>(k + 1), local[k], lv.data());
                 if (keep) {
                     for (int64_t j = 0; j < len; ++j) membrane[at + j] = v[j];
                     if (differential)
@@ -512,13 +600,19 @@ void mt_steps(const float* x, const StepLayout& l, float* membrane, bool fresh, 
 template <int W>
 void qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H, int64_t D,
                   const float* const* tables, int64_t width, float* const* membranes, bool fresh, bool keep,
-                  float* const* spikes, int64_t* counts, int threads, bool differential = false,
-                  float* const* estimates = nullptr, float t0 = 0.0f, float* const* sents = nullptr) {
+                  float* const* spikes, int64_t* counts, int threads, bool differential,
+                  float* const* estimates, float t0, float* const* sents, const ChannelMap* channels) {
     const int64_t C = H * D, row = 3 * C, step_in = B * N * row, step_out = B * N * C;
     for (int64_t i = 0; i < 3 * K; ++i) counts[i] = 0;
+    bool per_channel[3], any_per_channel = false;
+    for (int p = 0; p < 3; ++p) {
+        per_channel[p] = tables[p] != nullptr && channels[p].per_channel();
+        any_per_channel = any_per_channel || per_channel[p];
+    }
     // Work items: blocks of up to `span` tokens of one image, whose membranes (span x 3C) stay in
     // a thread buffer over the K steps (and, differential, the estimates in a second one); each
-    // step reads the block's rows in one sweep and writes 3H runs of span x D spikes.
+    // step reads the block's
+    // rows in one sweep and writes 3H runs of span x D spikes (per-channel levels copied per run).
     const int64_t span = std::max<int64_t>(1, std::min<int64_t>(N, 16384 / std::max<int64_t>(row, 1)));
     const int64_t blocks = (N + span - 1) / span, items = B * blocks;
 #pragma omp parallel num_threads(threads) if (threads > 1 && items > 1)
@@ -526,6 +620,11 @@ void qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H, in
         std::vector<int64_t> local(3 * K, 0);
         std::vector<float> state(static_cast<size_t>(span * row));
         std::vector<float> estimate_state(differential ? static_cast<size_t>(span * row) : 0);
+        // per-channel levels: one slot of [4 * width][kTile] per (part, head, tile of a head)
+        const int64_t head_tiles = (D + kTile - 1) / kTile;
+        std::vector<LevelSlot> slots(any_per_channel ? static_cast<size_t>(3 * H * head_tiles) : 0);
+        std::vector<float> slot_buffer(any_per_channel ? static_cast<size_t>(3 * H * head_tiles * 4 * width * kTile)
+                                                       : 0);
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; ++item) {
             const int64_t b = item / blocks, n0 = (item % blocks) * span, count = std::min(span, N - n0);
@@ -557,10 +656,22 @@ void qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H, in
                             const int64_t to = k * step_out + ((b * H + h) * N + n0 + i) * D;
                             float* out = spikes[p] + to;
                             float* sent = (differential && sents && sents[p]) ? sents[p] + to : nullptr;
-                            for (int64_t d0 = 0; d0 < D; d0 += kTile)
-                                neuron_tile<W>(differential, v + at + d0, r + at + d0, in + at + d0, tables[p], width,
-                                               out + d0, sent ? sent + d0 : nullptr, std::min(kTile, D - d0), step,
-                                               local[p * K + k]);
+                            for (int64_t d0 = 0; d0 < D; d0 += kTile) {
+                                const int64_t len = std::min(kTile, D - d0);
+                                float* o = out + d0;
+                                float* so = sent ? sent + d0 : nullptr;
+                                if (per_channel[p]) {
+                                    const int64_t slot = (p * H + h) * head_tiles + d0 / kTile;
+                                    const float* lv = slot_levels(channels[p], 4 * width, to - k * step_out + d0, len,
+                                                                  slot_buffer.data() + slot * 4 * width * kTile,
+                                                                  slots[slot]);
+                                    neuron_tile<W, true>(differential, v + at + d0, r + at + d0, in + at + d0,
+                                                         tables[p], width, o, so, len, step, local[p * K + k], lv);
+                                } else {
+                                    neuron_tile<W, false>(differential, v + at + d0, r + at + d0, in + at + d0,
+                                                          tables[p], width, o, so, len, step, local[p * K + k]);
+                                }
+                            }
                         }
                     }
             }
@@ -674,6 +785,7 @@ struct FusedNeuron {
     bool differential = false;
     float* estimate = nullptr;
     float* sent = nullptr;
+    ChannelMap channels;  // per-channel thresholds (ECMT_SPEC 15) when channels.per_channel()
 };
 
 // Runs CALL (a statement using the compile-time table width W) for a neuron's table width.
@@ -694,12 +806,16 @@ void ec_gelu_steps(const float* x, float* cum, float* prev, bool fresh, bool kee
 #pragma omp parallel num_threads(threads) if (threads > 1 && items > 1)
     {
         std::vector<int64_t> local(neuron ? K : 0, 0);
+        const bool per_channel = neuron && neuron->channels.per_channel();
+        std::vector<float> lv(per_channel ? static_cast<size_t>(4 * neuron->width * kTile) : 0);
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; ++item) {
             const int64_t end = std::min(n, (item + 1) * kItem);
             for (int64_t col = item * kItem; col < end; col += kTile) {
                 const int64_t len = std::min(kTile, end - col);
                 float c[kTile], p[kTile], v[kTile], d[kTile], r[kTile];
+                if (per_channel)  // the tile's levels, for its K steps
+                    tile_levels(neuron->channels, 4 * neuron->width, col, len, lv.data());
                 for (int64_t j = 0; j < len; ++j) {
                     c[j] = fresh ? 0.0f : cum[col + j];
                     p[j] = fresh ? 0.0f : prev[col + j];
@@ -719,10 +835,16 @@ void ec_gelu_steps(const float* x, float* cum, float* prev, bool fresh, bool kee
                         ok[j] = total - p[j];
                         p[j] = total;
                     }
-                    if (neuron)
-                        neuron_tile<W>(neuron->differential, v, r, d, neuron->table, neuron->width,
-                                       neuron->spike + k * n + col, neuron->sent ? neuron->sent + k * n + col : nullptr,
-                                       len, steps, local[k]);
+                    if (per_channel)
+                        neuron_tile<W, true>(neuron->differential, v, r, d, neuron->table, neuron->width,
+                                             neuron->spike + k * n + col,
+                                             neuron->sent ? neuron->sent + k * n + col : nullptr, len, steps,
+                                             local[k], lv.data());
+                    else if (neuron)
+                        neuron_tile<W, false>(neuron->differential, v, r, d, neuron->table, neuron->width,
+                                              neuron->spike + k * n + col,
+                                              neuron->sent ? neuron->sent + k * n + col : nullptr, len, steps,
+                                              local[k]);
                 }
                 if (keep) {
                     for (int64_t j = 0; j < len; ++j) {
@@ -865,6 +987,9 @@ void ec_row_steps(const float* x, float* cum, float* prev, bool fresh, bool keep
     {
         const bool differential = neuron && neuron->differential;
         std::vector<float> c(cols), p(cols), v(neuron ? cols : 0), d(neuron ? cols : 0), e(differential ? cols : 0);
+        const bool per_channel = neuron && neuron->channels.per_channel();
+        const int64_t chunks = (cols + kTile - 1) / kTile;  // a row's tiles, each its own levels
+        std::vector<float> lv(per_channel ? static_cast<size_t>(4 * neuron->width * kTile * chunks) : 0);
         std::vector<int64_t> local(neuron ? K : 0, 0);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; ++r) {
@@ -876,6 +1001,10 @@ void ec_row_steps(const float* x, float* cum, float* prev, bool fresh, bool keep
                 std::copy_n(cum + at, cols, c.data());
                 std::copy_n(prev + at, cols, p.data());
             }
+            if (per_channel)  // the row's levels, for its K steps
+                for (int64_t off = 0, t = 0; off < cols; off += kTile, ++t)
+                    tile_levels(neuron->channels, 4 * neuron->width, at + off, std::min(kTile, cols - off),
+                                lv.data() + t * 4 * neuron->width * kTile);
             if (neuron) {
                 if (neuron->fresh) std::fill(v.begin(), v.end(), 0.0f);
                 else std::copy_n(neuron->membrane + at, cols, v.data());
@@ -887,12 +1016,20 @@ void ec_row_steps(const float* x, float* cum, float* prev, bool fresh, bool keep
             for (int64_t k = 0; k < K; ++k) {
                 const float steps = t0 + static_cast<float>(k + 1);
                 row_step(c.data(), x + k * n + at, p.data(), steps, neuron ? d.data() : out + k * n + at, cols);
-                if (neuron)
-                    for (int64_t off = 0; off < cols; off += kTile)
-                        neuron_tile<W>(differential, v.data() + off, e.data() + off, d.data() + off, neuron->table,
-                                       neuron->width, neuron->spike + k * n + at + off,
-                                       neuron->sent ? neuron->sent + k * n + at + off : nullptr,
-                                       std::min(kTile, cols - off), steps, local[k]);
+                if (!neuron) continue;
+                for (int64_t off = 0; off < cols; off += kTile) {
+                    if (per_channel)
+                        neuron_tile<W, true>(differential, v.data() + off, e.data() + off, d.data() + off,
+                                             neuron->table, neuron->width, neuron->spike + k * n + at + off,
+                                             neuron->sent ? neuron->sent + k * n + at + off : nullptr,
+                                             std::min(kTile, cols - off), steps, local[k],
+                                             lv.data() + off / kTile * 4 * neuron->width * kTile);
+                    else
+                        neuron_tile<W, false>(differential, v.data() + off, e.data() + off, d.data() + off,
+                                              neuron->table, neuron->width, neuron->spike + k * n + at + off,
+                                              neuron->sent ? neuron->sent + k * n + at + off : nullptr,
+                                              std::min(kTile, cols - off), steps, local[k]);
+                }
             }
             if (keep) {
                 std::copy_n(c.data(), cols, cum + at);
@@ -916,55 +1053,80 @@ extern "C" {
 
 // K steps of the MT neuron. x: float32 [K, rest...] of the given sizes and strides (in elements,
 // ndim >= 1); membrane: the rest's n elements in row-major order, read unless `fresh` (the state
-// starts at zero) and written if `keep`; table [4, width] (per level: positive threshold,
-// positive spike, negative threshold, negative spike); spike: [K, n] contiguous, written;
+// starts at zero) and written if `keep`; table [C, 4, width] (per channel and level: positive
+// threshold, positive spike, negative threshold, negative spike), the element at row-major index
+// i of a step using channel ((i / inner) % groups) * cwidth + i % cwidth (C = groups * cwidth;
+// C = 1: the one-channel path of before); spike: [K, n] contiguous, written;
 // counts[k]: the number of non-zero spikes of step k. differential (ECMT_SPEC 14): the estimates
 // (n floats, read unless `fresh`, written if `keep`, like the membrane) are carried too, the steps
 // are t0+1..t0+K, `spike` receives the outputs r + s and `sent` (if not null, [K, n]) the spikes s.
 // Returns 0, or -1 for bad arguments.
 int ecmt_mt_steps(const float* x, int ndim, const int64_t* sizes, const int64_t* strides, float* membrane,
                   int fresh, int keep, const float* table, int64_t width, float* spike, int64_t* counts,
-                  int threads, int differential, float* estimate, float t0, float* sent) {
+                  int threads, int differential, float* estimate, float t0, float* sent, int64_t inner,
+                  int64_t groups, int64_t cwidth) {
     StepLayout l;
     if (!make_layout(ndim, sizes, strides, l)) return -1;
     if ((!fresh || keep) && membrane == nullptr) return -1;
     if (differential && (!fresh || keep) && estimate == nullptr) return -1;
+    if (inner < 1 || groups < 1 || cwidth < 1) return -1;
     const bool d = differential != 0;
-    ECMT_WITH_WIDTH(width, (mt_steps<W>(x, l, membrane, fresh, keep, table, width, spike, counts, threads, d,
-                                        estimate, t0, d ? sent : nullptr)))
+    ChannelMap channels{inner, groups, cwidth};
+    std::vector<float> levels;
+    if (channels.per_channel()) {
+        levels = channel_major(table, groups * cwidth, 4 * width);
+        channels.levels = levels.data();
+        ECMT_WITH_WIDTH(width, (mt_steps<W, true>(x, l, membrane, fresh, keep, table, width, spike, counts, threads,
+                                                  d, estimate, t0, d ? sent : nullptr, channels)))
+    } else {
+        ECMT_WITH_WIDTH(width, (mt_steps<W, false>(x, l, membrane, fresh, keep, table, width, spike, counts, threads,
+                                                   d, estimate, t0, d ? sent : nullptr, channels)))
+    }
     return 0;
 }
 
 // The q, k and v MT neurons of a fused qkv output x: float32 [K, B, N, 3, H, D] contiguous.
-// tables[3]: each neuron's [4, width] table (one width for the three); membranes[3]: each
+// tables[3]: each neuron's [C, 4, width] table (one width for the three); membranes[3]: each
 // neuron's [B, H, N, D] state in row-major order, read unless `fresh`, written if `keep`
 // (a null table: that part is skipped, its membrane and spikes are not touched);
 // spikes[3]: [K, B, H, N, D] contiguous, written; counts [3, K]: non-zero spikes per neuron and
 // step. differential: the three neurons are differential ones (ECMT_SPEC 14), with estimates[3]
 // kept as the membranes are, steps t0+1..t0+K, and sents[3] (each may be null) receiving the
-// spikes s while spikes[3] receive the outputs r + s. Returns 0, or -1 for bad arguments.
+// spikes s while spikes[3] receive the outputs r + s. channel_maps [3, 3]: each part's (inner,
+// groups, cwidth) over the row-major index of one step of its [B, H, N, D] output, as in
+// ecmt_mt_steps. Returns 0, or -1 for bad arguments.
 int ecmt_qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H, int64_t D,
                       const float* table_q, const float* table_k, const float* table_v, int64_t width,
                       float* membrane_q, float* membrane_k, float* membrane_v, int fresh, int keep,
                       float* spike_q, float* spike_k, float* spike_v, int64_t* counts, int threads,
                       int differential, float* estimate_q, float* estimate_k, float* estimate_v, float t0,
-                      float* sent_q, float* sent_k, float* sent_v) {
+                      float* sent_q, float* sent_k, float* sent_v, const int64_t* channel_maps) {
     if (K < 0 || B < 0 || N < 0 || H < 0 || D < 0 || width < 1) return -1;
     const float* tables[3] = {table_q, table_k, table_v};
     float* membranes[3] = {membrane_q, membrane_k, membrane_v};
     float* estimates[3] = {estimate_q, estimate_k, estimate_v};
     float* spikes[3] = {spike_q, spike_k, spike_v};
     float* sents[3] = {sent_q, sent_k, sent_v};
+    ChannelMap channels[3];
+    std::vector<float> levels[3];
     int parts = 0;
     for (int p = 0; p < 3; ++p) {
         if (tables[p] == nullptr) continue;  // a part not asked for
         ++parts;
         if (spikes[p] == nullptr || ((!fresh || keep) && membranes[p] == nullptr)) return -1;
         if (differential && (!fresh || keep) && estimates[p] == nullptr) return -1;
+        if (channel_maps != nullptr) {
+            channels[p] = ChannelMap{channel_maps[3 * p], channel_maps[3 * p + 1], channel_maps[3 * p + 2]};
+            if (channels[p].inner < 1 || channels[p].groups < 1 || channels[p].width < 1) return -1;
+            if (channels[p].per_channel()) {
+                levels[p] = channel_major(tables[p], channels[p].groups * channels[p].width, 4 * width);
+                channels[p].levels = levels[p].data();
+            }
+        }
     }
     if (parts == 0) return -1;
     ECMT_WITH_WIDTH(width, (qkv_mt_steps<W>(x, K, B, N, H, D, tables, width, membranes, fresh, keep, spikes, counts,
-                                            threads, differential != 0, estimates, t0, sents)));
+                                            threads, differential != 0, estimates, t0, sents, channels)));
     return 0;
 }
 
@@ -995,18 +1157,29 @@ void ecmt_ec_layer_norm_steps(const float* x, float* cum, float* prev, int fresh
 }
 
 // The three EC kernels above with an MT neuron fused after them (FusedNeuron): instead of `out`
-// they write spike [K, n] (n: the elements of a step) and counts [K]; table [4, width] and the
-// membrane (n floats, read unless mfresh, written if mkeep) are the neuron's; differential, its
+// they write spike [K, n] (n: the elements of a step) and counts [K]; table [C, 4, width] with the
+// channel map (inner, groups, cwidth) over a step's row-major index, and the membrane (n floats,
+// read unless mfresh, written if mkeep) are the neuron's, as in ecmt_mt_steps; differential, its
 // estimate and sent as in ecmt_mt_steps (the steps are the EC kernel's). Return 0, or -1 for bad
 // arguments.
+#define ECMT_FUSED_NEURON                                                                                  \
+    if (table == nullptr || ((!mfresh || mkeep) && membrane == nullptr)) return -1;                       \
+    if (differential && (!mfresh || mkeep) && estimate == nullptr) return -1;                             \
+    if (inner < 1 || groups < 1 || cwidth < 1) return -1;                                                 \
+    ChannelMap channels{inner, groups, cwidth};                                                           \
+    std::vector<float> levels;                                                                            \
+    if (channels.per_channel()) {                                                                         \
+        levels = channel_major(table, groups * cwidth, 4 * width);                                        \
+        channels.levels = levels.data();                                                                  \
+    }                                                                                                     \
+    const FusedNeuron neuron{table, width, membrane, mfresh != 0, mkeep != 0, spike, counts,              \
+                             differential != 0, estimate, differential ? sent : nullptr, channels};
+
 int ecmt_ec_gelu_mt_steps(const float* x, float* cum, float* prev, int fresh, int keep, float t0, int64_t K,
                           int64_t n, int approximate, const float* table, int64_t width, float* membrane,
                           int mfresh, int mkeep, float* spike, int64_t* counts, int threads, int differential,
-                          float* estimate, float* sent) {
-    if (table == nullptr || ((!mfresh || mkeep) && membrane == nullptr)) return -1;
-    if (differential && (!mfresh || mkeep) && estimate == nullptr) return -1;
-    const FusedNeuron neuron{table, width, membrane, mfresh != 0, mkeep != 0, spike, counts,
-                             differential != 0, estimate, differential ? sent : nullptr};
+                          float* estimate, float* sent, int64_t inner, int64_t groups, int64_t cwidth) {
+    ECMT_FUSED_NEURON
     if (approximate) {
         ECMT_WITH_WIDTH(width, (ec_gelu_steps<gelu_tanh, W>(x, cum, prev, fresh, keep, t0, nullptr, K, n, threads,
                                                             &neuron)))
@@ -1020,11 +1193,8 @@ int ecmt_ec_gelu_mt_steps(const float* x, float* cum, float* prev, int fresh, in
 int ecmt_ec_softmax_mt_steps(const float* x, float* cum, float* prev, int fresh, int keep, float t0, int64_t K,
                              int64_t rows, int64_t cols, const float* table, int64_t width, float* membrane,
                              int mfresh, int mkeep, float* spike, int64_t* counts, int threads, int differential,
-                          float* estimate, float* sent) {
-    if (table == nullptr || ((!mfresh || mkeep) && membrane == nullptr)) return -1;
-    if (differential && (!mfresh || mkeep) && estimate == nullptr) return -1;
-    const FusedNeuron neuron{table, width, membrane, mfresh != 0, mkeep != 0, spike, counts,
-                             differential != 0, estimate, differential ? sent : nullptr};
+                             float* estimate, float* sent, int64_t inner, int64_t groups, int64_t cwidth) {
+    ECMT_FUSED_NEURON
     ECMT_WITH_WIDTH(width, (ec_row_steps<W>(x, cum, prev, fresh, keep, t0, nullptr, K, rows, cols, threads,
                                             ec_softmax_rows, &neuron)))
     return 0;
@@ -1034,11 +1204,8 @@ int ecmt_ec_layer_norm_mt_steps(const float* x, float* cum, float* prev, int fre
                                 const float* weight, const float* bias, float eps, int64_t K, int64_t rows,
                                 int64_t cols, const float* table, int64_t width, float* membrane, int mfresh,
                                 int mkeep, float* spike, int64_t* counts, int threads, int differential,
-                                float* estimate, float* sent) {
-    if (table == nullptr || ((!mfresh || mkeep) && membrane == nullptr)) return -1;
-    if (differential && (!mfresh || mkeep) && estimate == nullptr) return -1;
-    const FusedNeuron neuron{table, width, membrane, mfresh != 0, mkeep != 0, spike, counts,
-                             differential != 0, estimate, differential ? sent : nullptr};
+                                float* estimate, float* sent, int64_t inner, int64_t groups, int64_t cwidth) {
+    ECMT_FUSED_NEURON
     auto row = [=](float* c, const float* xr, float* p, float steps, float* o, int64_t m) {
         ec_layer_norm_row(c, xr, p, steps, weight, bias, eps, o, m);
     };
