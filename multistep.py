@@ -42,12 +42,10 @@ class MultiStep:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        from trans_utils import StatefulModule, in_region, skip_prefixes  # trans_utils imports this module
+        from trans_utils import in_region, set_clock, skip_prefixes  # trans_utils imports this module
         self.model = model
         self.clock = Chunk(1, False)
-        self.modules = [m for m in model.modules() if isinstance(m, StatefulModule)]
-        for module in self.modules:
-            module.clock = self.clock
+        self.modules = set_clock(model, self.clock)
         self._entered = False
         skip = skip_prefixes(model)
         self.handles = [model.register_forward_pre_hook(self._new_pass)]
@@ -80,8 +78,8 @@ class MultiStep:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        for module in self.modules:
-            module.clock = ONE_STEP
+        from trans_utils import set_clock
+        set_clock(self.model, ONE_STEP)
 
     def __enter__(self) -> 'MultiStep':
         return self

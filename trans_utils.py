@@ -53,7 +53,7 @@ __all__ = [
     'EC_MODULE_TYPES', 'register_snn_modules', 'check_fully_converted', 'BaseMonitor', 'SOPMonitor',
     'product_nonzero_macs', 'spike_level_counts', 'fuse_ec_neurons', 'CODINGS', 'Recording', 'NO_RECORDING',
     'NeuronRecord', 'ProductRecord', 'ECRecord', 'NeuronState', 'ECState', 'ECNeuronState', 'ProductState',
-    'set_recording', 'feed_graph',
+    'set_recording', 'set_clock', 'feed_graph',
 ]
 
 #: Placeholder kinds, in the order they appear in a transformer block (ECMT_SPEC section 2; 'gate'
@@ -191,6 +191,17 @@ def set_recording(model: nn.Module, recording: Recording = NO_RECORDING,
     for name, module in model.named_modules():
         if isinstance(module, StatefulModule) and (wanted is None or name in wanted):
             module.recording = recording
+
+
+def set_clock(model: nn.Module, clock: 'Chunk' = ONE_STEP) -> List['StatefulModule']:
+    """Give every stateful module of ``model`` the clock (:class:`Chunk`) that says how many steps
+    its next calls hold (:class:`MultiStep` shares one and sets it before each pass; the default,
+    one step per call, when it closes). Returns the modules, found afresh (no cache to go stale
+    after module surgery)."""
+    modules = [m for m in model.modules() if isinstance(m, StatefulModule)]
+    for module in modules:
+        module.clock = clock
+    return modules
 
 
 # ---------------------------------------------------------------------------------------------

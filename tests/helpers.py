@@ -145,13 +145,13 @@ FAMILIES = ['vit_cls_token', 'vit_avg_pool', 'vit_layerscale_qknorm', 'vit_pre_n
             'deit_distilled']
 
 
-def converted_family(config, levels=8, seed=0):
+def converted_family(config, levels=8, seed=0, coding='rate'):
     """A tiny calibrated and converted model of ``config`` (:data:`MODEL_CONFIGS` or
     :data:`FAMILY_CONFIGS`), on the default backend."""
     model, _ = (build if config in MODEL_CONFIGS else build_family)(config, seed=seed)
     calibrate(model)
     return convert_to_snn(model, linear_num=levels, qkv_num=levels, softmax_num=levels,
-                          fc2_thresholds=model_vit.default_fc2_thresholds(model))
+                          fc2_thresholds=model_vit.default_fc2_thresholds(model), coding=coding)
 
 
 

@@ -1,0 +1,117 @@
+"""The engine's rules a maintainer relies on (docs/architecture.md), checked on the code and on runs:
+monitors only read, no module sets another module's attributes, no module branches on a backend's
+name, no tensor identity in the monitors, no test file imports another, a thin entry script."""
+import ast
+import inspect
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import trans_utils
+from engine_for_finetuning import simulate
+from helpers import converted_family, images
+from monitors import EnergyMonitor, SOPMonitor
+from trans_utils import StatefulModule, set_backend
+
+pytestmark = pytest.mark.usefixtures('single_thread')
+
+ROOT = Path(__file__).resolve().parents[1]
+#: The documented calls through which drivers and monitors set what modules hold: the clock of a
+#: chunked run (MultiStep) and what records hold (a monitor, once when attached).
+DOCUMENTED_CALLS = ('set_clock', 'set_recording')
+
+
+def _tree(path: Path) -> ast.AST:
+    return ast.parse(path.read_text(), filename=str(path))
+
+
+@pytest.mark.parametrize('coding', ['rate', 'differential'])
+@pytest.mark.parametrize('backend', ['native', 'eager'])
+def test_no_module_or_monitor_sets_another_modules_attributes(monkeypatch, backend, coding):
+    """Through a monitored, chunked simulation (SOP and energy monitors, level counts, fused modules
+    where the backend fuses), every attribute set on a module is set by that module's own code:
+    neither another module nor a monitor writes one, except through the documented calls
+    (trans_utils.set_clock for the driver's clock, set_recording for what records hold)."""
+    if trans_utils.backend_problem(backend, 'cpu'):
+        pytest.skip(trans_utils.backend_problem(backend, 'cpu'))
+    model = converted_family('eva02_tiny', levels=4, coding=coding)
+    set_backend(model, backend)
+    sop = SOPMonitor(model, count_levels=True, level_batches=1)
+    energy = EnergyMonitor(model, sop)
+    foreign = []
+    original = nn.Module.__setattr__
+
+    def spy(self, name, value):
+        caller = sys._getframe(1)
+        owner = caller.f_locals.get('self')
+        if owner is not self and caller.f_code.co_name not in DOCUMENTED_CALLS:
+            foreign.append((type(owner).__name__, caller.f_code.co_name, type(self).__name__, name))
+        original(self, name, value)
+
+    monkeypatch.setattr(nn.Module, '__setattr__', spy)
+    with torch.no_grad():
+        for x in (images(2, seed=5), images(3, seed=6)):  # the second batch turns level counting off
+            simulate(model, x, 4, time_chunk=[1, 3], monitor=sop)
+    monkeypatch.undo()
+    assert not foreign, foreign
+    assert sop.sops is not None and sop.level_counts() and energy.images == 5
+    assert any(isinstance(m, StatefulModule) and m.last_record is not None for m in model.modules())
+
+
+def test_monitors_use_no_tensor_identity():
+    """The monitors look producers up by name in the feed graph: no weakref, no version counters,
+    no data pointers (ECMT_SPEC's counts must not depend on how memory is reused)."""
+    for name in ('monitors.py', 'energy.py'):
+        tree = _tree(ROOT / name)
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                    for alias in node.names} | {node.module for node in ast.walk(tree)
+                                                if isinstance(node, ast.ImportFrom) and node.module}
+        attributes = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+        assert 'weakref' not in imported, name
+        assert not attributes & {'_version', 'data_ptr', 'ref'}, (name, attributes & {'_version', 'data_ptr', 'ref'})
+
+
+def test_module_code_names_no_backend():
+    """A module keeps the kernels it was given at conversion and asks them (EC_KINDS, FUSES,
+    INPUT_DTYPES): no comparison with a backend's name in the modules or the models."""
+    names = set(trans_utils.BACKENDS)
+    # (calibration.py's statistics pick their own selection routine, whatever runs the SNN.)
+    for name in ('trans_utils.py', 'model_base.py', 'multistep.py', 'monitors.py'):
+        for node in ast.walk(_tree(ROOT / name)):
+            if isinstance(node, ast.Compare):
+                constants = {c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)}
+                assert not constants & names, (name, node.lineno)
+
+
+def test_kernels_give_one_protocol():
+    """Every backend module offers each kernel of the Protocol, with the Protocol's leading
+    positional parameters."""
+    import kernels
+    protocol = {name: inspect.signature(getattr(kernels.Kernels, name))
+                for name in dir(kernels.Kernels) if not name.startswith('_') and callable(getattr(kernels.Kernels, name))}
+    assert {'mt_steps', 'qkv_mt_steps', 'qkv_parts_mt_steps', 'ec_mt_steps', 'running_sums'} <= set(protocol)
+    for backend in kernels.BACKENDS:
+        module = kernels.BACKEND_TABLE[backend]
+        if backend == 'triton' and trans_utils.backend_problem('triton', 'cpu'):
+            continue
+        loaded = __import__(module, fromlist=['_'])
+        for name, signature in protocol.items():
+            assert hasattr(loaded, name), (backend, name)
+            wanted = [p for p in signature.parameters if p != 'self'][:3]
+            got = list(inspect.signature(getattr(loaded, name)).parameters)[:3]
+            assert got == wanted, (backend, name, got, wanted)
+        for attribute in ('EC_KINDS', 'INPUT_DTYPES', 'FUSES'):
+            assert hasattr(loaded, attribute), (backend, attribute)
+
+
+def test_no_test_file_imports_another():
+    """Shared test code lives in conftest.py and helpers modules, never in a test file."""
+    tests = ROOT / 'tests'
+    for path in tests.glob('test_*.py'):
+        for node in ast.walk(_tree(path)):
+            modules = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                       else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            assert not [m for m in modules if m.split('.')[0].startswith('test_')], (path.name, node.lineno)
