@@ -15,8 +15,10 @@ import torch
 import torch.nn as nn
 
 import kernels.native as native_kernels
+from options import THRESHOLD_GRANULARITIES
 
-__all__ = ['UNCALIBRATED_PLACES', 'TestNeuron', 'tail_quantiles', 'sync_calibration']
+__all__ = ['UNCALIBRATED_PLACES', 'HEAD_PLACES', 'TestNeuron', 'tail_quantiles', 'channel_quantiles',
+           'threshold_shape', 'sync_calibration']
 
 #: Places whose thresholds are not calibrated (``s`` uses ``softmax_p``).
 UNCALIBRATED_PLACES = ('s',)
@@ -135,20 +137,67 @@ def _beyond(values, hb, lb):
     return values[values >= hb], values[values <= lb]
 
 
+#: Places whose threshold channels are (head, channel) of a [B, heads, N, D] input (ECMT_SPEC 15).
+HEAD_PLACES = ('q', 'k', 'v')
+
+
+def threshold_shape(place: str, input_shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    """The shape of per-channel thresholds of ``place`` for an input of ``input_shape`` (ECMT_SPEC
+    15), broadcastable against one step's input without its batch dimension: the last axis as the
+    next linear layer or product reads it ([C]), and for q, k, v of a [B, heads, N, D] input the
+    head and the channel within it ([heads, 1, D])."""
+    if place in HEAD_PLACES and len(input_shape) >= 4:
+        return (input_shape[-3], 1, input_shape[-1])
+    return (input_shape[-1],)
+
+
+def channel_quantiles(x: torch.Tensor, percent: float, shape: Tuple[int, ...]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`tail_quantiles` per channel (ECMT_SPEC 15): for each channel of ``shape`` (thresholds
+    broadcast right-aligned against ``x``), the exact ``percent`` and ``1 - percent`` order
+    statistics of that channel's n values over every other dimension, k = int(percent·n) and
+    int((1 - percent)·n), 1-based, at least 1; NaN for a channel holding a NaN. Memory: one copy of
+    ``x`` with the channels first (the selection runs along each channel's values). Returns two
+    float32 tensors of ``shape`` on ``x``'s device."""
+    if not 0.0 < percent <= 1.0:
+        raise ValueError(f'percent must be in (0, 1], got {percent}')
+    x = x.detach().float()
+    dims = list(range(x.dim() - len(shape), x.dim()))
+    channel_dims = [d for d, size in zip(dims, shape) if size != 1]
+    other = [d for d in range(x.dim()) if d not in channel_dims]
+    values = x.permute(*channel_dims, *other).reshape(math.prod(x.shape[d] for d in channel_dims), -1)
+    n = values.shape[1]
+    if n == 0:
+        raise ValueError('cannot calibrate on an empty tensor')
+    k_hi = min(n, max(1, int(percent * n)))
+    k_lo = min(n, max(1, int((1 - percent) * n)))
+    q_hi = torch.kthvalue(values, k_hi, dim=1).values
+    q_lo = torch.kthvalue(values, k_lo, dim=1).values
+    nan = torch.isnan(values).any(dim=1)
+    q_hi = torch.where(nan, torch.full_like(q_hi, math.nan), q_hi)
+    q_lo = torch.where(nan, torch.full_like(q_lo, math.nan), q_lo)
+    return q_hi.reshape(shape), q_lo.reshape(shape)
+
+
 class TestNeuron(nn.Module):
-    """Calibrating placeholder (``for_v``): identity that records thresholds (ECMT_SPEC 3).
+    """Calibrating placeholder (``for_v``): identity that records thresholds (ECMT_SPEC 3, 15).
 
     ``scale_p`` is the running mean over batches of the ``percent`` quantile of the input,
-    ``scale_n`` that of the negated ``1 - percent`` quantile; each batch weighs the same.
-    Both are buffers of shape [1] and travel in the state_dict under the placeholder's path.
+    ``scale_n`` that of the negated ``1 - percent`` quantile; each batch weighs the same. With
+    ``granularity='place'`` (section 3) both are buffers of shape [1]; with ``'channel'``
+    (section 15) the statistics are taken per channel (:func:`channel_quantiles`) and the buffers
+    take the channel shape (:func:`threshold_shape`) at the first batch. They travel in the
+    state_dict under the placeholder's path; loading a checkpoint gives them its shapes.
     """
 
-    def __init__(self, place: str, percent: float = 0.99) -> None:
+    def __init__(self, place: str, percent: float = 0.99, granularity: str = 'place') -> None:
         super().__init__()
         if not 0.0 < percent <= 1.0:
             raise ValueError(f'percent must be in (0, 1], got {percent}')
+        if granularity not in THRESHOLD_GRANULARITIES:
+            raise ValueError(f'granularity must be one of {", ".join(THRESHOLD_GRANULARITIES)}, got {granularity!r}')
         self.place = place
         self.percent = percent
+        self.granularity = granularity
         self.calibrate = place not in UNCALIBRATED_PLACES
         self.register_buffer('scale_p', torch.zeros(1))
         self.register_buffer('scale_n', torch.zeros(1))
@@ -159,7 +208,16 @@ class TestNeuron(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrate:
-            q_hi, q_lo = tail_quantiles(x, self.percent)
+            if self.granularity == 'channel':
+                shape = threshold_shape(self.place, tuple(x.shape))
+                if self.num_batches == 0:
+                    self._reshape(shape, x.device)
+                elif tuple(self.scale_p.shape) != shape:
+                    raise ValueError(f'{self.place} place: an input of shape {tuple(x.shape)} has channels {shape}, '
+                                     f'earlier batches had {tuple(self.scale_p.shape)}')
+                q_hi, q_lo = channel_quantiles(x, self.percent, shape)
+            else:
+                q_hi, q_lo = tail_quantiles(x, self.percent)
             self.sum_p += q_hi.double()
             self.sum_n -= q_lo.double()
             self.num_batches += 1
@@ -167,8 +225,26 @@ class TestNeuron(nn.Module):
             self.scale_n.copy_(self.sum_n / self.num_batches)
         return x
 
+    def _reshape(self, shape: Tuple[int, ...], device) -> None:
+        """Buffers of the thresholds' shape (zero): per-channel statistics, or a checkpoint's."""
+        self.scale_p = torch.zeros(shape, device=device)
+        self.scale_n = torch.zeros(shape, device=device)
+        self.sum_p = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.sum_n = torch.zeros(shape, dtype=torch.float64, device=device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A checkpoint's thresholds may be per channel (ECMT_SPEC 15): take their shape.
+        loaded = state_dict.get(prefix + 'scale_p')
+        if torch.is_tensor(loaded) and tuple(loaded.shape) != tuple(self.scale_p.shape):
+            self._reshape(tuple(loaded.shape), self.scale_p.device)
+            self.granularity = 'channel' if loaded.numel() > 1 else 'place'
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def extra_repr(self) -> str:
-        return f'place={self.place}, percent={self.percent}, batches={self.num_batches}'
+        shape = '' if self.scale_p.numel() == 1 else f', channels={tuple(self.scale_p.shape)}'
+        return f'place={self.place}, percent={self.percent}, batches={self.num_batches}{shape}'
 
 
 def sync_calibration(model: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor]) -> int:
@@ -184,12 +260,18 @@ def sync_calibration(model: nn.Module, reduce: Callable[[torch.Tensor], torch.Te
     neurons = [m for m in model.modules() if isinstance(m, TestNeuron)]
     if not neurons:
         return 0
-    stats = torch.stack([torch.cat([n.sum_p, n.sum_n, torch.full_like(n.sum_p, n.num_batches)])
-                         for n in neurons])
-    stats = reduce(stats)
-    for neuron, (sum_p, sum_n, count) in zip(neurons, stats.unbind(0)):
-        neuron.sum_p.copy_(sum_p.reshape(1))
-        neuron.sum_n.copy_(sum_n.reshape(1))
+    # One flat vector: each neuron's sums (one per channel) and its batch count.
+    stats = reduce(torch.cat([torch.cat([n.sum_p.reshape(-1), n.sum_n.reshape(-1),
+                                         torch.full_like(n.sum_p.reshape(-1)[:1], n.num_batches)])
+                              for n in neurons]))
+    offset = 0
+    for neuron in neurons:
+        size = neuron.sum_p.numel()
+        sum_p, sum_n = stats[offset:offset + size], stats[offset + size:offset + 2 * size]
+        count = stats[offset + 2 * size]
+        offset += 2 * size + 1
+        neuron.sum_p.copy_(sum_p.reshape(neuron.sum_p.shape))
+        neuron.sum_n.copy_(sum_n.reshape(neuron.sum_n.shape))
         neuron.num_batches = int(round(float(count)))
         if neuron.num_batches:
             neuron.scale_p.copy_(neuron.sum_p / neuron.num_batches)

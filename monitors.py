@@ -320,9 +320,12 @@ class SOPMonitor(BaseMonitor):
                 counts = torch.zeros(2, neuron.levels, dtype=torch.int64, device=neuron.scale_p.device)
             counts = reduce(counts.clone()) if reduce is not None else counts
             counts = counts.cpu()
-            out.append({'neuron': name, 'place': neuron.place, 'levels': neuron.levels,
-                        'scale_p': float(neuron.scale_p), 'scale_n': float(neuron.scale_n),
-                        'positive': counts[0].tolist(), 'negative': counts[1].tolist()})
+            entry = {'neuron': name, 'place': neuron.place, 'levels': neuron.levels,
+                     'scale_p': float(neuron.scale_p.float().mean()), 'scale_n': float(neuron.scale_n.float().mean()),
+                     'positive': counts[0].tolist(), 'negative': counts[1].tolist()}
+            if neuron.scale_p.numel() > 1:  # per channel (ECMT_SPEC 15): the means above, and the shape
+                entry['channels'] = list(neuron.scale_p.shape)
+            out.append(entry)
         return out
 
     def remove(self) -> None:

@@ -30,16 +30,17 @@ dtype, and is not kept past a batch's last chunk.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from kernels import (BACKEND_CHOICES, BACKENDS, Backend, ConversionError, backend_problem, kernels_of, level_table,
-                     resolve_backend, set_default_backend)
+from kernels import (BACKEND_CHOICES, BACKENDS, Backend, ConversionError, backend_problem, channel_map, kernels_of,
+                     level_table, level_width, resolve_backend, set_default_backend)
 from kernels.eager import ec_function_steps
-from options import CODINGS
+from options import CODINGS, FIRE_RULES, THRESHOLD_GRANULARITIES
 from calibration import UNCALIBRATED_PLACES, TestNeuron, sync_calibration, tail_quantiles  # noqa: F401 (published names)
 from multistep import ONE_STEP, Chunk, MultiStep  # noqa: F401
 
@@ -331,28 +332,53 @@ class TwoSideNeuron(StatefulModule):
     kind = 'neuron'
 
     def __init__(self, place: str, scale_p: float | torch.Tensor, scale_n: float | torch.Tensor,
-                 levels: int, coding: str = 'rate') -> None:
+                 levels: int, coding: str = 'rate', fire_rule: str = 'ecmt') -> None:
         super().__init__()
         if levels < 1:
             raise ValueError(f'levels must be >= 1, got {levels}')
         if coding not in CODINGS:
             raise ValueError(f'unknown coding {coding!r}; choose one of {", ".join(CODINGS)}')
+        if fire_rule not in FIRE_RULES:
+            raise ValueError(f'unknown fire rule {fire_rule!r}; choose one of {", ".join(FIRE_RULES)}')
         self.place = place
         self.levels = int(levels)
         self.coding = coding
-        self.register_buffer('scale_p', torch.as_tensor(scale_p, dtype=torch.float32).reshape(1).clone())
-        self.register_buffer('scale_n', torch.as_tensor(scale_n, dtype=torch.float32).reshape(1).clone())
+        self.fire_rule = fire_rule
+        scale_p, scale_n = (torch.as_tensor(t, dtype=torch.float32) for t in (scale_p, scale_n))
+        if scale_p.shape != scale_n.shape and scale_p.numel() * scale_n.numel() > 1:
+            scale_p, scale_n = torch.broadcast_tensors(scale_p, scale_n)
+        # One pair (shape [1], ECMT_SPEC 4) or per channel (ECMT_SPEC 15: a shape that broadcasts
+        # right-aligned against one step's input, e.g. [C] or [heads, 1, D]).
+        self.register_buffer('scale_p', scale_p.reshape(-1 if scale_p.numel() == 1 else scale_p.shape).clone())
+        self.register_buffer('scale_n', scale_n.reshape(-1 if scale_n.numel() == 1 else scale_n.shape).clone())
         self._table: Optional[torch.Tensor] = None
+        self._channels: Tuple[int, int, int] = (1, 1, 1)
 
     def reset(self) -> None:
         super().reset()
         self._table = None
 
-    def level_table(self) -> torch.Tensor:
-        """The level table of this batch (built from the thresholds at a batch's first chunk)."""
+    def level_table(self, step_shape: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
+        """The level table of this batch (built from the thresholds at a batch's first chunk; with
+        per-channel thresholds, for steps of ``step_shape`` (the kernel's output of one step): see
+        :meth:`channels`)."""
         if self._table is None:
-            self._table = level_table(self.scale_p, self.scale_n, self.levels)
+            theta_p, theta_n = self.scale_p, self.scale_n
+            self._channels = (1, 1, 1)
+            if theta_p.numel() > 1:
+                if step_shape is None:
+                    raise ValueError(f'{self.place} neuron: per-channel thresholds need the shape of a step')
+                try:
+                    self._channels = channel_map(tuple(theta_p.shape), step_shape)
+                except ValueError:  # a layout the kernels' map cannot express: one channel per element
+                    theta_p, theta_n = (t.expand(step_shape[1:]).contiguous() for t in (theta_p, theta_n))
+                    self._channels = (1, 1, theta_p.numel())
+            self._table = level_table(theta_p, theta_n, self.levels, fire_rule=self.fire_rule)
         return self._table
+
+    def channels(self) -> Tuple[int, int, int]:
+        """The kernels' channel map of this batch's table (:func:`kernels.channel_map`)."""
+        return self._channels
 
     @property
     def membrane(self) -> Optional[torch.Tensor]:
@@ -388,10 +414,12 @@ class TwoSideNeuron(StatefulModule):
         start = self.start_estimate(state)  # before the kernels update the state in place
         if qkv_part is not None:
             part, heads = qkv_part
-            result = self.kernels.qkv_mt_steps(xs.contiguous(), part, heads, self.level_table(), membrane, keep,
-                                               **coding)
+            table = self.level_table(_qkv_step_shape(xs, heads))
+            result = self.kernels.qkv_mt_steps(xs.contiguous(), part, heads, table, membrane, keep,
+                                               channels=self._channels, **coding)
         else:
-            result = self.kernels.mt_steps(xs, self.level_table(), membrane, keep, **coding)
+            table = self.level_table(tuple(xs.shape[1:]))
+            result = self.kernels.mt_steps(xs, table, membrane, keep, channels=self._channels, **coding)
         return self.chunk_from_kernel(result, start, t0, keep)
 
     def start_estimate(self, state: Optional[NeuronState]) -> Optional[torch.Tensor]:
@@ -438,8 +466,13 @@ class TwoSideNeuron(StatefulModule):
 
     def extra_repr(self) -> str:
         coding = '' if self.coding == 'rate' else f', coding={self.coding}'
-        return (f'place={self.place}, levels={self.levels}, '
-                f'scale_p={self.scale_p.item():.6g}, scale_n={self.scale_n.item():.6g}{coding}, backend={self.backend}')
+        rule = '' if self.fire_rule == 'ecmt' else f', fire_rule={self.fire_rule}'
+        if self.scale_p.numel() == 1:
+            thresholds = f'scale_p={self.scale_p.item():.6g}, scale_n={self.scale_n.item():.6g}'
+        else:
+            thresholds = (f'scale_p=mean {self.scale_p.mean().item():.6g} per channel {tuple(self.scale_p.shape)}, '
+                          f'scale_n=mean {self.scale_n.mean().item():.6g}')
+        return f'place={self.place}, levels={self.levels}, {thresholds}{coding}{rule}, backend={self.backend}'
 
 
 def _estimates_before(spikes: torch.Tensor, start: Optional[torch.Tensor], t0: int) -> torch.Tensor:
@@ -452,6 +485,13 @@ def _estimates_before(spikes: torch.Tensor, start: Optional[torch.Tensor], t0: i
         before[k] = r
         r = r + spikes[k] / torch.full_like(spikes[k], float(t0 + k + 1))
     return before
+
+
+def _qkv_step_shape(qkv_steps: torch.Tensor, heads: int) -> Tuple[int, int, int, int]:
+    """One step's output shape [B, heads, N, D] of a q/k/v neuron on a fused qkv output
+    [K, B, N, 3 * heads * D]."""
+    _, B, N, width = qkv_steps.shape
+    return (B, heads, N, width // (3 * heads))
 
 
 class SharedQKV:
@@ -477,7 +517,7 @@ class SharedQKV:
                 and all(type(n).run_chunk is TwoSideNeuron.run_chunk for n in self.neurons)
                 and all(n.kernels is first.kernels and n.coding == first.coding and n.clock is first.clock
                         and n.steps == first.steps and (n.state is None) == (first.state is None)
-                        and n.level_table().shape == first.level_table().shape for n in self.neurons))
+                        and level_width(n.levels) == level_width(first.levels) for n in self.neurons))
 
     def take(self, neuron: 'TwoSideNeuron', xs: torch.Tensor):
         """``neuron``'s chunk result (as its ``run_chunk`` gives it) on its part of ``xs``, the
@@ -505,8 +545,9 @@ class SharedQKV:
             extra = dict(coding='differential',
                          estimates=[None if n.state is None else n.state.estimate.clone() for n in neurons],
                          t0=first.steps, sents=[n.wants_sent for n in neurons])
-        return first.kernels.qkv_parts_mt_steps(xs.contiguous(), self.heads, [n.level_table() for n in neurons],
-                                                membranes, keep, **extra)
+        tables = [n.level_table(_qkv_step_shape(xs, self.heads)) for n in neurons]
+        return first.kernels.qkv_parts_mt_steps(xs.contiguous(), self.heads, tables, membranes, keep,
+                                                channels=[n.channels() for n in neurons], **extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,7 +691,7 @@ class ECNeuron(TwoSideNeuron):
     the wrapped module (held by the pass-through)."""
 
     def __init__(self, neuron: TwoSideNeuron, function: nn.Module) -> None:
-        super().__init__(neuron.place, neuron.scale_p, neuron.scale_n, neuron.levels, neuron.coding)
+        super().__init__(neuron.place, neuron.scale_p, neuron.scale_n, neuron.levels, neuron.coding, neuron.fire_rule)
         self.kernels, self.recording = neuron.kernels, neuron.recording
         self.ec_kind = _ec_kind(function)
         self.__dict__['ec_function'] = function  # a reference, not a submodule (the pass-through holds it)
@@ -663,8 +704,9 @@ class ECNeuron(TwoSideNeuron):
         coding = self.kernel_arguments(before, t0)
         coding.pop('t0', None)  # ec_mt_steps takes the first step as its EC part does
         start = self.start_estimate(before)  # before the kernels update the state in place
+        table = self.level_table(tuple(xs.shape[1:]))
         out, counts, cum, prev, *neuron = self.kernels.ec_mt_steps(
-            self.ec_kind, flat, cum, prev, t0, keep, self.level_table(), membrane, **extra, **coding)
+            self.ec_kind, flat, cum, prev, t0, keep, table, membrane, channels=self._channels, **extra, **coding)
         out = out.view(xs.shape)
         if self.coding == 'differential':
             membrane, estimate, spikes = neuron
@@ -879,12 +921,16 @@ def in_region(name: str, skip: Tuple[str, ...]) -> bool:
     return not any(name == p or name.startswith(p + '.') for p in skip)
 
 
-def replace_test_by_testneuron(model: nn.Module, percent: float = 0.99) -> nn.Module:
+def replace_test_by_testneuron(model: nn.Module, percent: float = 0.99, granularity: str = 'place') -> nn.Module:
     """Replace every :class:`MyTestPlace` by a calibrating :class:`TestNeuron` (``for_v``, and
-    before loading a threshold checkpoint for ``snn``)."""
+    before loading a threshold checkpoint for ``snn``, whose thresholds' shapes they take):
+    ``granularity`` 'place' (ECMT_SPEC 3) or 'channel' (ECMT_SPEC 15)."""
+    if granularity not in THRESHOLD_GRANULARITIES:
+        raise ConversionError(f'unknown threshold granularity {granularity!r}; choose one of '
+                              f'{", ".join(THRESHOLD_GRANULARITIES)}')
     for parent, attr, _, child in list(_named_children_recursive(model)):
         if type(child) is MyTestPlace:
-            setattr(parent, attr, TestNeuron(child.place, percent))
+            setattr(parent, attr, TestNeuron(child.place, percent, granularity))
     return model
 
 
@@ -905,13 +951,17 @@ def threshold_config(place: str, *, linear_num: int = 8, qkv_num: int = 8, softm
 def replace_testneuron_by_twosideneuron(model: nn.Module, linear_num: int = 8, qkv_num: int = 8,
                                         softmax_num: int = 8, softmax_p: float = 0.0125,
                                         fc2_thresholds: Optional[Tuple[float, float]] = None,
-                                        coding: str = 'rate') -> nn.Module:
+                                        coding: str = 'rate', fire_rule: str = 'ecmt',
+                                        threshold_scale: float = 1.0) -> nn.Module:
     """Replace every calibrated :class:`TestNeuron` by an MT :class:`TwoSideNeuron` of ``coding``
-    ('rate', or 'differential': ECMT_SPEC 14).
+    ('rate', or 'differential': ECMT_SPEC 14) and ``fire_rule`` ('ecmt': section 4; 'round':
+    section 15).
 
     Levels and thresholds per place follow ECMT_SPEC 4; ``fc2_thresholds`` (θp, θn) overrides the
-    calibrated fc2 thresholds (the ViT default is (0.25, 0.08)). Raises :class:`ConversionError`
-    naming the places whose calibrated thresholds are all zero or not finite.
+    calibrated fc2 thresholds (the ViT default is (0.25, 0.08)). Calibrated thresholds, one pair
+    per place or per channel, are multiplied by ``threshold_scale`` (ECMT_SPEC 15; fixed ones are
+    not). Raises :class:`ConversionError` naming the places whose calibrated thresholds are all
+    zero or not finite.
     """
     for name, value in (('linear_num', linear_num), ('qkv_num', qkv_num), ('softmax_num', softmax_num)):
         if int(value) < 1:
@@ -920,6 +970,10 @@ def replace_testneuron_by_twosideneuron(model: nn.Module, linear_num: int = 8, q
         raise ConversionError(f'softmax_p must be > 0, got {softmax_p}')
     if coding not in CODINGS:
         raise ConversionError(f'unknown coding {coding!r}; choose one of {", ".join(CODINGS)}')
+    if fire_rule not in FIRE_RULES:
+        raise ConversionError(f'unknown fire rule {fire_rule!r}; choose one of {", ".join(FIRE_RULES)}')
+    if not (math.isfinite(threshold_scale) and threshold_scale > 0):
+        raise ConversionError(f'threshold_scale must be a positive number, got {threshold_scale}')
     cfg = dict(linear_num=linear_num, qkv_num=qkv_num, softmax_num=softmax_num,
                softmax_p=softmax_p, fc2_thresholds=fc2_thresholds)
     targets = [(p, a, n, c) for p, a, n, c in _named_children_recursive(model) if type(c) is TestNeuron]
@@ -941,9 +995,11 @@ def replace_testneuron_by_twosideneuron(model: nn.Module, linear_num: int = 8, q
         levels, fixed = threshold_config(neuron.place, **cfg)
         if fixed is None:
             scale_p, scale_n = neuron.scale_p.detach(), neuron.scale_n.detach()
+            if threshold_scale != 1.0:
+                scale_p, scale_n = scale_p * threshold_scale, scale_n * threshold_scale
         else:
             scale_p, scale_n = fixed
-        new = TwoSideNeuron(neuron.place, scale_p, scale_n, levels, coding).to(neuron.scale_p.device)
+        new = TwoSideNeuron(neuron.place, scale_p, scale_n, levels, coding, fire_rule).to(neuron.scale_p.device)
         setattr(parent, attr, new)
     return model
 
@@ -1013,13 +1069,17 @@ def _inside_ec(model: nn.Module, name: str) -> bool:
 
 def convert_to_snn(model: nn.Module, *, linear_num: int = 8, qkv_num: int = 8, softmax_num: int = 8,
                    softmax_p: float = 0.0125, fc2_thresholds: Optional[Tuple[float, float]] = None,
-                   backend: Optional[str] = None, coding: str = 'rate') -> nn.Module:
+                   backend: Optional[str] = None, coding: str = 'rate', fire_rule: str = 'ecmt',
+                   threshold_scale: float = 1.0) -> nn.Module:
     """All of ``snn`` mode's surgery on a model holding calibrated :class:`TestNeuron` s:
-    MT neurons of ``coding`` ('rate' or 'differential', ECMT_SPEC 14), EC nonlinear modules, EC products, the check that nothing stays analog, and one
+    MT neurons of ``coding`` ('rate' or 'differential', ECMT_SPEC 14) and ``fire_rule`` with the
+    calibrated thresholds times ``threshold_scale`` (ECMT_SPEC 15), EC nonlinear modules, EC
+    products, the check that nothing stays analog, and one
     backend for the whole model on its device (``backend``: 'auto'/None, 'native', 'triton' or
     'eager'; one that cannot run there is a ConversionError) with that backend's fusions
     (:func:`set_backend`)."""
-    replace_testneuron_by_twosideneuron(model, linear_num, qkv_num, softmax_num, softmax_p, fc2_thresholds, coding)
+    replace_testneuron_by_twosideneuron(model, linear_num, qkv_num, softmax_num, softmax_p, fc2_thresholds, coding,
+                                        fire_rule, threshold_scale)
     replace_nonlinear_by_neuron(model)
     replace_at_by_neuron(model)
     check_fully_converted(model)
@@ -1057,7 +1117,7 @@ def fuse_ec_neurons(model: nn.Module, enabled: Optional[bool] = None) -> int:
     for parent, attr, _, child in list(_named_children_recursive(model)):
         if isinstance(child, ECNeuron):
             plain = TwoSideNeuron(child.place, child.scale_p, child.scale_n, child.levels,
-                                  child.coding).to(child.scale_p.device)
+                                  child.coding, child.fire_rule).to(child.scale_p.device)
             plain.kernels, plain.recording = child.kernels, child.recording
             setattr(parent, attr, plain)
         elif isinstance(child, ECPassThrough):
@@ -1110,7 +1170,8 @@ def spike_level_counts(spike: torch.Tensor, theta_p: torch.Tensor, theta_n: torc
                        levels: int) -> torch.Tensor:
     """[2, levels] int64: how many elements of ``spike`` are +theta_p*2^j (row 0) and
     -theta_n*2^j (row 1), for j = 0..levels-1; one histogram of a combined index."""
-    index = _spike_level_index(spike.reshape(-1), theta_p, theta_n, levels)
+    # Thresholds of any shape broadcast against the spikes (one pair, or per channel).
+    index = _spike_level_index(spike, theta_p, theta_n, levels).reshape(-1)
     counts = torch.bincount(index, minlength=2 * levels + 1)
     return counts[:2 * levels].view(2, levels)
 
