@@ -4,7 +4,7 @@
 #   git worktree add ../before <commit>
 #   bash benchmarks/same_figures.sh ../before [OUT_DIR [FAMILY ...]]
 # Per family (default: vit_token eva01 eva02): a small model fine-tuned on the bundled DIGITS
-# (EPOCHS, default 4), calibrated once (for_v, by this checkout), then in each checkout snn T=4
+# (EPOCHS, default 4), calibrated once per coding (for_v, by this checkout), then in each checkout snn T=4
 # with the monitor, level counts on all batches, the full energy report (fp32_memory) and the
 # per-layer CSV, for both codings and two chunkings (--time_chunk 4 and 1). Every file each run
 # writes (results JSON less its timings and paths, the layer CSV, the level JSON) is compared
@@ -31,19 +31,22 @@ for name in "${ORDER[@]}"; do
   IFS='|' read -r model kwargs <<< "${FAMILIES[$name]}"
   common=(--model "$model" --model_kwargs $kwargs --input_size 32 --nb_classes 10 --data_set DIGITS
           --num_workers 0 --batch_size 128)
-  if [ ! -f "$OUT/${name}_for_v.pth" ]; then
+  if [ ! -f "$OUT/${name}_best.pth" ]; then
     python fintune_model.py "${common[@]}" --epochs "$EPOCHS" --lr 1e-3 --warmup_epochs 1 \
         --no-save_every_epoch --output_dir "$OUT" --savename "$name" > "$OUT/$name.train.log" 2>&1
-    python run_class_finetuning.py "${common[@]}" --no_progress --model_path "$OUT/${name}_best.pth" --test_mode for_v \
-        --log_dir "$OUT" --output_dir "$OUT" --savename "${name}_for_v" > "$OUT/$name.for_v.log" 2>&1
   fi
+  for coding in rate differential; do  # thresholds calibrated for each coding (the record says which)
+    [ -f "$OUT/${name}_for_v_$coding.pth" ] || python run_class_finetuning.py "${common[@]}" --no_progress \
+        --model_path "$OUT/${name}_best.pth" --test_mode for_v --coding "$coding" --log_dir "$OUT" \
+        --output_dir "$OUT" --savename "${name}_for_v_$coding" > "$OUT/$name.for_v.log" 2>&1
+  done
   for coding in rate differential; do
     for chunk in 4 1; do
       for tree in before after; do
         root=$BEFORE; [ "$tree" = after ] && root=$AFTER
         run="$OUT/$tree/${name}_${coding}_c$chunk"
         mkdir -p "$run"
-        (cd "$root" && python run_class_finetuning.py "${common[@]}" --no_progress --model_path "$OUT/${name}_for_v.pth" \
+        (cd "$root" && python run_class_finetuning.py "${common[@]}" --no_progress --model_path "$OUT/${name}_for_v_$coding.pth" \
             --test_mode snn --test_T 4 --time_chunk "$chunk" --coding "$coding" --monitor True \
             --level_batches all --energy_model fp32_memory --log_dir "$run" --output_dir "$run" \
             --savename run --results "$run/results.json") > "$run.log" 2>&1 \
