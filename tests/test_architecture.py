@@ -115,3 +115,44 @@ def test_no_test_file_imports_another():
             modules = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
                        else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
             assert not [m for m in modules if m.split('.')[0].startswith('test_')], (path.name, node.lineno)
+
+
+@pytest.mark.parametrize('config', ['vit_cls_token', 'vit_layerscale_qknorm', 'eva_giant', 'eva02_tiny',
+                                    'eva02_swiglu_norms', 'vit_rope_reg', 'siglip_map', 'deit_distilled'])
+@pytest.mark.parametrize('fused', [True, False])
+def test_the_declared_feed_graph_is_the_one_that_runs(config, fused):
+    """The producers the monitors look up by name (trans_utils.feed_graph, from the convertible
+    modules' ecmt_feeds) are the neurons whose outputs each linear layer and product receives in
+    a run (found here, in the test only, by tensor identity and storage): every neuron-fed operand
+    declared, nothing declared that is not so fed."""
+    model = converted_family(config, levels=4)
+    set_backend(model, 'native' if not trans_utils.backend_problem('native', 'cpu') else 'eager')
+    trans_utils.fuse_ec_neurons(model, fused)
+    names = {m: n for n, m in model.named_modules()}
+    outputs, seen, hooks = {}, {}, []
+
+    def neuron_hook(module, args, output):
+        outputs[names[module]] = output
+
+    def consumer_hook(module, args, output):
+        def producer(x):
+            for name, out in outputs.items():  # a view of a neuron's output (same storage, unchanged)
+                if torch.is_tensor(x) and x.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+                    return name
+            return None
+        operands = args[:1] if isinstance(module, nn.Linear) else args[:2]
+        seen[names[module]] = tuple(producer(x) for x in operands)
+
+    for module in model.modules():
+        if isinstance(module, trans_utils.TwoSideNeuron):
+            hooks.append(module.register_forward_hook(neuron_hook))
+        elif isinstance(module, (nn.Linear, trans_utils._ECProduct)):
+            hooks.append(module.register_forward_hook(consumer_hook))
+    with torch.no_grad():
+        simulate(model, images(2), 2)
+    for hook in hooks:
+        hook.remove()
+    graph = trans_utils.feed_graph(model)
+    ran = {name: producers for name, producers in seen.items() if any(producers)}
+    declared = {name: producers for name, producers in graph.items() if any(producers)}
+    assert ran == declared
