@@ -1,11 +1,15 @@
-"""Convertible timm Vision Transformers: ViT, DeiT (distilled too), SigLIP-style attention pooling.
+"""Convertible timm Vision Transformers: ViT, DeiT (distilled too), SigLIP-style attention pooling,
+and the ViT-like families BEiT, CaiT, Swin and Swin V2.
 
 timm's ``VisionTransformer`` with class-token, mean or attention pooling (``global_pool='map'``,
 ``AttentionPoolLatent``: SigLIP), plain or gated MLPs, and ``VisionTransformerDistilled`` (DeiT
 with a distillation token): in evaluation its two heads' outputs are averaged, a linear map, and
-the distillation token is a constant input like the class token (ECMT_SPEC 12). The convertible
-modules and the factory live in :mod:`model_base`; ``create_model`` and
-``default_fc2_thresholds`` are importable from here too, as the command lines do.
+the distillation token is a constant input like the class token (ECMT_SPEC 12). ``Beit``,
+``Cait``, ``SwinTransformer`` and ``SwinTransformerV2``: their attentions and patch merging are
+swapped for the convertible modules below (what each becomes: docs/semantics.md, "More
+families"). The shared convertible modules and the factory live in :mod:`model_base`;
+``create_model`` and ``default_fc2_thresholds`` are importable from here too, as the command
+lines do.
 """
 from __future__ import annotations
 
@@ -39,7 +43,10 @@ from model_base import (CONTAINERS, ConvertibleAttention, ConvertibleMlp, Family
 from trans_utils import ConversionError, MyAt, MyTestPlace, register_snn_modules
 
 __all__ = ['ConvertibleAttention', 'ConvertibleMlp', 'make_vit_convertible', 'create_model',
-           'resolve_model_name', 'VIT_FC2_THRESHOLDS', 'default_fc2_thresholds']
+           'resolve_model_name', 'VIT_FC2_THRESHOLDS', 'default_fc2_thresholds',
+           'ConvertibleRelPosAttention', 'ConvertibleClassAttention', 'ConvertibleTalkingHeadAttention',
+           'ConvertibleWindowAttention', 'ConvertiblePatchMerging', 'make_beit_convertible',
+           'make_cait_convertible', 'make_swin_convertible']
 
 #: The fixed fc2 thresholds (θp, θn) with which the paper's ViT numbers were produced (ECMT_SPEC 4).
 VIT_FC2_THRESHOLDS = (0.25, 0.08)
