@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import AttentionPoolLatent, ClassifierHead, SelectAdaptivePool2d
 from timm.layers.adaptive_avgmax_pool import FastAdaptiveAvgPool
-from timm.layers.attention import Attention
+from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
 from timm.models.beit import Attention as BeitAttention, Beit, Block as BeitBlock
 from timm.models.cait import Cait, ClassAttn, LayerScaleBlock, LayerScaleBlockClassAttn, TalkingHeadAttn
 from timm.models.deit import VisionTransformerDistilled
@@ -33,7 +33,7 @@ from timm.models.swin_transformer_v2 import SwinTransformerV2, SwinTransformerV2
 from timm.models.swin_transformer_v2 import WindowAttention as SwinV2WindowAttention
 from timm.models.naflexvit import NaFlexVit
 from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
-from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
+from timm.models.vision_transformer import Block, ParallelScalingBlock, ResPostBlock, VisionTransformer
 from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 from timm.models.xcit import Xcit
 
@@ -46,12 +46,74 @@ __all__ = ['ConvertibleAttention', 'ConvertibleMlp', 'make_vit_convertible', 'cr
            'resolve_model_name', 'VIT_FC2_THRESHOLDS', 'default_fc2_thresholds',
            'ConvertibleRelPosAttention', 'ConvertibleClassAttention', 'ConvertibleTalkingHeadAttention',
            'ConvertibleWindowAttention', 'ConvertiblePatchMerging', 'make_beit_convertible',
-           'make_cait_convertible', 'make_swin_convertible']
+           'make_cait_convertible', 'make_swin_convertible', 'ConvertibleParallelScalingBlock']
 
 #: The fixed fc2 thresholds (θp, θn) with which the paper's ViT numbers were produced (ECMT_SPEC 4).
 VIT_FC2_THRESHOLDS = (0.25, 0.08)
 
-VIT_CONTAINERS = CONTAINERS + (VisionTransformer, VisionTransformerDistilled, Block, ResPostBlock)
+class ConvertibleParallelScalingBlock(nn.Module):
+    """timm ``ParallelScalingBlock`` (the ``*_xp_*`` ViTs, ViT-22B style) with placeholders: one
+    input norm and one linear layer for both the MLP's first layer and qkv, attention and MLP in
+    parallel, their outputs through one linear layer on the concatenation or two summed.
+
+    in_norm (EC) -> fc_qkv -> in_proj -> split: MLP part [+ mlp_bias], q, k, v
+      attention: [q_norm, k_norm (EC)] -> q, k, v -> q·kᵀ (EC product) * scale [+ mask] -> softmax
+                 (EC) -> attn_drop -> s -> s·v (EC product) -> merge -> fc_out
+      MLP:       act (EC) -> mlp_drop -> fc2
+    -> out_proj(cat) or attn_out_proj + mlp_out_proj -> LayerScale -> + residual
+
+    The MLP part's place is ``fc2`` (the input of the MLP's output layer, a GELU output as in
+    ViT's MLP); the MLP's first layer is part of in_proj, whose input is the ``fc_qkv`` place.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale = block.num_heads, block.head_dim, block.scale
+        self.in_split = block.in_split
+        # Registration order as timm's, so that state_dict keys come in timm's order.
+        if block.mlp_bias is None:
+            self.register_parameter('mlp_bias', None)
+        else:
+            self.mlp_bias = block.mlp_bias
+        self.in_norm, self.in_proj = block.in_norm, block.in_proj
+        self.q_norm, self.k_norm = block.q_norm, block.k_norm
+        self.attn_drop, self.mlp_drop, self.mlp_act = block.attn_drop, block.mlp_drop, block.mlp_act
+        self.out_proj, self.attn_out_proj, self.mlp_out_proj = block.out_proj, block.attn_out_proj, block.mlp_out_proj
+        self.ls, self.drop_path = block.ls, block.drop_path
+        self.softmax = nn.Softmax(dim=-1)
+        self.qk_matmul, self.av_matmul = MyAt(), MyAt()
+        for place in ('fc_qkv', 'q', 'k', 'v', 's', 'fc_out', 'fc2'):
+            self.add_module(f'place_{place}', MyTestPlace(place))
+
+    def ecmt_fusable(self):
+        """EC module -> modules between -> MT neuron, in this forward (trans_utils.fuse_ec_neurons)."""
+        return [('softmax', ('attn_drop',), 'place_s'), ('mlp_act', ('mlp_drop',), 'place_fc2')]
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                **kwargs) -> torch.Tensor:
+        B, N, C = x.shape
+        y = self.in_proj(self.place_fc_qkv(self.in_norm(x)))
+        x_mlp, q, k, v = torch.split(y, self.in_split, dim=-1)
+        if self.mlp_bias is not None:
+            x_mlp = x_mlp + self.mlp_bias
+        q = self.q_norm(q.reshape(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.reshape(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
+        v = v.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.place_q(q), self.place_k(k), self.place_v(v)
+        attn = self.qk_matmul(q, k.transpose(-2, -1), scale=self.scale)
+        attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
+        attn = self.place_s(self.attn_drop(self.softmax(attn)))
+        x_attn = self.place_fc_out(self.av_matmul(attn, v).transpose(1, 2).reshape(B, N, C))
+        x_mlp = self.place_fc2(self.mlp_drop(self.mlp_act(x_mlp)))
+        if self.out_proj is not None:
+            y = self.out_proj(torch.cat((x_attn, x_mlp), dim=-1))
+        else:
+            y = self.attn_out_proj(x_attn) + self.mlp_out_proj(x_mlp)
+        return x + self.drop_path(self.ls(y))
+
+
+VIT_CONTAINERS = CONTAINERS + (VisionTransformer, VisionTransformerDistilled, Block, ResPostBlock,
+                               ConvertibleParallelScalingBlock)
 register_snn_modules(containers=VIT_CONTAINERS)
 
 
@@ -69,7 +131,7 @@ def make_vit_convertible(model: nn.Module) -> nn.Module:
                               "(use 'token', 'avg' or 'map')")
     model.ecmt_input_modules = ('patch_embed', 'pos_drop', 'patch_drop')
     model.ecmt_family = 'vit'
-    swap_convertible_modules(model, (Attention,))
+    swap_convertible_modules(model, (Attention,), {ParallelScalingBlock: ConvertibleParallelScalingBlock})
     check_structure(model, VIT_CONTAINERS, type(model).__name__)
     return model
 

@@ -1,4 +1,4 @@
-"""BEiT, CaiT, Swin and Swin V2 at tiny size: timm's keys and logits, where the new modules'
+"""BEiT, CaiT, Swin, Swin V2 and ViTs with parallel scaling blocks at tiny size: timm's keys and logits, where the new modules'
 places, EC modules and products sit, whole-model SNN outputs against ``reference.ref_simulate``
 per step on every backend and chunking, the energy count of every new product and linear layer,
 and the refusals of what is still not converted.
@@ -6,11 +6,13 @@ and the refusals of what is still not converted.
 Random weights of trained scale, no download; 16x16 images, two blocks (Swin: two stages of two).
 """
 import math
+from functools import partial
 
 import pytest
 import timm
 import torch
 import torch.nn as nn
+from timm.models.vision_transformer import ParallelScalingBlock
 
 import model_base
 import model_vit
@@ -42,6 +44,13 @@ CONFIGS = {
     'cait': ('cait_xxs24_224', dict(VIT_SIZE, depth_token_only=2, init_values=0.1),
              (ATTENTION_PLACES + MLP_PLACES) * 4),
     'swin': ('swin_tiny_patch4_window7_224', SWIN_SIZE, SWIN_PLACES),
+    # ViT-22B-style parallel blocks: one in_proj for qkv and the MLP, RmsNorm, qk norm, pre-norm.
+    'vit_parallel_scaling': ('vit_base_patch16_xp_224', dict(VIT_SIZE, init_values=0.5),
+                             (ATTENTION_PLACES + ['fc2']) * 2),
+    # The same with one output layer on the concatenation, q/k/v and MLP biases in in_proj.
+    'vit_parallel_fused_out': ('vit_base_patch16_xp_224',
+                               dict(VIT_SIZE, qkv_bias=True, block_fn=partial(ParallelScalingBlock, fuse_out_proj=True)),
+                               (ATTENTION_PLACES + ['fc2']) * 2),
     # Swin V2: cosine attention (learned logit scale), the position MLP, post-norm blocks.
     'swinv2': ('swinv2_tiny_window8_256', SWIN_SIZE, SWIN_PLACES),
 }
@@ -68,9 +77,9 @@ def make(config, seed=0):
             leaf = param_name.rsplit('.', 1)[-1]
             if leaf == 'relative_position_bias_table':
                 param.normal_(0, 0.5)
-            elif leaf in ('gamma_1', 'gamma_2') or param_name.endswith(('norm1.weight', 'norm2.weight')):
+            elif leaf in ('gamma_1', 'gamma_2', 'gamma') or param_name.endswith(('norm1.weight', 'norm2.weight')):
                 param.normal_(1, 0.2)
-            elif leaf in ('q_bias', 'v_bias'):
+            elif leaf in ('q_bias', 'v_bias', 'mlp_bias'):
                 param.normal_(0, 0.1)
     model = model_vit.create_model(name, **kwargs).eval()
     model.load_state_dict(plain.state_dict(), strict=True)
@@ -210,6 +219,12 @@ def test_snn_structure_of_the_new_modules():
     cls_attn = model.blocks_token_only[0].attn
     assert type(cls_attn.qk_matmul) is AtNeuron and type(cls_attn.place_q) is TwoSideNeuron
 
+    model = converted('vit_parallel_scaling', backend='eager')
+    block = model.blocks[0]
+    assert type(block.in_norm) is exp_comp_neuron and type(block.mlp_act) is exp_comp_neuron
+    assert type(block.q_norm) is exp_comp_neuron and type(block.place_fc2) is TwoSideNeuron
+    assert type(block.qk_matmul) is AtNeuron and type(block.av_matmul) is AtNeuron
+
     model = converted('beit_shared_bias', backend='eager')
     assert type(model.rel_pos_bias).__name__ == 'RelativePositionBias'  # outside the region
     assert type(model.blocks[0].attn.qk_matmul) is AtNeuron
@@ -316,8 +331,13 @@ def test_what_is_still_refused_is_named(name, kwargs, words):
 
 
 def test_families_are_registered_with_calibrated_fc2():
-    """The new families calibrate fc2 (the fixed ViT thresholds were set for ViT's GELU MLPs)."""
+    """The new families calibrate fc2 (the fixed ViT thresholds were set for ViT's MLPs); ViTs
+    with parallel blocks keep the ViT default."""
     for config in CONFIGS:
         model, _ = make(config)
-        assert model.ecmt_family in {'beit', 'cait', 'swin'}
-        assert model_base.default_fc2_thresholds(model) is None
+        if config.startswith('vit_'):  # a ViT: fc2 reads a GELU output, as in ViT's MLP
+            assert model.ecmt_family == 'vit'
+            assert model_base.default_fc2_thresholds(model) == model_vit.VIT_FC2_THRESHOLDS
+        else:
+            assert model.ecmt_family in {'beit', 'cait', 'swin'}
+            assert model_base.default_fc2_thresholds(model) is None
