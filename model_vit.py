@@ -46,7 +46,8 @@ __all__ = ['ConvertibleAttention', 'ConvertibleMlp', 'make_vit_convertible', 'cr
            'resolve_model_name', 'VIT_FC2_THRESHOLDS', 'default_fc2_thresholds',
            'ConvertibleRelPosAttention', 'ConvertibleClassAttention', 'ConvertibleTalkingHeadAttention',
            'ConvertibleWindowAttention', 'ConvertiblePatchMerging', 'make_beit_convertible',
-           'make_cait_convertible', 'make_swin_convertible', 'ConvertibleParallelScalingBlock']
+           'make_cait_convertible', 'make_swin_convertible', 'ConvertibleParallelScalingBlock',
+           'CosineNormalisation']
 
 #: The fixed fc2 thresholds (θp, θn) with which the paper's ViT numbers were produced (ECMT_SPEC 4).
 VIT_FC2_THRESHOLDS = (0.25, 0.08)
@@ -255,13 +256,20 @@ class ConvertibleTalkingHeadAttention(nn.Module):
         return self.proj_drop(self.proj(self.place_fc_out(x)))
 
 
-def _cosine_normalisation(head_dim: int) -> nn.Module:
-    """The q/k normalisation of Swin V2's cosine attention as an EC-convertible module: an RMS
-    norm without affine weights over the head channels. F.normalize(x) = x / |x| equals
-    rms_norm(x) / sqrt(head_dim); the constant 1/sqrt(head_dim) of both q and k goes into the
-    logit scale (a linear factor on the scores). The eps is the smallest normal float32, so
-    that a zero vector stays zero (as F.normalize's clamp keeps it) and no other is changed."""
-    return nn.RMSNorm(head_dim, eps=torch.finfo(torch.float32).tiny, elementwise_affine=False)
+class CosineNormalisation(nn.RMSNorm):
+    """The q/k normalisation of Swin V2's cosine attention, F.normalize over the head channels,
+    times sqrt(head_dim): an RMS norm without weights (rms_norm(x) = x·sqrt(D)/|x|), hence an
+    nn.RMSNorm, which conversion wraps in EC like every norm. The factor sqrt(D) of q and of k
+    is divided out of the scores with the logit scale (a constant factor). Computed in float32
+    whatever the autocast dtype (|x|² of a half-precision head can overflow), and a zero vector
+    stays zero, as F.normalize keeps it. No weights: the state_dict stays timm's."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__(head_dim, elementwise_affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.normalize(x.float(), dim=-1) * math.sqrt(self.normalized_shape[0])
 
 
 class ConvertibleWindowAttention(nn.Module):
@@ -311,8 +319,8 @@ class ConvertibleWindowAttention(nn.Module):
         self.qkv, self.attn_drop, self.proj, self.proj_drop = attn.qkv, attn.attn_drop, attn.proj, attn.proj_drop
         self.softmax = nn.Softmax(dim=-1)
         if self.cosine:
-            self.q_norm = _cosine_normalisation(self.head_dim)
-            self.k_norm = _cosine_normalisation(self.head_dim)
+            self.q_norm = CosineNormalisation(self.head_dim)
+            self.k_norm = CosineNormalisation(self.head_dim)
         self.qk_matmul, self.av_matmul = MyAt(), MyAt()
         for place in ('fc_qkv', 'q', 'k', 'v', 's', 'fc_out'):
             self.add_module(f'place_{place}', MyTestPlace(place))
@@ -345,7 +353,7 @@ class ConvertibleWindowAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = self.place_q(q), self.place_k(k), self.place_v(v)
         if self.cosine:
-            # normalize(q)·normalize(k) = rms(q)·rms(k) / head_dim (see _cosine_normalisation).
+            # normalize(q)·normalize(k) = q_norm(q)·k_norm(k) / head_dim (see CosineNormalisation).
             scale = torch.clamp(self.logit_scale, max=math.log(1. / 0.01)).exp() / self.head_dim
             attn = self.qk_matmul(q, k.transpose(-2, -1)) * scale
         else:

@@ -179,15 +179,21 @@ def test_time_folded_into_the_batch():
 
 
 def test_cosine_normalisation_is_timm_normalize():
-    """Swin V2's q/k normalisation as an EC-convertible RMS norm: rms_norm(x) / sqrt(D) is
-    F.normalize(x), zero vectors included."""
+    """Swin V2's q/k normalisation as an EC-convertible norm: q_norm(x) / sqrt(D) is
+    F.normalize(x), zero vectors included, in float32 also under autocast; an nn.RMSNorm (what
+    conversion wraps in EC) equal to a weightless RMS norm."""
     attn = make('swinv2')[0].layers[0].blocks[0].attn
     x = torch.randn(5, 2, 16, attn.head_dim, generator=torch.Generator().manual_seed(0)) * 3
     x[0, 0, 0] = 0
     normalised = attn.q_norm(x) / math.sqrt(attn.head_dim)
     torch.testing.assert_close(normalised, nn.functional.normalize(x, dim=-1), rtol=1e-6, atol=1e-7)
     assert torch.equal(normalised[0, 0, 0], torch.zeros(attn.head_dim))
+    rms = nn.functional.rms_norm(x, (attn.head_dim,), eps=1e-30)
+    torch.testing.assert_close(attn.q_norm(x), rms, rtol=1e-5, atol=1e-6)
+    assert isinstance(attn.q_norm, trans_utils.EC_MODULE_TYPES)
     assert not list(attn.q_norm.parameters())  # no weights: the state_dict stays timm's
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert attn.q_norm(x.bfloat16()).dtype == torch.float32
 
 
 # ---------------------------------------------------------------- what the conversion makes
@@ -203,7 +209,7 @@ def test_snn_structure_of_the_new_modules():
     for place in ('place_fc_qkv', 'place_q', 'place_k', 'place_v', 'place_s', 'place_fc_out'):
         assert type(getattr(attn, place)) is TwoSideNeuron, place
     assert type(attn.softmax) is exp_comp_neuron
-    assert type(attn.q_norm) is exp_comp_neuron and type(attn.q_norm.module) is nn.RMSNorm
+    assert type(attn.q_norm) is exp_comp_neuron and type(attn.q_norm.module) is model_vit.CosineNormalisation
     assert type(attn.k_norm) is exp_comp_neuron
     assert type(attn.cpb_mlp[1]) is nn.ReLU and type(attn.cpb_mlp[0]) is nn.Linear
     block = model.layers[0].blocks[1]
