@@ -1,7 +1,7 @@
-"""BEiT, CaiT, Swin, Swin V2 and ViTs with parallel scaling blocks at tiny size: timm's keys and logits, where the new modules'
-places, EC modules and products sit, whole-model SNN outputs against ``reference.ref_simulate``
-per step on every backend and chunking, the energy count of every new product and linear layer,
-and the refusals of what is still not converted.
+"""BEiT, CaiT, Swin, Swin V2 and ViTs with parallel scaling blocks at tiny size: timm's keys and
+logits, where the new modules' places, EC modules and products sit, whole-model SNN outputs
+against ``reference.ref_simulate`` per step on every backend and chunking, the energy count of
+every new product and linear layer, and the refusals of what is still not converted.
 
 Random weights of trained scale, no download; 16x16 images, two blocks (Swin: two stages of two).
 """
@@ -44,15 +44,16 @@ CONFIGS = {
     'cait': ('cait_xxs24_224', dict(VIT_SIZE, depth_token_only=2, init_values=0.1),
              (ATTENTION_PLACES + MLP_PLACES) * 4),
     'swin': ('swin_tiny_patch4_window7_224', SWIN_SIZE, SWIN_PLACES),
+    # Swin V2: cosine attention (learned logit scale), the position MLP, post-norm blocks.
+    'swinv2': ('swinv2_tiny_window8_256', SWIN_SIZE, SWIN_PLACES),
     # ViT-22B-style parallel blocks: one in_proj for qkv and the MLP, RmsNorm, qk norm, pre-norm.
     'vit_parallel_scaling': ('vit_base_patch16_xp_224', dict(VIT_SIZE, init_values=0.5),
                              (ATTENTION_PLACES + ['fc2']) * 2),
     # The same with one output layer on the concatenation, q/k/v and MLP biases in in_proj.
     'vit_parallel_fused_out': ('vit_base_patch16_xp_224',
-                               dict(VIT_SIZE, qkv_bias=True, block_fn=partial(ParallelScalingBlock, fuse_out_proj=True)),
+                               dict(VIT_SIZE, qkv_bias=True,
+                                    block_fn=partial(ParallelScalingBlock, fuse_out_proj=True)),
                                (ATTENTION_PLACES + ['fc2']) * 2),
-    # Swin V2: cosine attention (learned logit scale), the position MLP, post-norm blocks.
-    'swinv2': ('swinv2_tiny_window8_256', SWIN_SIZE, SWIN_PLACES),
 }
 
 T = 8
