@@ -35,8 +35,15 @@ from trans_utils import (EC_MODULE_TYPES, ConversionError, MyAt, MyMul, MyTestPl
 __all__ = ['ConvertibleAttention', 'ConvertibleMlp', 'ConvertibleGluMlp', 'ConvertibleAttentionPool',
            'swap_convertible_modules', 'check_structure', 'Family', 'register_family',
            'resolve_model_name', 'create_model', 'unconvertible_reason', 'default_fc2_thresholds',
+           'register_refusal',
            'uses_gated_mlp',
            'CONTAINERS']
+
+
+def _optional(module: nn.Module, name: str) -> nn.Module:
+    """``module.name``, or an identity where timm's class has no such module (or None)."""
+    child = getattr(module, name, None)
+    return nn.Identity() if child is None else child
 
 
 class ConvertibleAttention(nn.Module):
@@ -61,7 +68,8 @@ class ConvertibleAttention(nn.Module):
                                   'output) cannot be converted')
         self.num_heads = attn.num_heads
         self.num_kv_heads = getattr(attn, 'num_kv_heads', None) or attn.num_heads
-        self.head_dim = attn.head_dim
+        # BEiT's attention keeps no head_dim: its fused qkv layer holds three heads' worth.
+        self.head_dim = getattr(attn, 'head_dim', None) or attn.qkv.out_features // (3 * attn.num_heads)
         self.attn_dim = self.num_heads * self.head_dim
         self.scale = attn.scale
         self.num_prefix_tokens = getattr(attn, 'num_prefix_tokens', 0)
@@ -76,10 +84,11 @@ class ConvertibleAttention(nn.Module):
             self.v_bias = attn.v_bias
         else:
             self.q_bias = None
-        self.q_norm = attn.q_norm
-        self.k_norm = attn.k_norm
+        # Optional in timm (BEiT's attention has none of them): identities where absent.
+        self.q_norm = _optional(attn, 'q_norm')
+        self.k_norm = _optional(attn, 'k_norm')
         self.attn_drop = attn.attn_drop
-        self.norm = attn.norm
+        self.norm = _optional(attn, 'norm')
         self.proj = attn.proj
         self.proj_drop = attn.proj_drop
         self.softmax = nn.Softmax(dim=-1)
@@ -295,11 +304,13 @@ _SHARED_SWAPS: Dict[type, type] = {Mlp: ConvertibleMlp, GluMlp: ConvertibleGluMl
                                    AttentionPoolLatent: ConvertibleAttentionPool}
 
 
-def swap_convertible_modules(model: nn.Module, attention_types: Tuple[type, ...]) -> None:
+def swap_convertible_modules(model: nn.Module, attention_types: Tuple[type, ...],
+                             swaps: Optional[Dict[type, Callable[[nn.Module], nn.Module]]] = None) -> None:
     """Swap, in place, every attention of ``attention_types`` and every timm MLP and latent
-    attention pool (exact classes) for its convertible version; a refusal names the module.
-    Recurses into the new modules, so that the MLP inside an attention pool is swapped too."""
-    swaps = {**_SHARED_SWAPS, **{t: ConvertibleAttention for t in attention_types}}
+    attention pool (exact classes) for its convertible version, and every module of a class in
+    the family's own ``swaps`` (exact class -> its convertible version); a refusal names the
+    module. Recurses into the new modules, so that the MLP inside an attention pool is swapped too."""
+    swaps = {**_SHARED_SWAPS, **{t: ConvertibleAttention for t in attention_types}, **(swaps or {})}
 
     def visit(module: nn.Module, prefix: str) -> None:
         for attr, child in list(module.named_children()):
@@ -322,12 +333,14 @@ CONTAINERS: Tuple[type, ...] = (ConvertibleAttention, ConvertibleMlp, Convertibl
 register_snn_modules(containers=CONTAINERS, leaves=(DropPath, LayerScale, PatchDropout))
 
 
-def check_structure(model: nn.Module, containers: Tuple[type, ...], what: str) -> None:
+def check_structure(model: nn.Module, containers: Tuple[type, ...], what: str,
+                    leaves: Tuple[type, ...] = ()) -> None:
     """Refuse any module in the converted region that is neither a known linear/EC-convertible
-    leaf nor a container whose forward we know: never run a silently half-converted network."""
+    leaf (or one of the family's linear ``leaves``) nor a container whose forward we know: never
+    run a silently half-converted network."""
     skip = tuple(model.ecmt_input_modules)
     leaves = (nn.Linear, nn.Identity, nn.Dropout, DropPath, LayerScale, PatchDropout, MyTestPlace, MyAt,
-              MyMul, nn.Softmax) + EC_MODULE_TYPES
+              MyMul, nn.Softmax) + EC_MODULE_TYPES + tuple(leaves)
     bad = []
     for name, module in model.named_modules():
         if not name or any(name == p or name.startswith(p + '.') for p in skip):
@@ -357,12 +370,19 @@ class Family:
 
 _FAMILIES: Dict[str, Family] = {}
 _DISCOVERED = False
+#: timm model classes that no family converts, with the reason (a family's file registers them).
+_REFUSALS: Dict[type, str] = {}
 
 
 def register_family(family: Family) -> Family:
     """Declare a family (its file calls this when imported)."""
     _FAMILIES[family.name] = family
     return family
+
+
+def register_refusal(model_type: type, reason: str) -> None:
+    """Say why a timm model class is not converted (the message of its refusal)."""
+    _REFUSALS[model_type] = reason
 
 
 def families() -> List[Family]:
@@ -429,8 +449,10 @@ def create_model(name: str, allow_unconvertible: bool = False, **kwargs) -> nn.M
     try:
         if family is None:
             known = ', '.join(sorted({t.__name__ for f in families() for t in f.model_types}))
+            why = _REFUSALS.get(type(model))
+            why = f': {why}' if why else ''
             raise ConversionError(f'{type(model).__name__} ({base}) is not a model class the toolkit '
-                                  f'converts (it converts {known})')
+                                  f'converts{why} (it converts {known})')
         return family.make_convertible(model)
     except ConversionError as exc:
         if not allow_unconvertible:
