@@ -86,6 +86,13 @@ class ConvertibleParallelScalingBlock(nn.Module):
         for place in ('fc_qkv', 'q', 'k', 'v', 's', 'fc_out', 'fc2'):
             self.add_module(f'place_{place}', MyTestPlace(place))
 
+    def ecmt_feeds(self):
+        """Which places feed which linear layers and products (trans_utils.feed_graph); the output
+        layer on the concatenation of both parts has no single place before it."""
+        return [('in_proj', ('place_fc_qkv',)), ('qk_matmul', ('place_q', 'place_k')),
+                ('av_matmul', ('place_s', 'place_v')), ('attn_out_proj', ('place_fc_out',)),
+                ('mlp_out_proj', ('place_fc2',))]
+
     def ecmt_fusable(self):
         """EC module -> modules between -> MT neuron, in this forward (trans_utils.fuse_ec_neurons)."""
         return [('softmax', ('attn_drop',), 'place_s'), ('mlp_act', ('mlp_drop',), 'place_fc2')]
@@ -196,6 +203,12 @@ class ConvertibleClassAttention(nn.Module):
         for place in ('fc_qkv', 'q', 'k', 'v', 's', 'fc_out'):
             self.add_module(f'place_{place}', MyTestPlace(place))
 
+    def ecmt_feeds(self):
+        """Which places feed which linear layers and products (trans_utils.feed_graph): q reads the
+        class token only, a part of the fc_qkv place's output, and counts its own input."""
+        return [('k', ('place_fc_qkv',)), ('v', ('place_fc_qkv',)), ('qk_matmul', ('place_q', 'place_k')),
+                ('av_matmul', ('place_s', 'place_v')), ('proj', ('place_fc_out',))]
+
     def ecmt_fusable(self):
         """EC module -> modules between -> MT neuron, in this forward (trans_utils.fuse_ec_neurons)."""
         return [('softmax', ('attn_drop',), 'place_s')]
@@ -238,6 +251,12 @@ class ConvertibleTalkingHeadAttention(nn.Module):
         self.qk_matmul, self.av_matmul = MyAt(), MyAt()
         for place in ('fc_qkv', 'q', 'k', 'v', 's', 'fc_out'):
             self.add_module(f'place_{place}', MyTestPlace(place))
+
+    def ecmt_feeds(self):
+        """Which places feed which linear layers and products (trans_utils.feed_graph): the talking
+        heads' second map reads the s place; the product with v takes its analog output."""
+        return [('qkv', ('place_fc_qkv',)), ('qk_matmul', ('place_q', 'place_k')), ('proj_w', ('place_s',)),
+                ('av_matmul', (None, 'place_v')), ('proj', ('place_fc_out',))]
 
     def ecmt_fusable(self):
         """EC module -> modules between -> MT neuron, in this forward (trans_utils.fuse_ec_neurons)."""
@@ -325,6 +344,11 @@ class ConvertibleWindowAttention(nn.Module):
         for place in ('fc_qkv', 'q', 'k', 'v', 's', 'fc_out'):
             self.add_module(f'place_{place}', MyTestPlace(place))
 
+    def ecmt_feeds(self):
+        """Which places feed which linear layers and products (trans_utils.feed_graph)."""
+        return [('qkv', ('place_fc_qkv',)), ('qk_matmul', ('place_q', 'place_k')),
+                ('av_matmul', ('place_s', 'place_v')), ('proj', ('place_fc_out',))]
+
     def ecmt_fusable(self):
         """EC module -> modules between -> MT neuron, in this forward (trans_utils.fuse_ec_neurons)."""
         return [('softmax', ('attn_drop',), 'place_s')]
@@ -383,6 +407,10 @@ class ConvertiblePatchMerging(nn.Module):
         else:
             self.norm, self.reduction = merge.norm, merge.reduction
         self.place_reduction = MyTestPlace('fc1')
+
+    def ecmt_feeds(self):
+        """The reduction place feeds the reduction layer (trans_utils.feed_graph)."""
+        return [('reduction', ('place_reduction',))]
 
     def ecmt_fusable(self):
         """EC module -> modules between -> MT neuron, in this forward (trans_utils.fuse_ec_neurons)."""

@@ -198,3 +198,44 @@ def cli_run(out, *extra):
     import run_class_finetuning as cli
     args = cli.get_args_parser().parse_args(CLI_ARCH + ['--log_dir', str(out), '--output_dir', str(out)] + list(extra))
     return cli.main(args)
+
+
+# ---------------------------------------------------------------- the feed graph, checked on a run
+def feeds_that_run(model, x, steps=2):
+    """(the producers each linear layer and product receives in a run of ``model`` on ``x``, the
+    producers trans_utils.feed_graph declares), both as {consumer: (neuron name or None, ...)},
+    consumers fed by no neuron left out. The run's producers are found here, in the tests only, by
+    storage and size: an operand that is a whole view of a neuron's output."""
+    from engine_for_finetuning import simulate
+    names = {m: n for n, m in model.named_modules()}
+    outputs, seen, hooks = {}, {}, []
+
+    def neuron_hook(module, args, output):
+        outputs[names[module]] = output
+
+    def producer(x):
+        for name, out in outputs.items():
+            if (torch.is_tensor(x) and x.numel() == out.numel()
+                    and x.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()):
+                return name
+        return None
+
+    def consumer_hook(module, args, output):
+        operands = args[:1] if isinstance(module, nn.Linear) else args[:2]
+        seen[names[module]] = tuple(producer(x) for x in operands)
+
+    for module in model.modules():
+        if isinstance(module, trans_utils.TwoSideNeuron):
+            hooks.append(module.register_forward_hook(neuron_hook))
+        elif isinstance(module, (nn.Linear, trans_utils._ECProduct)):
+            hooks.append(module.register_forward_hook(consumer_hook))
+    try:
+        with torch.no_grad():
+            simulate(model, x, steps)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    graph = trans_utils.feed_graph(model)
+    ran = {name: producers for name, producers in seen.items() if any(producers)}
+    declared = {name: producers for name, producers in graph.items() if any(producers)}
+    return ran, declared

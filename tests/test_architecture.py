@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import trans_utils
 from engine_for_finetuning import simulate
-from helpers import converted_family, images
+from helpers import converted_family, feeds_that_run, images
 from monitors import EnergyMonitor, SOPMonitor
 from trans_utils import StatefulModule, set_backend
 
@@ -128,31 +128,5 @@ def test_the_declared_feed_graph_is_the_one_that_runs(config, fused):
     model = converted_family(config, levels=4)
     set_backend(model, 'native' if not trans_utils.backend_problem('native', 'cpu') else 'eager')
     trans_utils.fuse_ec_neurons(model, fused)
-    names = {m: n for n, m in model.named_modules()}
-    outputs, seen, hooks = {}, {}, []
-
-    def neuron_hook(module, args, output):
-        outputs[names[module]] = output
-
-    def consumer_hook(module, args, output):
-        def producer(x):
-            for name, out in outputs.items():  # a view of a neuron's output (same storage, unchanged)
-                if torch.is_tensor(x) and x.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
-                    return name
-            return None
-        operands = args[:1] if isinstance(module, nn.Linear) else args[:2]
-        seen[names[module]] = tuple(producer(x) for x in operands)
-
-    for module in model.modules():
-        if isinstance(module, trans_utils.TwoSideNeuron):
-            hooks.append(module.register_forward_hook(neuron_hook))
-        elif isinstance(module, (nn.Linear, trans_utils._ECProduct)):
-            hooks.append(module.register_forward_hook(consumer_hook))
-    with torch.no_grad():
-        simulate(model, images(2), 2)
-    for hook in hooks:
-        hook.remove()
-    graph = trans_utils.feed_graph(model)
-    ran = {name: producers for name, producers in seen.items() if any(producers)}
-    declared = {name: producers for name, producers in graph.items() if any(producers)}
+    ran, declared = feeds_that_run(model, images(2))
     assert ran == declared

@@ -17,6 +17,7 @@ from timm.models.vision_transformer import ParallelScalingBlock
 import model_base
 import model_vit
 import trans_utils
+from helpers import feeds_that_run
 from reference import ref_simulate
 from trans_utils import (AtNeuron, ConversionError, MultiStep, SOPMonitor, TwoSideNeuron, convert_to_snn,
                          exp_comp_neuron, get_modules, replace_test_by_testneuron, reset_net)
@@ -358,3 +359,13 @@ def test_families_are_registered_with_calibrated_fc2():
         else:
             assert model.ecmt_family in {'beit', 'cait', 'swin'}
             assert model_base.default_fc2_thresholds(model) is None
+
+
+@pytest.mark.parametrize('config', CONFIGS)
+def test_the_declared_feed_graph_is_the_one_that_runs(config):
+    """The monitors look a layer's producer up by name in the graph the convertible modules
+    declare (ecmt_feeds): it is the one a run shows (a differential neuron's layer then counts its
+    spikes, not its outputs)."""
+    model = converted(config, levels=4)
+    ran, declared = feeds_that_run(model, pictures(2))
+    assert ran == declared
