@@ -228,17 +228,19 @@ class SOPMonitor(BaseMonitor):
         if isinstance(module, TwoSideNeuron):
             record = module.last_record
             if record.levels is not None:
+                levels = torch.as_tensor(record.levels, dtype=torch.int64, device=module.scale_p.device)
                 total = self._levels.get(name)
-                self._levels[name] = record.levels.clone() if total is None else total.add_(record.levels)
+                self._levels[name] = levels if total is None else total.add_(levels)
             if self.energy is not None:
-                counts = record.nonzero if record.nonzero is not None else (output != 0).reshape(K, -1).sum(1)
+                counts = (torch.as_tensor(record.nonzero, device=output.device) if record.nonzero is not None
+                          else (output != 0).reshape(K, -1).sum(1))
                 self.energy.count_neuron(name, module, output, counts, K, self.step)
         elif isinstance(module, nn.Linear):
             x = args[0]
             producers = self.graph.get(name, ())
             record = self._record_of(producers[0]) if len(producers) == 1 else None
             spikes = record is not None and record.nonzero is not None
-            counts = record.nonzero if spikes else (x != 0).reshape(K, -1).sum(1)
+            counts = torch.as_tensor(record.nonzero, device=x.device) if spikes else (x != 0).reshape(K, -1).sum(1)
             self._add(self._sop_index[name], counts, float(module.out_features),
                       float(x.numel() // K) * module.out_features, x.device)
             if self.energy is not None:
@@ -246,7 +248,7 @@ class SOPMonitor(BaseMonitor):
         elif isinstance(module, _ECProduct):
             a, b = args[:2]
             record = module.last_record
-            counts = record.operations  # asked for when the monitor was attached
+            counts = torch.as_tensor(record.operations, dtype=torch.float64, device=a.device)  # asked for at attach
             sent = self._sent_operations(name, module, a, b)
             if sent is not None:
                 counts = sent

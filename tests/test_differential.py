@@ -38,7 +38,7 @@ def _runs(neuron, xs, sizes, **call):
             outputs += list(out.chunk(count))
             sent += list(neuron.last_record.sent.chunk(count))
             before += list(neuron.last_record.estimates.chunk(count))
-            counts += neuron.last_record.nonzero.tolist()
+            counts += torch.as_tensor(neuron.last_record.nonzero).tolist()
             first += count
     finally:
         neuron.clock = trans_utils.ONE_STEP
@@ -305,7 +305,7 @@ def test_products_count_the_spikes_not_the_outputs():
     made = {}
     for name, module in model.named_modules():
         if isinstance(module, trans_utils._ECProduct):
-            module.register_forward_hook(lambda m, i, o, name=name: made.__setitem__(name, m.last_record.operations.clone()))
+            module.register_forward_hook(lambda m, i, o, name=name: made.__setitem__(name, torch.as_tensor(m.last_record.operations, dtype=torch.float64)))
     with torch.no_grad(), SOPMonitor(model) as monitor:
         simulate(model, images(2), 4, time_chunk=[4], monitor=monitor)
         products = [i for i, kind in enumerate(monitor.kinds) if kind == 'product']
