@@ -82,10 +82,7 @@ def convert_baai_eva01(state_dict: Dict[str, torch.Tensor], model: nn.Module | N
                 or 'relative_position' in key:
             continue
         out[key] = value
-    if model is not None and 'pos_embed' in out and hasattr(model, 'pos_embed') \
-            and model.pos_embed is not None and out['pos_embed'].shape != model.pos_embed.shape:
-        from timm.layers import resample_abs_pos_embed
-        num_prefix = 0 if getattr(model, 'no_embed_class', False) else model.num_prefix_tokens
-        out['pos_embed'] = resample_abs_pos_embed(
-            out['pos_embed'], new_size=model.patch_embed.grid_size, num_prefix_tokens=num_prefix)
+    if model is not None:  # the toolkit's one resampling (weights.py)
+        from weights import resample_pos_embed
+        out = resample_pos_embed(out, model)
     return out
