@@ -308,8 +308,8 @@ def build_training_datasets(args, model=None):
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
         raise UserError(f"the class folders of {train_folder} and {val_folder} differ (only in training: "
-                        f"{', '.join(only_train[:5]) or 'none'}; only in evaluation: {', '.join(only_val[:5]) or 'none'}"
-                        "): give both splits the same class folders")
+                        f"{', '.join(only_train[:5]) or 'none'}; only in evaluation: "
+                        f"{', '.join(only_val[:5]) or 'none'}): give both splits the same class folders")
     classes = len(train.classes)
     wanted = getattr(args, "nb_classes", None)
     if wanted is not None and int(wanted) != classes:

@@ -35,8 +35,8 @@ import weights
 from cli_base import DATA_CONFIGS, add_launch_flags, check_launch_flags
 from datasets import DATA_SETS, build_training_datasets, describe_transform, transform_config
 from utils import (ShardedBatchSampler, UserError, accuracy, all_reduce_sum, check_output_file,
-                   check_writable_dir, init_distributed, lock_outputs, parse_model_kwargs, release_output_locks, run_cli,
-                   save_checkpoint, seed_everything, write_json)
+                   check_writable_dir, init_distributed, lock_outputs, parse_model_kwargs, release_output_locks,
+                   run_cli, save_checkpoint, seed_everything, write_json)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

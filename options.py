@@ -37,11 +37,17 @@ OBJECTIVE_NAMES: Tuple[str, ...] = ('kl', 'mse')
 
 
 # The conversion options a for_v checkpoint records (``weights.record_options`` /
-# ``weights.restore_options``): for_v writes each into its ``calibration`` record under its name;
-# snn takes each from there when the flag is not given; a given flag that differs from the record
-# is one error naming both values; a checkpoint without the entry (the published scripts', older
-# ones) runs with ``default``. To add an option: give its flag ``default=None`` in the parser (so
-# that "not given" shows), list it here, and read ``args.<name>`` after ``restore_options``.
+# ``weights.restore_options``): for_v writes each into its ``calibration`` record under its name
+# (the flag's value, or ``default`` where the flag is None); snn takes each from there when the
+# flag is not on the command line, and the snn results record holds each; a flag on the command
+# line that differs from the record is one error naming both values; a checkpoint without the entry
+# (the published scripts', older ones) runs with ``default``. To add an option: a parser flag whose
+# dest is the option's name, best with ``default=None`` (so --help does not claim a value the record
+# may override), one line here, e.g.
+#     RecordedOption('thresholds', 'place', THRESHOLD_GRANULARITIES),
+#     RecordedOption('fire_rule', 'ecmt', FIRE_RULES),
+#     RecordedOption('threshold_scale', 1.0, None, float),
+# and read ``args.<name>`` (set by ``restore_options`` at snn) where the conversion is called.
 class RecordedOption(NamedTuple):
     """A conversion option the thresholds were calibrated for: `name` is the flag's dest and the
     record's key; `choices` (None: any value of `kind`) validates what a record holds."""

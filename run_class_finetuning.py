@@ -370,8 +370,8 @@ def main(args) -> dict:
     state_dict, extras, source = weights.load_weights(args, log=say)
     if args.test_mode in ('ann', 'snn'):
         weights.apply_record(args, extras)
-    if args.test_mode == 'snn':
-        coding = weights.restore_options(args, extras, args.model_path)['coding']
+    if args.test_mode == 'snn':  # the conversion options and transform the thresholds were made for
+        conversion = weights.restore_options(args, extras, args.model_path)
         weights.recorded_transform(args, extras)
     model = build_model(args, state_dict).to(device).eval()
     del state_dict
@@ -391,7 +391,7 @@ def main(args) -> dict:
     ann_acc1 = check_snn_inputs(args, loader, classes) if args.test_mode == 'snn' else None
     run.log(f'transform: {datasets.describe_transform(transform)}', header=True)
     if args.test_mode == 'snn':
-        record['coding'] = coding
+        record.update(conversion)
         record.update(run_snn(run, extras, ann_acc1))
     else:
         if classes is not None:

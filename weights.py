@@ -1159,13 +1159,14 @@ def restore_options(args, extras: Mapping, path) -> dict:
     UserError naming both values; a checkpoint without the entry runs with the flag, else the
     option's default. Returns {name: value}."""
     record = _calibration(extras) or {}
+    given = given_flags(args)
     values = {}
     for option in options.RECORDED_OPTIONS:
         recorded = record.get(option.name)
-        if recorded is not None and (not isinstance(recorded, option.kind)
-                                     or (option.choices is not None and recorded not in option.choices)):
+        if not _recordable(option, recorded):
             recorded = None  # a value this version does not know: as if not recorded
-        requested = getattr(args, option.name, None)
+        # A flag's parser default is not a request: only a flag on the command line contradicts.
+        requested = getattr(args, option.name, None) if option.name in given else None
         if requested is not None and recorded is not None and requested != recorded:
             flag = f"--{option.name}"
             raise UserError(f"{flag} {requested} contradicts {path}, whose thresholds were calibrated for "
@@ -1174,6 +1175,16 @@ def restore_options(args, extras: Mapping, path) -> dict:
         setattr(args, option.name, value)
         values[option.name] = value
     return values
+
+
+def _recordable(option, value) -> bool:
+    """Whether a record's `value` is one `option` can take (an int for a float option too)."""
+    if value is None:
+        return False
+    kinds = (int, float) if option.kind is float else option.kind
+    if not isinstance(value, kinds) or (isinstance(value, bool) and option.kind is not bool):
+        return False
+    return option.choices is None or value in option.choices
 
 
 def model_record(args, model, source) -> dict:
