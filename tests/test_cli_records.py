@@ -208,6 +208,10 @@ def test_a_folder_where_a_file_is_to_be_written_is_refused_before_any_work(tmp_p
     line = one_error(tmp_path, *COMMON, '--test_mode', 'ann', '--model_path', str(weights_file), '--results',
                      str(tmp_path / 'res'))
     assert f'--results {tmp_path / "res"} is a folder' in line
+    suggested = line.split('(e.g. ', 1)[1].split(')', 1)[0]  # following it works
+    assert main(tmp_path, *COMMON, '--test_mode', 'ann', '--model_path', str(weights_file), '--results',
+                suggested)['n'] == 450 and Path(suggested).is_file()
+    (Path(suggested)).unlink()
     (tmp_path / 'cal.pth').mkdir()
     line = one_error(tmp_path, *COMMON, '--test_mode', 'for_v', '--model_path', str(weights_file), '--savename', 'cal',
                      '--output_dir', str(tmp_path))
@@ -216,7 +220,8 @@ def test_a_folder_where_a_file_is_to_be_written_is_refused_before_any_work(tmp_p
     line = one_error(tmp_path, *DATA, '--test_mode', 'snn', '--model_path', str(checkpoint), '--output_dir',
                      str(tmp_path))
     assert 'fv_snn_layers.csv is a folder' in line
-    assert not list(tmp_path.glob('log_*.txt'))  # nothing started
+    assert len((tmp_path / 'log_ann.txt').read_text().split('=== ')) == 2  # only the run that was fixed
+    assert not (tmp_path / 'log_snn.txt').exists()  # the refused runs started nothing
 
 
 def test_a_second_run_on_the_same_files_is_refused_while_the_first_runs(tmp_path, digits):
