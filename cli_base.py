@@ -26,6 +26,7 @@ import threading
 from pathlib import Path
 
 __all__ = ["UserError", "run_cli", "Parser", "note_written", "note_logged", "defer_interrupt",
+           "add_launch_flags", "check_launch_flags",
            "DATA_SETS", "DATA_CONFIGS", "INTERRUPTED_EXIT"]
 
 #: --data_set and --data_config choices (datasets.py reads them from here).
@@ -197,5 +198,37 @@ def given_flags(args) -> frozenset:
 
 
 # --------------------------------------------------------------------------------------------
-# Constants of modules the parser must not import
+# Launch flags of other scripts (BEiT, DeiT): several processes come from torchrun, not flags
 # --------------------------------------------------------------------------------------------
+def add_launch_flags(parser) -> None:
+    """--dist_eval, --local_rank, --world_size, --dist_url, as BEiT's and DeiT's scripts take them:
+    accepted where harmless, refused with the torchrun command where they would be ignored."""
+    g = parser.add_argument_group("launch habits of BEiT/DeiT scripts (processes come from torchrun)")
+    g.add_argument("--dist_eval", action="store_true",
+                   help="accepted: under torchrun the evaluation is always split across the processes")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, metavar="N",
+                   help="accepted from torch.distributed.launch (LOCAL_RANK is what is read)")
+    g.add_argument("--world_size", type=int, default=None, metavar="N",
+                   help="accepted when it equals torchrun's WORLD_SIZE; processes are started by "
+                        "torchrun --nproc_per_node=N, not by this flag")
+    g.add_argument("--dist_url", default=None, metavar="URL",
+                   help="accepted as env:// (torchrun's rendezvous); other URLs are refused")
+
+
+def check_launch_flags(args, script: str) -> None:
+    """Refuse --world_size/--dist_url that ask for processes torchrun did not start, with the
+    command that starts them; pass --local_rank on as LOCAL_RANK where torchrun did not set it."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    wanted = getattr(args, "world_size", None)
+    if wanted is not None and wanted < 1:
+        raise UserError(f"--world_size must be >= 1, got {wanted}")
+    if wanted is not None and wanted > 1 and str(wanted) != world:
+        raise UserError(f"--world_size {wanted} does not start processes: launch them with torchrun "
+                        f"--nproc_per_node={wanted} {script} ... (without --world_size)")
+    url = getattr(args, "dist_url", None)
+    if url not in (None, "env://"):
+        raise UserError(f"--dist_url {url}: processes find each other through torchrun's settings; launch "
+                        f"with torchrun --nproc_per_node=N {script} ... (without --dist_url), or pass env://")
+    local = getattr(args, "local_rank", None)
+    if local is not None and "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(local)

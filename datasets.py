@@ -5,8 +5,9 @@
   CIFAR10 / CIFAR100  torchvision's files, in `<eval_data_path>/cifar-10-batches-py` or
                       `<eval_data_path>/cifar-100-python` (`--download` fetches them).
   IMNET               ImageFolder `<eval_data_path>/train` or `<eval_data_path>/val`.
-  image_folder        ImageFolder `<eval_data_path>` itself, for both splits (the published
-                      ImageNet usage passes the val folder); one folder of images per class.
+  image_folder        ImageFolder `<eval_data_path>` itself (the published ImageNet usage
+                      passes the val folder); one folder of images per class. Fine-tuning
+                      reads `<path>/train` and `<path>/val`, or `--val_data_path`.
   DIGITS              scikit-learn's 1,797 real 8x8 handwritten digits (10 classes), shipped
                       with scikit-learn: no download. A fixed stratified split gives 1,347
                       training and 450 evaluation images.
@@ -31,14 +32,16 @@ from torchvision.transforms import InterpolationMode
 from cli_base import DATA_CONFIGS, DATA_SETS
 from utils import UserError
 
-__all__ = ["DATA_SETS", "DATA_CONFIGS", "DigitsDataset", "build_dataset", "build_calibration_dataset",
+__all__ = ["DATA_SETS", "DATA_CONFIGS", "TRANSFORM_KEYS", "DigitsDataset", "build_dataset",
+           "build_training_datasets", "build_calibration_dataset", "class_names", "check_class_names",
            "build_transform", "transform_config", "same_transform", "describe_transform",
            "ReadableImages", "UnreadableImage", "readable", "collate_readable", "CheckedBatches"]
 
 _CIFAR = {"CIFAR10": (datasets.CIFAR10, "cifar-10-batches-py"),
           "CIFAR100": (datasets.CIFAR100, "cifar-100-python")}
 #: The entries of a transform record that decide what the model sees (all but its origin).
-_TRANSFORM_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+TRANSFORM_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+_TRANSFORM_KEYS = TRANSFORM_KEYS
 
 
 def _data_set_name(args) -> str:
@@ -59,9 +62,13 @@ def transform_config(args, model=None) -> dict:
     crop_pct, crop_mode, mean/std), at `--input_size`. `--crop_pct` overrides the crop fraction
     of either. The dict is what `for_v` records with the thresholds and `--results` holds.
     """
+    recorded = getattr(args, "transform_record", None)
+    if recorded:  # snn on a for_v checkpoint: the transform its thresholds were calibrated with
+        return dict(recorded)
     size = int(args.input_size)
     if size <= 0:
         raise UserError(f"--input_size must be positive, got {size}")
+    mean, std = _mean_std(args)
     crop_pct = getattr(args, "crop_pct", None)
     if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
         raise UserError(f"--crop_pct must be in (0, 1], got {crop_pct}")
@@ -74,16 +81,72 @@ def transform_config(args, model=None) -> dict:
         return {"data_config": "timm", "input_size": size,
                 "interpolation": str(cfg["interpolation"]), "crop_pct": float(cfg["crop_pct"]),
                 "crop_mode": str(cfg["crop_mode"]),
-                "mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]]}
+                "mean": [float(v) for v in (mean or cfg["mean"])], "std": [float(v) for v in (std or cfg["std"])]}
     if source != "published":
         raise UserError(f"unknown --data_config {source!r}; choose one of {', '.join(DATA_CONFIGS)}")
-    if getattr(args, "imagenet_default_mean_and_std", False):
-        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    else:
-        mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    if mean is None:
+        if getattr(args, "imagenet_default_mean_and_std", False):
+            mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        else:
+            mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     return {"data_config": "published", "input_size": size, "interpolation": "bicubic",
             "crop_pct": 1.0 if crop_pct is None else float(crop_pct), "crop_mode": "center",
             "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+
+
+def _mean_std(args):
+    """(mean, std) of --mean/--std (three values, or one for all channels), or (None, None)."""
+    mean, std = getattr(args, "mean", None), getattr(args, "std", None)
+    if mean is None and std is None:
+        return None, None
+    if mean is None or std is None:
+        raise UserError("--mean and --std go together: pass both (the normalisation the model was trained with)")
+    if getattr(args, "imagenet_default_mean_and_std", False):
+        raise UserError("--mean/--std and --imagenet_default_mean_and_std both set the normalisation: pass one")
+    values = []
+    for flag, given in (("--mean", mean), ("--std", std)):
+        given = [float(v) for v in given]
+        if len(given) == 1:
+            given = given * 3
+        if len(given) != 3:
+            raise UserError(f"{flag} takes 3 values (one per channel) or 1 for all, got {len(given)}")
+        values.append(given)
+    if min(values[1]) <= 0:
+        raise UserError(f"--std must be positive, got {' '.join(f'{v:g}' for v in values[1])}")
+    return tuple(values[0]), tuple(values[1])
+
+
+def class_names(dataset) -> list | None:
+    """The class names of a data set, in label order (what ImageFolder sorts), or None."""
+    classes = getattr(dataset, "classes", None)
+    return [str(c) for c in classes] if classes else None
+
+
+def check_class_names(args, classes) -> None:
+    """Refuse data whose class names differ from those the weights were calibrated on
+    (``args.expected_classes``: (names, who recorded them), set from a for_v record): ImageFolder
+    numbers the classes in sorted order, so a renamed, added or removed folder moves the labels
+    and the accuracy silently. ``--classes_changed`` says that the new mapping is intended."""
+    expected = getattr(args, "expected_classes", None)
+    if not expected or getattr(args, "classes_changed", False):
+        return
+    recorded, where = [str(c) for c in expected[0]], expected[1]
+    classes = [str(c) for c in classes]
+    if recorded == classes:
+        return
+    removed = [c for c in recorded if c not in classes]
+    added = [c for c in classes if c not in recorded]
+    parts = []
+    if removed:
+        parts.append("missing here: " + ", ".join(removed[:5]) + (" ..." if len(removed) > 5 else ""))
+    if added:
+        parts.append("new here: " + ", ".join(added[:5]) + (" ..." if len(added) > 5 else ""))
+    moved = [c for i, c in enumerate(classes) if c in recorded and recorded.index(c) != i]
+    if moved:
+        parts.append("label numbers move for " + ", ".join(moved[:5]) + (" ..." if len(moved) > 5 else ""))
+    raise UserError(f"the class folders differ from those {where} recorded ({len(recorded)} classes, here "
+                    f"{len(classes)}): " + "; ".join(parts) + ". Restore the folder names, or pass "
+                    "--classes_changed if the new mapping is intended")
 
 
 def _timm_data_config(args, model) -> dict:
@@ -99,7 +162,7 @@ def _timm_data_config(args, model) -> dict:
 
 def same_transform(recorded: dict, current: dict) -> bool:
     """Whether two transform records make the same images (their origin does not matter)."""
-    return all(recorded.get(k) == current.get(k) for k in _TRANSFORM_KEYS)
+    return all(recorded.get(k) == current.get(k) for k in TRANSFORM_KEYS)
 
 
 def describe_transform(record: dict) -> str:
@@ -132,7 +195,7 @@ def build_transform(is_train: bool, args, model=None):
     crop of down to 8% of the area would cut most of an 8-pixel digit away.
     """
     record = transform_config(args, model)
-    if is_train and _data_set_name(args) != "DIGITS":
+    if is_train and _data_set_name(args) != "DIGITS" and getattr(args, "augment", True):
         return transforms.Compose([
             transforms.RandomResizedCrop(record["input_size"],
                                          interpolation=InterpolationMode.BICUBIC),
@@ -140,8 +203,10 @@ def build_transform(is_train: bool, args, model=None):
             transforms.ToTensor(),
             transforms.Normalize(record["mean"], record["std"]),
         ])
-    if record["data_config"] == "timm":
-        return create_transform(**_timm_data_config(args, model))
+    if record["data_config"] == "timm":  # timm's own transform, from the record (mean/std as given)
+        return create_transform(input_size=(3, record["input_size"], record["input_size"]),
+                                interpolation=record["interpolation"], crop_pct=record["crop_pct"],
+                                crop_mode=record["crop_mode"], mean=tuple(record["mean"]), std=tuple(record["std"]))
     size = record["input_size"]
     return transforms.Compose([
         transforms.Resize(math.floor(size / record["crop_pct"]),
@@ -209,6 +274,49 @@ def build_dataset(is_train: bool, args, model=None):
                  "--eval_data_path")
 
 
+def build_training_datasets(args, model=None):
+    """fintune_model.py: (training set, evaluation set, class count, where each comes from). An
+    image_folder root with ``train/`` and ``val/`` sub-folders gives one split each;
+    ``--val_data_path`` names the evaluation folder; one folder alone is refused, never used for
+    both splits (the model would be evaluated on its training images)."""
+    name = _data_set_name(args)
+    root = getattr(args, "eval_data_path", None)
+    val_path = getattr(args, "val_data_path", None)
+    if name != "image_folder":
+        if val_path:
+            raise UserError(f"--val_data_path is for --data_set image_folder; {name} has its own splits")
+        train, classes = _load(args, root, True, build_transform(True, args, model), "--data_path")
+        val, _ = _load(args, root, False, build_transform(False, args, model), "--data_path")
+        return train, val, classes, f"{name} training and evaluation splits"
+    if not root:
+        raise UserError("--data_set image_folder needs --data_path (the image folder)")
+    root = Path(root)
+    if val_path:
+        train_folder, val_folder = (root / "train" if (root / "train").is_dir() else root), Path(val_path)
+    elif (root / "train").is_dir() and (root / "val").is_dir():
+        train_folder, val_folder = root / "train", root / "val"
+    else:
+        raise UserError(f"--data_path {root} has no train/ and val/ sub-folders, and one folder cannot be both "
+                        "splits: arrange it as <path>/train/<class>/... and <path>/val/<class>/..., or pass "
+                        "--val_data_path FOLDER for the evaluation images")
+    if train_folder.resolve() == val_folder.resolve():
+        raise UserError(f"--val_data_path {val_folder} is the training folder: name a folder of other images")
+    train = _build_image_folder(train_folder, build_transform(True, args, model), name, "--data_path")
+    val = _build_image_folder(val_folder, build_transform(False, args, model), name,
+                              "--val_data_path" if val_path else "--data_path")
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise UserError(f"the class folders of {train_folder} and {val_folder} differ (only in training: "
+                        f"{', '.join(only_train[:5]) or 'none'}; only in evaluation: "
+                        f"{', '.join(only_val[:5]) or 'none'}): give both splits the same class folders")
+    classes = len(train.classes)
+    wanted = getattr(args, "nb_classes", None)
+    if wanted is not None and int(wanted) != classes:
+        raise UserError(f"{train_folder} has {classes} classes but --nb_classes is {wanted}")
+    return train, val, classes, f"training images from {train_folder}, evaluation images from {val_folder}"
+
+
 def build_calibration_dataset(args, model=None):
     """The images `for_v` calibrates on, with the evaluation transform, and their class count.
 
@@ -238,6 +346,7 @@ def _load(args, root, train_split: bool, transform, flag: str):
         else:
             folder = root / ("train" if train_split else "val") if name == "IMNET" else root
             dataset = _build_image_folder(folder, transform, name, flag)
+    check_class_names(args, dataset.classes)
     nb_classes = len(dataset.classes)
     wanted = getattr(args, "nb_classes", None)
     if wanted is not None and int(wanted) != nb_classes:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,11 +31,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from datasets import DATA_SETS, build_dataset, describe_transform, transform_config
-from model_vit import create_model
-from trans_utils import ConversionError
-from utils import (ShardedBatchSampler, UserError, accuracy, all_reduce_sum, init_distributed,
-                   is_main_process, load_checkpoint, load_model_weights, parse_model_kwargs,
+import weights
+from cli_base import DATA_CONFIGS, add_launch_flags, check_launch_flags
+from datasets import DATA_SETS, build_training_datasets, describe_transform, transform_config
+from utils import (ShardedBatchSampler, UserError, accuracy, all_reduce_sum, check_output_file,
+                   check_writable_dir, init_distributed, lock_outputs, parse_model_kwargs, release_output_locks,
                    run_cli, save_checkpoint, seed_everything, write_json)
 
 
@@ -64,11 +65,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--data_set", default="CIFAR10", help=" | ".join(DATA_SETS))
     data.add_argument("--data_path", "--eval_data_path", dest="eval_data_path",
-                      default="../datasets", help="folder holding the data set")
+                      default="../datasets", help="folder holding the data set (image_folder: with train/ and "
+                                                  "val/ sub-folders of class folders, or the training images "
+                                                  "with --val_data_path)")
+    data.add_argument("--val_data_path", default=None, metavar="FOLDER",
+                      help="image_folder: the evaluation images (one folder per class), when --data_path has no "
+                           "val/ sub-folder; never the training folder itself")
     data.add_argument("--download", action="store_true",
                       help="download CIFAR if it is missing")
     data.add_argument("--imagenet_default_mean_and_std", action="store_true",
                       help="normalize with ImageNet mean/std instead of CLIP's")
+    data.add_argument("--mean", nargs="+", type=float, default=None, metavar="M",
+                      help="normalize with this mean (3 values, or 1 for every channel); with --std")
+    data.add_argument("--std", nargs="+", type=float, default=None, metavar="S",
+                      help="normalize with this standard deviation (3 values or 1); with --mean")
+    data.add_argument("--data_config", default="published", choices=DATA_CONFIGS,
+                      help="published: resize the shorter side to --input_size and center crop (the evaluation "
+                           "transform of run_class_finetuning.py); timm: the model's pretrained data config "
+                           "(interpolation, crop, mean/std; from --pretrained's config or the checkpoint's)")
+    data.add_argument("--crop_pct", default=None, type=float,
+                      help="evaluation crop fraction (default 1.0, or the model's with --data_config timm)")
+    data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                      help="train with a random resized crop and horizontal flips (--no-augment: the evaluation "
+                           "transform; DIGITS never augments: digits are not flip-invariant)")
     data.add_argument("--batch_size", type=int, default=64,
                       help="batch size per process (under torchrun the global batch is "
                            "--nproc_per_node x nodes x this)")
@@ -94,6 +113,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                          "(default: the model name)")
     output.add_argument("--save_every_epoch", action=argparse.BooleanOptionalAction,
                         default=True, help="keep <savename>_<epoch>.pth for every epoch")
+    add_launch_flags(parser)
     return parser
 
 
@@ -115,31 +135,21 @@ def _check_args(args) -> None:
         raise UserError(f"{' and '.join(sources)} all name the starting weights: pass one")
 
 
-def build_model(args, model_kwargs: dict, checkpoint: dict | None) -> torch.nn.Module:
-    """Create the model and load `checkpoint`, replacing its head if the class count differs."""
-    clash = sorted({"num_classes", "img_size"} & model_kwargs.keys())
-    if clash:
-        raise UserError(f"--model_kwargs may not set {', '.join(clash)}; "
-                        "use --nb_classes and --input_size")
-    try:
-        model = create_model(getattr(args, "architecture", None) or args.model, num_classes=args.nb_classes,
-                             img_size=args.input_size, **model_kwargs)
-    except ConversionError as err:  # model_vit's own refusals are complete sentences
-        raise UserError(str(err)) from None
-    except (RuntimeError, TypeError) as err:  # e.g. an unknown keyword in --model_kwargs
-        raise UserError(f"cannot create model {args.model!r}: {err}") from None
-    if checkpoint is None:
-        return model
+def build_model(args, checkpoint: dict | None) -> torch.nn.Module:
+    """The model to fine-tune with `checkpoint` loaded (:func:`weights.build_model`: the same
+    diagnosis as run_class_finetuning.py); a head with another class count is trained anew."""
+    return weights.build_model(args, checkpoint, new_head=True)
 
-    ignore = ()
-    head = checkpoint.get("head.weight")
-    if head is not None and head.ndim == 2 and head.shape[0] != args.nb_classes:
-        if is_main_process():
-            print(f"checkpoint head has {head.shape[0]} classes, --nb_classes is "
-                  f"{args.nb_classes}: dropping head.* and training a new head")
-        ignore = lambda key: key.startswith("head.")  # noqa: E731
-    load_model_weights(model, checkpoint, ignore=ignore)
-    return model
+
+def check_outputs(args, output_dir: Path, savename: str) -> None:
+    """Before any work: the output folder writable, no folder where a file is to be written, and a
+    lock on this savename against a second run writing the same files."""
+    release_output_locks()  # those of an earlier run in this process, which has ended
+    check_writable_dir(output_dir, "--output_dir")
+    for suffix in ("_best.pth", "_finetune.json", "_0.pth"):
+        check_output_file(output_dir / f"{savename}{suffix}", "a checkpoint (--output_dir/--savename)")
+    if os.environ.get("RANK", "0") == "0":
+        lock_outputs([output_dir / savename], "--savename")
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int):
@@ -223,39 +233,32 @@ def evaluate(model, loader, criterion, device, reduce=None, show_progress: bool 
 def main(args) -> dict:
     """Fine-tune as configured by `args`; returns the record also written as JSON."""
     _check_args(args)
+    check_launch_flags(args, "fintune_model.py")
     started = time.perf_counter()
-    model_kwargs = parse_model_kwargs(args.model_kwargs)
     # Under torchrun: one process per device, DDP; otherwise exactly a single process.
     device, rank, world_size = init_distributed(args.device)
     distributed, main_process = world_size > 1, rank == 0
     log = print if main_process else (lambda *_, **__: None)
-    # Read the checkpoint before scanning the data, so a wrong path fails at once.
-    checkpoint, source = None, None
-    if args.model_path:
-        checkpoint, source = load_checkpoint(args.model_path), {"kind": "file", "path": args.model_path}
-    elif args.pretrained or args.pretrained_file:
-        import weights
-        found = weights.load_pretrained(args.model, model_kwargs, file=args.pretrained_file)
-        checkpoint, source = found.state_dict, found.source
-        args.architecture = found.architecture
-        model_kwargs = {**found.model_args, **model_kwargs}
+    # Read the checkpoint before the outputs and the data, so a wrong path fails at once.
+    checkpoint, _, source = weights.load_weights(args, log=log)
     output_dir = Path(args.output_dir)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create --output_dir {output_dir}: {err.strerror}") from None
+    savename = args.savename or args.model
+    check_outputs(args, output_dir, savename)
+    model_kwargs = {**(getattr(args, "model_args", None) or {}), **parse_model_kwargs(args.model_kwargs)}
     seed_everything(args.seed)
 
-    dataset_train, nb_classes = build_dataset(True, args)
+    # The model's pretrained config (--data_config timm) needs the model: a plain one first.
+    probe = weights.create_model_of(args, new_head=True) if args.data_config == "timm" else None
+    dataset_train, dataset_val, nb_classes, where = build_training_datasets(args, probe)
     args.nb_classes = nb_classes
-    dataset_val, _ = build_dataset(False, args)
     log(f"{args.data_set}: {len(dataset_train)} training / {len(dataset_val)} evaluation "
-        f"images, {nb_classes} classes")
+        f"images, {nb_classes} classes ({where})")
     # The evaluation transform, the one run_class_finetuning.py applies to the same images.
-    transform = transform_config(args)
-    log(f"evaluation transform: {describe_transform(transform)}")
+    transform = transform_config(args, probe)
+    log(f"evaluation transform: {describe_transform(transform)}"
+        + ("" if args.augment else "; training: the same (--no-augment)"))
 
-    model = build_model(args, model_kwargs, checkpoint).to(device)
+    model = build_model(args, checkpoint).to(device)
     del checkpoint
     net = model  # the plain model: evaluated and saved (timm's keys, no 'module.' prefix)
 
@@ -288,7 +291,6 @@ def main(args) -> dict:
         optimizer, cosine_with_warmup(total_steps, warmup_steps))
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing)
 
-    savename = args.savename or args.model
     record = {"model": args.model, "model_kwargs": model_kwargs, "model_path": args.model_path,
               "weights": source,
               "data_set": args.data_set, "nb_classes": nb_classes,
@@ -334,6 +336,7 @@ def main(args) -> dict:
 
     log(f"best val acc1 {record['best_acc1']:.2f}% -> "
         f"{output_dir / f'{savename}_best.pth'}")
+    release_output_locks()
     return record
 
 

@@ -51,7 +51,7 @@ from trans_utils import (SOPMonitor, TestNeuron, TwoSideNeuron, convert_to_snn, 
 
 __all__ = ['DEFAULT_PERCENTS', 'DEFAULT_BUDGET', 'DEFAULT_SEARCH_IMAGES', 'SCALE_FACTORS',
            'record_quantiles', 'choose_thresholds', 'kl_objective', 'check_search_args',
-           'apply_fixed_thresholds', 'run_for_args', 'recorded_coding', 'resolve_coding']
+           'apply_fixed_thresholds', 'run_for_args']
 
 #: Multiplicative steps of the per-place coordinate search, tried in turn (largest first).
 SCALE_FACTORS = (2 ** 0.5, 2 ** 0.25, 2 ** 0.125)
@@ -507,26 +507,6 @@ def apply_fixed_thresholds(snn: nn.Module, record: Optional[Dict], log: Callable
         f'--target_T {record.get("target_T")} (recorded in the checkpoint; --softmax_p and --fc2_thresholds '
         'do not apply to them)')
     return len(chosen)
-
-
-def recorded_coding(extras: Dict) -> Optional[str]:
-    """The coding a checkpoint's thresholds were calibrated for (its ``calibration`` record's
-    ``coding``), or None for a file that records none (the published scripts', older ones)."""
-    record = extras.get('calibration')
-    coding = record.get('coding') if isinstance(record, dict) else None
-    return coding if coding in CODINGS else None
-
-
-def resolve_coding(requested: Optional[str], extras: Dict, path) -> str:
-    """``snn``: the neuron coding to run, from the checkpoint's record, or ``requested`` (the
-    command line's ``--coding``; None: not given). A request that contradicts the record is a
-    UserError naming both: the thresholds were chosen for the recorded coding. A file without a
-    record runs what is requested, else the published rate coding."""
-    recorded = recorded_coding(extras)
-    if requested is not None and recorded is not None and requested != recorded:
-        raise utils.UserError(f'--coding {requested} contradicts {path}, whose thresholds were calibrated for '
-                              f'--coding {recorded} (run for_v --coding {requested} to calibrate for it)')
-    return requested or recorded or 'rate'
 
 
 def _plain(conversion: Dict) -> Dict:

@@ -70,22 +70,15 @@ def convert_baai_eva01(state_dict: Dict[str, torch.Tensor], model: nn.Module | N
     (``lm_head``/``mask_token``/relative-position tables the giant model does not use), and a
     ``pos_embed`` of another grid, resampled to ``model``'s grid when a model is given.
     """
-    if 'model' in state_dict and isinstance(state_dict['model'], dict):
-        state_dict = state_dict['model']
-    elif 'module' in state_dict and isinstance(state_dict['module'], dict):
-        state_dict = state_dict['module']
+    from weights import clean_checkpoint  # the toolkit's one layout filter: wrappers, 'module.' prefixes
+    state_dict = clean_checkpoint(state_dict)[0]
     out = {}
     for key, value in state_dict.items():
-        if key.startswith('module.'):
-            key = key[len('module.'):]
         if key.endswith('attn.k_bias') or key.startswith(('lm_head', 'mask_token')) \
                 or 'relative_position' in key:
             continue
         out[key] = value
-    if model is not None and 'pos_embed' in out and hasattr(model, 'pos_embed') \
-            and model.pos_embed is not None and out['pos_embed'].shape != model.pos_embed.shape:
-        from timm.layers import resample_abs_pos_embed
-        num_prefix = 0 if getattr(model, 'no_embed_class', False) else model.num_prefix_tokens
-        out['pos_embed'] = resample_abs_pos_embed(
-            out['pos_embed'], new_size=model.patch_embed.grid_size, num_prefix_tokens=num_prefix)
+    if model is not None:  # the toolkit's one resampling (weights.py)
+        from weights import resample_pos_embed
+        out = resample_pos_embed(out, model)
     return out

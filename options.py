@@ -6,7 +6,7 @@ them. Each tuple lists the choices in the order ``--help`` shows them, the defau
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import NamedTuple, Optional, Tuple
 
 #: Neuron codings (ECMT_SPEC 4 and 14): 'rate' re-sends the whole activation every step,
 #: 'differential' only the correction to its running estimate.
@@ -34,3 +34,29 @@ DEFAULT_CACHE_MIB = 2048
 DEFAULT_PREFIX_WEIGHT = 0.13
 #: The search's objectives, by name (``low_latency.OBJECTIVES`` holds the functions).
 OBJECTIVE_NAMES: Tuple[str, ...] = ('kl', 'mse')
+
+
+# The conversion options a for_v checkpoint records (``weights.record_options`` /
+# ``weights.restore_options``): for_v writes each into its ``calibration`` record under its name
+# (the flag's value, or ``default`` where the flag is None); snn takes each from there when the
+# flag is not on the command line, and the snn results record holds each; a flag on the command
+# line that differs from the record is one error naming both values; a checkpoint without the entry
+# (the published scripts', older ones) runs with ``default``. To add an option: a parser flag whose
+# dest is the option's name, best with ``default=None`` (so --help does not claim a value the record
+# may override), one line here, e.g.
+#     RecordedOption('thresholds', 'place', THRESHOLD_GRANULARITIES),
+#     RecordedOption('fire_rule', 'ecmt', FIRE_RULES),
+#     RecordedOption('threshold_scale', 1.0, None, float),
+# and read ``args.<name>`` (set by ``restore_options`` at snn) where the conversion is called.
+class RecordedOption(NamedTuple):
+    """A conversion option the thresholds were calibrated for: `name` is the flag's dest and the
+    record's key; `choices` (None: any value of `kind`) validates what a record holds."""
+    name: str
+    default: object
+    choices: Optional[Tuple] = None
+    kind: type = str
+
+
+RECORDED_OPTIONS: Tuple[RecordedOption, ...] = (
+    RecordedOption('coding', 'rate', CODINGS),
+)

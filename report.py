@@ -168,6 +168,30 @@ def _ranges(levels: Sequence[int]) -> str:
     return ','.join(parts)
 
 
+def check_ann_results(path, model: str, data_set: str, images: int, classes=None) -> float:
+    """``--ann_results``: the top-1 of an ann run's record, if that run evaluated the same model
+    (``--model``), data set, number of images and classes (where the record names them: records
+    of older versions have no ``classes``) as this snn run; else one UserError naming what
+    differs, so that another model's accuracy is never drawn as this one's ANN."""
+    acc1 = read_ann_accuracy(path)
+    record = json.loads(Path(path).read_text())
+    differences = []
+    for key, ours in (('model', model), ('data_set', data_set), ('n', images)):
+        theirs = record.get(key)
+        if theirs is not None and ours is not None and theirs != ours:
+            word = {'n': 'images', 'data_set': 'data set'}.get(key, key)
+            differences.append(f'{word} {theirs} (this run: {ours})')
+    theirs = record.get('classes')
+    if isinstance(theirs, list) and classes is not None and list(theirs) != list(classes):
+        differences.append(f'{len(theirs)} classes{" named otherwise" if len(theirs) == len(classes) else ""} '
+                           f'(this run: {len(classes)})')
+    if differences:
+        raise UserError(f'--ann_results {path} is the ANN of another run: ' + ', '.join(differences)
+                        + '; pass the --results of an ann run of this model on these images, or leave '
+                        '--ann_results out')
+    return acc1
+
+
 def read_ann_accuracy(path) -> float:
     """Top-1 accuracy (percent) from the ``--results`` JSON of an ``ann`` run."""
     path = Path(path)

@@ -2,44 +2,39 @@
 
     python run_class_finetuning.py --test_mode ann   --model M --model_path W.pth ...
     python run_class_finetuning.py --test_mode for_v --model M --model_path W.pth --savename S ...
-    python run_class_finetuning.py --test_mode snn   --model M --model_path ../models/S.pth --test_T 8 ...
+    python run_class_finetuning.py --test_mode snn   --model_path ../models/S.pth --test_T 8 ...
 
 The command line is the published one (ECMT, ACM MM 2024), with its defaults (ECMT_SPEC 11:
 ``--output_dir ../models``, ``--savename test``, ``--eval_data_path ../datasets/val``), so that
 its README's commands run as written, plus ``--device``, ``--model_kwargs``, ``--results`` and a
-few switches; see the README for every flag.
+few switches; see the README for every flag. This file is the wiring only: weights, the model and
+the for_v record are :mod:`weights`'s, the loops :mod:`engine_for_finetuning`'s, the reports
+:mod:`report`'s.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import os
-import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
-from cli_base import DATA_CONFIGS, DATA_SETS, Parser, UserError, given_flags, run_cli
-
-THRESHOLD_KEYS = ('scale_p', 'scale_n')
+from cli_base import DATA_CONFIGS, DATA_SETS, Parser, UserError, add_launch_flags, check_launch_flags, run_cli
 import options
 from options import BACKEND_CHOICES, CODINGS, ENERGY_MODELS
 
 # torch, timm and the engine are imported when a run starts, not for --help or a bad flag.
 _LAZY = {
     'torch': ('torch', None), 'DataLoader': ('torch.utils.data', 'DataLoader'),
-    'datasets': ('datasets', None), 'low_latency': ('low_latency', None),
+    'datasets': ('datasets', None), 'low_latency': ('low_latency', None), 'report': ('report', None),
     'native_kernels': ('kernels.native', None), 'utils': ('utils', None), 'weights': ('weights', None),
     'energy': ('energy', None),
     'build_calibration_dataset': ('datasets', 'build_calibration_dataset'),
     'build_dataset': ('datasets', 'build_dataset'),
     'evaluate': ('engine_for_finetuning', 'evaluate'), 'evaluate_snn': ('engine_for_finetuning', 'evaluate_snn'),
-    'default_fc2_thresholds': ('model_base', 'default_fc2_thresholds'),
-    'unconvertible_reason': ('model_base', 'unconvertible_reason'),
-    'VIT_FC2_THRESHOLDS': ('model_vit', 'VIT_FC2_THRESHOLDS'), 'create_model': ('model_vit', 'create_model'),
-    **{name: ('trans_utils', name) for name in ('ConversionError', 'TestNeuron', 'convert_to_snn', 'get_modules',
-                                                'replace_test_by_testneuron', 'sync_calibration')},
+    'create_model': ('model_vit', 'create_model'),
+    **{name: ('trans_utils', name) for name in ('ConversionError', 'SOPMonitor', 'TestNeuron', 'convert_to_snn',
+                                                'get_modules', 'sync_calibration')},
 }
 
 
@@ -72,9 +67,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = Parser(prog='run_class_finetuning.py',
                     description='ECMT: evaluate a ViT/EVA as an ANN (ann), calibrate its SNN thresholds (for_v), '
                                 'simulate the converted SNN (snn).',
-                    epilog='A for_v checkpoint records --model, --model_kwargs, --input_size, --nb_classes and '
-                           'the level flags; ann and snn on it use the record where a flag is not given. '
+                    epilog='A for_v checkpoint records --model, --model_kwargs, --input_size, --nb_classes, '
+                           'the level flags, --coding, the transform and the class names; ann and snn on it use '
+                           'the record where a flag is not given. '
                            'Guide: README.md; semantics: docs/semantics.md.')
+    _model_flags(parser)
+    _data_flags(parser)
+    _conversion_flags(parser)
+    _low_latency_flags(parser)
+    _run_flags(parser)
+    _snn_reports_flags(parser)
+    add_launch_flags(parser)
+    return parser
+
+
+def _model_flags(parser) -> None:
     g = parser.add_argument_group('model (ann and snn on a for_v checkpoint: from its record where not given)')
     g.add_argument('--model', default='vit_small_patch16_224', type=str,
                    help='timm model name (with an optional pretrained tag, e.g. vit_base_patch16_224.augreg_in21k), '
@@ -100,6 +107,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="resample a checkpoint's position embedding made for another image size to "
                         '--input_size (default: such a checkpoint is an error)')
 
+
+def _data_flags(parser) -> None:
     g = parser.add_argument_group('data')
     g.add_argument('--data_set', default='image_folder', choices=DATA_SETS, type=str,
                    help='CIFAR10 | CIFAR100 | IMNET | image_folder | DIGITS (bundled, no download)')
@@ -112,6 +121,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--download', action='store_true', help='download CIFAR if it is missing')
     g.add_argument('--imagenet_default_mean_and_std', action='store_true',
                    help='normalize with ImageNet mean/std instead of CLIP mean/std')
+    g.add_argument('--mean', nargs='+', type=float, default=None, metavar='M',
+                   help='normalise with this mean (3 values, or 1 for every channel), the one the model was '
+                        'trained with (default: CLIP\'s, or the model\'s with --data_config timm); with --std')
+    g.add_argument('--std', nargs='+', type=float, default=None, metavar='S',
+                   help='normalise with this standard deviation (3 values or 1); with --mean')
     g.add_argument('--data_config', default='published', choices=DATA_CONFIGS,
                    help="published: resize the shorter side to --input_size (bicubic) and center crop it "
                         "(crop fraction 1.0); timm: the model's pretrained data config (crop fraction, "
@@ -119,6 +133,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--crop_pct', default=None, type=float,
                    help='crop fraction: resize the shorter side to input_size / crop_pct, then crop '
                         '(default: 1.0, or the model\'s with --data_config timm)')
+    g.add_argument('--classes_changed', action='store_true',
+                   help='ann/snn: the class folders differ from those for_v (or the --ann_results run) recorded, '
+                        'and the new label order is intended (default: such a difference is an error)')
     g.add_argument('--skip_bad_images', action='store_true',
                    help='leave unreadable image files out (named once, counted in the results) instead of '
                         'stopping at the first one')
@@ -126,6 +143,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='data loading processes (default: half the CPU cores, at most 8; 0: in this process)')
     g.add_argument('--batch_size', default=64, type=int, help='images per batch')
 
+
+def _conversion_flags(parser) -> None:
     g = parser.add_argument_group('conversion')
     g.add_argument('--test_mode', default='ann', choices=('ann', 'for_v', 'snn'),
                    help='ann: evaluate the ANN; for_v: calibrate thresholds; snn: simulate the SNN')
@@ -149,8 +168,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='snn: count synaptic operations, report firing rate and energy (default on; '
                         '--monitor False or --no-monitor turns it off)')
     g.add_argument('--no-monitor', dest='monitor', action='store_false', help='the same as --monitor False')
+    g.add_argument('--coding', default=None, choices=CODINGS,
+                   help='neuron coding (ECMT_SPEC 14): rate, the published neuron, or differential (sends only the '
+                        'correction to a running estimate). for_v records it in the checkpoint (and --target_T '
+                        'searches with it); snn takes it from there (default: the record, else rate); a --coding '
+                        'that differs from the record is an error')
 
-    # -- low-latency calibration (issue 15) --
+
+def _low_latency_flags(parser) -> None:
     g = parser.add_argument_group('low-latency calibration (for_v --target_T)')
     g.add_argument('--target_T', default=None, type=int, metavar='N',
                    help='for_v: choose the thresholds for N time steps on the calibration images (best '
@@ -176,15 +201,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--search_cache_mb', default=options.DEFAULT_CACHE_MIB, type=float, metavar='MB',
                    help='--target_T: memory for the inputs of unchanged blocks, kept so that a candidate that '
                         'changes only later blocks does not run the earlier ones again (same values; 0: off)')
-    # -- end of low-latency calibration --
-    # -- differential coding (issue 23) --
-    g.add_argument('--coding', default=None, choices=CODINGS,
-                   help='neuron coding (ECMT_SPEC 14): rate, the published neuron, or differential (sends only the '
-                        'correction to a running estimate). for_v records it in the checkpoint (and --target_T '
-                        'searches with it); snn takes it from there (default: the record, else rate); a --coding '
-                        'that differs from the record is an error')
-    # -- end of differential coding --
 
+
+def _run_flags(parser) -> None:
     g = parser.add_argument_group('run and outputs')
     g.add_argument('--device', default=None, type=str, help='cuda or cpu (default: cuda if available)')
     g.add_argument('--amp', default='auto', choices=('auto', 'none', 'fp16', 'bf16'),
@@ -211,6 +230,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='with output not on a terminal: one progress line every N batches (on a terminal: a '
                         'progress bar)')
 
+
+def _snn_reports_flags(parser) -> None:
     g = parser.add_argument_group('snn reports (with --monitor)')
     g.add_argument('--level_batches', default=0, type=_level_batches, metavar='N|all',
                    help="count the MT neurons' spikes per level on the first N batches (or all) and write "
@@ -223,13 +244,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--ann_results', default=None, type=str, metavar='PATH',
                    help="snn: the --results JSON of a --test_mode ann run; its top-1 is drawn as the ANN's "
                         'line in the accuracy figure (otherwise no ANN line is drawn)')
-    # -- energy report (issue 24)
     g.add_argument('--energy_model', default='ecmt', choices=ENERGY_MODELS,
                    help='snn with the monitor: price the energy report (results "energy", the per-layer CSV\'s '
                         'class columns, --plot _energy_split.png) with ecmt (the published 0.9 pJ per SOP against '
                         '4.6 pJ per ANN MAC, nothing else), fp32 / fp16 / int8 (Horowitz 45 nm: every operation) '
                         'or fp32_memory (fp32 plus SRAM accesses by memory size); default ecmt (docs/energy.md)')
-    return parser
 
 
 def _true_or_false(text: str) -> bool:
@@ -286,6 +305,9 @@ def check_args(args) -> None:
     if (args.pretrained or args.pretrained_file) and args.test_mode == 'snn':
         raise UserError('snn reads the weights with the thresholds from the for_v checkpoint (--model_path), '
                         'which records where they came from: drop --pretrained/--pretrained_file')
+    if args.classes_changed and args.test_mode == 'for_v':
+        raise UserError('--classes_changed is for ann and snn (for_v records the class names it calibrates on)')
+    check_launch_flags(args, 'run_class_finetuning.py')
     if args.print_freq < 1:
         raise UserError(f'--print_freq must be >= 1, got {args.print_freq}')
     if args.target_T is not None:  # low-latency calibration (issue 15)
@@ -296,15 +318,32 @@ def check_args(args) -> None:
                                       args.search_images, args.search_cache_mb, args.search_prefix_weight)
 
 
-def check_output_folders(args) -> None:
-    """Refuse, before any work, a folder this run will write to but cannot (a file, no permission):
-    the log folder, the results file's folder, and --output_dir where the mode writes there."""
+def check_outputs(args) -> None:
+    """Refuse, before any work, an output this run cannot write: a folder that is a file or cannot
+    be written, a folder where a file is to be written (--results, the for_v checkpoint, the snn
+    reports); and lock those files against a second run writing them at the same time."""
     _import_runtime()
+    utils.release_output_locks()  # those of an earlier run in this process, which has ended
     utils.check_writable_dir(args.log_dir, '--log_dir')
+    files = []
     if args.results:
-        utils.check_writable_dir(Path(args.results).parent, 'the folder of --results')
+        utils.check_output_file(args.results, '--results')
+        files.append((args.results, '--results'))
     if args.test_mode == 'for_v' or (args.test_mode == 'snn' and (args.monitor or args.plot)):
         utils.check_writable_dir(args.output_dir, '--output_dir')
+    output = Path(args.output_dir)
+    if args.test_mode == 'for_v':
+        path = output / f'{args.savename or "test"}.pth'
+        utils.check_output_file(path, 'the checkpoint (--output_dir/--savename)')
+        files.append((path, '--savename'))
+    elif args.test_mode == 'snn' and (args.monitor or args.plot):
+        savename = args.savename or f'{Path(args.model_path).stem}_snn'
+        for suffix in ('_layers.csv', '_levels.json', '_accuracy.png', '_energy.png', '_layer_rates.png'):
+            utils.check_output_file(output / f'{savename}{suffix}', 'a report (--output_dir/--savename)')
+        files.append((output / savename, '--savename'))
+    if os.environ.get('RANK', '0') == '0':  # under torchrun process 0 alone writes
+        for path, flag in files:
+            utils.lock_outputs([path], flag)
 
 
 def resolve_amp(amp: str, device) -> str:
@@ -314,350 +353,10 @@ def resolve_amp(amp: str, device) -> str:
     return amp
 
 
-# --------------------------------------------------------------------------------------------
-# Where the weights come from, and what a for_v checkpoint records about its model
-# --------------------------------------------------------------------------------------------
-#: Flags that rebuild the model: a for_v record fills them where not given; a given one must agree.
-MODEL_FLAGS = ('model', 'model_kwargs', 'input_size', 'nb_classes')
-#: Flags of the SNN's neurons: a for_v record fills them where not given (see apply_record).
-LEVEL_FLAGS = ('linear_num', 'qkv_num', 'softmax_num', 'softmax_p')
-
-
-def weights_label(args) -> str:
-    """How messages name the weights of this run."""
-    if getattr(args, 'pretrained_file', None):
-        return args.pretrained_file
-    if getattr(args, 'pretrained', False):
-        return f'the pretrained weights of {args.model}'
-    return str(args.model_path)
-
-
-def load_weights(args):
-    """(state_dict, extras, source) of this run: --model_path's file (torch.save or safetensors),
-    or --pretrained / --pretrained_file through timm; `source` says where they came from. Fills
-    --nb_classes and --input_size from pretrained weights where not given."""
-    _import_runtime()
-    if args.pretrained or args.pretrained_file:
-        kwargs = utils.parse_model_kwargs(args.model_kwargs)
-        found = weights.load_pretrained(args.model, kwargs, file=args.pretrained_file)
-        given = given_flags(args)
-        args.architecture = found.architecture
-        args.model_args = found.model_args
-        args.pretrained_cfg = found.pretrained_cfg
-        if 'nb_classes' not in given and found.num_classes is not None:
-            args.nb_classes = found.num_classes
-        if 'input_size' not in given and found.input_size is not None:
-            args.input_size = found.input_size
-        return found.state_dict, {}, found.source
-    if not args.model_path:
-        return None, {}, None
-    state_dict, extras = utils.read_checkpoint(args.model_path)
-    source = {'kind': 'file', 'path': str(args.model_path)}
-    record = extras.get('calibration')
-    if isinstance(record, Mapping) and isinstance(record.get('weights'), Mapping):
-        source['from'] = dict(record['weights'])  # a for_v file: where its weights came from
-    return state_dict, extras, source
-
-
-def _kwargs_text(items) -> str:
-    return ' '.join(items) if items else '(none)'
-
-
-def apply_record(args, extras: Mapping) -> None:
-    """ann/snn on a for_v checkpoint: its record of --model, --model_kwargs, --input_size and
-    --nb_classes fills each flag not given, and a given one that differs is an error naming both;
-    the level flags and the fc2 choice are filled the same way, and a given one that differs is
-    used (thresholds do not depend on the levels) unless the thresholds were searched for the
-    recorded ones (--target_T), then it is an error too. A file without a record (the published
-    scripts') changes nothing."""
-    record = extras.get('calibration')
-    if not isinstance(record, Mapping):
-        return
-    given = given_flags(args)
-    recorded = {'model': record.get('model'), 'model_kwargs': record.get('model_kwargs'),
-                'input_size': record.get('input_size', (record.get('transform') or {}).get('input_size')),
-                'nb_classes': record.get('nb_classes')}
-    conflicts = []
-    for flag in MODEL_FLAGS:
-        value = recorded[flag]
-        if value is None:
-            continue
-        if flag == 'model_kwargs':
-            value = list(value)
-            same = utils.parse_model_kwargs(args.model_kwargs) == utils.parse_model_kwargs(value)
-        else:
-            same = getattr(args, flag) == value
-        if flag in given and not same:
-            shown = _kwargs_text(value) if flag == 'model_kwargs' else value
-            mine = _kwargs_text(args.model_kwargs) if flag == 'model_kwargs' else getattr(args, flag)
-            conflicts.append(f'--{flag} {shown} (this run: {mine})')
-        elif flag not in given:
-            setattr(args, flag, value)
-    if conflicts:
-        raise UserError(f'{args.model_path} was calibrated with ' + ', '.join(conflicts) + ': drop those flags '
-                        '(the checkpoint\'s record is used) or calibrate again with them')
-    if record.get('architecture'):
-        args.architecture = record['architecture']
-    levels = record.get('levels')
-    if not isinstance(levels, Mapping):
-        return
-    searched = isinstance(extras.get('low_latency'), Mapping)
-    for flag in LEVEL_FLAGS:
-        if flag not in levels:
-            continue
-        if flag not in given:
-            setattr(args, flag, levels[flag])
-        elif getattr(args, flag) != levels[flag]:
-            if searched:
-                raise UserError(f'the thresholds in {args.model_path} were chosen for --{flag} {levels[flag]} '
-                                f'(for_v --target_T); this run gives {getattr(args, flag)}: drop --{flag} or '
-                                'calibrate again with it')
-            print(f'note: --{flag} {getattr(args, flag)} (the calibration recorded {levels[flag]})', file=sys.stderr)
-    if 'fc2_thresholds' in levels and not ({'fc2_thresholds', 'fc2_calibrated'} & given):
-        fc2 = levels['fc2_thresholds']
-        args.fc2_calibrated, args.fc2_thresholds = fc2 is None, None if fc2 is None else list(fc2)
-
-
-def model_record(args, model, source) -> dict:
-    """What for_v records to rebuild the model and its SNN: the flags of MODEL_FLAGS and
-    LEVEL_FLAGS, the timm architecture built, the fc2 choice, and where the weights came from."""
-    kwargs = list(args.model_kwargs) + [f'{k}={v!r}' for k, v in (getattr(args, 'model_args', None) or {}).items()
-                                        if not any(item.split('=', 1)[0].strip() == k for item in args.model_kwargs)]
-    fc2 = fc2_thresholds(args, model)
-    levels = {flag: getattr(args, flag) for flag in LEVEL_FLAGS}
-    levels['fc2_thresholds'] = None if fc2 is None else [float(v) for v in fc2]
-    record = {'model_kwargs': kwargs, 'architecture': getattr(args, 'architecture', None) or args.model,
-              'input_size': args.input_size, 'nb_classes': args.nb_classes, 'levels': levels}
-    if source is not None:
-        record['weights'] = source
-    return record
-
-
-# --------------------------------------------------------------------------------------------
-# The model
-# --------------------------------------------------------------------------------------------
-def build_model(args, state_dict=None):
-    """The convertible model, with TestNeurons in for_v/snn mode, and its weights loaded (from
-    `state_dict` when given, else from --model_path)."""
-    _import_runtime()
-    kwargs = {**(getattr(args, 'model_args', None) or {}), **utils.parse_model_kwargs(args.model_kwargs)}
-    for key in ('num_classes', 'img_size'):
-        if key in kwargs:
-            raise UserError(f'--model_kwargs {key}=... is set by --nb_classes/--input_size')
-    architecture = getattr(args, 'architecture', None) or args.model
-    try:
-        # ann needs no conversion: a model the method cannot convert is evaluated as plain timm.
-        model = create_model(architecture, allow_unconvertible=args.test_mode == 'ann',
-                             num_classes=args.nb_classes, img_size=args.input_size, **kwargs)
-    except ConversionError as exc:
-        raise UserError(str(exc)) from None
-    if getattr(args, 'pretrained_cfg', None):
-        # The source's data config (mean, std, crop), read by --data_config timm.
-        model.pretrained_cfg = {**getattr(model, 'pretrained_cfg', {}), **args.pretrained_cfg}
-    reason = unconvertible_reason(model)
-    if reason is not None and utils.is_main_process():
-        print(f'note: --model {args.model} is evaluated as a plain timm network; --test_mode for_v and '
-              f'snn will refuse it: {reason}', file=sys.stderr)
-    if args.test_mode in ('for_v', 'snn'):
-        replace_test_by_testneuron(model, args.percent)
-    if state_dict is None and not args.model_path:
-        print('warning: no --model_path given: the model has RANDOM weights', file=sys.stderr)
-        return model
-    if state_dict is None:
-        state_dict = utils.load_checkpoint(args.model_path)
-    if utils.has_published_place_names(state_dict):  # a file of the published scripts
-        state_dict = utils.convert_published_places(state_dict)
-    check_architecture(model, state_dict, args)
-    state_dict = fit_pos_embed(model, state_dict, args)
-    if args.test_mode == 'snn':
-        _check_thresholds_present(model, state_dict, args)
-        utils.load_model_weights(model, state_dict)
-    else:  # ann ignores thresholds; for_v computes them afresh
-        utils.load_model_weights(model, state_dict, ignore=THRESHOLD_KEYS)
-    return model
-
-
-def check_architecture(model, state_dict, args) -> None:
-    """Refuse weights of another architecture with what differs, read from the shapes (width,
-    depth, heads, MLP ratio, patch size, class count, grid), and the flags that would fit. A
-    grid alone (another --input_size) or a class count alone keep their own messages."""
-    differences = utils.architecture_differences(state_dict, model, _pos_embed_prefix(model))
-    structural = set(differences) - {'num_classes', 'grid'}
-    if not structural:
-        return
-    words = utils.ARCHITECTURE_WORDS
-    parts = [f'{words[k]} {theirs} (the model: {ours})' for k, (theirs, ours) in differences.items()]
-    kwargs = dict(utils.parse_model_kwargs(args.model_kwargs))
-    items = dict(item.split('=', 1) for item in args.model_kwargs)
-    for key in ('patch_size', 'embed_dim', 'depth', 'mlp_ratio'):
-        if key in differences:
-            theirs = differences[key][0]
-            items[key] = f'{theirs:g}' if isinstance(theirs, float) else str(theirs).replace(' ', '')
-    width = differences.get('embed_dim', (None,))[0]
-    heads_note = ''
-    if 'num_heads' in differences:
-        items['num_heads'] = str(differences['num_heads'][0])
-    elif width is not None:
-        heads = kwargs.get('num_heads') or utils.model_heads(model)
-        if heads and width % heads == 0:
-            items['num_heads'] = str(heads)
-            heads_note = (f' (the heads do not show in the weights: {heads} is the model\'s; use the count the '
-                          'checkpoint was trained with)')
-        else:
-            items['num_heads'] = '?'
-            heads_note = (f' (the heads do not show in the weights: pick the count the checkpoint was trained '
-                          f'with, one that divides {width})')
-    flags = '--model_kwargs ' + ' '.join(f'{k}={v}' for k, v in items.items())
-    patch = differences.get('patch_size', (None,))[0] or getattr(model.patch_embed, 'patch_size', (None,))[0]
-    patch = patch[0] if isinstance(patch, tuple) else patch
-    if 'grid' in differences and patch and differences['grid'][0] * patch != args.input_size:
-        flags += f' --input_size {differences["grid"][0] * patch}'
-    if 'num_classes' in differences:
-        flags += f' --nb_classes {differences["num_classes"][0]}'
-    raise UserError(f'{weights_label(args)} is another architecture than --model {args.model}: '
-                    + ', '.join(parts) + f'; it fits {flags}{heads_note}')
-
-
-def fit_pos_embed(model, state_dict, args) -> dict:
-    """The checkpoint's weights for this model: BAAI's EVA layout mapped to timm's, and a position
-    embedding made for another image size refused, naming both sizes, or with --resample_pos_embed
-    resampled (timm's bicubic resampling of the grid), saying so."""
-    mismatch = _pos_embed_mismatch(model, state_dict, args)
-    if mismatch is not None and not args.resample_pos_embed:
-        theirs, ours, size = mismatch
-        advice = f': pass --input_size {size}, or --resample_pos_embed to resample it to this size' if size else ''
-        raise UserError(f'the position embedding of {weights_label(args)} is {theirs}, the model\'s is '
-                              f'{ours}{advice}')
-    if getattr(model, 'ecmt_family', None) == 'eva':
-        from model_eva import convert_baai_eva01
-        # Given the model, the conversion resamples the grid; without it, it leaves it as it is.
-        state_dict = convert_baai_eva01(state_dict, model if args.resample_pos_embed else None)
-    elif mismatch is not None:
-        from timm.layers import resample_abs_pos_embed
-        state_dict = dict(state_dict)
-        state_dict['pos_embed'] = resample_abs_pos_embed(
-            state_dict['pos_embed'], new_size=model.patch_embed.grid_size,
-            num_prefix_tokens=_pos_embed_prefix(model))
-    if mismatch is not None:
-        print(f'resampled the position embedding of {weights_label(args)} from {mismatch[0]} to {mismatch[1]}')
-    return state_dict
-
-
-def _pos_embed_prefix(model) -> int:
-    """How many rows of pos_embed belong to prefix tokens (class, registers), not to the grid."""
-    return 0 if getattr(model, 'no_embed_class', False) else int(getattr(model, 'num_prefix_tokens', 1))
-
-
-def _pos_embed_mismatch(model, state_dict, args):
-    """None if the checkpoint's pos_embed fits the model; else (checkpoint's grid, model's grid,
-    the --input_size the checkpoint's grid implies or None), in words."""
-    theirs, ours = state_dict.get('pos_embed'), getattr(model, 'pos_embed', None)
-    if theirs is None or ours is None or theirs.shape == ours.shape:
-        return None
-    if theirs.ndim != 3 or theirs.shape[-1] != ours.shape[-1]:
-        return None  # another width: load_model_weights reports it with the other shape mismatches
-    patch = model.patch_embed.patch_size[0]
-    grid_h, grid_w = model.patch_embed.grid_size
-    tokens = theirs.shape[1] - _pos_embed_prefix(model)
-    side = math.isqrt(max(tokens, 0))
-    model_text = f'a {grid_h}x{grid_w} grid of patches (--input_size {args.input_size} at patch {patch})'
-    if side * side != tokens:
-        if args.resample_pos_embed:
-            raise UserError(f'the position embedding of {weights_label(args)} has {tokens} patch positions, '
-                                  'not a square grid: it cannot be resampled')
-        return f'{tokens} patch positions (not a square grid)', model_text, None
-    return f'a {side}x{side} grid of patches (input size {side * patch} at patch {patch})', model_text, side * patch
-
-
-def _check_thresholds_present(model, state_dict, args) -> None:
-    path = args.model_path
-    places = [name for name, _ in get_modules(model, (TestNeuron,))]
-    missing = [p for p in places if f'{p}.scale_p' not in state_dict or f'{p}.scale_n' not in state_dict]
-    if len(missing) == len(places):
-        raise utils.UserError(f'{path} holds no thresholds: run --test_mode for_v on it first and '
-                              'pass the checkpoint it writes')
-    known = set(places)
-    stray = sorted({k.rsplit('.', 1)[0] for k in state_dict if k.endswith(THRESHOLD_KEYS)} - known)
-    if missing or stray:
-        parts = []
-        if missing:
-            parts.append(f'{len(missing)} places of the model have no thresholds: '
-                         + ', '.join(missing[:6]) + (' ...' if len(missing) > 6 else ''))
-        if stray:
-            parts.append(f'{len(stray)} threshold entries match no place of the model: '
-                         + ', '.join(stray[:6]) + (' ...' if len(stray) > 6 else ''))
-        raise utils.UserError(f'the thresholds in {path} do not match --model {args.model}: '
-                              + '; '.join(parts))
-
-
-def fc2_thresholds(args, model):
-    """The fixed fc2 thresholds of this run, or None for the calibrated ones. By default the
-    published override (0.25, 0.08) where the published code applies it: a --model name that
-    contains 'vit' (ECMT_SPEC 11; so not deit_* nor eva_g_patch14), and only for the models those
-    thresholds were set for: a timm VisionTransformer with GELU MLPs (model_base's
-    default_fc2_thresholds; not a rotary ViT, which timm builds as an Eva, nor a gated MLP, whose
-    fc2 reads an element-wise product)."""
-    if args.fc2_calibrated:
-        return None
-    if args.fc2_thresholds is not None:
-        return tuple(args.fc2_thresholds)
-    family_fits = model is None or default_fc2_thresholds(model) is not None
-    return VIT_FC2_THRESHOLDS if 'vit' in args.model and family_fits else None
-
-
-def build_calibration_loader(args, model=None, *, rank: int = 0, world_size: int = 1,
-                             pin_memory: bool = False) -> DataLoader:
-    """The batches thresholds are calibrated on (a datasets.CheckedBatches: unreadable files stop the
-    run or, with --skip_bad_images, are left out): --calib_data_path (its training split) or, as
-    published, the evaluation set; with the evaluation transform (`model` is read for
-    --data_config timm); the first --calib_batches batches (default all). Under torchrun each
-    process gets its share of the single-process batches (rank, world_size), so the pooled
-    statistics are those of one process."""
-    _import_runtime()
-    dataset, _ = build_calibration_dataset(args, model)
-    batches = utils.ShardedBatchSampler(len(dataset), args.batch_size, rank, world_size,
-                                        max_batches=args.calib_batches)
-    loader = DataLoader(datasets.readable(dataset), batch_sampler=batches, num_workers=args.num_workers,
-                        pin_memory=pin_memory, collate_fn=datasets.collate_readable)
-    return datasets.CheckedBatches(loader, skip=getattr(args, 'skip_bad_images', False))
-
-
-def calibration_record(args, transform: dict, images: int) -> dict:
-    """What for_v stores beside the thresholds: the images and transform they were measured on."""
-    data_path = None if args.data_set.upper() == 'DIGITS' else (args.calib_data_path or args.eval_data_path)
-    return {'transform': transform, 'data_set': args.data_set, 'data_path': data_path,
-            'split': 'train' if args.calib_data_path else 'evaluation', 'images': images,
-            'batches': args.calib_batches, 'percent': args.percent, 'model': args.model}
-
-
-def check_calibration_record(args, extras: dict, transform: dict) -> None:
-    """snn: refuse thresholds calibrated on images of another size or transform than this run's.
-    A file with no record (the published scripts write none) gets one warning."""
-    record = extras.get('calibration')
-    if not isinstance(record, Mapping) or not isinstance(record.get('transform'), Mapping):
-        if utils.is_main_process():
-            print(f'warning: {args.model_path} does not record the transform its thresholds were calibrated '
-                  f'with (a file of the published scripts?); assuming this run\'s', file=sys.stderr)
-        return
-    recorded = record['transform']
-    if not datasets.same_transform(recorded, transform):
-        raise utils.UserError(
-            f'the thresholds in {args.model_path} were calibrated on images made by: '
-            f'{_describe_record(recorded)}; this run makes: {datasets.describe_transform(transform)}. '
-            'Pass the --input_size, --data_config, --crop_pct and --imagenet_default_mean_and_std of its '
-            'for_v run, or calibrate again')
-
-
-def _describe_record(record: Mapping) -> str:
-    try:
-        return datasets.describe_transform(record)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):  # a record of another version
-        return repr(dict(record))
-
-
 def main(args) -> dict:
+    """One run: data, model and engine wired as the mode asks; returns the results record."""
     check_args(args)
-    check_output_folders(args)
+    check_outputs(args)
     utils.seed_everything(args.seed)
     # Under torchrun: one process per device; otherwise (rank 0 of 1) exactly a single process.
     device, rank, world_size = utils.init_distributed(args.device)
@@ -665,148 +364,234 @@ def main(args) -> dict:
     if device.type == 'cpu':
         utils.keep_freed_memory()  # page faults on fresh memory cost a quarter of a CPU run
         native_kernels.prepare()  # a first run on a machine builds them while the data loads
-    distributed, main_process = world_size > 1, rank == 0
-    state_dict, extras, source = load_weights(args)
+    main_process = rank == 0
+    say = print if main_process else (lambda *_, **__: None)
+    state_dict, extras, source = weights.load_weights(args, log=say)
     if args.test_mode in ('ann', 'snn'):
-        apply_record(args, extras)
+        weights.apply_record(args, extras)
+    if args.test_mode == 'snn':  # the conversion options and transform the thresholds were made for
+        conversion = weights.restore_options(args, extras, args.model_path)
+        weights.recorded_transform(args, extras)
     model = build_model(args, state_dict).to(device).eval()
     del state_dict
     # The transform may come from the model's config (--data_config timm), hence after the model.
     transform = datasets.transform_config(args, model)
     if args.test_mode == 'snn':
-        check_calibration_record(args, extras, transform)
-    pin_memory = device.type == 'cuda'
-    if args.test_mode == 'for_v':
-        loader = build_calibration_loader(args, model, rank=rank, world_size=world_size, pin_memory=pin_memory)
-    else:
-        dataset, _ = build_dataset(False, args, model)
-        dataset = datasets.readable(dataset)
-        if distributed:
-            # The single-process batches, dealt round-robin with no padding: every image counts once.
-            loader = DataLoader(dataset, batch_sampler=utils.ShardedBatchSampler(
-                len(dataset), args.batch_size, rank, world_size), num_workers=args.num_workers,
-                pin_memory=pin_memory, collate_fn=datasets.collate_readable)
-        else:
-            loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-                                pin_memory=pin_memory, drop_last=False, collate_fn=datasets.collate_readable)
-        loader = datasets.CheckedBatches(loader, skip=args.skip_bad_images)
-    reduce = utils.all_reduce_sum if distributed else None  # figures summed over processes
-    show = not args.no_progress and main_process
-    log_dir = Path(args.log_dir)
+        weights.check_calibration_record(args, extras, transform)
+    loader, classes = build_loader(args, model, rank, world_size, pin_memory=device.type == 'cuda')
     record = {'test_mode': args.test_mode, 'model': args.model, 'data_set': args.data_set,
               'transform': transform, 'amp': amp}
     if source is not None:
         record['weights'] = source
-    if distributed:
+    if world_size > 1:
         record['world_size'] = world_size
-    transform_line = f'transform: {datasets.describe_transform(transform)}'
-    if main_process:
-        print(transform_line)
-
+    run = Run(args, model, loader, device, amp, utils.all_reduce_sum if world_size > 1 else None,
+              main_process, Path(args.log_dir) / f'log_{"snn" if args.test_mode == "snn" else "ann"}.txt')
+    ann_acc1 = check_snn_inputs(args, loader, classes) if args.test_mode == 'snn' else None
+    run.log(f'transform: {datasets.describe_transform(transform)}', header=True)
     if args.test_mode == 'snn':
-        import report
-        from trans_utils import SOPMonitor
-        savename = args.savename or f'{Path(args.model_path).stem}_snn'
-        # Refuse a missing matplotlib or a bad ANN record now, not after the long simulation.
-        ann_acc1 = report.read_ann_accuracy(args.ann_results) if args.ann_results else None
-        if args.plot:
-            report.require_matplotlib()
-        record['coding'] = low_latency.resolve_coding(args.coding, extras, args.model_path)  # issue 23
-        try:
-            convert_to_snn(model, linear_num=args.linear_num, qkv_num=args.qkv_num,
-                           softmax_num=args.softmax_num, softmax_p=args.softmax_p,
-                           fc2_thresholds=fc2_thresholds(args, model), backend=args.backend,
-                           coding=record['coding'])
-        except ConversionError as exc:
-            raise UserError(str(exc)) from None
-        record['backend'] = model.ecmt_backend
-        if main_process:
-            print(f'snn: backend {model.ecmt_backend} on {device}')
-        low_latency.apply_fixed_thresholds(model, extras.get('low_latency'),
-                                           log=print if main_process else (lambda line: None))
-        count_levels = args.level_batches != 0
-        monitor = (SOPMonitor(model, count_levels=count_levels, level_batches=args.level_batches or None)
-                   if args.monitor else None)
-        energy_monitor = energy.EnergyMonitor(model, monitor) if monitor is not None else None  # issue 24
-        log_path = log_dir / 'log_snn.txt' if main_process else None
-        if main_process:
-            utils.append_log(log_path, _header(args))
-            utils.append_log(log_path, transform_line)
-        try:
-            results = evaluate_snn(model, loader, device, args.test_T, log_path=log_path, amp=amp,
-                                   monitor=monitor, time_chunk=args.time_chunk, reduce=reduce,
-                                   show_progress=show, print_freq=args.print_freq)
-        finally:
-            if monitor is not None:
-                monitor.remove()
-            if energy_monitor is not None:
-                energy_monitor.remove()
-        # -- energy report (issue 24): every process takes part in its reductions
-        energy_report = None
-        if energy_monitor is not None:
-            energy_report = energy.energy_report(energy_monitor, args.energy_model, reduce=reduce)
-            results['energy'] = energy_report.summary(results.get('energy_ratio'))
-        record.update(results)
-        if ann_acc1 is not None:
-            record['ann_acc1'] = ann_acc1
-        if main_process:
-            _report_snn(results, log_path)
-        # Every process takes part in the reductions; the first one writes the files.
-        entries, lines = report.write_snn_reports(
-            results, args.output_dir, savename, monitor, levels=count_levels, plot=args.plot,
-            ann_acc1=ann_acc1, reduce=reduce, write=main_process, energy=energy_report)
-        record.update(entries)
-        for line in lines:
-            print(line)
-            utils.append_log(log_path, line)
+        record.update(conversion)
+        record.update(run_snn(run, extras, ann_acc1))
     else:
-        log_path = log_dir / 'log_ann.txt' if main_process else None
-        if main_process:
-            utils.append_log(log_path, _header(args))
-            utils.append_log(log_path, transform_line)
-        results = evaluate(model, loader, device, log_path=log_path, amp=amp, desc=args.test_mode,
-                           reduce=reduce, show_progress=show, print_freq=args.print_freq)
-        record.update(results)
-        five = f'top-5 {results["acc5"]:.2f}%, ' if 'acc5' in results else ''
-        line = (f'{args.test_mode}: {results["n"]} images, top-1 {results["acc1"]:.2f}%, '
-                f'{five}loss {results["loss"]:.4f}, {results["seconds"]:.1f} s')
-        if main_process:
-            print(line)
-            utils.append_log(log_path, line)
-        if args.test_mode == 'for_v' and distributed:
-            # Pool all processes' batch statistics: every process now holds the same thresholds.
-            sync_calibration(model, reduce)
+        if classes is not None:
+            record['classes'] = classes
+        record.update(run_ann(run))
         if args.test_mode == 'for_v':
-            check_thresholds_finite(model)
-            record['calibration'] = {**calibration_record(args, transform, results['n']),
-                                     **model_record(args, model, source)}
-            record['calibration']['coding'] = args.coding or 'rate'  # issue 23: snn runs this coding
-        if args.test_mode == 'for_v' and args.target_T is not None:
-            # -- low-latency calibration (issue 15): thresholds for --target_T steps, chosen on the
-            # calibration loader alone (--calib_data_path's images; the evaluation set without it).
-            conversion = dict(linear_num=args.linear_num, qkv_num=args.qkv_num, softmax_num=args.softmax_num,
-                              softmax_p=args.softmax_p, fc2_thresholds=fc2_thresholds(args, model),
-                              coding=args.coding or 'rate')
-            record['low_latency'] = low_latency.run_for_args(
-                model, loader, args, device, amp, conversion,
-                log=lambda line: (print(line), utils.append_log(log_path, line)))
-            record['calibration']['percent'] = record['low_latency']['percent']  # times its scales
-        if args.test_mode == 'for_v' and main_process:
-            path = Path(args.output_dir) / f'{args.savename or "test"}.pth'
-            checkpoint = {'model': {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                          'calibration': record['calibration']}
-            if 'low_latency' in record:
-                checkpoint['low_latency'] = record['low_latency']
-            utils.save_checkpoint(checkpoint, path)
-            record['checkpoint'] = str(path)
-            print(f'thresholds of {len(get_modules(model, (TestNeuron,)))} places saved with the weights '
-                  f'to {path}')
+            record.update(calibrate(run, transform, classes, source, record['n']))
     if loader.skipped:
         record['skipped_images'] = list(loader.skipped)
     if args.results and main_process:
         utils.write_json(record, args.results)
         print(f'results written to {args.results}')
+    utils.release_output_locks()
     return record
+
+
+class Run:
+    """What the steps of one run share: the arguments, model, batches, device, the reduction over
+    processes (None in one process), whether this process writes, and its log."""
+
+    def __init__(self, args, model, loader, device, amp, reduce, main_process: bool, log_path: Path):
+        self.args, self.model, self.loader, self.device, self.amp = args, model, loader, device, amp
+        self.reduce, self.main_process = reduce, main_process
+        self.log_path = log_path if main_process else None
+        self.show = not args.no_progress and main_process
+
+    def log(self, line: str, header: bool = False) -> None:
+        """Print `line` and append it to the log (process 0 only); `header` starts the run's entry."""
+        if not self.main_process:
+            return
+        if header:
+            utils.append_log(self.log_path, _header(self.args))
+        print(line)
+        utils.append_log(self.log_path, line)
+
+
+def build_model(args, state_dict=None):
+    """The model of the command line with its weights (:func:`weights.build_model`)."""
+    _import_runtime()
+    return weights.build_model(args, state_dict)
+
+
+def fc2_thresholds(args, model):
+    """The fixed fc2 thresholds of this run, or None (:func:`weights.fc2_thresholds`)."""
+    _import_runtime()
+    return weights.fc2_thresholds(args, model)
+
+
+def build_loader(args, model, rank: int = 0, world_size: int = 1, pin_memory: bool = False):
+    """(batches, class names): for_v's calibration batches, or the evaluation set's, dealt
+    round-robin to the processes under torchrun, with no padding (every image counts once)."""
+    if args.test_mode == 'for_v':
+        loader = build_calibration_loader(args, model, rank=rank, world_size=world_size, pin_memory=pin_memory)
+        return loader, loader.classes
+    dataset, _ = build_dataset(False, args, model)
+    classes = datasets.class_names(dataset)
+    dataset = datasets.readable(dataset)
+    if world_size > 1:
+        loader = DataLoader(dataset, batch_sampler=utils.ShardedBatchSampler(len(dataset), args.batch_size, rank,
+                                                                             world_size),
+                            num_workers=args.num_workers, pin_memory=pin_memory, collate_fn=datasets.collate_readable)
+    else:
+        loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                            pin_memory=pin_memory, drop_last=False, collate_fn=datasets.collate_readable)
+    loader = datasets.CheckedBatches(loader, skip=args.skip_bad_images)
+    loader.images = len(dataset)
+    return loader, classes
+
+
+def build_calibration_loader(args, model=None, *, rank: int = 0, world_size: int = 1,
+                             pin_memory: bool = False):
+    """The batches thresholds are calibrated on (a datasets.CheckedBatches: unreadable files stop the
+    run or, with --skip_bad_images, are left out): --calib_data_path (its training split) or, as
+    published, the evaluation set; with the evaluation transform (`model` is read for
+    --data_config timm); the first --calib_batches batches (default all). Under torchrun each
+    process gets its share of the single-process batches (rank, world_size), so the pooled
+    statistics are those of one process. Its `classes` are the data's class names."""
+    _import_runtime()
+    dataset, _ = build_calibration_dataset(args, model)
+    classes = datasets.class_names(dataset)
+    batches = utils.ShardedBatchSampler(len(dataset), args.batch_size, rank, world_size,
+                                        max_batches=args.calib_batches)
+    loader = DataLoader(datasets.readable(dataset), batch_sampler=batches, num_workers=args.num_workers,
+                        pin_memory=pin_memory, collate_fn=datasets.collate_readable)
+    loader = datasets.CheckedBatches(loader, skip=getattr(args, 'skip_bad_images', False))
+    loader.classes, loader.images = classes, len(dataset)
+    return loader
+
+
+def run_ann(run: Run) -> dict:
+    """ann and for_v: one pass of the ANN (for_v: its placeholders record the statistics)."""
+    args = run.args
+    results = evaluate(run.model, run.loader, run.device, log_path=run.log_path, amp=run.amp, desc=args.test_mode,
+                       reduce=run.reduce, show_progress=run.show, print_freq=args.print_freq)
+    five = f'top-5 {results["acc5"]:.2f}%, ' if 'acc5' in results else ''
+    run.log(f'{args.test_mode}: {results["n"]} images, top-1 {results["acc1"]:.2f}%, '
+            f'{five}loss {results["loss"]:.4f}, {results["seconds"]:.1f} s')
+    return results
+
+
+def calibrate(run: Run, transform: dict, classes, source, images: int) -> dict:
+    """for_v after the ANN pass: the thresholds (pooled over processes; with --target_T searched
+    for N steps), checked, and saved with the weights and the record of what made them."""
+    args, model = run.args, run.model
+    if run.reduce is not None:
+        sync_calibration(model, run.reduce)  # every process now holds the same thresholds
+    check_thresholds_finite(model)
+    out = {'calibration': {**weights.calibration_record(args, transform, images, classes),
+                           **weights.model_record(args, model, source)}}
+    if args.target_T is not None:
+        # Thresholds for --target_T steps, chosen on the calibration batches alone.
+        conversion = dict(linear_num=args.linear_num, qkv_num=args.qkv_num, softmax_num=args.softmax_num,
+                          softmax_p=args.softmax_p, fc2_thresholds=fc2_thresholds(args, model),
+                          coding=out['calibration']['coding'])
+        out['low_latency'] = low_latency.run_for_args(
+            model, run.loader, args, run.device, run.amp, conversion,
+            log=lambda line: (print(line), utils.append_log(run.log_path, line)))
+        out['calibration']['percent'] = out['low_latency']['percent']  # times its scales
+    if run.main_process:
+        path = Path(args.output_dir) / f'{args.savename or "test"}.pth'
+        checkpoint = {'model': {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                      'calibration': out['calibration']}
+        if 'low_latency' in out:
+            checkpoint['low_latency'] = out['low_latency']
+        utils.save_checkpoint(checkpoint, path)
+        out['checkpoint'] = str(path)
+        print(f'thresholds of {len(get_modules(model, (TestNeuron,)))} places saved with the weights to {path}')
+    return out
+
+
+def check_snn_inputs(args, loader, classes):
+    """snn, before anything is written: refuse a missing matplotlib (--plot) or an --ann_results
+    of another model or data; the ANN's top-1 (or None)."""
+    if args.plot:
+        report.require_matplotlib()
+    if not args.ann_results:
+        return None
+    return report.check_ann_results(args.ann_results, args.model, args.data_set, loader.images, classes)
+
+
+def run_snn(run: Run, extras: dict, ann_acc1) -> dict:
+    """snn: convert, simulate T steps with the monitors, report and write the reports."""
+    args, model = run.args, run.model
+    savename = args.savename or f'{Path(args.model_path).stem}_snn'
+    try:
+        convert_to_snn(model, linear_num=args.linear_num, qkv_num=args.qkv_num, softmax_num=args.softmax_num,
+                       softmax_p=args.softmax_p, fc2_thresholds=fc2_thresholds(args, model), backend=args.backend,
+                       coding=args.coding)
+    except ConversionError as exc:
+        raise UserError(str(exc)) from None
+    out = {'backend': model.ecmt_backend}
+    if run.main_process:
+        print(f'snn: backend {model.ecmt_backend} on {run.device}')
+    low_latency.apply_fixed_thresholds(model, extras.get('low_latency'),
+                                       log=print if run.main_process else (lambda line: None))
+    count_levels = args.level_batches != 0
+    monitor = (SOPMonitor(model, count_levels=count_levels, level_batches=args.level_batches or None)
+               if args.monitor else None)
+    energy_monitor = energy.EnergyMonitor(model, monitor) if monitor is not None else None
+    try:
+        results = evaluate_snn(model, run.loader, run.device, args.test_T, log_path=run.log_path, amp=run.amp,
+                               monitor=monitor, time_chunk=args.time_chunk, reduce=run.reduce,
+                               show_progress=run.show, print_freq=args.print_freq)
+    finally:
+        for hooks in (monitor, energy_monitor):
+            if hooks is not None:
+                hooks.remove()
+    energy_report = None
+    if energy_monitor is not None:  # every process takes part in its reductions
+        energy_report = energy.energy_report(energy_monitor, args.energy_model, reduce=run.reduce)
+        results['energy'] = energy_report.summary(results.get('energy_ratio'))
+    out.update(results)
+    if ann_acc1 is not None:
+        out['ann_acc1'] = ann_acc1
+    for line in snn_lines(results):
+        run.log(line)
+    # Every process takes part in the reductions; the first one writes the files.
+    entries, lines = report.write_snn_reports(
+        results, args.output_dir, savename, monitor, levels=count_levels, plot=args.plot, ann_acc1=ann_acc1,
+        reduce=run.reduce, write=run.main_process, energy=energy_report)
+    out.update(entries)
+    for line in lines:
+        run.log(line)
+    return out
+
+
+def snn_lines(results: dict) -> list:
+    """The snn summary: top-1 (and top-5) after every step, with the monitor its firing rate and its
+    energy against the ANN under the run's energy model, named in each line."""
+    lines = [f'snn: {results["n"]} images, T={results["T"]}, {results["seconds"]:.1f} s']
+    top5 = results.get('acc5') or [None] * len(results['acc1'])
+    energy_model = results.get('energy')
+    for t, (a1, a5) in enumerate(zip(results['acc1'], top5), start=1):
+        line = f'  t={t}: top-1 {a1:.2f}%' + ('' if a5 is None else f'  top-5 {a5:.2f}%')
+        if 'energy_ratio' in results:
+            ratio, name = results['energy_ratio'][t - 1], 'ecmt'
+            if energy_model:
+                ratio, name = energy_model['ratio'][t - 1], energy_model['model']
+            line += f'  firing rate {results["fire_rate"][t - 1]:.4f}  energy vs ANN ({name}) {ratio:.4f}'
+        lines.append(line)
+    return lines
 
 
 def check_thresholds_finite(model) -> None:
@@ -816,9 +601,9 @@ def check_thresholds_finite(model) -> None:
            if neuron.calibrate and not bool(torch.isfinite(torch.cat([neuron.scale_p, neuron.scale_n])).all())]
     if bad:
         shown = ', '.join(bad[:5]) + (f' and {len(bad) - 5} more' if len(bad) > 5 else '')
-        raise utils.UserError(f'calibration gave non-finite thresholds at {len(bad)} places ({shown}): '
-                              'the activations there hold NaN or inf values (check the weights, or '
-                              'run with --amp none); no checkpoint written')
+        raise UserError(f'calibration gave non-finite thresholds at {len(bad)} places ({shown}): '
+                        'the activations there hold NaN or inf values (check the weights, or '
+                        'run with --amp none); no checkpoint written')
 
 
 def _header(args) -> str:
@@ -830,19 +615,6 @@ def _header(args) -> str:
         header += (f'\n(torchrun, {world_size} processes: the batch lines count process 0\'s share '
                    'of the images; the final figures are the totals over all processes)')
     return header
-
-
-def _report_snn(results: dict, log_path: Path) -> None:
-    lines = [f'snn: {results["n"]} images, T={results["T"]}, {results["seconds"]:.1f} s']
-    top5 = results.get('acc5') or [None] * len(results['acc1'])
-    for t, (a1, a5) in enumerate(zip(results['acc1'], top5), start=1):
-        line = f'  t={t}: top-1 {a1:.2f}%' + ('' if a5 is None else f'  top-5 {a5:.2f}%')
-        if 'energy_ratio' in results:
-            line += f'  firing rate {results["fire_rate"][t - 1]:.4f}  energy vs ANN {results["energy_ratio"][t - 1]:.4f}'
-        lines.append(line)
-    for line in lines:
-        print(line)
-        utils.append_log(log_path, line)
 
 
 if __name__ == '__main__':

@@ -22,7 +22,7 @@ of running sums. Called directly, a module takes one step per call, as the publi
 K = 1 of the same chunk function. One backend runs a whole model, chosen when it is converted
 (:func:`set_backend`): 'native' (C++ kernels, CPU), 'triton' (CUDA; the CPU under
 ``TRITON_INTERPRET=1``) or 'eager' (torch operations, any device), each a module of kernels with
-one signature per kernel (``native_kernels``, ``triton_kernels``, ``eager_kernels``). Fusions
+one signature per kernel (``kernels.native``, ``kernels.triton``, ``kernels.eager``). Fusions
 (an EC module with the neuron it feeds; an attention's q/k/v neurons reading the qkv output) are
 made then too, as modules that own their state. Running state is float32 whatever the autocast
 dtype, and is not kept past a batch's last chunk.

@@ -1,4 +1,5 @@
-"""Small helpers shared by the scripts: user errors, checkpoints, logs, metrics, devices.
+"""Small helpers shared by the scripts: user errors, writing checkpoints and records, logs,
+metrics, devices, torchrun. Reading weights is weights.py's job.
 
 Every mistake a user can make on the command line (a wrong path, a checkpoint that does not
 fit the model, a malformed option) is raised as `UserError`; the entry scripts catch it with
@@ -6,18 +7,14 @@ fit the model, a malformed option) is raised as `UserError`; the entry scripts c
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import atexit
 import json
-import math
 import os
-import pickle
 import random
-import re
 import sys
 import tempfile
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +24,7 @@ from cli_base import UserError, defer_interrupt, note_logged, note_written, run_
 
 __all__ = [
     "UserError", "run_cli",
-    "load_checkpoint", "read_checkpoint", "load_model_weights", "save_checkpoint",
-    "read_architecture", "architecture_differences", "model_heads", "is_safetensors_header",
-    "convert_published_places", "has_published_place_names", "check_writable_dir",
+    "save_checkpoint", "check_writable_dir", "check_output_file", "lock_outputs", "release_output_locks",
     "write_json", "append_log",
     "accuracy", "seed_everything", "resolve_device", "parse_model_kwargs", "keep_freed_memory",
     "init_distributed", "is_distributed", "get_rank", "get_world_size", "is_main_process",
@@ -41,290 +36,8 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints
+# Writing checkpoints (reading them, and everything else about weights: weights.py)
 # --------------------------------------------------------------------------------------------
-
-_WRAPPER_KEYS = ("model", "module", "state_dict")
-
-
-def _is_state_dict(obj) -> bool:
-    return (isinstance(obj, Mapping) and len(obj) > 0
-            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
-
-
-def load_checkpoint(path) -> dict[str, torch.Tensor]:
-    """Load a state dict saved with torch.save (safely: weights_only=True) or as safetensors
-    (recognised by content, whatever the extension), onto the CPU.
-
-    Accepts a bare state dict or one wrapped as {'model': sd}, {'module': sd} or
-    {'state_dict': sd} (other entries next to it, such as 'epoch' or the published scripts'
-    'args' Namespace, are ignored), and strips the 'module.' prefix that
-    DistributedDataParallel adds when every key carries it.
-    """
-    return read_checkpoint(path)[0]
-
-
-def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
-    """:func:`load_checkpoint`, plus the entries stored beside the state dict (a dict).
-
-    The entries are those of the outermost wrapper other than the state dict itself, e.g.
-    a `for_v` file's 'calibration' record; an `argparse.Namespace` among them (the published
-    scripts' 'args') becomes a plain dict. Besides tensors and plain values, Namespace is the
-    one class a checkpoint may hold (ECMT_SPEC 11): anything else pickled is refused.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint not found: {path}")
-    if not path.is_file():
-        raise UserError(f"checkpoint path is not a file: {path}")
-    with open(path, "rb") as f:
-        magic = f.read(9)
-    if is_safetensors_header(magic):
-        return _read_safetensors(path), {}
-    # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (protocol 2+: 0x80).
-    if not (magic.startswith(b"PK") or magic.startswith(b"\x80")):
-        raise UserError(f"{path} is not a PyTorch checkpoint nor a safetensors file (neither a "
-                        "torch.save zip archive, nor a legacy pickle, nor a safetensors header)")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "unsupported global" in str(err).lower():
-            raise UserError(
-                f"checkpoint {path} contains pickled Python objects besides tensors and an "
-                "argparse.Namespace, and cannot be loaded safely; re-save only its state dict "
-                "with torch.save(model.state_dict(), path)") from None
-        raise UserError(f"{path} is not a PyTorch checkpoint ({_first_line(err)})") from None
-    except Exception as err:  # torch reports truncated/foreign files with many exception types
-        raise UserError(f"{path} is not a readable PyTorch checkpoint, or it is truncated "
-                        f"({type(err).__name__}: {_first_line(err)})") from None
-
-    # Unwrap training checkpoints; a wrapper may itself be wrapped ({'model': {'module': sd}}).
-    extras: dict = {}
-    for depth in range(3):
-        if _is_state_dict(obj) or not isinstance(obj, Mapping):
-            break
-        key = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if key is None:
-            break
-        if depth == 0:
-            extras = {k: (vars(v) if isinstance(v, argparse.Namespace) else v)
-                      for k, v in obj.items() if k != key}
-        obj = obj[key]
-    if not _is_state_dict(obj):
-        raise UserError(f"checkpoint {path} does not hold a state dict (name -> tensor); "
-                        f"found {_describe(obj)}")
-
-    state_dict = dict(obj)
-    if all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
-    return state_dict, extras
-
-
-def is_safetensors_header(head: bytes) -> bool:
-    """Whether a file starting with `head` (its first 9 bytes or more) is a safetensors file:
-    an 8-byte little-endian header length, then the JSON header, which opens with '{'."""
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    return 0 < int.from_bytes(head[:8], "little") < 1 << 40
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file (recognised by its content, whatever its name)."""
-    try:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-    except ImportError:
-        raise UserError(f"{path} is a safetensors file: pip install safetensors to read it") from None
-    try:
-        state_dict = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"{path} is a safetensors file but cannot be read: it is truncated or "
-                        f"damaged ({_first_line(err)})") from None
-    if not state_dict:
-        raise UserError(f"{path} is a safetensors file with no tensors")
-    if all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
-    return state_dict
-
-
-#: The published scripts' placeholder names (ECMT_SPEC 11) -> this toolkit's, per module kind.
-PUBLISHED_PLACE_NAMES = {
-    "attn": {"x_in_test": "place_fc_qkv", "q_out_test": "place_q", "k_out_test": "place_k",
-             "v_out_test": "place_v", "attn_out_test": "place_s", "x_out_test": "place_fc_out"},
-    "mlp": {"x1_in_test": "place_fc1", "x2_in_test": "place_fc2"},
-}
-_PUBLISHED_PLACE = re.compile(
-    r"^(?P<parent>(?:.*\.)?(?P<kind>attn|mlp))\.(?P<name>[a-z0-9_]+_test)\.(?P<rest>.+)$")
-
-
-def has_published_place_names(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    """Whether `state_dict` names its placeholders as the published scripts do."""
-    return any(_published_place_key(k) is not None for k in state_dict)
-
-
-def _published_place_key(key: str) -> str | None:
-    match = _PUBLISHED_PLACE.match(key)
-    if match is None:
-        return None
-    name = PUBLISHED_PLACE_NAMES[match["kind"]].get(match["name"])
-    return None if name is None else f'{match["parent"]}.{name}.{match["rest"]}'
-
-
-def convert_published_places(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename the published placeholders (`blocks.i.attn.x_in_test.scale_p`, ...) to this
-    toolkit's (`blocks.i.attn.place_fc_qkv.scale_p`, ...); every other key is kept as it is.
-
-    A pure state_dict -> state_dict function, like timm's checkpoint_filter_fn: the input is
-    not modified, and the tensors are the same objects.
-    """
-    out = {}
-    for key, value in state_dict.items():
-        out[_published_place_key(key) or key] = value
-    return out
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else "no details"
-
-
-def _describe(obj) -> str:
-    if isinstance(obj, Mapping):
-        keys = list(obj)
-        shown = ", ".join(repr(k) for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
-        return f"a {type(obj).__name__} with keys [{shown}]" if keys else "an empty dict"
-    return f"a {type(obj).__name__}"
-
-
-def _ignore_predicate(ignore) -> Callable[[str], bool]:
-    if callable(ignore):
-        return ignore
-    if isinstance(ignore, str):  # a lone suffix, not a collection of characters
-        ignore = (ignore,)
-    suffixes = tuple(ignore)
-    return lambda key: key.endswith(suffixes) if suffixes else False
-
-
-def _listing(title: str, items: list[str], limit: int = 5) -> str:
-    shown = ", ".join(items[:limit])
-    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
-    return f"{len(items)} {title}: {shown}{more}"
-
-
-def load_model_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *,
-                       ignore: Callable[[str], bool] | Collection[str] = ()) -> None:
-    """Load `state_dict` into `model` strictly, explaining any mismatch in one UserError.
-
-    `ignore` is a predicate on key names, or a collection of key suffixes (e.g.
-    ('scale_p', 'scale_n')). Matching keys are dropped from the checkpoint, and matching keys
-    of the model are not required: they keep the values the model already has.
-    """
-    skip = _ignore_predicate(ignore)
-    checkpoint = {k: v for k, v in state_dict.items() if not skip(k)}
-    expected = {k: v for k, v in model.state_dict().items() if not skip(k)}
-
-    missing = [k for k in expected if k not in checkpoint]
-    unexpected = [k for k in checkpoint if k not in expected]
-    mismatched = [k for k in checkpoint
-                  if k in expected and checkpoint[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        problems = []
-        head = _classifier_name(model) + ".weight"
-        if (head in mismatched and checkpoint[head].ndim == expected[head].ndim == 2
-                and checkpoint[head].shape[0] != expected[head].shape[0]):
-            problems.append(f"checkpoint has {checkpoint[head].shape[0]} classes, "
-                            f"--nb_classes is {expected[head].shape[0]}")
-        if ("pos_embed" in mismatched and checkpoint["pos_embed"].ndim == 3
-                and checkpoint["pos_embed"].shape[1] != expected["pos_embed"].shape[1]):
-            problems.append("pos_embed differs (was the checkpoint trained at another "
-                            "--input_size or patch size?)")
-        if missing:
-            problems.append(_listing("missing keys", missing))
-        if unexpected:
-            problems.append(_listing("unexpected keys", unexpected))
-        if mismatched:
-            shapes = [f"{k}: checkpoint {tuple(checkpoint[k].shape)} vs model "
-                      f"{tuple(expected[k].shape)}" for k in mismatched]
-            problems.append(_listing("shape mismatches", shapes))
-        raise UserError("checkpoint does not match the model: " + "; ".join(problems))
-    # Keys the model has but `ignore` excused are the only ones allowed to stay missing.
-    model.load_state_dict(checkpoint, strict=False)
-
-
-def _classifier_name(model: torch.nn.Module) -> str:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    name = cfg.get("classifier", "head") if isinstance(cfg, Mapping) else "head"
-    return name if isinstance(name, str) else "head"
-
-
-_BLOCK_INDEX = re.compile(r"^blocks\.(\d+)\.")
-
-
-def read_architecture(state_dict: Mapping[str, torch.Tensor], classifier: str = "head",
-                      prefix_tokens: int = 1) -> dict:
-    """What the shapes of a ViT/EVA state dict (timm's keys) say about its architecture:
-    embed_dim, depth, mlp_ratio, patch_size, num_classes, grid (the side of the square grid
-    of patch positions), and num_heads where the weights tell it (q/k norms have the width of
-    one head; otherwise heads leave no trace in the shapes). Only what is readable is set."""
-    arch: dict = {}
-    patch = state_dict.get("patch_embed.proj.weight")
-    if patch is not None and patch.ndim == 4:
-        arch["embed_dim"] = int(patch.shape[0])
-        ph, pw = int(patch.shape[2]), int(patch.shape[3])
-        arch["patch_size"] = ph if ph == pw else (ph, pw)
-    elif state_dict.get("cls_token") is not None:
-        arch["embed_dim"] = int(state_dict["cls_token"].shape[-1])
-    blocks = {int(m.group(1)) for k in state_dict if (m := _BLOCK_INDEX.match(k))}
-    if blocks:
-        arch["depth"] = max(blocks) + 1
-    width = arch.get("embed_dim")
-    hidden = next((state_dict[k] for k in ("blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc1_g.weight")
-                   if k in state_dict), None)
-    if hidden is not None and hidden.ndim == 2 and width:
-        arch["mlp_ratio"] = round(int(hidden.shape[0]) / width, 4)
-    q_norm = state_dict.get("blocks.0.attn.q_norm.weight")
-    if q_norm is not None and q_norm.ndim == 1 and width and width % int(q_norm.shape[0]) == 0:
-        arch["num_heads"] = width // int(q_norm.shape[0])
-    head = state_dict.get(f"{classifier}.weight")
-    if head is not None and head.ndim == 2:
-        arch["num_classes"] = int(head.shape[0])
-    pos = state_dict.get("pos_embed")
-    if pos is not None and pos.ndim == 3:
-        tokens = int(pos.shape[1]) - prefix_tokens
-        side = math.isqrt(max(tokens, 0))
-        if side * side == tokens and side > 0:
-            arch["grid"] = side
-    return arch
-
-
-#: The names of read_architecture's entries in a message.
-ARCHITECTURE_WORDS = {"embed_dim": "width (embed_dim)", "depth": "depth", "num_heads": "heads",
-                      "mlp_ratio": "MLP ratio", "patch_size": "patch size", "num_classes": "class count",
-                      "grid": "grid of patch positions"}
-
-
-def architecture_differences(checkpoint: Mapping[str, torch.Tensor], model: torch.nn.Module,
-                             prefix_tokens: int = 1) -> dict:
-    """{entry: (checkpoint's value, model's value)} for each read_architecture entry that both
-    have and that differs (heads: the model's own count where the checkpoint's is readable)."""
-    classifier = _classifier_name(model)
-    theirs = read_architecture(checkpoint, classifier, prefix_tokens)
-    ours = read_architecture(model.state_dict(), classifier, prefix_tokens)
-    heads = model_heads(model)
-    if heads is not None:
-        ours["num_heads"] = heads
-    return {k: (theirs[k], ours[k]) for k in ARCHITECTURE_WORDS
-            if k in theirs and k in ours and theirs[k] != ours[k]}
-
-
-def model_heads(model: torch.nn.Module) -> int | None:
-    for module in model.modules():
-        heads = getattr(module, "num_heads", None)
-        if isinstance(heads, int) and (hasattr(module, "qkv") or hasattr(module, "q_proj")):
-            return heads
-    return None
-
 
 _PLAIN_TYPES = (torch.Tensor, str, int, float, bool, bytes, type(None))
 
@@ -420,6 +133,63 @@ def check_writable_dir(folder, flag: str) -> None:
         elif isinstance(err, FileExistsError) or isinstance(err, NotADirectoryError):
             reason = "a part of the path is a file"
         raise UserError(f"cannot write to {flag} {folder}: {reason}") from None
+
+
+def check_output_file(path, flag: str) -> None:
+    """Refuse, before any work, a file this run will write where a folder stands (or whose folder
+    cannot be written): one UserError naming `flag` and a name that works."""
+    path = Path(path)
+    if path.is_dir():
+        example = path / ("results.json" if path.suffix == "" else path.name)
+        raise UserError(f"{flag} {path} is a folder, not a file: name a file (e.g. {example}), or move "
+                        "the folder away")
+    check_writable_dir(path.parent, f"the folder of {flag}")
+
+
+_LOCKS: dict = {}
+
+
+def lock_outputs(paths, flag: str) -> None:
+    """Hold a lock on each output of this run (`paths`: files, or a report name's prefix) until the
+    process ends, so that a second run writing the same files stops at its start with one UserError
+    instead of the last writer winning. Advisory ``flock`` locks on files in the system's temporary
+    folder (named after the output's absolute path, so the output folders stay clean), released by
+    the system whatever ends the process. A process may take the same lock again (one script
+    running several times in one process, as the tests do); :func:`release_output_locks` ends them."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locks, as before
+        return
+    import hashlib
+    folder = Path(tempfile.gettempdir()) / "ecmt_output_locks"
+    folder.mkdir(exist_ok=True)
+    for path in paths:
+        target = str(Path(path).resolve())
+        if target in _LOCKS:
+            continue
+        lock_path = folder / (hashlib.sha1(target.encode()).hexdigest() + ".lock")
+        handle = open(lock_path, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(f"another run ({owner}) is writing {path} now: wait for it to end, or pass "
+                            f"another {flag}") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        _LOCKS[target] = handle
+
+
+def release_output_locks() -> None:
+    """Release the locks :func:`lock_outputs` took (the end of a run; a process that runs the
+    script's main several times releases them between runs)."""
+    while _LOCKS:
+        _, handle = _LOCKS.popitem()
+        handle.close()  # closing the file releases its flock
 
 
 # --------------------------------------------------------------------------------------------
@@ -535,6 +305,22 @@ def _torchrun_world_size() -> int:
         raise UserError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
 
 
+def check_torchrun_environment(world_size: int) -> None:
+    """Refuse a torchrun environment that torchrun did not make whole: WORLD_SIZE > 1 left in
+    a shell (or set by a cluster job) without RANK, MASTER_ADDR or MASTER_PORT would end in a
+    traceback from torch.distributed, or a wait for processes that never start."""
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    rank = os.environ.get("RANK", "0")
+    if not missing and (not rank.isdigit() or int(rank) >= world_size):
+        missing = [f"RANK={rank} (not a number below WORLD_SIZE)"]
+    if missing:
+        script = Path(sys.argv[0]).name or "run_class_finetuning.py"
+        raise UserError(f"WORLD_SIZE={world_size} is set but {', '.join(missing)} "
+                        f"{'is' if len(missing) == 1 else 'are'} not: torchrun's settings are left in the "
+                        f"environment. Launch with torchrun --nproc_per_node={world_size} {script} ..., or "
+                        "run one process after unset WORLD_SIZE RANK LOCAL_RANK")
+
+
 def init_distributed(device_arg: str | None = None) -> tuple[torch.device, int, int]:
     """Join the process group that torchrun set up; return (device, rank, world_size).
 
@@ -557,6 +343,7 @@ def init_distributed(device_arg: str | None = None) -> tuple[torch.device, int, 
     world_size = _torchrun_world_size()
     if world_size <= 1:
         return resolve_device(device_arg), 0, 1
+    check_torchrun_environment(world_size)
     if not dist.is_available():
         raise UserError("WORLD_SIZE > 1 (torchrun) but this PyTorch build has no "
                         "torch.distributed")

@@ -10,24 +10,11 @@ import timm
 import torch
 
 import run_class_finetuning as cli
+from helpers_cli import ARCH, COMMON, REPO, baai_state_dict, tiny_timm
 from utils import UserError
-
-REPO = Path(__file__).resolve().parents[1]
-ARCH = ['--model_kwargs', 'patch_size=4', 'embed_dim=32', 'depth=2', 'num_heads=2']
-COMMON = ['--model', 'vit_tiny_patch16_224', *ARCH, '--input_size', '16', '--nb_classes', '10',
-          '--data_set', 'DIGITS', '--num_workers', '0', '--batch_size', '150', '--device', 'cpu',
-          '--no_progress']
-
 
 # One intra-op thread (conftest.single_thread): the runs here are tiny.
 pytestmark = pytest.mark.usefixtures('single_thread')
-
-
-def tiny_timm(**kwargs):
-    torch.manual_seed(0)
-    cfg = dict(num_classes=10, img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
-    cfg.update(kwargs)
-    return timm.create_model('vit_tiny_patch16_224', **cfg)
 
 
 @pytest.fixture(scope='module')
@@ -331,7 +318,6 @@ def test_vit_pos_embed_of_another_size(tmp_path, weights, capsys):
 
 
 def test_eva_pos_embed_of_another_grid(tmp_path, capsys):
-    from test_eva_checkpoint import baai_state_dict
     path = tmp_path / 'baai.pth'
     torch.save({'module': baai_state_dict(grid=6)}, path)  # made for 24 px at patch 4
     args = ['--model', 'eva_g_patch14', '--model_kwargs', 'patch_size=4', 'embed_dim=32', 'depth=2', 'num_heads=2',

@@ -14,7 +14,7 @@ from PIL import Image
 
 import cli_base
 import run_class_finetuning as cli
-from test_cli import ARCH, COMMON, REPO, tiny_timm
+from helpers_cli import ARCH, COMMON, REPO, tiny_timm
 from utils import UserError
 
 DATA = ['--data_set', 'DIGITS', '--num_workers', '0', '--batch_size', '150', '--device', 'cpu', '--no_progress']

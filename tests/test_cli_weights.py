@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import run_class_finetuning as cli
-from test_cli import COMMON, REPO, tiny_timm
+from helpers_cli import COMMON, REPO, tiny_timm
 from utils import UserError
 
 DATA = ['--data_set', 'DIGITS', '--num_workers', '0', '--batch_size', '150', '--device', 'cpu', '--no_progress']

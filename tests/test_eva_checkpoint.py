@@ -13,48 +13,10 @@ import torch.nn.functional as F
 
 import model_eva
 import model_vit
+from helpers_cli import EVA_ARCH as ARCH
+from helpers_cli import CLASSES, DEPTH, DIM, GRID, HEADS, HIDDEN, IMG, PATCH, baai_state_dict
 
 pytestmark = pytest.mark.usefixtures('single_thread')
-
-DIM, DEPTH, HEADS, HIDDEN, CLASSES = 32, 2, 2, 96, 10
-IMG, PATCH = 16, 4
-GRID = IMG // PATCH
-ARCH = dict(img_size=IMG, patch_size=PATCH, embed_dim=DIM, depth=DEPTH, num_heads=HEADS,
-            mlp_ratio=HIDDEN / DIM, num_classes=CLASSES)
-
-
-def baai_state_dict(grid=GRID, with_k_bias=False, seed=0):
-    """Random weights with BAAI's EVA-01 key names and shapes (no qkv bias tensor)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, std=0.2):
-        return torch.randn(*shape, generator=g) * std
-
-    sd = {
-        'cls_token': rand(1, 1, DIM),
-        'pos_embed': rand(1, 1 + grid * grid, DIM),
-        'patch_embed.proj.weight': rand(DIM, 3, PATCH, PATCH),
-        'patch_embed.proj.bias': rand(DIM),
-    }
-    for i in range(DEPTH):
-        p = f'blocks.{i}.'
-        sd.update({
-            p + 'norm1.weight': 1 + rand(DIM), p + 'norm1.bias': rand(DIM),
-            p + 'attn.qkv.weight': rand(3 * DIM, DIM),
-            p + 'attn.q_bias': rand(DIM), p + 'attn.v_bias': rand(DIM),
-            p + 'attn.proj.weight': rand(DIM, DIM), p + 'attn.proj.bias': rand(DIM),
-            p + 'norm2.weight': 1 + rand(DIM), p + 'norm2.bias': rand(DIM),
-            p + 'mlp.fc1.weight': rand(HIDDEN, DIM), p + 'mlp.fc1.bias': rand(HIDDEN),
-            p + 'mlp.fc2.weight': rand(DIM, HIDDEN), p + 'mlp.fc2.bias': rand(DIM),
-        })
-        if with_k_bias:
-            sd[p + 'attn.k_bias'] = torch.zeros(DIM)
-    sd.update({
-        'fc_norm.weight': 1 + rand(DIM), 'fc_norm.bias': rand(DIM),
-        'head.weight': rand(CLASSES, DIM, std=0.5), 'head.bias': rand(CLASSES),
-    })
-    return sd
-
 
 def hand_forward(sd, images):
     """EVA-01 as the published eva_g_patch14 computes it, from BAAI's tensors directly."""

@@ -94,10 +94,10 @@ def test_model_path_with_other_architecture_is_a_user_error(tmp_path):
     wide = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=16, patch_size=4,
                              embed_dim=48, depth=2, num_heads=2)
     torch.save(wide.state_dict(), tmp_path / "wide.pth")
-    with pytest.raises(UserError, match=r"pos_embed: checkpoint \(1, 17, 48\) vs model "
-                                        r"\(1, 17, 32\)"):
-        fintune_model.main(parse("--model_path", str(tmp_path / "wide.pth"),
-                                 "--output_dir", str(tmp_path)))
+    with pytest.raises(UserError, match=r"width \(embed_dim\) 48 \(the model: 32\).*it fits --model_kwargs "
+                                         r"patch_size=4 embed_dim=48 depth=2 num_heads=2"):
+        fintune_model.main(fintune_model.get_args_parser().parse_args(
+            TINY + ["--model_path", str(tmp_path / "wide.pth"), "--output_dir", str(tmp_path / "o")]))
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -118,7 +118,7 @@ def test_bad_options_are_user_errors(tmp_path, extra, message):
 def test_unwritable_output_dir_is_a_user_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(UserError, match="cannot create --output_dir"):
+    with pytest.raises(UserError, match="cannot write to --output_dir"):
         fintune_model.main(parse("--output_dir", str(blocker / "out")))
 
 
@@ -153,3 +153,78 @@ def test_cli_bad_model_path_exits_2(tmp_path, make_bad):
     assert str(path) in lines[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Own images (issue 32, item 6): train/ and val/ sub-folders, never one folder for both splits
+# ------------------------------------------------------------------------------------------
+def _images(root, names=("a", "b"), per_class=4, seed=0):
+    from PIL import Image
+    for c, name in enumerate(names):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", (12, 12), (80 * c + seed, 30 * i, 100)).save(root / name / f"{i}.png")
+    return root
+
+
+def _folder_args(data, *extra):
+    args = [a for a in TINY if a not in ("DIGITS",)]
+    args[args.index("--data_set") + 1:args.index("--data_set") + 1] = ["image_folder"]
+    return fintune_model.get_args_parser().parse_args(
+        args + ["--data_path", str(data), "--epochs", "1", "--batch_size", "4", *extra])
+
+
+def test_train_and_val_subfolders_are_the_two_splits(tmp_path, capsys):
+    _images(tmp_path / "data" / "train", per_class=4)
+    _images(tmp_path / "data" / "val", per_class=2, seed=7)
+    record = fintune_model.main(_folder_args(tmp_path / "data", "--output_dir", str(tmp_path / "o")))
+    out = capsys.readouterr().out
+    assert "8 training / 4 evaluation images, 2 classes" in out
+    assert f"evaluation images from {tmp_path / 'data' / 'val'}" in out
+    assert record["nb_classes"] == 2
+
+
+def test_one_folder_is_never_both_splits(tmp_path):
+    _images(tmp_path / "flat")
+    with pytest.raises(UserError, match="has no train/ and val/ sub-folders") as info:
+        fintune_model.main(_folder_args(tmp_path / "flat", "--output_dir", str(tmp_path / "o")))
+    assert "--val_data_path" in str(info.value)
+    # Following it: a folder of other images for the evaluation.
+    _images(tmp_path / "held_out", per_class=2, seed=9)
+    record = fintune_model.main(_folder_args(tmp_path / "flat", "--val_data_path", str(tmp_path / "held_out"),
+                                             "--output_dir", str(tmp_path / "o")))
+    assert record["best_acc1"] is not None
+    with pytest.raises(UserError, match="is the training folder"):
+        fintune_model.main(_folder_args(tmp_path / "flat", "--val_data_path", str(tmp_path / "flat"),
+                                        "--output_dir", str(tmp_path / "o")))
+
+
+def test_no_augment_trains_on_the_evaluation_transform_and_data_config_is_recorded(tmp_path):
+    from datasets import build_transform
+    args = _folder_args(tmp_path, "--no-augment", "--mean", "0.5", "--std", "0.5")
+    train, evaluation = build_transform(True, args), build_transform(False, args)
+    assert repr(train) == repr(evaluation)
+    augmented = build_transform(True, _folder_args(tmp_path))
+    assert "RandomResizedCrop" in repr(augmented) and "RandomResizedCrop" not in repr(train)
+    record = fintune_model.main(parse("--epochs", "1", "--output_dir", str(tmp_path / "o"), "--data_config", "timm",
+                                      "--no-augment"))
+    assert record["transform"]["data_config"] == "timm"
+
+
+def test_a_folder_where_a_checkpoint_goes_is_refused_before_training(tmp_path):
+    (tmp_path / "o" / "tiny_best.pth").mkdir(parents=True)
+    result = _run_cli(*TINY, "--epochs", "1", "--output_dir", "o", "--savename", "tiny", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "tiny_best.pth is a folder" in line
+    assert not (tmp_path / "o" / "tiny_finetune.json").exists()
+
+
+def test_a_partial_torchrun_environment_is_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "MASTER_ADDR", "MASTER_PORT")}
+    result = subprocess.run([sys.executable, str(REPO / "fintune_model.py"), *TINY, "--epochs", "1",
+                             "--output_dir", "o"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env=dict(env, WORLD_SIZE="2", OMP_NUM_THREADS="1"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "torchrun --nproc_per_node=2 fintune_model.py" in line

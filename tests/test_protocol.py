@@ -22,6 +22,7 @@ from torchvision import transforms as T
 import datasets
 import run_class_finetuning as cli
 import utils
+import weights
 from model_vit import create_model
 from trans_utils import MyTestPlace, reset_net
 from utils import UserError
@@ -418,5 +419,5 @@ def test_published_place_names_map_onto_the_toolkit(tmp_path):
     from trans_utils import replace_test_by_testneuron
     replace_test_by_testneuron(model)
     ours = model.state_dict()
-    assert utils.convert_published_places(published_layout(ours)).keys() == ours.keys()
-    assert utils.has_published_place_names(published_layout(ours)) and not utils.has_published_place_names(ours)
+    assert weights.convert_published_places(published_layout(ours)).keys() == ours.keys()
+    assert weights.has_published_place_names(published_layout(ours)) and not weights.has_published_place_names(ours)

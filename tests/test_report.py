@@ -10,9 +10,11 @@ import pytest
 import report
 import run_class_finetuning as cli
 from report import LAYER_COLUMNS, level_report, plot_results, write_layer_report, write_level_counts
-from test_monitor import T, images, run, tiny_snn
+from helpers import run, snn_images as images, tiny_snn
 from trans_utils import SOPMonitor, TwoSideNeuron
 from utils import UserError
+
+T = 3  # the steps helpers.run simulates by default
 
 PIL = pytest.importorskip('PIL.Image')
 

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 import utils
-
-from utils import (UserError, accuracy, append_log, load_checkpoint, load_model_weights,
-                   parse_model_kwargs, read_checkpoint, resolve_device, save_checkpoint,
+import weights
+from utils import (UserError, accuracy, append_log, parse_model_kwargs, resolve_device, save_checkpoint,
                    seed_everything, write_json)
+from weights import load_checkpoint, load_model_weights, read_checkpoint
 
 
 class TinyNet(nn.Module):
@@ -125,7 +125,7 @@ def test_convert_published_places_maps_every_name_and_nothing_else():
         for name in ("x1_in_test", "x2_in_test"):
             published[f"blocks.{i}.mlp.{name}.scale_p"] = torch.full([1], 2.0)
     before = dict(published)
-    converted = utils.convert_published_places(published)
+    converted = weights.convert_published_places(published)
     assert published == before  # pure: the input is left as it is
     assert converted["blocks.3.attn.qkv.weight"] is published["blocks.3.attn.qkv.weight"]
     assert "head.bias" in converted and len(converted) == len(published)
@@ -134,14 +134,14 @@ def test_convert_published_places_maps_every_name_and_nothing_else():
     assert converted["blocks.0.mlp.place_fc1.scale_p"] is published["blocks.0.mlp.x1_in_test.scale_p"]
     assert converted["blocks.1.mlp.place_fc2.scale_p"] is published["blocks.1.mlp.x2_in_test.scale_p"]
     assert not any(k.endswith("_test.scale_p") for k in converted)
-    assert utils.has_published_place_names(published) and not utils.has_published_place_names(converted)
+    assert weights.has_published_place_names(published) and not weights.has_published_place_names(converted)
 
 
 def test_convert_published_places_leaves_lookalikes():
     # An mlp name under attn (or an unknown *_test) is not a published place: left as it is.
     sd = {"blocks.0.attn.x1_in_test.scale_p": torch.ones(1), "blocks.0.mlp.q_out_test.scale_p": torch.ones(1),
           "latest_test.weight": torch.ones(1)}
-    assert utils.convert_published_places(sd) == sd and not utils.has_published_place_names(sd)
+    assert weights.convert_published_places(sd) == sd and not weights.has_published_place_names(sd)
 
 
 # ---------------------------------------------------------------- output folders
