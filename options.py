@@ -59,4 +59,7 @@ class RecordedOption(NamedTuple):
 
 RECORDED_OPTIONS: Tuple[RecordedOption, ...] = (
     RecordedOption('coding', 'rate', CODINGS),
+    RecordedOption('thresholds', 'place', THRESHOLD_GRANULARITIES),
+    RecordedOption('fire_rule', 'ecmt', FIRE_RULES),
+    RecordedOption('threshold_scale', 1.0, None, float),
 )

@@ -14,6 +14,7 @@ the for_v record are :mod:`weights`'s, the loops :mod:`engine_for_finetuning`'s,
 from __future__ import annotations
 
 import argparse
+import math
 import importlib
 import os
 import time
@@ -173,6 +174,20 @@ def _conversion_flags(parser) -> None:
                         'correction to a running estimate). for_v records it in the checkpoint (and --target_T '
                         'searches with it); snn takes it from there (default: the record, else rate); a --coding '
                         'that differs from the record is an error')
+    g = parser.add_argument_group('few time steps (ECMT_SPEC 15; for T <= 4: --thresholds channel --fire_rule round '
+                                  '--coding differential with for_v --target_T T)')
+    g.add_argument('--thresholds', default=None, choices=options.THRESHOLD_GRANULARITIES,
+                   help='for_v: one threshold pair per place (place, the published calibration) or per channel '
+                        '(channel: the features before a linear layer, (head, channel) for q, k, v; the fc2 '
+                        'override then applies only if --fc2_thresholds is given). Recorded; snn takes it '
+                        'from the record (default place)')
+    g.add_argument('--fire_rule', default=None, choices=options.FIRE_RULES,
+                   help='ecmt: the published rule (a level fires at 2^j - 1/2 of the base threshold); round: '
+                        'a membrane is rounded to the nearest level (3/4 of the way up). Recorded; snn takes it '
+                        'from the record (default ecmt)')
+    g.add_argument('--threshold_scale', default=None, type=float, metavar='A',
+                   help='every calibrated threshold times A at conversion (fixed ones, s and a fixed fc2, '
+                        'are not). Recorded; snn takes it from the record (default 1)')
 
 
 def _low_latency_flags(parser) -> None:
@@ -291,6 +306,8 @@ def check_args(args) -> None:
         raise UserError(f'--calib_batches must be >= 1, got {args.calib_batches}')
     if args.fc2_thresholds is not None and args.fc2_calibrated:
         raise UserError('--fc2_thresholds and --fc2_calibrated contradict each other')
+    if args.threshold_scale is not None and not (math.isfinite(args.threshold_scale) and args.threshold_scale > 0):
+        raise UserError(f'--threshold_scale must be a positive number, got {args.threshold_scale}')
     if args.test_mode == 'snn' and not args.model_path:
         raise UserError('--test_mode snn needs --model_path: the checkpoint written by --test_mode for_v')
     if args.crop_pct is not None and not 0.0 < args.crop_pct <= 1.0:
@@ -504,7 +521,8 @@ def calibrate(run: Run, transform: dict, classes, source, images: int) -> dict:
         # Thresholds for --target_T steps, chosen on the calibration batches alone.
         conversion = dict(linear_num=args.linear_num, qkv_num=args.qkv_num, softmax_num=args.softmax_num,
                           softmax_p=args.softmax_p, fc2_thresholds=fc2_thresholds(args, model),
-                          coding=out['calibration']['coding'])
+                          coding=out['calibration']['coding'], fire_rule=out['calibration']['fire_rule'],
+                          threshold_scale=out['calibration']['threshold_scale'])
         out['low_latency'] = low_latency.run_for_args(
             model, run.loader, args, run.device, run.amp, conversion,
             log=lambda line: (print(line), utils.append_log(run.log_path, line)))
@@ -538,7 +556,7 @@ def run_snn(run: Run, extras: dict, ann_acc1) -> dict:
     try:
         convert_to_snn(model, linear_num=args.linear_num, qkv_num=args.qkv_num, softmax_num=args.softmax_num,
                        softmax_p=args.softmax_p, fc2_thresholds=fc2_thresholds(args, model), backend=args.backend,
-                       coding=args.coding)
+                       coding=args.coding, fire_rule=args.fire_rule, threshold_scale=args.threshold_scale)
     except ConversionError as exc:
         raise UserError(str(exc)) from None
     out = {'backend': model.ecmt_backend}

@@ -253,6 +253,13 @@ def _listing(title: str, items: list[str], limit: int = 5) -> str:
     return f"{len(items)} {title}: {shown}{more}"
 
 
+def _takes_threshold_shape(model: torch.nn.Module, key: str) -> bool:
+    """Whether `key` is a threshold of a calibrating placeholder (which adopts a loaded shape)."""
+    from trans_utils import TestNeuron
+    owner = model.get_submodule(key.rsplit(".", 1)[0]) if "." in key else model
+    return isinstance(owner, TestNeuron)
+
+
 def load_model_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *,
                        ignore: Callable[[str], bool] | Collection[str] = ()) -> None:
     """Load `state_dict` into `model` strictly, explaining any mismatch in one UserError.
@@ -267,8 +274,11 @@ def load_model_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Te
 
     missing = [k for k in expected if k not in checkpoint]
     unexpected = [k for k in checkpoint if k not in expected]
+    # A calibrating placeholder's thresholds take the checkpoint's shape (one pair, or one per
+    # channel: ECMT_SPEC 15); every other tensor must fit as it is.
     mismatched = [k for k in checkpoint
-                  if k in expected and checkpoint[k].shape != expected[k].shape]
+                  if k in expected and checkpoint[k].shape != expected[k].shape
+                  and not (k.endswith(THRESHOLD_KEYS) and _takes_threshold_shape(model, k))]
     if missing or unexpected or mismatched:
         problems = []
         head = _classifier_name(model) + ".weight"
@@ -1272,6 +1282,8 @@ def fc2_thresholds(args, model):
         return None
     if getattr(args, "fc2_thresholds", None) is not None:
         return tuple(args.fc2_thresholds)
+    if getattr(args, "thresholds", None) == "channel":  # calibrated per channel, fc2 too (ECMT_SPEC 15)
+        return None
     family_fits = model is None or default_fc2_thresholds(model) is not None
     return VIT_FC2_THRESHOLDS if "vit" in args.model and family_fits else None
 
@@ -1328,7 +1340,7 @@ def build_model(args, state_dict=None, *, new_head: bool = False):
     mode = getattr(args, "test_mode", "ann")
     model = create_model_of(args, new_head=new_head)
     if mode in ("for_v", "snn") and not new_head:
-        replace_test_by_testneuron(model, args.percent)
+        replace_test_by_testneuron(model, args.percent, getattr(args, "thresholds", None) or "place")
     if state_dict is None and not getattr(args, "model_path", None):
         if not new_head:
             print("warning: no --model_path given: the model has RANDOM weights", file=sys.stderr)

@@ -170,3 +170,38 @@ def test_level_counts_of_per_channel_neurons_add_up_to_their_spikes():
         records = monitor.level_counts()
     assert records and all(sum(r['positive']) + sum(r['negative']) == spikes[r['neuron']] for r in records)
     assert any('channels' in r for r in records) and sum(spikes.values()) > 0
+
+
+# ---------------------------------------------------------------- through the command line
+def test_cli_records_the_few_step_options_and_snn_runs_what_they_say(tmp_path, monkeypatch):
+    """for_v --thresholds channel --fire_rule round --coding differential --threshold_scale 0.8
+    writes per-channel thresholds and a record of all four; snn, given none of the flags, converts
+    with them (the neurons it simulates have channel thresholds times 0.8 and the rounding rule);
+    a contradicting flag is one error naming both values."""
+    import run_class_finetuning as cli
+    from helpers import cli_run
+    record = cli_run(tmp_path, '--test_mode', 'for_v', '--savename', 'few', '--calib_batches', '1',
+                     '--thresholds', 'channel', '--fire_rule', 'round', '--coding', 'differential',
+                     '--threshold_scale', '0.8')
+    saved = torch.load(record['checkpoint'], weights_only=True)
+    assert {k: saved['calibration'][k] for k in ('thresholds', 'fire_rule', 'coding', 'threshold_scale')} == \
+        {'thresholds': 'channel', 'fire_rule': 'round', 'coding': 'differential', 'threshold_scale': 0.8}
+    assert saved['model']['blocks.0.attn.place_q.scale_p'].shape == (2, 1, 16)
+    assert saved['model']['blocks.0.mlp.place_fc2.scale_p'].shape == (128,)  # calibrated per channel too
+    converted = []
+    real = cli.convert_to_snn
+
+    def spy(model, **kwargs):
+        converted.append((kwargs, model))
+        return real(model, **kwargs)
+    monkeypatch.setattr(cli, 'convert_to_snn', spy)
+    snn = cli_run(tmp_path, '--test_mode', 'snn', '--model_path', record['checkpoint'], '--test_T', '2',
+                  '--no-monitor')
+    kwargs, model = converted[0]
+    assert (kwargs['fire_rule'], kwargs['threshold_scale'], kwargs['coding']) == ('round', 0.8, 'differential')
+    q = model.blocks[0].attn.place_q
+    assert q.fire_rule == 'round' and torch.equal(q.scale_p, saved['model']['blocks.0.attn.place_q.scale_p'] * 0.8)
+    assert snn['thresholds'] == 'channel' and len(snn['acc1']) == 2
+    from utils import UserError
+    with pytest.raises(UserError, match='--fire_rule ecmt contradicts .* calibrated for --fire_rule round'):
+        cli_run(tmp_path, '--test_mode', 'snn', '--model_path', record['checkpoint'], '--fire_rule', 'ecmt')
