@@ -288,7 +288,7 @@ class _Search:
         self.seconds += time.perf_counter() - start
         if self.log is not None:
             left = self.seconds / self.evaluations * (self.budget - self.evaluations)
-            self.log(f'  candidate {self.evaluations}/{self.budget}{": " + label if label else ""}: objective '
+            self.log(f'  candidate {self.evaluations}/{self.budget}, {label or "thresholds"}: objective '
                      f'{value:.5f}, about {left:.0f} s left')
         return value
 
@@ -645,8 +645,11 @@ def run_for_args(model: nn.Module, calib_loader: Iterable, args, device, amp: Op
         print('warning: --target_T without --calib_data_path chooses the thresholds on the evaluation '
               'images (tuning on the test set); pass --calib_data_path to calibrate on a training split',
               file=sys.stderr)
+    # The global-scale stage only once the command line passes its scales and snn applies the
+    # recorded threshold_scale (until then a searched checkpoint would run without it).
+    scales = getattr(args, 'search_scales', None) or ()
     return choose_thresholds(model, calib_loader, args.target_T, device, percents=args.target_percents,
-                             budget=args.search_budget, search_images=args.search_images, amp=amp,
+                             scales=scales, budget=args.search_budget, search_images=args.search_images, amp=amp,
                              conversion=conversion, objective=args.search_objective,
                              search_fixed=args.search_fixed, cache_mib=args.search_cache_mb,
                              prefix_weight=args.search_prefix_weight, log=log)
