@@ -405,9 +405,11 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
     On return every calibrated TestNeuron's ``scale_p``/``scale_n`` hold the quantiles at the
     chosen percent times the place's own scale (1 for places not searched), WITHOUT the global
     scale: that is recorded as ``threshold_scale`` (also in the record's ``conversion``), to be
-    passed to :func:`convert_to_snn`, which multiplies every calibrated threshold by it and leaves
-    the fixed ones (s, a fixed fc2: their chosen values are ``fixed_thresholds``, given by
-    :func:`apply_fixed_thresholds`) alone, as the search did. Converting the model with the
+    passed to :func:`convert_to_snn`, which multiplies every calibrated threshold by it. The
+    places of fixed thresholds (s, a fixed fc2), which threshold_scale does not touch, are scaled
+    by the global stage too (the chosen scale relative to the conversion's,
+    ``global_relative_scale``, times their own): their chosen values are ``fixed_thresholds``,
+    given by :func:`apply_fixed_thresholds`. Converting the model with the
     record's ``conversion`` thus gives the SNN the search judged. Returns the search's record
     (plain values only: it goes into the checkpoint and the --results JSON).
     """
@@ -455,23 +457,27 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
            else '')
         + f' on {search.count} calibration images, at most {budget} evaluations')
 
-    def scaled(i: int, base_value: torch.Tensor, place_scale: float, global_scale: float) -> torch.Tensor:
-        # The thresholds convert_to_snn gives a place (calibrated ones times threshold_scale in
-        # float32, as it computes them; fixed ones not): the SNN judged is the one converted from
-        # the TestNeurons and the record.
+    def scaled(i: int, base_value: torch.Tensor, place_scale: float, relative: float) -> torch.Tensor:
+        # A calibrated place: what convert_to_snn gives it (the TestNeuron's value times
+        # threshold_scale = start_scale * relative, in float32, as it computes it). A place of
+        # fixed thresholds: its fixed value times the relative global scale and its own scale
+        # (recorded in fixed_thresholds, which snn applies). The SNN judged is the one converted
+        # from the TestNeurons and the record.
+        if places[i] in fixed:
+            return _thresholds(base_value, place_scale * relative)
         value = _thresholds(base_value, place_scale)
-        return value * global_scale if places[i] not in fixed and global_scale != 1.0 else value
+        return value * (start_scale * relative) if start_scale * relative != 1.0 else value
 
-    def candidate(base_values: List[torch.Tensor], place_scales: Sequence[float], global_scale: float
+    def candidate(base_values: List[torch.Tensor], place_scales: Sequence[float], relative: float
                   ) -> List[torch.Tensor]:
-        return [scaled(i, b, s, global_scale) for i, (b, s) in enumerate(zip(base_values, place_scales))]
+        return [scaled(i, b, s, relative) for i, (b, s) in enumerate(zip(base_values, place_scales))]
 
     history: List[float] = []
     percent_objectives = []
     best_index, best = 0, float('inf')
     ones = [1.0] * len(places)
     for index, percent in enumerate(percents):
-        value = search.objective(candidate([bases[name][index] for name in places], ones, start_scale),
+        value = search.objective(candidate([bases[name][index] for name in places], ones, 1.0),
                                  label=f'percent {percent:g}')
         percent_objectives.append({'percent': percent, 'objective': value})
         if value < best:
@@ -482,20 +488,22 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
     base = [bases[name][best_index] for name in places]
     percent_objective = best
 
-    # Stage 1b: one global scale of every calibrated threshold (the fixed ones keep theirs).
-    global_scale = start_scale
+    # Stage 1b: one global scale of every searched threshold (calibrated ones through
+    # threshold_scale, fixed ones through fixed_thresholds).
+    chosen_relative = 1.0
     scale_objectives = [{'scale': 1.0, 'objective': percent_objective}] if scales else []
     for relative in _scale_candidates(scales):
-        value = search.objective(candidate(base, ones, start_scale * relative), label=f'global scale {relative:g}')
+        value = search.objective(candidate(base, ones, relative), label=f'global scale {relative:g}')
         scale_objectives.append({'scale': relative, 'objective': value})
         if value < best:
-            best, global_scale = value, start_scale * relative
+            best, chosen_relative = value, relative
             search.accept()
         history.append(best)
     scale_objective = best
+    global_scale = start_scale * chosen_relative
 
     place_scales = [1.0] * len(places)
-    current = candidate(base, place_scales, global_scale)
+    current = candidate(base, place_scales, chosen_relative)
     accepted = 0
 
     def sweep(groups: List[List[int]], factors: Sequence[float], limit: int, stage: str) -> None:
@@ -512,8 +520,9 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
                             break
                         trial = list(current)
                         for i in group:
-                            trial[i] = scaled(i, base[i], place_scales[i] * change, global_scale)
-                        value = search.objective(trial, changed=group, label=f'{stage} x{change:.3g}')
+                            trial[i] = scaled(i, base[i], place_scales[i] * change, chosen_relative)
+                        what = search.neurons[group[0]].place if len(group) > 1 else places[group[0]]
+                        value = search.objective(trial, changed=group, label=f'{stage} {what} x{change:.3g}')
                         better = value < best
                         history.append(min(best, value))
                         if better:
@@ -546,8 +555,7 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
     # is its fixed one times its scale: fixed_thresholds, applied by snn); the global scale is the
     # conversion's threshold_scale, not folded in.
     chosen = dict(zip(places, place_scales))
-    fixed_thresholds = {name: [float(v) for v in _thresholds(fixed[name][best_index], chosen[name])]
-                        for name in places if name in fixed}
+    fixed_thresholds = {name: [float(v) for v in current[i]] for i, name in enumerate(places) if name in fixed}
     for name, neuron in get_modules(model, (TestNeuron,)):
         if name in quantiles:  # a fixed fc2 keeps its quantile: its searched value is recorded
             _set_thresholds(neuron, _thresholds(quantiles[name][best_index],
@@ -575,7 +583,7 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
         'granularity': granularity, 'fire_rule': conversion.get('fire_rule', 'ecmt'),
         'coding': conversion.get('coding', 'rate'), 'threshold_scale': global_scale,
         'scale_candidates': [start_scale * g for g in scales], 'scale_objectives': scale_objectives,
-        'scale_objective': scale_objective,
+        'scale_objective': scale_objective, 'global_relative_scale': chosen_relative,
         'final_objective': best, 'scales': chosen, 'scale_factors': list(SCALE_FACTORS),
         'objective_history': history, 'evaluations': search.evaluations, 'budget': budget,
         'accepted_changes': accepted, 'kind_scales': kind_scales, 'kind_accepted_changes': kind_accepted,

@@ -175,8 +175,12 @@ def test_objective_never_increases_and_refinement_lowers_it(search):
     assert len(fixed) == 4  # two blocks: s and fc2 each
     for name, value in fixed.items():
         base = (0.0125, 0.0125) if name.endswith('place_s') else FC2
-        assert value == [float(torch.tensor(b * record['scales'][name], dtype=torch.float64).float()) for b in base]
-    assert {name for name in fixed if record['scales'][name] != 1.0}, 'no fixed place moved: the test is void'
+        # Times the place's scale and the global one (relative to the conversion's threshold_scale, 1 here).
+        scale = record['scales'][name] * record['global_relative_scale']
+        assert record['global_relative_scale'] == record['threshold_scale']
+        assert value == [float((torch.tensor(b, dtype=torch.float64) * scale).float()) for b in base]
+    assert {name for name in fixed if record['scales'][name] * record['global_relative_scale'] != 1.0}, \
+        'no fixed place moved: the test is void'
 
 
 def test_search_fixed_false_keeps_the_fixed_thresholds(weights):
