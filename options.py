@@ -33,7 +33,7 @@ DEFAULT_PERCENTS: Tuple[float, ...] = (0.99,)
 DEFAULT_SCALES: Tuple[float, ...] = tuple(2.0 ** k for k in range(1, -7, -1))
 #: Candidate evaluations in all (the percents' and the global scales' included): each is one
 #: T-step simulation.
-DEFAULT_BUDGET = 24
+DEFAULT_BUDGET = 40
 #: Calibration images the objective is computed on (the first ones of the calibration loader).
 DEFAULT_SEARCH_IMAGES = 256
 #: Memory for the search's block cache (block inputs of the current best thresholds), MiB.
