@@ -4,11 +4,15 @@ The published calibration (ECMT_SPEC 3) takes one quantile (``percent``, 0.99) o
 input, whatever the number of steps T. An MT neuron fires its smallest spike once the membrane
 reaches half its base threshold, so a high threshold leaves small inputs silent for the first
 steps: at T = 1 or 2 the network is far from the ANN. This module chooses the thresholds for a
-given T on calibration images only, in three stages:
+given T on calibration images only, in these stages:
 
-1. one calibration pass records, for every place, the running mean of the quantiles of SEVERAL
-   candidate percents (the published statistic, per batch, each batch weighted equally); the
-   candidate whose thresholds bring the SNN's output after T steps closest to the ANN's wins;
+1. one calibration pass records, for every place, the running mean of the quantiles of the
+   candidate percents (the published statistic, per batch, each batch weighted equally; per
+   channel for TestNeurons of ``granularity='channel'``, ECMT_SPEC 15); the candidate whose
+   thresholds bring the SNN's output after T steps closest to the ANN's wins (by default there is
+   one, the published 0.99);
+1b. a global scale of every threshold from a geometric grid (``scales``), recorded as the
+   conversion's ``threshold_scale`` (the fixed places' values in ``fixed_thresholds``);
 2. a coordinate search refines one scale factor per KIND of place (all q places share one, all
    s, ...), then 3. one per place (the threshold of the place, both sides, is its base threshold
    times the scale): each group in turn tries its scale divided and multiplied by a factor, keeps
