@@ -4,11 +4,15 @@ The published calibration (ECMT_SPEC 3) takes one quantile (``percent``, 0.99) o
 input, whatever the number of steps T. An MT neuron fires its smallest spike once the membrane
 reaches half its base threshold, so a high threshold leaves small inputs silent for the first
 steps: at T = 1 or 2 the network is far from the ANN. This module chooses the thresholds for a
-given T on calibration images only, in three stages:
+given T on calibration images only, in these stages:
 
-1. one calibration pass records, for every place, the running mean of the quantiles of SEVERAL
-   candidate percents (the published statistic, per batch, each batch weighted equally); the
-   candidate whose thresholds bring the SNN's output after T steps closest to the ANN's wins;
+1. one calibration pass records, for every place, the running mean of the quantiles of the
+   candidate percents (the published statistic, per batch, each batch weighted equally; per
+   channel for TestNeurons of ``granularity='channel'``, ECMT_SPEC 15); the candidate whose
+   thresholds bring the SNN's output after T steps closest to the ANN's wins (by default there is
+   one, the published 0.99);
+1b. a global scale of every threshold from a geometric grid (``scales``), recorded as the
+   conversion's ``threshold_scale`` (the fixed places' values in ``fixed_thresholds``);
 2. a coordinate search refines one scale factor per KIND of place (all q places share one, all
    s, ...), then 3. one per place (the threshold of the place, both sides, is its base threshold
    times the scale): each group in turn tries its scale divided and multiplied by a factor, keeps
@@ -34,6 +38,7 @@ calibration images); :func:`run_for_args` is what ``run_class_finetuning.py --ta
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -44,12 +49,13 @@ import torch.nn.functional as F
 
 import utils
 from options import (CODINGS, DEFAULT_BUDGET, DEFAULT_CACHE_MIB, DEFAULT_PERCENTS, DEFAULT_PREFIX_WEIGHT,
-                     DEFAULT_SEARCH_IMAGES, OBJECTIVE_NAMES)
+                     DEFAULT_SCALES, DEFAULT_SEARCH_IMAGES, OBJECTIVE_NAMES)
 from engine_for_finetuning import autocast_context, simulate
+from calibration import channel_quantiles, threshold_shape
 from trans_utils import (SOPMonitor, TestNeuron, TwoSideNeuron, convert_to_snn, get_modules,
                          tail_quantiles, threshold_config)
 
-__all__ = ['DEFAULT_PERCENTS', 'DEFAULT_BUDGET', 'DEFAULT_SEARCH_IMAGES', 'SCALE_FACTORS',
+__all__ = ['DEFAULT_PERCENTS', 'DEFAULT_SCALES', 'DEFAULT_BUDGET', 'DEFAULT_SEARCH_IMAGES', 'SCALE_FACTORS',
            'record_quantiles', 'choose_thresholds', 'kl_objective', 'check_search_args',
            'apply_fixed_thresholds', 'run_for_args']
 
@@ -109,17 +115,31 @@ def record_quantiles(model: nn.Module, loader: Iterable, percents: Sequence[floa
     tensor [len(percents), 2] of (scale_p, scale_n): the running mean over batches of the
     ``percent`` quantile and of the negated ``1 - percent`` quantile, each batch weighted equally,
     summed in float64: for any percent exactly what ``--test_mode for_v --percent p`` computes.
+    A TestNeuron of ``granularity='channel'`` (ECMT_SPEC 15) gets per-channel quantiles
+    (:func:`calibration.channel_quantiles`, the shape :func:`calibration.threshold_shape` gives at
+    its first batch): a tensor [len(percents), 2, *channel shape], again exactly what its own
+    calibration computes.
     The first ``keep_images`` images and the ANN's logits on them are kept (on ``device``) in
     batches for the search. Returns (quantiles by place name, image batches, logit batches,
     number of batches).
     """
     neurons = [(name, m) for name, m in get_modules(model, (TestNeuron,)) if m.calibrate]
-    sums = {name: torch.zeros(len(percents), 2, dtype=torch.float64, device=device) for name, _ in neurons}
+    sums = {name: torch.zeros(len(percents), 2, dtype=torch.float64, device=device)
+            for name, m in neurons if m.granularity != 'channel'}  # per channel: at the first batch
 
     def hook(name):
         def record(module, inputs):
+            x = inputs[0]
+            if module.granularity == 'channel':
+                shape = threshold_shape(module.place, tuple(x.shape))
+                if name not in sums:
+                    sums[name] = torch.zeros(len(percents), 2, *shape, dtype=torch.float64, device=device)
+                elif tuple(sums[name].shape[2:]) != shape:
+                    raise utils.UserError(f'{name}: an input of shape {tuple(x.shape)} has channels {shape}, '
+                                          f'earlier batches had {tuple(sums[name].shape[2:])}')
             for i, p in enumerate(percents):
-                q_hi, q_lo = tail_quantiles(inputs[0], p)
+                q_hi, q_lo = (channel_quantiles(x, p, shape) if module.granularity == 'channel'
+                              else tail_quantiles(x, p))
                 sums[name][i, 0] += q_hi.double().to(device)
                 sums[name][i, 1] -= q_lo.double().to(device)
         return record
@@ -158,8 +178,21 @@ def record_quantiles(model: nn.Module, loader: Iterable, percents: Sequence[floa
 
 
 def _thresholds(quantile: torch.Tensor, scale: float) -> torch.Tensor:
-    """(scale_p, scale_n), float32 [2], of a place: its quantiles times its scale (in float64)."""
+    """(scale_p, scale_n), float32 [2] (or [2, *channel shape]), of a place: its quantiles times
+    its scale (in float64)."""
     return (quantile.double() * scale).float()
+
+
+def _set_thresholds(neuron: nn.Module, value: torch.Tensor) -> None:
+    """Give a TestNeuron or TwoSideNeuron the thresholds ``value`` ([2, ...]: scale_p, scale_n)
+    in the shape of its buffers; a TestNeuron still holding the placeholder [1] takes the channel
+    shape of ``value`` through its checkpoint path (as a per-channel checkpoint gives it)."""
+    if isinstance(neuron, TestNeuron) and tuple(neuron.scale_p.shape) != tuple(value.shape[1:]) \
+            and value[0].numel() > 1:
+        neuron.load_state_dict({'scale_p': value[0].clone(), 'scale_n': value[1].clone()})
+        return
+    neuron.scale_p.copy_(value[0].reshape(neuron.scale_p.shape))
+    neuron.scale_n.copy_(value[1].reshape(neuron.scale_n.shape))
 
 
 class _Replay(nn.Module):
@@ -194,13 +227,15 @@ class _Search:
 
     def __init__(self, snn: nn.Module, places: List[str], images: List[torch.Tensor],
                  logits: List[torch.Tensor], T: int, amp: Optional[str], budget: int,
-                 objective: Callable = kl_objective, cache_bytes: int = 0) -> None:
+                 objective: Callable = kl_objective, cache_bytes: int = 0,
+                 log: Optional[Callable[[str], None]] = None) -> None:
         modules = dict(snn.named_modules())
         self.snn, self.neurons = snn, [modules[name] for name in places]
         self.images, self.logits, self.T, self.amp = images, logits, T, amp
         self.budget, self.evaluations, self.function = budget, 0, objective
         self.count = sum(int(x.shape[0]) for x in images)
         self.seconds = 0.0
+        self.log = log
         self.place_block = [_block_of(name) for name in places]
         blocks = getattr(snn, 'blocks', None)
         self.blocks = blocks if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) > 1 else None
@@ -213,8 +248,7 @@ class _Search:
 
     def set(self, thresholds: List[torch.Tensor]) -> None:
         for neuron, value in zip(self.neurons, thresholds):
-            neuron.scale_p.copy_(value[0:1])
-            neuron.scale_n.copy_(value[1:2])
+            _set_thresholds(neuron, value)
 
     def _choose_kept(self, block_bytes: int) -> None:
         depth = len(self.blocks)
@@ -232,10 +266,13 @@ class _Search:
         return max((b for b in self.cache if b <= first), default=0)
 
     @torch.no_grad()
-    def objective(self, thresholds: List[torch.Tensor], changed: Optional[Sequence[int]] = None) -> float:
+    def objective(self, thresholds: List[torch.Tensor], changed: Optional[Sequence[int]] = None,
+                  label: str = '') -> float:
         """The mean objective over the search images; counts one evaluation of the budget.
         ``changed``: the indices of the places whose thresholds differ from the current best's
-        (the last :meth:`accept` ed candidate), for the block cache; None: any."""
+        (the last :meth:`accept` ed candidate), for the block cache; None: any. Logs a progress
+        line (``label``: what the candidate is) with the time the rest of the budget would take
+        at the mean cost so far (the search may stop sooner, once no change helps)."""
         if self.evaluations >= self.budget:
             raise RuntimeError('the search budget is spent')
         start = time.perf_counter()
@@ -253,6 +290,10 @@ class _Search:
         self.evaluations += 1
         value = float(total) / self.count
         self.seconds += time.perf_counter() - start
+        if self.log is not None:
+            left = self.seconds / self.evaluations * (self.budget - self.evaluations)
+            self.log(f'  candidate {self.evaluations}/{self.budget}, {label or "thresholds"}: objective '
+                     f'{value:.5f}, about {left:.0f} s left')
         return value
 
     def _simulate(self, index: int, images: torch.Tensor, first: int, capture: bool) -> torch.Tensor:
@@ -307,8 +348,14 @@ class _Search:
                 'energy_ratio': energy['energy_ratio']}
 
 
+def _scale_candidates(scales: Sequence[float]) -> List[float]:
+    """The global scales the stage evaluates: ``scales`` without 1 (the percent stage's own run)."""
+    return [float(g) for g in scales if float(g) != 1.0]
+
+
 def check_search_args(target_T: int, percents: Sequence[float], budget: int, search_images: int,
-                      cache_mib: float = DEFAULT_CACHE_MIB, prefix_weight: float = DEFAULT_PREFIX_WEIGHT) -> None:
+                      cache_mib: float = DEFAULT_CACHE_MIB, prefix_weight: float = DEFAULT_PREFIX_WEIGHT,
+                      scales: Sequence[float] = DEFAULT_SCALES) -> None:
     """Refuse bad search settings with a :class:`utils.UserError` naming the flag."""
     if isinstance(target_T, bool) or not isinstance(target_T, int) or target_T < 1:
         raise utils.UserError(f'--target_T must be a number of time steps >= 1, got {target_T!r}')
@@ -319,9 +366,16 @@ def check_search_args(target_T: int, percents: Sequence[float], budget: int, sea
         raise utils.UserError(f'--target_percents must lie in (0, 1], got {bad[0]}')
     if len(set(percents)) != len(percents):
         raise utils.UserError('--target_percents holds the same percent twice')
-    if budget < len(percents):
-        raise utils.UserError(f'--search_budget {budget} is smaller than the {len(percents)} candidate '
-                              'percents it must evaluate first')
+    bad = [g for g in scales if not (math.isfinite(g) and g > 0)]
+    if bad:
+        raise utils.UserError(f'the candidate threshold scales must be positive numbers, got {bad[0]}')
+    if len(set(scales)) != len(scales):
+        raise utils.UserError('the candidate threshold scales hold the same scale twice')
+    first = len(percents) + len(_scale_candidates(scales))
+    if budget < first:
+        what = 'percents' if first == len(percents) else 'percents and global scales'
+        raise utils.UserError(f'--search_budget {budget} is smaller than the {first} candidate '
+                              f'{what} it must evaluate first')
     if search_images < 1:
         raise utils.UserError(f'--search_images must be >= 1, got {search_images}')
     if not cache_mib >= 0:
@@ -331,27 +385,47 @@ def check_search_args(target_T: int, percents: Sequence[float], budget: int, sea
 
 
 def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, device, *,
-                      percents: Sequence[float] = DEFAULT_PERCENTS, budget: int = DEFAULT_BUDGET,
-                      search_images: int = DEFAULT_SEARCH_IMAGES, max_batches: Optional[int] = None,
-                      amp: Optional[str] = None, conversion: Optional[Dict] = None,
-                      objective: str = 'kl', search_fixed: bool = True, cache_mib: float = DEFAULT_CACHE_MIB,
-                      prefix_weight: float = DEFAULT_PREFIX_WEIGHT, log: Callable[[str], None] = print) -> Dict:
+                      percents: Sequence[float] = DEFAULT_PERCENTS, scales: Sequence[float] = DEFAULT_SCALES,
+                      budget: int = DEFAULT_BUDGET, search_images: int = DEFAULT_SEARCH_IMAGES,
+                      max_batches: Optional[int] = None, amp: Optional[str] = None,
+                      conversion: Optional[Dict] = None, objective: str = 'kl', search_fixed: bool = True,
+                      cache_mib: float = DEFAULT_CACHE_MIB, prefix_weight: float = DEFAULT_PREFIX_WEIGHT,
+                      log: Callable[[str], None] = print) -> Dict:
     """Choose the thresholds of ``model`` for ``target_T`` steps on ``calib_loader`` alone.
 
-    ``model`` holds calibrating :class:`TestNeuron` s (``for_v``); ``calib_loader`` yields
-    (images, labels) batches, of which the labels are never read; ``conversion`` are the keyword
-    arguments of :func:`trans_utils.convert_to_snn` the SNN will be run with (levels, ``softmax_p``,
-    ``fc2_thresholds``): places whose thresholds they fix are not searched. On return every
-    calibrated TestNeuron's ``scale_p``/``scale_n`` hold the chosen thresholds (the quantiles at
-    the chosen percent times the place's scale; 1 for places not searched), so that a checkpoint
-    of the model gives ``--test_mode snn`` exactly the SNN the search judged. Returns the search's
-    record (plain values only: it goes into the checkpoint and the --results JSON).
+    ``model`` holds calibrating :class:`TestNeuron` s (``for_v``), each of ``granularity``
+    'place' or 'channel' (ECMT_SPEC 15: the search keeps it); ``calib_loader`` yields (images,
+    labels) batches, of which the labels are never read; ``conversion`` are the keyword arguments
+    of :func:`trans_utils.convert_to_snn` the SNN will be run with (levels, ``softmax_p``,
+    ``fc2_thresholds``, ``coding``, ``fire_rule``, ``threshold_scale``): the search simulates that
+    SNN, and places whose thresholds it fixes are not searched by percent or global scale.
+
+    Stages (each candidate one ``target_T``-step simulation of the search images, ``budget`` in
+    all): the percents (at the conversion's ``threshold_scale``), then the global scales
+    (``scales``, relative to that ``threshold_scale``: every calibrated threshold times one
+    factor; an empty ``scales`` skips the stage), then one scale per kind of place and one per
+    place (:data:`SCALE_FACTORS`) with what is left of the budget.
+
+    On return every calibrated TestNeuron's ``scale_p``/``scale_n`` hold the quantiles at the
+    chosen percent times the place's own scale (1 for places not searched), WITHOUT the global
+    scale: that is recorded as ``threshold_scale`` (also in the record's ``conversion``), to be
+    passed to :func:`convert_to_snn`, which multiplies every calibrated threshold by it. The
+    places of fixed thresholds (s, a fixed fc2), which threshold_scale does not touch, are scaled
+    by the global stage too (the chosen scale relative to the conversion's,
+    ``global_relative_scale``, times their own): their chosen values are ``fixed_thresholds``,
+    given by :func:`apply_fixed_thresholds`. Converting the model with the
+    record's ``conversion`` thus gives the SNN the search judged. Returns the search's record
+    (plain values only: it goes into the checkpoint and the --results JSON).
     """
     percents = [float(p) for p in percents]
-    check_search_args(target_T, percents, budget, search_images, cache_mib, prefix_weight)
+    scales = [float(g) for g in scales]
+    check_search_args(target_T, percents, budget, search_images, cache_mib, prefix_weight, scales)
     if objective not in OBJECTIVES:
         raise utils.UserError(f'unknown search objective {objective!r}; choose one of {", ".join(OBJECTIVES)}')
     conversion = dict(conversion or {})
+    start_scale = float(conversion.get('threshold_scale', 1.0))
+    granularities = sorted({m.granularity for _, m in get_modules(model, (TestNeuron,)) if m.calibrate})
+    granularity = granularities[0] if len(granularities) == 1 else 'mixed'
     start = time.perf_counter()
     quantiles, images, logits, batches = record_quantiles(
         model, calib_loader, percents, device, amp=amp, max_batches=max_batches, keep_images=search_images)
@@ -362,12 +436,11 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
     copied = copy.deepcopy(model)
     for name, neuron in get_modules(copied, (TestNeuron,)):
         if name in quantiles:
-            neuron.scale_p.copy_(quantiles[name][0, 0:1])
-            neuron.scale_n.copy_(quantiles[name][0, 1:2])
-    # The search simulates the neuron that will run (conversion['coding'], ECMT_SPEC 14).
+            _set_thresholds(neuron, quantiles[name][0])
+    # The search simulates the neuron that will run (conversion['coding'], 'fire_rule', ECMT_SPEC 14, 15).
     snn = convert_to_snn(copied, **conversion).eval()
     places, fixed = [], {}
-    levels_config = {k: v for k, v in conversion.items() if k != 'coding'}
+    levels_config = {k: v for k, v in conversion.items() if k not in ('coding', 'fire_rule', 'threshold_scale', 'backend')}
     for name, neuron in get_modules(snn, (TwoSideNeuron,)):
         value = threshold_config(neuron.place, **levels_config)[1]
         if value is None and name in quantiles:
@@ -379,21 +452,38 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
             fixed[name] = torch.tensor([value] * len(percents), dtype=torch.float32)
     bases = {**quantiles, **fixed}  # per place, per percent
     search = _Search(snn, places, images, logits, target_T, amp, budget, objective_of(objective, prefix_weight),
-                     cache_bytes=int(cache_mib * 2 ** 20))
-    log(f'low-latency calibration for T={target_T}: {len(places)} places searched, quantiles of '
-        f'{len(percents)} percents recorded on {batches} batches in {record_seconds:.1f} s; objective '
-        f'{OBJECTIVE_TEXT[objective]}'
+                     cache_bytes=int(cache_mib * 2 ** 20), log=log)
+    log(f'low-latency calibration for T={target_T} ({granularity} thresholds, fire rule '
+        f'{conversion.get("fire_rule", "ecmt")}, {conversion.get("coding", "rate")} coding): {len(places)} places '
+        f'searched, quantiles of {len(percents)} percents recorded on {batches} batches in {record_seconds:.1f} s; '
+        f'objective {OBJECTIVE_TEXT[objective]}'
         + (f' + {prefix_weight:g} x its mean over the first 1..{target_T - 1} steps' if prefix_weight and target_T > 1
            else '')
         + f' on {search.count} calibration images, at most {budget} evaluations')
 
+    def scaled(i: int, base_value: torch.Tensor, place_scale: float, relative: float) -> torch.Tensor:
+        # A calibrated place: what convert_to_snn gives it (the TestNeuron's value times
+        # threshold_scale = start_scale * relative, in float32, as it computes it). A place of
+        # fixed thresholds: its fixed value times the relative global scale and its own scale
+        # (recorded in fixed_thresholds, which snn applies). The SNN judged is the one converted
+        # from the TestNeurons and the record.
+        if places[i] in fixed:
+            return _thresholds(base_value, place_scale * relative)
+        value = _thresholds(base_value, place_scale)
+        return value * (start_scale * relative) if start_scale * relative != 1.0 else value
+
+    def candidate(base_values: List[torch.Tensor], place_scales: Sequence[float], relative: float
+                  ) -> List[torch.Tensor]:
+        return [scaled(i, b, s, relative) for i, (b, s) in enumerate(zip(base_values, place_scales))]
+
     history: List[float] = []
     percent_objectives = []
     best_index, best = 0, float('inf')
+    ones = [1.0] * len(places)
     for index, percent in enumerate(percents):
-        value = search.objective([bases[name][index] for name in places])
+        value = search.objective(candidate([bases[name][index] for name in places], ones, 1.0),
+                                 label=f'percent {percent:g}')
         percent_objectives.append({'percent': percent, 'objective': value})
-        log(f'  percent {percent:g}: objective {value:.5f}')
         if value < best:
             best_index, best = index, value
             search.accept()
@@ -402,11 +492,25 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
     base = [bases[name][best_index] for name in places]
     percent_objective = best
 
-    scales = [1.0] * len(places)
-    current = [_thresholds(q, 1.0) for q in base]
+    # Stage 1b: one global scale of every searched threshold (calibrated ones through
+    # threshold_scale, fixed ones through fixed_thresholds).
+    chosen_relative = 1.0
+    scale_objectives = [{'scale': 1.0, 'objective': percent_objective}] if scales else []
+    for relative in _scale_candidates(scales):
+        value = search.objective(candidate(base, ones, relative), label=f'global scale {relative:g}')
+        scale_objectives.append({'scale': relative, 'objective': value})
+        if value < best:
+            best, chosen_relative = value, relative
+            search.accept()
+        history.append(best)
+    scale_objective = best
+    global_scale = start_scale * chosen_relative
+
+    place_scales = [1.0] * len(places)
+    current = candidate(base, place_scales, chosen_relative)
     accepted = 0
 
-    def sweep(groups: List[List[int]], factors: Sequence[float], limit: int) -> None:
+    def sweep(groups: List[List[int]], factors: Sequence[float], limit: int, stage: str) -> None:
         # Coordinate search over groups of places sharing one multiplicative change of scale.
         nonlocal best, current, accepted
         for factor in factors:
@@ -420,15 +524,16 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
                             break
                         trial = list(current)
                         for i in group:
-                            trial[i] = _thresholds(base[i], scales[i] * change)
-                        value = search.objective(trial, changed=group)
+                            trial[i] = scaled(i, base[i], place_scales[i] * change, chosen_relative)
+                        what = search.neurons[group[0]].place if len(group) > 1 else places[group[0]]
+                        value = search.objective(trial, changed=group, label=f'{stage} {what} x{change:.3g}')
                         better = value < best
                         history.append(min(best, value))
                         if better:
                             search.accept()
                             best, current = value, trial
                             for i in group:
-                                scales[i] *= change
+                                place_scales[i] *= change
                             improved = True
                             accepted += 1
                             break
@@ -440,24 +545,25 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
         kinds.setdefault(search.neurons[i].place, []).append(i)
     if len(kinds) < len(places):
         # Stage 2a: one scale per kind of place (q, s, fc1, ...), with at most half the budget left.
-        sweep(list(kinds.values()), SCALE_FACTORS[:2], search.evaluations + (budget - search.evaluations) // 2)
-    kind_scales = {kind: scales[group[0]] for kind, group in kinds.items()}
+        sweep(list(kinds.values()), SCALE_FACTORS[:2], search.evaluations + (budget - search.evaluations) // 2,
+              'per kind')
+    kind_scales = {kind: place_scales[group[0]] for kind, group in kinds.items()}
     kind_accepted, kind_evaluations = accepted, search.evaluations
     # Stage 2b: one scale per place.
-    sweep([[i] for i in range(len(places))], SCALE_FACTORS, budget)
-    log(f'  per-place scales: {accepted} changes accepted, objective {percent_objective:.5f} -> {best:.5f}')
+    sweep([[i] for i in range(len(places))], SCALE_FACTORS, budget, 'per place')
+    log(f'  global scale {global_scale:g} (objective {percent_objective:.5f} -> {scale_objective:.5f}); '
+        f'per-kind and per-place scales: {accepted} changes accepted, objective -> {best:.5f}')
 
     # The chosen thresholds go into the calibrating model: quantiles at the chosen percent times
-    # the scales (1 where a place was not searched, or is a fixed fc2, whose searched value is
-    # its fixed one times its scale: fixed_thresholds, applied by snn).
-    chosen = dict(zip(places, scales))
-    fixed_thresholds = {name: [float(v) for v in _thresholds(fixed[name][best_index], chosen[name])]
-                        for name in places if name in fixed}
+    # the place's scale (1 where a place was not searched, or is a fixed fc2, whose searched value
+    # is its fixed one times its scale: fixed_thresholds, applied by snn); the global scale is the
+    # conversion's threshold_scale, not folded in.
+    chosen = dict(zip(places, place_scales))
+    fixed_thresholds = {name: [float(v) for v in current[i]] for i, name in enumerate(places) if name in fixed}
     for name, neuron in get_modules(model, (TestNeuron,)):
         if name in quantiles:  # a fixed fc2 keeps its quantile: its searched value is recorded
-            value = _thresholds(quantiles[name][best_index], 1.0 if name in fixed else chosen.get(name, 1.0))
-            neuron.scale_p.copy_(value[0:1])
-            neuron.scale_n.copy_(value[1:2])
+            _set_thresholds(neuron, _thresholds(quantiles[name][best_index],
+                                                1.0 if name in fixed else chosen.get(name, 1.0)))
     final = search.final_figures(current)
     cache = search.cache_figures()
     search.cache.clear()
@@ -470,17 +576,24 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
         f'{search.seconds:.1f} s ({search.seconds / max(search.evaluations, 1):.2f} s each); '
         f'{seconds:.1f} s in all{skipped}')
     steps = ', '.join(f't={t}: {a:.2f}%' for t, a in enumerate(final['agreement'], 1))
-    log(f'  chosen: percent {percent:g}; agreement with the ANN on the search images {steps}; '
-        f'energy vs ANN at t={target_T}: {final["energy_ratio"][-1]:.4f}')
+    log(f'  chosen: percent {percent:g}, threshold_scale {global_scale:g}; agreement with the ANN on the search '
+        f'images {steps}; energy vs ANN at t={target_T}: {final["energy_ratio"][-1]:.4f}')
+    conversion_record = _plain(conversion)
+    if scales or 'threshold_scale' in conversion:
+        conversion_record['threshold_scale'] = global_scale
     return {
         'target_T': target_T, 'objective': objective, 'prefix_weight': prefix_weight, 'percent': percent,
         'percent_objectives': percent_objectives, 'percent_objective': percent_objective,
+        'granularity': granularity, 'fire_rule': conversion.get('fire_rule', 'ecmt'),
+        'coding': conversion.get('coding', 'rate'), 'threshold_scale': global_scale,
+        'scale_candidates': [start_scale * g for g in scales], 'scale_objectives': scale_objectives,
+        'scale_objective': scale_objective, 'global_relative_scale': chosen_relative,
         'final_objective': best, 'scales': chosen, 'scale_factors': list(SCALE_FACTORS),
         'objective_history': history, 'evaluations': search.evaluations, 'budget': budget,
         'accepted_changes': accepted, 'kind_scales': kind_scales, 'kind_accepted_changes': kind_accepted,
         'kind_stage_evaluations': kind_evaluations, 'search_images': search.count, 'calibration_batches': batches,
         'seconds_quantiles': record_seconds, 'seconds_search': search.seconds, 'seconds': seconds,
-        'conversion': _plain(conversion), 'search_fixed': search_fixed, 'fixed_thresholds': fixed_thresholds,
+        'conversion': conversion_record, 'search_fixed': search_fixed, 'fixed_thresholds': fixed_thresholds,
         'cache_mib_limit': cache_mib, **cache,
         **{f'search_{k}': v for k, v in final.items()},
     }
@@ -524,8 +637,11 @@ def run_for_args(model: nn.Module, calib_loader: Iterable, args, device, amp: Op
         print('warning: --target_T without --calib_data_path chooses the thresholds on the evaluation '
               'images (tuning on the test set); pass --calib_data_path to calibrate on a training split',
               file=sys.stderr)
+    # The global-scale stage only once the command line passes its scales and snn applies the
+    # recorded threshold_scale (until then a searched checkpoint would run without it).
+    scales = getattr(args, 'search_scales', None) or ()
     return choose_thresholds(model, calib_loader, args.target_T, device, percents=args.target_percents,
-                             budget=args.search_budget, search_images=args.search_images, amp=amp,
+                             scales=scales, budget=args.search_budget, search_images=args.search_images, amp=amp,
                              conversion=conversion, objective=args.search_objective,
                              search_fixed=args.search_fixed, cache_mib=args.search_cache_mb,
                              prefix_weight=args.search_prefix_weight, log=log)

@@ -31,6 +31,9 @@ COMMON = ['--model', 'vit_tiny_patch16_224', *ARCH, '--input_size', '16', '--nb_
           '--no_progress']
 CPU = torch.device('cpu')
 FC2 = (0.25, 0.08)  # the ViT default of the command line
+# The search as it was before its global-scale stage (the old default percents, no global scales):
+# the tests of the per-kind and per-place stages pin its behaviour.
+LEGACY = dict(percents=(0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8), scales=())
 
 
 pytestmark = pytest.mark.usefixtures('single_thread')
@@ -172,8 +175,12 @@ def test_objective_never_increases_and_refinement_lowers_it(search):
     assert len(fixed) == 4  # two blocks: s and fc2 each
     for name, value in fixed.items():
         base = (0.0125, 0.0125) if name.endswith('place_s') else FC2
-        assert value == [float(torch.tensor(b * record['scales'][name], dtype=torch.float64).float()) for b in base]
-    assert {name for name in fixed if record['scales'][name] != 1.0}, 'no fixed place moved: the test is void'
+        # Times the place's scale and the global one (relative to the conversion's threshold_scale, 1 here).
+        scale = record['scales'][name] * record['global_relative_scale']
+        assert record['global_relative_scale'] == record['threshold_scale']
+        assert value == [float((torch.tensor(b, dtype=torch.float64) * scale).float()) for b in base]
+    assert {name for name in fixed if record['scales'][name] * record['global_relative_scale'] != 1.0}, \
+        'no fixed place moved: the test is void'
 
 
 def test_search_fixed_false_keeps_the_fixed_thresholds(weights):
@@ -193,7 +200,7 @@ def test_per_kind_stage_moves_places_of_one_kind_together(weights):
     model = calibrating_model(weights)
     record = low_latency.choose_thresholds(model, digits_loader(True, 150), 2, CPU, budget=14,
                                            search_images=150, conversion={'fc2_thresholds': FC2},
-                                           log=lambda line: None)
+                                           log=lambda line: None, **LEGACY)
     assert record['kind_accepted_changes'] >= 1 and record['kind_stage_evaluations'] == 11
     moved = [kind for kind, scale in record['kind_scales'].items() if scale != 1.0]
     assert moved
@@ -203,17 +210,29 @@ def test_per_kind_stage_moves_places_of_one_kind_together(weights):
     assert len(off_kind) <= record['accepted_changes'] - record['kind_accepted_changes']
 
 
+def judged_objective(model, record, images, logits, **conversion):
+    """The search's objective (summed as the search sums it) of the SNN converted from ``model``
+    with the record's conversion (``conversion`` overriding it) and fixed thresholds."""
+    snn = convert_to_snn(copy.deepcopy(model), **{**record['conversion'], **conversion}).eval()
+    low_latency.apply_fixed_thresholds(snn, record, log=lambda line: None)
+    objective = low_latency.objective_of(record['objective'], record['prefix_weight'])
+    total = torch.zeros((), dtype=torch.float64)
+    for x, y in zip(images, logits):
+        total += objective(step_logits(snn, x, record['target_T']), y)
+    return float(total) / sum(len(x) for x in images)
+
+
 def test_final_objective_is_that_of_the_stored_thresholds(search, weights):
-    """The thresholds left in the model are the ones the search judged last."""
+    """The thresholds left in the model, converted with the record's conversion (its
+    threshold_scale, the chosen global scale, included), are the SNN the search judged last."""
     model, record = search
-    snn = convert_to_snn(copy.deepcopy(model), fc2_thresholds=FC2).eval()
-    assert low_latency.apply_fixed_thresholds(snn, record, log=lambda line: None) == 4
+    assert record['conversion']['threshold_scale'] == record['threshold_scale'] != 1.0, 'no global scale: void'
     _, images, logits, _ = low_latency.record_quantiles(calibrating_model(weights), digits_loader(True, 150),
                                                         [0.99], CPU, keep_images=150)
-    objective = low_latency.objective_of('kl', record['prefix_weight'])
     assert record['prefix_weight'] == low_latency.DEFAULT_PREFIX_WEIGHT > 0
-    total = sum(float(objective(step_logits(snn, x, 2), y)) for x, y in zip(images, logits))
-    assert total / 150 == pytest.approx(record['final_objective'], rel=1e-9)
+    assert judged_objective(model, record, images, logits) == record['final_objective']
+    # The global scale is not in the TestNeurons: converting without it is another SNN.
+    assert judged_objective(model, record, images, logits, threshold_scale=1.0) != record['final_objective']
 
 
 def test_recorded_scales_reproduce_the_snn(tmp_path, weights):
@@ -396,3 +415,68 @@ def test_block_cache_gives_the_search_of_full_runs(model, kwargs, cache_mib, kep
     assert cached['accepted_changes'] > cached['kind_accepted_changes'], 'no per-place change: the test is void'
     assert cached['block_evaluations'] < full['block_evaluations']
 
+
+
+def channel_model(weights):
+    """The calibrating model with per-channel TestNeurons (ECMT_SPEC 15)."""
+    model = calibrating_model(weights)
+    for name, neuron in list(get_modules(model, CALIBRATING)):
+        parent, attr = name.rsplit('.', 1)
+        setattr(model.get_submodule(parent), attr, trans_utils.TestNeuron(neuron.place, neuron.percent, 'channel'))
+    return model
+
+
+def test_global_stage_chooses_the_best_scale_and_logs_progress(weights):
+    """With a budget for the percent and the global scales only: every scale is judged once, the
+    lowest objective wins (recorded as threshold_scale, not folded: the TestNeurons hold the
+    quantiles), and every candidate logs a progress line with the time it expects."""
+    scales = (2.0, 1.0, 0.5, 0.25, 0.125)
+    lines = []
+    model = calibrating_model(weights)
+    loader = digits_loader(True, 150)
+    record = low_latency.choose_thresholds(model, loader, 1, CPU, percents=[0.99], scales=scales, budget=5,
+                                           search_images=150, conversion={'fc2_thresholds': FC2}, log=lines.append)
+    judged = {entry['scale']: entry['objective'] for entry in record['scale_objectives']}
+    assert sorted(judged) == sorted(scales) and record['evaluations'] == 5
+    assert len(set(judged.values())) == len(scales)  # the scales do matter
+    best = min(scales, key=lambda g: judged[g])
+    assert record['threshold_scale'] == best == record['conversion']['threshold_scale']
+    assert record['final_objective'] == record['scale_objective'] == judged[best]
+    assert record['scale_objectives'][0] == {'scale': 1.0, 'objective': record['percent_objective']}
+    quantiles, _, _, _ = low_latency.record_quantiles(calibrating_model(weights), loader, [0.99], CPU)
+    got = thresholds(model)
+    assert all(torch.equal(got[name], q[0]) for name, q in quantiles.items())
+    progress = [line for line in lines if line.lstrip().startswith('candidate ')]
+    assert [line.split()[1] for line in progress] == [f'{i}/5,' for i in range(1, 6)]
+    assert all(line.rstrip().endswith(' s left') and 'about ' in line for line in progress)
+    assert any('global scale' in line for line in progress)
+
+
+def test_per_channel_search_keeps_channel_shapes_and_reproduces_the_snn(weights):
+    """TestNeurons of granularity 'channel', the rounding rule and differential coding: the search
+    records per-channel quantiles (exactly what the TestNeurons' own calibration computes), leaves
+    thresholds of the channel shape ([C], [heads, 1, D] for q, k, v), records the four options,
+    and converting with the record gives the objective the search judged last."""
+    loader = digits_loader(True, 150)
+    own = channel_model(weights)
+    evaluate(own, loader, CPU, show_progress=False)
+    own_thresholds = thresholds(own)
+    model = channel_model(weights)
+    conversion = {'fc2_thresholds': FC2, 'fire_rule': 'round', 'coding': 'differential'}
+    record = low_latency.choose_thresholds(model, loader, 2, CPU, percents=[0.99], budget=16, search_images=150,
+                                           conversion=conversion, log=lambda line: None)
+    assert (record['granularity'], record['fire_rule'], record['coding']) == ('channel', 'round', 'differential')
+    got = thresholds(model)
+    shapes = {name: tuple(t.shape) for name, t in got.items()}
+    assert shapes == {name: tuple(t.shape) for name, t in own_thresholds.items()}
+    neurons = dict(get_modules(model, CALIBRATING))
+    for name, shape in (('blocks.0.attn.place_q', (2, 1, 16)), ('blocks.1.attn.place_v', (2, 1, 16)),
+                        ('blocks.0.mlp.place_fc1', (32,))):
+        assert tuple(neurons[name].scale_p.shape) == tuple(neurons[name].scale_n.shape) == shape, name
+    unscaled = [name for name, scale in record['scales'].items() if scale == 1.0 and name in got]
+    assert unscaled and all(torch.equal(got[name], own_thresholds[name]) for name in unscaled)
+    assert any(scale != 1.0 for scale in record['scales'].values()), 'no per-place change: void'
+    _, images, logits, _ = low_latency.record_quantiles(channel_model(weights), loader, [0.99], CPU,
+                                                        keep_images=150)
+    assert judged_objective(model, record, images, logits) == record['final_objective']
+    assert judged_objective(model, record, images, logits, fire_rule='ecmt') != record['final_objective']
