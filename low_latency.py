@@ -637,9 +637,10 @@ def run_for_args(model: nn.Module, calib_loader: Iterable, args, device, amp: Op
         print('warning: --target_T without --calib_data_path chooses the thresholds on the evaluation '
               'images (tuning on the test set); pass --calib_data_path to calibrate on a training split',
               file=sys.stderr)
-    # The global-scale stage only once the command line passes its scales and snn applies the
-    # recorded threshold_scale (until then a searched checkpoint would run without it).
-    scales = getattr(args, 'search_scales', None) or ()
+    # The global-scale stage's candidates (none: --search_scales with no value skips the stage);
+    # the chosen scale goes into the checkpoint's record as its threshold_scale, which snn applies.
+    scales = getattr(args, 'search_scales', DEFAULT_SCALES)
+    scales = DEFAULT_SCALES if scales is None else tuple(scales)
     return choose_thresholds(model, calib_loader, args.target_T, device, percents=args.target_percents,
                              scales=scales, budget=args.search_budget, search_images=args.search_images, amp=amp,
                              conversion=conversion, objective=args.search_objective,

@@ -194,10 +194,15 @@ def _low_latency_flags(parser) -> None:
     g = parser.add_argument_group('low-latency calibration (for_v --target_T)')
     g.add_argument('--target_T', default=None, type=int, metavar='N',
                    help='for_v: choose the thresholds for N time steps on the calibration images (best '
-                        'global percent, then a scale per place), judged by how close the SNN after N steps '
-                        'is to the ANN; default: the published calibration at --percent')
+                        'percent, then a global threshold scale, then a scale per kind of place and per place), '
+                        'judged by how close the SNN after N steps is to the ANN; default: the published '
+                        'calibration at --percent')
     g.add_argument('--target_percents', nargs='+', type=float, default=list(options.DEFAULT_PERCENTS),
                    metavar='P', help='candidate global percents of --target_T (all recorded in one pass)')
+    g.add_argument('--search_scales', nargs='*', type=float, default=list(options.DEFAULT_SCALES), metavar='A',
+                   help='--target_T: candidate global threshold scales (relative to --threshold_scale), tried after '
+                        'the percents; the chosen one is recorded as the checkpoint\'s threshold_scale, which snn '
+                        'applies (no value: skip the stage, the search before ECMT_SPEC 15)')
     g.add_argument('--search_budget', default=options.DEFAULT_BUDGET, type=int, metavar='K',
                    help='--target_T: at most K candidate evaluations (each one N-step simulation of the '
                         'search images), the candidate percents included')
@@ -527,6 +532,8 @@ def calibrate(run: Run, transform: dict, classes, source, images: int) -> dict:
             model, run.loader, args, run.device, run.amp, conversion,
             log=lambda line: (print(line), utils.append_log(run.log_path, line)))
         out['calibration']['percent'] = out['low_latency']['percent']  # times its scales
+        # The global scale the search chose: a recorded option, applied by snn at conversion.
+        out['calibration']['threshold_scale'] = float(out['low_latency']['threshold_scale'])
     if run.main_process:
         path = Path(args.output_dir) / f'{args.savename or "test"}.pth'
         checkpoint = {'model': {k: v.detach().cpu() for k, v in model.state_dict().items()},

@@ -67,7 +67,19 @@ def strip(value):
 json.dump(strip(record), open(path + '.figures', 'w'), indent=1, sort_keys=True)
 PY
       done
-      for file in results.json.figures run_layers.csv run_levels.json; do
+      # The results record: every key the before run wrote has the same value after (keys the
+      # after run adds, such as newly recorded options, are listed, not compared).
+      python - "$OUT/before/${name}_${coding}_c$chunk/results.json.figures" "$OUT/after/${name}_${coding}_c$chunk/results.json.figures" <<'PY' || exit 1
+import json, sys
+before, after = (json.load(open(p)) for p in sys.argv[1:])
+new = sorted(set(after) - set(before))
+changed = [k for k in before if k not in after or after[k] != before[k]]
+if changed:
+    print('DIFFERENT results keys:', changed[:10]); sys.exit(1)
+if new:
+    print('  (new results keys after:', ', '.join(new) + ')')
+PY
+      for file in run_layers.csv run_levels.json; do
         a="$OUT/before/${name}_${coding}_c$chunk/$file"; b="$OUT/after/${name}_${coding}_c$chunk/$file"
         [ -f "$a" ] && [ -f "$b" ] || { echo "error: $file missing in one of the runs ($a, $b)" >&2; exit 1; }
         cmp -s "$a" "$b" || { echo "DIFFERENT: $name $coding chunk $chunk $file"; diff <(head -c 3000 "$a") <(head -c 3000 "$b") | head -20; exit 1; }

@@ -15,7 +15,10 @@ def test_ab_trees_compares_a_checkout_with_itself(tmp_path):
     other.mkdir()
     for path in ROOT.glob('*.py'):
         (other / path.name).write_text(path.read_text())
-    (other / 'csrc').symlink_to(ROOT / 'csrc')
+    (other / 'kernels').mkdir()  # the kernels package: its modules, and the C++ source they build
+    for path in (ROOT / 'kernels').glob('*.py'):
+        (other / 'kernels' / path.name).write_text(path.read_text())
+    (other / 'kernels' / 'csrc').symlink_to(ROOT / 'kernels' / 'csrc')
     done = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'ab_trees.py'), '--before', str(other),
                            '--model', 'vit_tiny_patch16_224', '--input_size', '16', '--model_kwargs', 'patch_size=4',
                            'embed_dim=32', 'depth=1', 'num_heads=2', '--batch_size', '2', '--T', '2', '--rounds', '1',

@@ -199,7 +199,7 @@ FAMILIES = ['vit', 'eva02_tiny', 'eva02_swiglu_norms']
 def test_every_class_against_brute_force_on_each_family(family):
     steps, batches = 3, [images(3, seed=5), images(2, seed=6)]
     if family != 'vit':
-        from test_families import images as family_images
+        from helpers import images as family_images
         batches = [family_images(3, seed=5), family_images(2, seed=6)]
     model = build_family(family)
     # The ANN's MACs from the shapes of the same model before conversion.
@@ -209,8 +209,7 @@ def test_every_class_against_brute_force_on_each_family(family):
         ann_model = create_model('vit_tiny_patch16_224', img_size=16, patch_size=4, embed_dim=32, depth=2,
                                  num_heads=2, num_classes=10).eval()
     else:
-        from test_families import build
-        ann_model, _ = build(family)
+        ann_model, _ = build_tiny_family(family)
     brute = Brute(ann_model, SOPMonitor(nn.Identity()))
     for module in ann_model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d, MyAt, MyMul)):

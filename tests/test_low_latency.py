@@ -266,19 +266,23 @@ def test_recorded_scales_reproduce_the_snn(tmp_path, weights):
             assert torch.equal(value, torch.cat([saved['model'][f'{name}.scale_p'],
                                                  saved['model'][f'{name}.scale_n']])), name
 
-    # The places of fixed thresholds: their fixed values times the recorded scales.
+    # The global scale the search chose is the checkpoint's recorded threshold_scale (snn applies it).
+    assert saved['calibration']['threshold_scale'] == record['threshold_scale']
+    # The places of fixed thresholds: their fixed values times the recorded scales (their own and the
+    # global one, relative to the conversion's).
     assert record['fixed_thresholds']
-    from_record = convert_to_snn(rebuilt, fc2_thresholds=FC2).eval()
+    from_record = convert_to_snn(rebuilt, fc2_thresholds=FC2, threshold_scale=record['threshold_scale']).eval()
     modules = dict(get_modules(from_record, (trans_utils.TwoSideNeuron,)))
     for name, (theta_p, theta_n) in record['fixed_thresholds'].items():
         base = (0.0125, 0.0125) if name.endswith('place_s') else FC2
-        value = low_latency._thresholds(torch.tensor(base), record['scales'][name])
+        value = low_latency._thresholds(torch.tensor(base), record['scales'][name] * record['global_relative_scale'])
         assert value.tolist() == [theta_p, theta_n]
         modules[name].scale_p.copy_(value[0:1])
         modules[name].scale_n.copy_(value[1:2])
 
     snn_args = parse('--test_mode', 'snn', '--model_path', str(tmp_path / 'fast.pth'))
-    from_checkpoint = convert_to_snn(cli.build_model(snn_args), fc2_thresholds=cli.fc2_thresholds(snn_args, rebuilt))
+    from_checkpoint = convert_to_snn(cli.build_model(snn_args), fc2_thresholds=cli.fc2_thresholds(snn_args, rebuilt),
+                                     threshold_scale=saved['calibration']['threshold_scale'])
     low_latency.apply_fixed_thresholds(from_checkpoint, record, log=lambda line: None)
     want = step_logits(from_record, images[0], 3)
     got = step_logits(from_checkpoint.eval(), images[0], 3)
