@@ -50,6 +50,9 @@ def get_args_parser():
     g.add_argument('--bench_targets', nargs='+', type=int, default=[1, 2, 4], metavar='N',
                    help='the --target_T values to compare with the published calibration')
     g.add_argument('--bench_T', default=8, type=int, help='time steps simulated on the evaluation images')
+    g.add_argument('--bench_options', nargs='+', default=['published', 'channel+round'], choices=list(OPTION_SETS),
+                   help='the ECMT_SPEC 15 options to compare: published (place thresholds, ecmt rule), channel, '
+                        'round, channel+round (each calibrated and searched on its own)')
     g.add_argument('--bench_out', default='bench_low_latency', type=str, help='folder of the outputs')
     g.add_argument('--bench_oracle', nargs='?', const='also', default=None, choices=('also', 'only'),
                    help='also (or, with "only", instead) search every target on the EVALUATION images '
@@ -59,9 +62,15 @@ def get_args_parser():
     return parser
 
 
-def run_snn(model, args, loader, device, amp, record=None, coding='rate'):
-    convert_to_snn(model, linear_num=args.linear_num, qkv_num=args.qkv_num, softmax_num=args.softmax_num,
-                   softmax_p=args.softmax_p, fc2_thresholds=cli.fc2_thresholds(args, model), coding=coding)
+#: The ECMT_SPEC 15 options compared (--bench_options): (threshold granularity, fire rule).
+OPTION_SETS = {'published': ('place', 'ecmt'), 'channel': ('channel', 'ecmt'), 'round': ('place', 'round'),
+               'channel+round': ('channel', 'round')}
+
+
+def run_snn(model, args, loader, device, amp, conversion, record=None):
+    # A searched model runs the conversion its search judged (its record's: coding, fire rule and
+    # the chosen global threshold_scale included); the published calibration the row's own.
+    convert_to_snn(model, **(record['conversion'] if record else conversion))
     low_latency.apply_fixed_thresholds(model, record)  # the searched s / fixed fc2 thresholds
     with SOPMonitor(model) as monitor:
         return evaluate_snn(model, loader, device, args.bench_T, amp=amp, monitor=monitor,
@@ -78,7 +87,11 @@ def main(args):
     device = utils.resolve_device(args.device)
     amp = cli.resolve_amp(args.amp, device)
     out = Path(args.bench_out)
-    base = cli.build_model(args).to(device).eval()
+    bases = {}
+    for option in args.bench_options:  # a calibrating model of each granularity
+        args.thresholds = OPTION_SETS[option][0]
+        bases[option] = cli.build_model(args).to(device).eval()
+    base = bases[args.bench_options[0]]
     calib_loader = cli.build_calibration_loader(args, base)  # the first --calib_batches batches
     calib_split = 'training' if args.calib_data_path else 'evaluation'
     eval_loader = DataLoader(build_dataset(False, args, base)[0], batch_size=args.batch_size, shuffle=False,
@@ -93,33 +106,39 @@ def main(args):
           f'{len(calib_loader.dataset)} {calib_split} images')
 
     rows = []
-    published = copy.deepcopy(base)
-    start = time.perf_counter()
-    evaluate(published, calib_loader, device, amp=amp, show_progress=False)  # the same for every coding
-    calib_seconds = time.perf_counter() - start
     searches = [(False, calib_loader)] if args.bench_oracle != 'only' else []
     if args.bench_oracle:
         searches.append((True, eval_loader))
-    for coding in dict.fromkeys(args.coding):
-        rows.append({'coding': coding, 'calibration': f'published (percent {args.percent:g})', 'target_T': None,
-                     'calibration_seconds': calib_seconds,
-                     **run_snn(copy.deepcopy(published), args, eval_loader, device, amp, coding=coding)})
-        print_row(rows[-1], ann_acc1)
+    for option, base in bases.items():
+      granularity, fire_rule = OPTION_SETS[option]
+      args.thresholds = granularity
+      published = copy.deepcopy(base)
+      start = time.perf_counter()
+      evaluate(published, calib_loader, device, amp=amp, show_progress=False)  # the same for every coding
+      calib_seconds = time.perf_counter() - start
+      for coding in dict.fromkeys(args.coding):
         conversion = dict(linear_num=args.linear_num, qkv_num=args.qkv_num, softmax_num=args.softmax_num,
-                          softmax_p=args.softmax_p, fc2_thresholds=cli.fc2_thresholds(args, base), coding=coding)
+                          softmax_p=args.softmax_p, fc2_thresholds=cli.fc2_thresholds(args, base), coding=coding,
+                          fire_rule=fire_rule, threshold_scale=args.threshold_scale or 1.0)
+        rows.append({'coding': coding, 'options': option,
+                     'calibration': f'{option}, published (percent {args.percent:g})', 'target_T': None,
+                     'calibration_seconds': calib_seconds,
+                     **run_snn(copy.deepcopy(published), args, eval_loader, device, amp, conversion)})
+        print_row(rows[-1], ann_acc1)
         for target in args.bench_targets:
             for oracle, loader in searches:
                 model = copy.deepcopy(base)
                 record = low_latency.choose_thresholds(
-                    model, loader, target, device, percents=args.target_percents, budget=args.search_budget,
+                    model, loader, target, device, percents=args.target_percents, scales=args.search_scales,
+                    budget=args.search_budget,
                     search_images=args.search_images, amp=amp, conversion=conversion,
                     objective=args.search_objective, search_fixed=args.search_fixed,
                     cache_mib=args.search_cache_mb, prefix_weight=args.search_prefix_weight)
-                name = (f'oracle --target_T {target} (searched on the evaluation images)' if oracle
-                        else f'--target_T {target}')
-                rows.append({'coding': coding, 'calibration': name, 'target_T': target, 'oracle': oracle,
-                             'calibration_seconds': record['seconds'], 'search': record,
-                             **run_snn(model, args, eval_loader, device, amp, record, coding=coding)})
+                name = (f'{option}, oracle --target_T {target} (searched on the evaluation images)' if oracle
+                        else f'{option}, --target_T {target}')
+                rows.append({'coding': coding, 'options': option, 'calibration': name, 'target_T': target,
+                             'oracle': oracle, 'calibration_seconds': record['seconds'], 'search': record,
+                             **run_snn(model, args, eval_loader, device, amp, conversion, record)})
                 print_row(rows[-1], ann_acc1)
 
     out.mkdir(parents=True, exist_ok=True)
