@@ -17,10 +17,10 @@ from timm.models.vision_transformer import ParallelScalingBlock
 import model_base
 import model_vit
 import trans_utils
-from helpers import feeds_that_run
+from helpers import calibrate as calibrated, feeds_that_run, images as pictures
 from reference import ref_simulate
 from trans_utils import (AtNeuron, ConversionError, MultiStep, SOPMonitor, TwoSideNeuron, convert_to_snn,
-                         exp_comp_neuron, get_modules, replace_test_by_testneuron, reset_net)
+                         exp_comp_neuron, get_modules, reset_net)
 
 pytestmark = pytest.mark.usefixtures('single_thread')
 
@@ -86,19 +86,6 @@ def make(config, seed=0):
     model = model_vit.create_model(name, **kwargs).eval()
     model.load_state_dict(plain.state_dict(), strict=True)
     return model, plain
-
-
-def pictures(n=2, seed=1):
-    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
-
-
-def calibrated(model, batches=3, seed=2):
-    replace_test_by_testneuron(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _ in range(batches):
-            model(torch.randn(8, 3, 16, 16, generator=g))
-    return model
 
 
 def converted(config, levels=8, backend=None):
