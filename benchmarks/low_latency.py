@@ -103,7 +103,7 @@ def main(args):
             neuron.calibrate = False  # a plain ANN pass: the TestNeurons are identities
     ann_acc1 = evaluate(ann, eval_loader, device, amp=amp, show_progress=False)['acc1']
     print(f'ANN top-1 {ann_acc1:.2f}% on {len(eval_loader.dataset)} evaluation images; calibration on '
-          f'{len(calib_loader.dataset)} {calib_split} images')
+          f'{len(calib_loader.loader.dataset)} {calib_split} images')
 
     rows = []
     searches = [(False, calib_loader)] if args.bench_oracle != 'only' else []
