@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import options
 import torch
 from PIL import Image
 
@@ -242,7 +244,7 @@ def test_every_flag_has_help_and_shows_its_default():
         if action.default not in (None, False, [], True) or action.dest == 'monitor':
             assert 'default' in parser._get_formatter()._get_help_string(action).lower(), action.dest
     for shown in ('(default: vit_small_patch16_224)', '(default: 8)', '(default: 0.99)', '(default: 0.0125)',
-                  '(default: 64)', '(default: 0)', '(default: 128)'):
+                  '(default: 64)', '(default: 0)', f'(default: {options.DEFAULT_BUDGET})'):
         assert shown in ' '.join(text.split()), shown
 
 
