@@ -70,7 +70,7 @@ def convert_baai_eva01(state_dict: Dict[str, torch.Tensor], model: nn.Module | N
     (``lm_head``/``mask_token``/relative-position tables the giant model does not use), and a
     ``pos_embed`` of another grid, resampled to ``model``'s grid when a model is given.
     """
-    from weights import clean_checkpoint  # the toolkit's one layout filter: wrappers, 'module.' prefixes
+    from checkpoints import clean_checkpoint  # the toolkit's one layout filter: wrappers, 'module.' prefixes
     state_dict = clean_checkpoint(state_dict)[0]
     out = {}
     for key, value in state_dict.items():
@@ -78,7 +78,7 @@ def convert_baai_eva01(state_dict: Dict[str, torch.Tensor], model: nn.Module | N
                 or 'relative_position' in key:
             continue
         out[key] = value
-    if model is not None:  # the toolkit's one resampling (weights.py)
-        from weights import resample_pos_embed
+    if model is not None:  # the toolkit's one resampling (diagnosis.py)
+        from diagnosis import resample_pos_embed
         out = resample_pos_embed(out, model)
     return out

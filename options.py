@@ -44,8 +44,8 @@ DEFAULT_PREFIX_WEIGHT = 0.13
 OBJECTIVE_NAMES: Tuple[str, ...] = ('kl', 'mse')
 
 
-# The conversion options a for_v checkpoint records (``weights.record_options`` /
-# ``weights.restore_options``): for_v writes each into its ``calibration`` record under its name
+# The conversion options a for_v checkpoint records (``records.record_options`` /
+# ``records.restore_options``): for_v writes each into its ``calibration`` record under its name
 # (the flag's value, or ``default`` where the flag is None); snn takes each from there when the
 # flag is not on the command line, and the snn results record holds each; a flag on the command
 # line that differs from the record is one error naming both values; a checkpoint without the entry

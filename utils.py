@@ -1,5 +1,5 @@
 """Small helpers shared by the scripts: user errors, writing checkpoints and records, logs,
-metrics, devices, torchrun. Reading weights is weights.py's job.
+metrics, devices, torchrun. Reading weights is checkpoints.py's job (weights.py is the entry).
 
 Every mistake a user can make on the command line (a wrong path, a checkpoint that does not
 fit the model, a malformed option) is raised as `UserError`; the entry scripts catch it with
@@ -36,7 +36,7 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------
-# Writing checkpoints (reading them, and everything else about weights: weights.py)
+# Writing checkpoints (reading them: checkpoints.py; everything else about weights: weights.py)
 # --------------------------------------------------------------------------------------------
 
 _PLAIN_TYPES = (torch.Tensor, str, int, float, bool, bytes, type(None))

@@ -1,7 +1,9 @@
 """The engine's rules a maintainer relies on (docs/architecture.md), checked on the code and on runs:
 monitors only read, no module sets another module's attributes, no module branches on a backend's
-name, no tensor identity in the monitors, no test file imports another, a thin entry script."""
+name, no tensor identity in the monitors, no test file imports another, a thin entry script, the
+weight modules imported one way, with weights.py the entry for all their names."""
 import ast
+import importlib
 import inspect
 import sys
 from pathlib import Path
@@ -22,6 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 #: The documented calls through which drivers and monitors set what modules hold: the clock of a
 #: chunked run (MultiStep) and what records hold (a monitor, once when attached).
 DOCUMENTED_CALLS = ('set_clock', 'set_recording')
+#: What is done with weights, one module per job (docs/architecture.md), each importing only those
+#: before it; weights.py, the entry both scripts call, last.
+WEIGHT_MODULES = ('checkpoints', 'diagnosis', 'pretrained', 'records', 'weights')
 
 
 def _tree(path: Path) -> ast.AST:
@@ -130,3 +135,36 @@ def test_the_declared_feed_graph_is_the_one_that_runs(config, fused):
     trans_utils.fuse_ec_neurons(model, fused)
     ran, declared = feeds_that_run(model, images(2))
     assert ran == declared
+
+
+def _imported_modules(path: Path) -> set:
+    """The top-level names of the modules `path` imports, at the top or inside a function."""
+    tree = _tree(path)
+    return ({alias.name.split('.')[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+             for alias in node.names}
+            | {node.module.split('.')[0] for node in ast.walk(tree)
+               if isinstance(node, ast.ImportFrom) and node.module and node.level == 0})
+
+
+def test_weight_modules_import_one_way():
+    """checkpoints.py, diagnosis.py, pretrained.py, records.py, weights.py: each imports only the
+    ones before it, even inside a function, so there is no import cycle and none of them imports
+    the entry, weights.py; model_eva.py takes the layout filter and the resampling from their own
+    modules, not through weights.py."""
+    for i, name in enumerate(WEIGHT_MODULES):
+        later = _imported_modules(ROOT / f'{name}.py') & set(WEIGHT_MODULES[i:])
+        assert not later, (name, later)
+    assert 'weights' not in _imported_modules(ROOT / 'model_eva.py')
+
+
+def test_weights_is_the_entry_for_every_weight_name():
+    """Every name the weight modules export (their __all__) is importable from weights, as the
+    same object, and listed in weights.__all__: scripts and tests keep importing from weights."""
+    import weights
+    for name in WEIGHT_MODULES[:-1]:
+        module = importlib.import_module(name)
+        assert module.__all__, name
+        for attribute in module.__all__:
+            assert getattr(weights, attribute, None) is getattr(module, attribute), (name, attribute)
+            assert attribute in weights.__all__, (name, attribute)
+    assert all(hasattr(weights, attribute) for attribute in weights.__all__)
