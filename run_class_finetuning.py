@@ -7,8 +7,9 @@
 The command line is the published one (ECMT, ACM MM 2024), with its defaults (ECMT_SPEC 11:
 ``--output_dir ../models``, ``--savename test``, ``--eval_data_path ../datasets/val``), so that
 its README's commands run as written, plus ``--device``, ``--model_kwargs``, ``--results`` and a
-few switches; see the README for every flag. This file is the wiring only: weights, the model and
-the for_v record are :mod:`weights`'s, the loops :mod:`engine_for_finetuning`'s, the reports
+few switches; see docs/cli.md for every flag. This file is the wiring only: weights, the model and
+the for_v record are :mod:`weights`'s (the entry of :mod:`checkpoints`, :mod:`pretrained`,
+:mod:`diagnosis` and :mod:`records`), the loops :mod:`engine_for_finetuning`'s, the reports
 :mod:`report`'s.
 """
 from __future__ import annotations
