@@ -48,10 +48,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import utils
-from options import (CODINGS, DEFAULT_BUDGET, DEFAULT_CACHE_MIB, DEFAULT_PERCENTS, DEFAULT_PREFIX_WEIGHT,
+from options import (CODINGS, DEFAULT_BUDGET, DEFAULT_CACHE_MIB, DEFAULT_ENERGY_WEIGHT, DEFAULT_PERCENTS, DEFAULT_PREFIX_WEIGHT,
                      DEFAULT_SCALES, DEFAULT_SEARCH_IMAGES, OBJECTIVE_NAMES)
 from engine_for_finetuning import autocast_context, simulate
 from calibration import channel_quantiles, threshold_shape
+from monitors import E_AC, E_MAC
 from trans_utils import (SOPMonitor, TestNeuron, TwoSideNeuron, convert_to_snn, get_modules,
                          tail_quantiles, threshold_config)
 
@@ -228,7 +229,7 @@ class _Search:
     def __init__(self, snn: nn.Module, places: List[str], images: List[torch.Tensor],
                  logits: List[torch.Tensor], T: int, amp: Optional[str], budget: int,
                  objective: Callable = kl_objective, cache_bytes: int = 0,
-                 log: Optional[Callable[[str], None]] = None) -> None:
+                 log: Optional[Callable[[str], None]] = None, energy_weight: float = 0.0) -> None:
         modules = dict(snn.named_modules())
         self.snn, self.neurons = snn, [modules[name] for name in places]
         self.images, self.logits, self.T, self.amp = images, logits, T, amp
@@ -245,6 +246,14 @@ class _Search:
         self._pending: Dict[int, List[torch.Tensor]] = {}  # the same, of the last candidate
         self.blocks_run = 0    # block evaluations (one block on all search images) done
         self.blocks_total = 0  # the same for full runs
+        # The energy term (``energy_weight`` > 0): SOPs and dense counts per monitored layer, summed
+        # over steps and search images, of the current best (for the layers of blocks a candidate
+        # does not run) and of the last candidate.
+        self.energy_weight = float(energy_weight)
+        self.layer_counts: Optional[torch.Tensor] = None
+        self._pending_counts: Optional[torch.Tensor] = None
+        self.last_energy: Optional[float] = None  # E_T of the last candidate
+        self.best_energy: Optional[float] = None  # E_T of the current best
 
     def set(self, thresholds: List[torch.Tensor]) -> None:
         for neuron, value in zip(self.neurons, thresholds):
@@ -281,24 +290,52 @@ class _Search:
         capture = self.cache_bytes > 0 and (self.kept is None or any(b > first for b in self.kept))
         self._pending = {}
         total = torch.zeros((), dtype=torch.float64, device=self.logits[0].device)
-        for index, (images, logits) in enumerate(zip(self.images, self.logits)):
-            total += self.function(self._simulate(index, images, first, capture), logits)
+        monitor = SOPMonitor(self.snn) if self.energy_weight else None
+        try:
+            for index, (images, logits) in enumerate(zip(self.images, self.logits)):
+                total += self.function(self._simulate(index, images, first, capture, monitor), logits)
+            energy = self._energy(monitor, first) if monitor is not None else None
+        finally:
+            if monitor is not None:
+                monitor.remove()
         if self.blocks is not None:
             depth = len(self.blocks)
             self.blocks_run += depth - first
             self.blocks_total += depth
         self.evaluations += 1
         value = float(total) / self.count
+        shown = f'{value:.5f}'
+        if energy is not None:
+            self.last_energy = energy
+            shown = f'{value + self.energy_weight * energy:.5f} ({value:.5f} + {self.energy_weight:g} x energy {energy:.4f})'
+            value += self.energy_weight * energy
         self.seconds += time.perf_counter() - start
         if self.log is not None:
             left = self.seconds / self.evaluations * (self.budget - self.evaluations)
             self.log(f'  candidate {self.evaluations}/{self.budget}, {label or "thresholds"}: objective '
-                     f'{value:.5f}, about {left:.0f} s left')
+                     f'{shown}, about {left:.0f} s left')
         return value
 
-    def _simulate(self, index: int, images: torch.Tensor, first: int, capture: bool) -> torch.Tensor:
+    def _energy(self, monitor: SOPMonitor, first: int) -> float:
+        """E_T of ECMT_SPEC 8 (relative to the ANN, after the T steps) of the candidate on the
+        search images: the SOPs and dense counts of every monitored layer summed over steps, those of
+        the blocks before ``first`` (not run: the block cache) taken from the current best."""
+        sops, dense = monitor.totals()
+        counts = torch.stack([sops.sum(1), dense.sum(1)], 1).cpu()  # [layers, 2]
+        if first > 0:
+            if self.layer_counts is None:
+                raise RuntimeError('the energy of a cached block is unknown before a full run')
+            skipped = [i for i, name in enumerate(monitor.names)
+                       if name.startswith('blocks.') and _block_of(name) < first]
+            counts[skipped] = self.layer_counts[skipped]
+        self._pending_counts = counts
+        total_sops, total_dense = counts.sum(0).tolist()
+        return self.T * (E_AC / E_MAC) * (total_sops / max(total_dense, 1.0))  # as SOPMonitor.summary
+
+    def _simulate(self, index: int, images: torch.Tensor, first: int, capture: bool,
+                  monitor: Optional[SOPMonitor] = None) -> torch.Tensor:
         if first == 0 and not capture:
-            return simulate(self.snn, images, self.T, amp=self.amp)
+            return simulate(self.snn, images, self.T, amp=self.amp, monitor=monitor)
         blocks, saved, handles = self.blocks, {}, []
 
         def keep(block):
@@ -315,7 +352,7 @@ class _Search:
             if capture:
                 for i in range(max(first, 1), len(blocks)):
                     handles.append(blocks[i].register_forward_pre_hook(keep(i)))
-            return simulate(self.snn, images, self.T, amp=self.amp)
+            return simulate(self.snn, images, self.T, amp=self.amp, monitor=monitor)
         finally:
             for handle in handles:
                 handle.remove()
@@ -326,6 +363,9 @@ class _Search:
         """The last candidate is the current best: its block inputs replace the cached ones."""
         self.cache.update({b: v for b, v in self._pending.items() if len(v) == len(self.images)})
         self._pending = {}
+        if self._pending_counts is not None:
+            self.layer_counts, self._pending_counts = self._pending_counts, None
+            self.best_energy = self.last_energy
 
     def cache_figures(self) -> Dict:
         kept = self.kept or []
@@ -355,7 +395,7 @@ def _scale_candidates(scales: Sequence[float]) -> List[float]:
 
 def check_search_args(target_T: int, percents: Sequence[float], budget: int, search_images: int,
                       cache_mib: float = DEFAULT_CACHE_MIB, prefix_weight: float = DEFAULT_PREFIX_WEIGHT,
-                      scales: Sequence[float] = DEFAULT_SCALES) -> None:
+                      scales: Sequence[float] = DEFAULT_SCALES, energy_weight: float = DEFAULT_ENERGY_WEIGHT) -> None:
     """Refuse bad search settings with a :class:`utils.UserError` naming the flag."""
     if isinstance(target_T, bool) or not isinstance(target_T, int) or target_T < 1:
         raise utils.UserError(f'--target_T must be a number of time steps >= 1, got {target_T!r}')
@@ -382,6 +422,8 @@ def check_search_args(target_T: int, percents: Sequence[float], budget: int, sea
         raise utils.UserError(f'--search_cache_mb must be >= 0 (0: no block cache), got {cache_mib}')
     if not prefix_weight >= 0:
         raise utils.UserError(f'--search_prefix_weight must be >= 0, got {prefix_weight}')
+    if not (math.isfinite(energy_weight) and energy_weight >= 0):
+        raise utils.UserError(f'--search_energy_weight must be a number >= 0, got {energy_weight}')
 
 
 def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, device, *,
@@ -390,7 +432,7 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
                       max_batches: Optional[int] = None, amp: Optional[str] = None,
                       conversion: Optional[Dict] = None, objective: str = 'kl', search_fixed: bool = True,
                       cache_mib: float = DEFAULT_CACHE_MIB, prefix_weight: float = DEFAULT_PREFIX_WEIGHT,
-                      log: Callable[[str], None] = print) -> Dict:
+                      energy_weight: float = DEFAULT_ENERGY_WEIGHT, log: Callable[[str], None] = print) -> Dict:
     """Choose the thresholds of ``model`` for ``target_T`` steps on ``calib_loader`` alone.
 
     ``model`` holds calibrating :class:`TestNeuron` s (``for_v``), each of ``granularity``
@@ -419,7 +461,7 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
     """
     percents = [float(p) for p in percents]
     scales = [float(g) for g in scales]
-    check_search_args(target_T, percents, budget, search_images, cache_mib, prefix_weight, scales)
+    check_search_args(target_T, percents, budget, search_images, cache_mib, prefix_weight, scales, energy_weight)
     if objective not in OBJECTIVES:
         raise utils.UserError(f'unknown search objective {objective!r}; choose one of {", ".join(OBJECTIVES)}')
     conversion = dict(conversion or {})
@@ -452,13 +494,15 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
             fixed[name] = torch.tensor([value] * len(percents), dtype=torch.float32)
     bases = {**quantiles, **fixed}  # per place, per percent
     search = _Search(snn, places, images, logits, target_T, amp, budget, objective_of(objective, prefix_weight),
-                     cache_bytes=int(cache_mib * 2 ** 20), log=log)
+                     cache_bytes=int(cache_mib * 2 ** 20), log=log, energy_weight=energy_weight)
     log(f'low-latency calibration for T={target_T} ({granularity} thresholds, fire rule '
         f'{conversion.get("fire_rule", "ecmt")}, {conversion.get("coding", "rate")} coding): {len(places)} places '
         f'searched, quantiles of {len(percents)} percents recorded on {batches} batches in {record_seconds:.1f} s; '
         f'objective {OBJECTIVE_TEXT[objective]}'
         + (f' + {prefix_weight:g} x its mean over the first 1..{target_T - 1} steps' if prefix_weight and target_T > 1
            else '')
+        + (f' + {energy_weight:g} x the energy after {target_T} steps (ECMT_SPEC 8, relative to the ANN)'
+           if energy_weight else '')
         + f' on {search.count} calibration images, at most {budget} evaluations')
 
     def scaled(i: int, base_value: torch.Tensor, place_scale: float, relative: float) -> torch.Tensor:
@@ -594,7 +638,8 @@ def choose_thresholds(model: nn.Module, calib_loader: Iterable, target_T: int, d
         'kind_stage_evaluations': kind_evaluations, 'search_images': search.count, 'calibration_batches': batches,
         'seconds_quantiles': record_seconds, 'seconds_search': search.seconds, 'seconds': seconds,
         'conversion': conversion_record, 'search_fixed': search_fixed, 'fixed_thresholds': fixed_thresholds,
-        'cache_mib_limit': cache_mib, **cache,
+        'cache_mib_limit': cache_mib, 'energy_weight': energy_weight, 'energy_of_best': search.best_energy,
+        **cache,
         **{f'search_{k}': v for k, v in final.items()},
     }
 
@@ -645,4 +690,5 @@ def run_for_args(model: nn.Module, calib_loader: Iterable, args, device, amp: Op
                              scales=scales, budget=args.search_budget, search_images=args.search_images, amp=amp,
                              conversion=conversion, objective=args.search_objective,
                              search_fixed=args.search_fixed, cache_mib=args.search_cache_mb,
-                             prefix_weight=args.search_prefix_weight, log=log)
+                             prefix_weight=args.search_prefix_weight,
+                             energy_weight=getattr(args, 'search_energy_weight', DEFAULT_ENERGY_WEIGHT), log=log)

@@ -40,6 +40,9 @@ DEFAULT_SEARCH_IMAGES = 256
 DEFAULT_CACHE_MIB = 2048
 #: Weight of the earlier steps in the objective (``--search_prefix_weight``).
 DEFAULT_PREFIX_WEIGHT = 0.13
+#: Weight of the energy after T steps (ECMT_SPEC 8, relative to the ANN) added to the search's
+#: objective (``--search_energy_weight``); 0: accuracy alone, as before.
+DEFAULT_ENERGY_WEIGHT = 0.0
 #: The search's objectives, by name (``low_latency.OBJECTIVES`` holds the functions).
 OBJECTIVE_NAMES: Tuple[str, ...] = ('kl', 'mse')
 

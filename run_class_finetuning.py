@@ -219,6 +219,10 @@ def _low_latency_flags(parser) -> None:
     g.add_argument('--search_prefix_weight', default=options.DEFAULT_PREFIX_WEIGHT, type=float, metavar='W',
                    help='--target_T N: the objective of N steps plus W times its mean over the first 1..N-1 steps '
                         '(the predictions after the earlier steps; 0: N steps only)')
+    g.add_argument('--search_energy_weight', default=options.DEFAULT_ENERGY_WEIGHT, type=float, metavar='W',
+                   help='--target_T N: add W times the energy after N steps (relative to the ANN, ECMT_SPEC 8, on '
+                        'the search images) to the objective, trading accuracy for fewer spikes (default 0: '
+                        'accuracy alone)')
     g.add_argument('--search_cache_mb', default=options.DEFAULT_CACHE_MIB, type=float, metavar='MB',
                    help='--target_T: memory for the inputs of unchanged blocks, kept so that a candidate that '
                         'changes only later blocks does not run the earlier ones again (same values; 0: off)')
@@ -338,7 +342,8 @@ def check_args(args) -> None:
             raise UserError(f'--target_T chooses thresholds: it needs --test_mode for_v, not {args.test_mode}')
         _import_runtime()
         low_latency.check_search_args(args.target_T, args.target_percents, args.search_budget,
-                                      args.search_images, args.search_cache_mb, args.search_prefix_weight)
+                                      args.search_images, args.search_cache_mb, args.search_prefix_weight,
+                                      energy_weight=args.search_energy_weight)
 
 
 def check_outputs(args) -> None:

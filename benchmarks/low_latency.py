@@ -82,7 +82,8 @@ def main(args):
     cli.check_args(args)
     for target in args.bench_targets:
         low_latency.check_search_args(target, args.target_percents, args.search_budget, args.search_images,
-                                      args.search_cache_mb, args.search_prefix_weight)
+                                      args.search_cache_mb, args.search_prefix_weight,
+                                      energy_weight=args.search_energy_weight)
     utils.seed_everything(args.seed)
     device = utils.resolve_device(args.device)
     amp = cli.resolve_amp(args.amp, device)
@@ -133,7 +134,8 @@ def main(args):
                     budget=args.search_budget,
                     search_images=args.search_images, amp=amp, conversion=conversion,
                     objective=args.search_objective, search_fixed=args.search_fixed,
-                    cache_mib=args.search_cache_mb, prefix_weight=args.search_prefix_weight)
+                    cache_mib=args.search_cache_mb, prefix_weight=args.search_prefix_weight,
+                    energy_weight=args.search_energy_weight)
                 name = (f'{option}, oracle --target_T {target} (searched on the evaluation images)' if oracle
                         else f'{option}, --target_T {target}')
                 rows.append({'coding': coding, 'options': option, 'calibration': name, 'target_T': target,

@@ -320,6 +320,8 @@ def test_without_target_T_the_published_calibration_is_unchanged(tmp_path, weigh
     (['--target_T', '2', '--search_cache_mb', '-1'], '--search_cache_mb must be >= 0 (0: no block cache), got -1.0'),
     (['--target_T', '2', '--search_cache_mb', 'nan'], '--search_cache_mb must be >= 0 (0: no block cache), got nan'),
     (['--target_T', '2', '--search_prefix_weight', '-0.5'], '--search_prefix_weight must be >= 0, got -0.5'),
+    (['--target_T', '2', '--search_energy_weight', '-1'], '--search_energy_weight must be a number >= 0, got -1.0'),
+    (['--target_T', '2', '--search_energy_weight', 'inf'], '--search_energy_weight must be a number >= 0, got inf'),
 ])
 def test_bad_search_settings_are_refused(tmp_path, weights, extra, message):
     with pytest.raises(UserError, match=message.replace('(', r'\(').replace(')', r'\)')):
@@ -484,3 +486,43 @@ def test_per_channel_search_keeps_channel_shapes_and_reproduces_the_snn(weights)
                                                         keep_images=150)
     assert judged_objective(model, record, images, logits) == record['final_objective']
     assert judged_objective(model, record, images, logits, fire_rule='ecmt') != record['final_objective']
+
+
+def test_energy_weight_adds_the_energy_the_monitor_counts(weights):
+    """--search_energy_weight W: every candidate's objective is its accuracy objective plus W times
+    E_T (ECMT_SPEC 8) on the search images; the chosen thresholds' E_T, as the search carried it
+    (blocks it did not run taken from the best's counts), equals a fresh monitored full run's;
+    and a heavy weight chooses thresholds that spend less energy than the accuracy alone."""
+    loader = digits_loader(True, 150)
+    records = {}
+    for weight in (0.0, 0.5, 20.0):
+        model = calibrating_model(weights)
+        lines = []
+        records[weight] = low_latency.choose_thresholds(
+            model, loader, 2, CPU, budget=24, search_images=150, conversion={'fc2_thresholds': FC2},
+            energy_weight=weight, log=lines.append)
+        if weight:
+            assert any('x energy' in line for line in lines if line.lstrip().startswith('candidate '))
+    for weight in (0.5, 20.0):
+        record = records[weight]
+        assert record['energy_weight'] == weight
+        assert record['energy_of_best'] == record['search_energy_ratio'][-1]
+        assert record['cached_blocks'], 'no block cache: the carried counts are not exercised'
+    assert records[0.0]['energy_of_best'] is None
+    assert records[20.0]['search_energy_ratio'][-1] < records[0.0]['search_energy_ratio'][-1]
+    assert records[20.0]['threshold_scale'] > records[0.0]['threshold_scale']
+
+
+def test_energy_weight_with_the_block_cache_judges_as_full_runs(weights):
+    """The energy term through the block cache: the same objectives and choices as full runs."""
+    records = []
+    for mib in (0, 64):
+        model = _random_calibrating_model('vit_tiny_patch16_224', 'patch_size=4', 'embed_dim=32', 'depth=3',
+                                          'num_heads=2')
+        records.append(low_latency.choose_thresholds(model, digits_loader(True, 150), 2, CPU, budget=60,
+                                                     search_images=150, cache_mib=mib, energy_weight=1.0,
+                                                     log=lambda line: None))
+    full, cached = records
+    assert cached['block_evaluations'] < full['block_evaluations']
+    assert cached['objective_history'] == full['objective_history']
+    assert cached['scales'] == full['scales'] and cached['energy_of_best'] == full['energy_of_best']
