@@ -281,6 +281,26 @@ def test_snn_approaches_the_ann(config):
     assert errors[32] < 0.15, errors
 
 
+@pytest.mark.parametrize('config', CONFIGS)
+def test_with_analog_neurons_every_step_is_the_ann(config):
+    """The constants each family adds at every step (BEiT's relative position bias, own or shared,
+    LayerScale, q/v biases, Swin's position bias and shift mask, V2's logit scale) enter the
+    expectation once: with every MT neuron passing its input on unchanged and the EC modules and
+    products literal (reference.ref_simulate, analog=True), the running mean of the outputs is
+    timm's logits at every step (ECMT_SPEC 5, 6), not only approached as steps go on. A constant
+    accumulated per step, or added both to a product and after it, would miss from step 2 on."""
+    model, plain = make(config)
+    calibrated(model)
+    x = pictures(2)
+    with torch.no_grad():
+        want = plain(x)
+    convert_to_snn(model, backend='eager')
+    outputs = ref_simulate(model, x, 4, analog=True)
+    means = outputs.cumsum(0) / torch.arange(1, 5).view(-1, 1, 1)
+    for t in range(4):
+        assert relative_error(means[t], want) < 1e-5, (t, relative_error(means[t], want))
+
+
 # ---------------------------------------------------------------- energy
 
 @pytest.mark.parametrize('config', CONFIGS)
