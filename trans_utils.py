@@ -51,7 +51,7 @@ __all__ = [
     'replace_nonlinear_by_neuron', 'replace_at_by_neuron', 'convert_to_snn', 'get_modules',
     'reset_net', 'set_backend', 'set_default_backend', 'resolve_backend', 'backend_problem', 'kernels_of',
     'BACKENDS', 'BACKEND_CHOICES', 'threshold_config',
-    'EC_MODULE_TYPES', 'register_snn_modules', 'check_fully_converted', 'BaseMonitor', 'SOPMonitor',
+    'EC_MODULE_TYPES', 'register_ec_module', 'register_snn_modules', 'check_fully_converted', 'BaseMonitor', 'SOPMonitor',
     'product_nonzero_macs', 'spike_level_counts', 'fuse_ec_neurons', 'CODINGS', 'Recording', 'NO_RECORDING',
     'NeuronRecord', 'ProductRecord', 'ECRecord', 'NeuronState', 'ECState', 'ECNeuronState', 'ProductState',
     'set_recording', 'set_clock', 'feed_graph', 'small_counts',
@@ -583,6 +583,8 @@ def _ec_kind(module: nn.Module) -> str:
         from timm.layers import GELU as TimmGELU, GELUTanh
     except ImportError:  # pragma: no cover
         TimmGELU = GELUTanh = ()
+    if type(module) in _EC_REGISTERED:
+        return _EC_REGISTERED[type(module)]
     if type(module) in (nn.GELU, TimmGELU, GELUTanh):
         return 'gelu'
     if type(module) is nn.Softmax and module.dim == -1:
@@ -918,6 +920,24 @@ try:
     EC_MODULE_TYPES += (_TimmGELU, _TimmGELUTanh, _TimmQuickGELU)
 except ImportError:  # pragma: no cover - older timm
     pass
+
+#: Module types added by :func:`register_ec_module`, with their EC kind.
+_EC_REGISTERED: Dict[type, str] = {}
+
+
+def register_ec_module(module_type: type, kind: str = 'function') -> None:
+    """Declare ``module_type`` a nonlinear function of one input that conversion wraps in EC
+    (ECMT_SPEC 5), as the norms and activations of :data:`EC_MODULE_TYPES` are (its subclasses too,
+    as 'function' unless registered themselves). ``kind``: 'function' (any function: the module
+    itself is called on the running means), or a kernel's own 'gelu', 'softmax' or 'layer_norm' for a module
+    that computes exactly torch's function of that name from the same attributes (``approximate``;
+    ``dim`` -1; ``normalized_shape`` of one dimension, ``weight``, ``bias``, ``eps``)."""
+    global EC_MODULE_TYPES
+    if kind not in ('function', 'gelu', 'softmax', 'layer_norm'):
+        raise ValueError(f"unknown EC kind {kind!r}; choose one of function, gelu, softmax, layer_norm")
+    _EC_REGISTERED[module_type] = kind
+    if module_type not in EC_MODULE_TYPES:
+        EC_MODULE_TYPES += (module_type,)
 
 
 def _named_children_recursive(module: nn.Module, prefix: str = '') -> Iterator[Tuple[nn.Module, str, str, nn.Module]]:
