@@ -22,13 +22,14 @@ import torch.nn as nn
 from calibration import TestNeuron
 from kernels import ConversionError, kernels_of, resolve_backend
 from options import CODINGS, FIRE_RULES, THRESHOLD_GRANULARITIES
-from trans_utils import (AtNeuron, ECNeuron, ECPassThrough, MulNeuron, MyAt, MyMul, MyTestPlace, StatefulModule,
+from trans_utils import (_EC_REGISTERED, AtNeuron, ECNeuron, ECPassThrough, MulNeuron, MyAt, MyMul, MyTestPlace, StatefulModule,
                          TwoSideNeuron, exp_comp_neuron, in_region, model_device,
                          skip_prefixes)
 
 __all__ = ['EC_MODULE_TYPES', 'LINEAR_MODULE_TYPES', 'FUSABLE_KINDS', 'replace_test_by_testneuron', 'threshold_config',
            'replace_testneuron_by_twosideneuron', 'replace_nonlinear_by_neuron', 'replace_at_by_neuron',
-           'register_snn_modules', 'check_fully_converted', 'convert_to_snn', 'set_backend', 'fuse_ec_neurons']
+           'register_ec_module', 'register_snn_modules', 'check_fully_converted', 'convert_to_snn', 'set_backend',
+           'fuse_ec_neurons']
 
 
 def set_backend(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
@@ -67,6 +68,21 @@ try:
     EC_MODULE_TYPES += (_TimmGELU, _TimmGELUTanh, _TimmQuickGELU)
 except ImportError:  # pragma: no cover - older timm
     pass
+
+
+def register_ec_module(module_type: type, kind: str = 'function') -> None:
+    """Declare ``module_type`` a nonlinear function of one input that conversion wraps in EC
+    (ECMT_SPEC 5), as the norms and activations of :data:`EC_MODULE_TYPES` are (its subclasses too,
+    as 'function' unless registered themselves). ``kind``: 'function' (any function: the module
+    itself is called on the running means), or a kernel's own 'gelu', 'softmax' or 'layer_norm' for a module
+    that computes exactly torch's function of that name from the same attributes (``approximate``;
+    ``dim`` -1; ``normalized_shape`` of one dimension, ``weight``, ``bias``, ``eps``)."""
+    global EC_MODULE_TYPES
+    if kind not in ('function', 'gelu', 'softmax', 'layer_norm'):
+        raise ValueError(f"unknown EC kind {kind!r}; choose one of function, gelu, softmax, layer_norm")
+    _EC_REGISTERED[module_type] = kind
+    if module_type not in EC_MODULE_TYPES:
+        EC_MODULE_TYPES += (module_type,)
 
 
 def _named_children_recursive(module: nn.Module, prefix: str = '') -> Iterator[Tuple[nn.Module, str, str, nn.Module]]:

@@ -29,8 +29,8 @@ from timm.layers import DropPath, GluMlp, LayerScale, Mlp, PatchDropout, SwiGLU
 from timm.layers import AttentionPoolLatent, apply_rot_embed_cat
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
-from trans_utils import (EC_MODULE_TYPES, ConversionError, MyAt, MyMul, MyTestPlace, SharedQKV,
-                         register_snn_modules)
+import trans_utils
+from trans_utils import ConversionError, MyAt, MyMul, MyTestPlace, SharedQKV, register_snn_modules
 
 __all__ = ['ConvertibleAttention', 'ConvertibleMlp', 'ConvertibleGluMlp', 'ConvertibleAttentionPool',
            'swap_convertible_modules', 'check_structure', 'Family', 'register_family',
@@ -340,7 +340,7 @@ def check_structure(model: nn.Module, containers: Tuple[type, ...], what: str,
     run a silently half-converted network."""
     skip = tuple(model.ecmt_input_modules)
     leaves = (nn.Linear, nn.Identity, nn.Dropout, DropPath, LayerScale, PatchDropout, MyTestPlace, MyAt,
-              MyMul, nn.Softmax) + EC_MODULE_TYPES + tuple(leaves)
+              MyMul, nn.Softmax) + trans_utils.EC_MODULE_TYPES + tuple(leaves)  # as registered now
     bad = []
     for name, module in model.named_modules():
         if not name or any(name == p or name.startswith(p + '.') for p in skip):

@@ -40,7 +40,7 @@ from timm.models.xcit import Xcit
 from model_base import (CONTAINERS, ConvertibleAttention, ConvertibleMlp, Family, check_structure,
                         create_model, default_fc2_thresholds, register_family, register_refusal,
                         resolve_model_name, swap_convertible_modules)
-from trans_utils import ConversionError, MyAt, MyTestPlace, register_snn_modules
+from trans_utils import ConversionError, MyAt, MyTestPlace, register_ec_module, register_snn_modules
 
 __all__ = ['ConvertibleAttention', 'ConvertibleMlp', 'make_vit_convertible', 'create_model',
            'resolve_model_name', 'VIT_FC2_THRESHOLDS', 'default_fc2_thresholds',
@@ -275,20 +275,27 @@ class ConvertibleTalkingHeadAttention(nn.Module):
         return self.proj_drop(self.proj(self.place_fc_out(x)))
 
 
-class CosineNormalisation(nn.RMSNorm):
+class CosineNormalisation(nn.Module):
     """The q/k normalisation of Swin V2's cosine attention, F.normalize over the head channels,
-    times sqrt(head_dim): an RMS norm without weights (rms_norm(x) = x·sqrt(D)/|x|), hence an
-    nn.RMSNorm, which conversion wraps in EC like every norm. The factor sqrt(D) of q and of k
-    is divided out of the scores with the logit scale (a constant factor). Computed in float32
+    times sqrt(head_dim): an RMS norm without weights (rms_norm(x) = x·sqrt(D)/|x|), registered
+    below as a function that conversion wraps in EC like every norm. The factor sqrt(D) of q and
+    of k is divided out of the scores with the logit scale (a constant factor). Computed in float32
     whatever the autocast dtype (|x|² of a half-precision head can overflow), and a zero vector
     stays zero, as F.normalize keeps it. No weights: the state_dict stays timm's."""
 
     def __init__(self, head_dim: int) -> None:
-        super().__init__(head_dim, elementwise_affine=False)
+        super().__init__()
+        self.normalized_shape = (head_dim,)
+
+    def extra_repr(self) -> str:
+        return f'{self.normalized_shape}'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             return F.normalize(x.float(), dim=-1) * math.sqrt(self.normalized_shape[0])
+
+
+register_ec_module(CosineNormalisation)
 
 
 class ConvertibleWindowAttention(nn.Module):

@@ -51,7 +51,7 @@ __all__ = [
     'replace_nonlinear_by_neuron', 'replace_at_by_neuron', 'convert_to_snn', 'get_modules',
     'reset_net', 'set_backend', 'set_default_backend', 'resolve_backend', 'backend_problem', 'kernels_of',
     'BACKENDS', 'BACKEND_CHOICES', 'threshold_config',
-    'EC_MODULE_TYPES', 'register_snn_modules', 'check_fully_converted', 'BaseMonitor', 'SOPMonitor',
+    'EC_MODULE_TYPES', 'register_ec_module', 'register_snn_modules', 'check_fully_converted', 'BaseMonitor', 'SOPMonitor',
     'product_nonzero_macs', 'spike_level_counts', 'fuse_ec_neurons', 'CODINGS', 'Recording', 'NO_RECORDING',
     'NeuronRecord', 'ProductRecord', 'ECRecord', 'NeuronState', 'ECState', 'ECNeuronState', 'ProductState',
     'set_recording', 'set_clock', 'feed_graph', 'small_counts',
@@ -570,6 +570,10 @@ def _layer_norm_types() -> Tuple[type, ...]:
     return (nn.LayerNorm, TimmLayerNorm)
 
 
+#: Module types declared by :func:`conversion.register_ec_module`, with their EC kind.
+_EC_REGISTERED: Dict[type, str] = {}
+
+
 def _ec_kind(module: nn.Module) -> str:
     """'gelu', 'softmax' (over the last dimension) or 'layer_norm' (over the last dimension) for a
     function the native and Triton kernels know exactly, else 'function' (the module is called)."""
@@ -577,6 +581,8 @@ def _ec_kind(module: nn.Module) -> str:
         from timm.layers import GELU as TimmGELU, GELUTanh
     except ImportError:  # pragma: no cover
         TimmGELU = GELUTanh = ()
+    if type(module) in _EC_REGISTERED:
+        return _EC_REGISTERED[type(module)]
     if type(module) in (nn.GELU, TimmGELU, GELUTanh):
         return 'gelu'
     if type(module) is nn.Softmax and module.dim == -1:
@@ -935,7 +941,7 @@ _MONITOR_NAMES = ('BaseMonitor', 'SOPMonitor', 'product_nonzero_macs', 'E_AC', '
 _CONVERSION_NAMES = ('EC_MODULE_TYPES', 'LINEAR_MODULE_TYPES', 'FUSABLE_KINDS', 'replace_test_by_testneuron',
                      'threshold_config', 'replace_testneuron_by_twosideneuron', 'replace_nonlinear_by_neuron',
                      'replace_at_by_neuron', 'register_snn_modules', 'check_fully_converted', 'convert_to_snn',
-                     'set_backend', 'fuse_ec_neurons')
+                     'set_backend', 'fuse_ec_neurons', 'register_ec_module')
 
 
 def __getattr__(name: str):

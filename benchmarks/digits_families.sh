@@ -5,6 +5,8 @@
 # About 3 minutes per family on 2 quiet CPU cores (the gated and rotary ones take longer); on a
 # busy machine OMP_NUM_THREADS=1 runs far faster.
 #   bash benchmarks/digits_families.sh [OUT_DIR [FAMILY ...]]    (default: every family below)
+# EPOCHS (default 30) sets the training length; SNN_FLAGS adds flags to every family's snn run,
+# e.g. SNN_FLAGS="--fc2_thresholds 0.25 0.08" (the fixed fc2 thresholds of ViT names, ECMT_SPEC 4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-digits_families}
@@ -50,8 +52,9 @@ for name in "${ORDER[@]}"; do
       --no_progress --log_dir "$OUT" --results "$OUT/$name.ann.json" > /dev/null 2>&1
   python run_class_finetuning.py "${common[@]}" --model_path "$OUT/${name}_best.pth" --test_mode for_v \
       --no_progress --log_dir "$OUT" --output_dir "$OUT" --savename "${name}_for_v" > /dev/null 2>&1
+  # shellcheck disable=SC2086  # SNN_FLAGS: words on purpose
   python run_class_finetuning.py "${common[@]}" --model_path "$OUT/${name}_for_v.pth" --test_mode snn \
-      --test_T 8 --no_progress --log_dir "$OUT" --output_dir "$OUT" --results "$OUT/$name.snn.json" > /dev/null 2>&1
+      --test_T 8 ${SNN_FLAGS:-} --no_progress --log_dir "$OUT" --output_dir "$OUT" --results "$OUT/$name.snn.json" > /dev/null 2>&1
   python - "$OUT" "$name" "$model" $kwargs <<'PY'
 import json, sys
 import timm, torch

@@ -259,17 +259,24 @@ class RefProduct(torch.nn.Module):
         return out if scale is None else out * scale  # the model's (q·kᵀ) * scale
 
 
-def ref_simulate(model: torch.nn.Module, images: torch.Tensor, steps: int) -> torch.Tensor:
+def ref_simulate(model: torch.nn.Module, images: torch.Tensor, steps: int, analog: bool = False) -> torch.Tensor:
     """The head's output of every step, [steps, B, classes], of a converted SNN run one whole step
     of the network at a time, as the published scripts did: a copy of ``model`` whose MT neurons,
     EC modules and EC products are replaced by the literal one-step modules above (thresholds,
     levels and wrapped functions taken from the converted ones), called ``steps`` times on the
-    same images. Independent of the toolkit's multi-step code."""
+    same images. Independent of the toolkit's multi-step code.
+
+    ``analog=True``: every MT neuron passes its input on unchanged (no quantisation), the EC
+    modules and products stay literal. By ECMT_SPEC 5 and 6 the outputs summed over steps 1..t are
+    then t times the ANN's output at every t, whatever constants (biases, position terms) the
+    model adds at each step: a check of how those constants enter the expectation."""
     import copy
     import trans_utils
     model = copy.deepcopy(model)
 
     def neuron(module):
+        if analog:
+            return torch.nn.Identity()
         # The neuron's thresholds of any shape (one pair, or per channel: they broadcast against
         # the input as the module sees it) and its fire rule (ECMT_SPEC 4 unless it says 15's).
         return RefNeuron(module.scale_p.detach().clone(), module.scale_n.detach().clone(), module.levels,

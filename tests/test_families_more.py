@@ -5,6 +5,7 @@ every new product and linear layer, and the refusals of what is still not conver
 
 Random weights of trained scale, no download; 16x16 images, two blocks (Swin: two stages of two).
 """
+import copy
 import math
 from functools import partial
 
@@ -169,8 +170,8 @@ def test_time_folded_into_the_batch():
 
 def test_cosine_normalisation_is_timm_normalize():
     """Swin V2's q/k normalisation as an EC-convertible norm: q_norm(x) / sqrt(D) is
-    F.normalize(x), zero vectors included, in float32 also under autocast; an nn.RMSNorm (what
-    conversion wraps in EC) equal to a weightless RMS norm."""
+    F.normalize(x), zero vectors included, in float32 also under autocast; equal to a weightless
+    RMS norm, and registered as a module type that conversion wraps in EC."""
     attn = make('swinv2')[0].layers[0].blocks[0].attn
     x = torch.randn(5, 2, 16, attn.head_dim, generator=torch.Generator().manual_seed(0)) * 3
     x[0, 0, 0] = 0
@@ -179,10 +180,42 @@ def test_cosine_normalisation_is_timm_normalize():
     assert torch.equal(normalised[0, 0, 0], torch.zeros(attn.head_dim))
     rms = nn.functional.rms_norm(x, (attn.head_dim,), eps=1e-30)
     torch.testing.assert_close(attn.q_norm(x), rms, rtol=1e-5, atol=1e-6)
-    assert isinstance(attn.q_norm, trans_utils.EC_MODULE_TYPES)
+    assert isinstance(attn.q_norm, trans_utils.EC_MODULE_TYPES)  # registered (register_ec_module)
+    assert trans_utils._ec_kind(attn.q_norm) == 'function'  # called on the running means
     assert not list(attn.q_norm.parameters())  # no weights: the state_dict stays timm's
     with torch.autocast('cpu', dtype=torch.bfloat16):
         assert attn.q_norm(x.bfloat16()).dtype == torch.float32
+
+
+class SignedSquare(nn.Module):
+    """x·|x|: a nonlinear function of one input that no kernel knows (for the test below)."""
+
+    def forward(self, x):
+        return x * x.abs()
+
+
+def test_a_registered_module_type_is_wrapped_in_ec():
+    """trans_utils.register_ec_module: a module type conversion does not know is refused (it would
+    stay analog) until registered; then it is wrapped in EC, called as a function on the running
+    means, and with analog neurons every step is the ANN (the literal reference)."""
+    model, _ = make('beit')
+    model.blocks[0].mlp.act = SignedSquare()
+    calibrated(model)
+    x = pictures(2)
+    with torch.no_grad():
+        want = model(x)
+    with pytest.raises(ValueError, match='unknown EC kind'):
+        trans_utils.register_ec_module(SignedSquare, kind='sign')
+    if SignedSquare not in trans_utils.EC_MODULE_TYPES:  # a rerun in the same process: registered
+        with pytest.raises(ConversionError, match=r'blocks\.0\.mlp\.act \(SignedSquare\)'):
+            convert_to_snn(copy.deepcopy(model), backend='eager')
+    trans_utils.register_ec_module(SignedSquare)
+    convert_to_snn(model, backend='eager')
+    act = model.blocks[0].mlp.act
+    assert type(act) is exp_comp_neuron and type(act.module) is SignedSquare and act.kind == 'function'
+    means = ref_simulate(model, x, 3, analog=True).cumsum(0) / torch.arange(1, 4).view(-1, 1, 1)
+    for t in range(3):
+        assert relative_error(means[t], want) < 1e-5, t
 
 
 # ---------------------------------------------------------------- what the conversion makes
@@ -279,6 +312,26 @@ def test_snn_approaches_the_ann(config):
     errors = {t: relative_error(means[t - 1], ann) for t in (1, 4, 32)}
     assert errors[32] < 0.5 * errors[4] and errors[32] < errors[1], errors
     assert errors[32] < 0.15, errors
+
+
+@pytest.mark.parametrize('config', CONFIGS)
+def test_with_analog_neurons_every_step_is_the_ann(config):
+    """The constants each family adds at every step (BEiT's relative position bias, own or shared,
+    LayerScale, q/v biases, Swin's position bias and shift mask, V2's logit scale) enter the
+    expectation once: with every MT neuron passing its input on unchanged and the EC modules and
+    products literal (reference.ref_simulate, analog=True), the running mean of the outputs is
+    timm's logits at every step (ECMT_SPEC 5, 6), not only approached as steps go on. A constant
+    accumulated per step, or added both to a product and after it, would miss from step 2 on."""
+    model, plain = make(config)
+    calibrated(model)
+    x = pictures(2)
+    with torch.no_grad():
+        want = plain(x)
+    convert_to_snn(model, backend='eager')
+    outputs = ref_simulate(model, x, 4, analog=True)
+    means = outputs.cumsum(0) / torch.arange(1, 5).view(-1, 1, 1)
+    for t in range(4):
+        assert relative_error(means[t], want) < 1e-5, (t, relative_error(means[t], want))
 
 
 # ---------------------------------------------------------------- energy
