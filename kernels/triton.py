@@ -44,7 +44,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from kernels import channel_table, differential_coding, part_channels, parts_mt_steps
+from kernels import channel_table, differential_coding, parts_mt_steps
 
 try:
     import triton
@@ -595,11 +595,7 @@ def qkv_parts_mt_steps(qkv: torch.Tensor, heads: int, tables, membranes, keep: b
     """The q, k and v neurons on one fused qkv output: :func:`qkv_mt_steps` per part
     (``kernels.parts_mt_steps``; on a GPU each part is its own launch); ``channels``: one map for
     the three parts, or one per part."""
-    maps = part_channels(channels)
-
-    def one_part(qkv, part, heads, table, membrane, keep, **extra):
-        return qkv_mt_steps(qkv, part, heads, table, membrane, keep, channels=maps[part], **extra)
-    return parts_mt_steps(one_part, qkv, heads, tables, membranes, keep, **coding)
+    return parts_mt_steps(qkv_mt_steps, qkv, heads, tables, membranes, keep, channels=channels, **coding)
 
 # ---- expectation compensation -------------------------------------------------------------------
 def _ec_arguments(name: str, x: torch.Tensor, cum, prev, keep: bool, rank: int):
