@@ -259,6 +259,38 @@ if triton is not None:
             return a * 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
 
     @triton.jit
+    def _ec_start(cum, prev, at, mask, FRESH: tl.constexpr):
+        """A tile's EC running sum and last total before a chunk: zero if FRESH, else read."""
+        if FRESH:
+            c = tl.zeros(at.shape, dtype=tl.float32)
+            p = tl.zeros(at.shape, dtype=tl.float32)
+        else:
+            c = tl.load(cum + at, mask=mask, other=0.0)
+            p = tl.load(prev + at, mask=mask, other=0.0)
+        return c, p
+
+    @triton.jit
+    def _ec_output(v, r, d, mask, table, out_ptrs, sent_ptrs, count_ptr, step, FUSED: tl.constexpr,
+                   DIFFERENTIAL: tl.constexpr, SENT: tl.constexpr, W: tl.constexpr):
+        """A step's EC output d: written, or (FUSED) fed to the neuron, whose outputs are written
+        instead. Returns the neuron's (membrane, estimate)."""
+        if FUSED:
+            v, r = _mt_step(v, r, d, mask, table, out_ptrs, sent_ptrs, count_ptr, step, DIFFERENTIAL, SENT, W)
+        else:
+            tl.store(out_ptrs, d, mask=mask)
+        return v, r
+
+    @triton.jit
+    def _ec_keep(cum, prev, membrane, estimate, at, mask, c, p, v, r, KEEP: tl.constexpr, FUSED: tl.constexpr,
+                 DIFFERENTIAL: tl.constexpr):
+        """With KEEP, a tile's EC state after the chunk, and (FUSED) its neuron's, written."""
+        if KEEP:
+            tl.store(cum + at, c, mask=mask)
+            tl.store(prev + at, p, mask=mask)
+        if FUSED:
+            _neuron_keep(membrane, estimate, at, mask, v, r, KEEP, DIFFERENTIAL)
+
+    @triton.jit
     def _ec_gelu_kernel(x, cum, prev, out, t0, K, n, table, membrane, counts, estimate, sent, inner, groups, cwidth,
                         FRESH: tl.constexpr, KEEP: tl.constexpr, APPROXIMATE: tl.constexpr, FUSED: tl.constexpr,
                         NEURON_FRESH: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr,
@@ -267,15 +299,10 @@ if triton is not None:
         # P = total. FUSED: `out` receives the spikes of the MT neuron fed `total - P` instead.
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        if FRESH:
-            c = tl.zeros([BLOCK], dtype=tl.float32)
-            p = tl.zeros([BLOCK], dtype=tl.float32)
-        else:
-            c = tl.load(cum + offs, mask=mask, other=0.0)
-            p = tl.load(prev + offs, mask=mask, other=0.0)
-        if FUSED:
-            table = _levels_at(table, offs, inner, groups, cwidth, W, PER_CHANNEL)
-            v, r = _neuron_start(membrane, estimate, offs, mask, NEURON_FRESH, DIFFERENTIAL)
+        c, p = _ec_start(cum, prev, offs, mask, FRESH)
+        # Unfused, the neuron's state is zeros that nothing reads (NEURON_FRESH, one channel).
+        table = _levels_at(table, offs, inner, groups, cwidth, W, PER_CHANNEL)
+        v, r = _neuron_start(membrane, estimate, offs, mask, NEURON_FRESH, DIFFERENTIAL)
         x_ptrs = x + offs
         out_ptrs = out + offs
         sent_ptrs = sent + offs
@@ -285,18 +312,12 @@ if triton is not None:
             total = _gelu(tl.math.div_rn(c, steps + tl.zeros_like(c)), APPROXIMATE) * steps
             d = total - p
             p = total
-            if FUSED:
-                v, r = _mt_step(v, r, d, mask, table, out_ptrs, sent_ptrs, counts + k, steps, DIFFERENTIAL, SENT, W)
-            else:
-                tl.store(out_ptrs, d, mask=mask)
+            v, r = _ec_output(v, r, d, mask, table, out_ptrs, sent_ptrs, counts + k, steps, FUSED, DIFFERENTIAL, SENT,
+                              W)
             x_ptrs += n
             out_ptrs += n
             sent_ptrs += n
-        if KEEP:
-            tl.store(cum + offs, c, mask=mask)
-            tl.store(prev + offs, p, mask=mask)
-        if FUSED:
-            _neuron_keep(membrane, estimate, offs, mask, v, r, KEEP, DIFFERENTIAL)
+        _ec_keep(cum, prev, membrane, estimate, offs, mask, c, p, v, r, KEEP, FUSED, DIFFERENTIAL)
 
     @triton.jit
     def _ec_rows_kernel(x, cum, prev, out, t0, K, rows, cols, weight, bias, eps, table, membrane, counts,
@@ -314,15 +335,10 @@ if triton is not None:
         mask = (row < rows) & in_row
         offs = row * cols + col
         n = rows * cols
-        if FRESH:
-            c = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
-            p = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
-        else:
-            c = tl.load(cum + offs, mask=mask, other=0.0)
-            p = tl.load(prev + offs, mask=mask, other=0.0)
-        if FUSED:
-            table = _levels_at(table, offs, inner, groups, cwidth, W, PER_CHANNEL)
-            v, r = _neuron_start(membrane, estimate, offs, mask, NEURON_FRESH, DIFFERENTIAL)
+        c, p = _ec_start(cum, prev, offs, mask, FRESH)
+        # Unfused, the neuron's state is zeros that nothing reads (NEURON_FRESH, one channel).
+        table = _levels_at(table, offs, inner, groups, cwidth, W, PER_CHANNEL)
+        v, r = _neuron_start(membrane, estimate, offs, mask, NEURON_FRESH, DIFFERENTIAL)
         if LAYER_NORM:
             if HAS_WEIGHT:
                 w = tl.load(weight + col, mask=in_row, other=0.0)
@@ -353,18 +369,12 @@ if triton is not None:
                 total = e * tl.math.div_rn(steps + tl.zeros([ROWS], dtype=tl.float32), tl.sum(e, axis=1))[:, None]
             d = total - p
             p = total
-            if FUSED:
-                v, r = _mt_step(v, r, d, mask, table, out_ptrs, sent_ptrs, counts + k, steps, DIFFERENTIAL, SENT, W)
-            else:
-                tl.store(out_ptrs, d, mask=mask)
+            v, r = _ec_output(v, r, d, mask, table, out_ptrs, sent_ptrs, counts + k, steps, FUSED, DIFFERENTIAL, SENT,
+                              W)
             x_ptrs += n
             out_ptrs += n
             sent_ptrs += n
-        if KEEP:
-            tl.store(cum + offs, c, mask=mask)
-            tl.store(prev + offs, p, mask=mask)
-        if FUSED:
-            _neuron_keep(membrane, estimate, offs, mask, v, r, KEEP, DIFFERENTIAL)
+        _ec_keep(cum, prev, membrane, estimate, offs, mask, c, p, v, r, KEEP, FUSED, DIFFERENTIAL)
 
     @triton.jit
     def _running_sums_kernel(x, carried, sums, K, n, CARRIED: tl.constexpr, BLOCK: tl.constexpr):
