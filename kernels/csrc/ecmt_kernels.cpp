@@ -444,12 +444,6 @@ inline bool make_channel_map(int64_t inner, int64_t groups, int64_t cwidth, cons
     return true;
 }
 
-// The size of a thread's buffer for the levels of `tiles` tiles (tile_levels' layout): none for
-// one channel.
-inline size_t level_floats(bool per_channel, int64_t width, int64_t tiles = 1) {
-    return per_channel ? static_cast<size_t>(4 * width * kTile * tiles) : 0;
-}
-
 // lv[q * kTile + i] = row q (< rows = 4 * width) of the level block of element first + i's
 // channel, i < len <= kTile: copied by runs of consecutive channels (a tile of a token's features
 // or of a head's channels is one run or two). The row stride is the constant kTile: with a
@@ -589,7 +583,7 @@ void mt_steps(const float* x, const StepLayout& l, float* membrane, bool fresh, 
 #pragma omp parallel num_threads(threads) if (threads > 1 && n > kItem)
     {
         std::vector<int64_t> local(K, 0);
-        std::vector<float> lv(level_floats(PerChannel, width));
+        std::vector<float> lv(PerChannel ? static_cast<size_t>(4 * width * kTile) : 0);
         TileSource source;
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; ++item) {
@@ -688,14 +682,17 @@ void qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H, in
                                 const int64_t len = std::min(kTile, D - d0);
                                 float* o = out + d0;
                                 float* so = sent ? sent + d0 : nullptr;
-                                const float* lv = nullptr;
                                 if (per_channel[p]) {
                                     const int64_t slot = (p * H + h) * head_tiles + d0 / kTile;
-                                    lv = slot_levels(channels[p], 4 * width, to - k * step_out + d0, len,
-                                                     slot_buffer.data() + slot * 4 * width * kTile, slots[slot]);
+                                    const float* lv = slot_levels(channels[p], 4 * width, to - k * step_out + d0, len,
+                                                                  slot_buffer.data() + slot * 4 * width * kTile,
+                                                                  slots[slot]);
+                                    neuron_tile<W, true>(differential, v + at + d0, r + at + d0, in + at + d0,
+                                                         tables[p], width, o, so, len, step, local[p * K + k], lv);
+                                } else {
+                                    neuron_tile<W, false>(differential, v + at + d0, r + at + d0, in + at + d0,
+                                                          tables[p], width, o, so, len, step, local[p * K + k]);
                                 }
-                                neuron_tile<W>(per_channel[p], differential, v + at + d0, r + at + d0, in + at + d0,
-                                               tables[p], width, o, so, len, step, local[p * K + k], lv);
                             }
                         }
                     }
@@ -814,9 +811,12 @@ struct FusedNeuron {
 
     // The membrane (and estimate) of elements at .. at + len - 1 before the chunk, into v (and r).
     void start(int64_t at, int64_t len, float* v, float* r) const {
-        for (int64_t j = 0; j < len; ++j) v[j] = fresh ? 0.0f : membrane[at + j];
-        if (differential)
-            for (int64_t j = 0; j < len; ++j) r[j] = fresh ? 0.0f : estimate[at + j];
+        if (fresh) std::fill_n(v, len, 0.0f);
+        else std::copy_n(membrane + at, len, v);
+        if (differential) {
+            if (fresh) std::fill_n(r, len, 0.0f);
+            else std::copy_n(estimate + at, len, r);
+        }
     }
 
     // Step k of a tile of len <= kTile elements from `at` (of n a step) fed d: outputs written,
@@ -831,9 +831,8 @@ struct FusedNeuron {
     // With keep, the membrane (and estimate) of elements at .. at + len - 1 after the chunk.
     void finish(int64_t at, int64_t len, const float* v, const float* r) const {
         if (!keep) return;
-        for (int64_t j = 0; j < len; ++j) membrane[at + j] = v[j];
-        if (differential)
-            for (int64_t j = 0; j < len; ++j) estimate[at + j] = r[j];
+        std::copy_n(v, len, membrane + at);
+        if (differential) std::copy_n(r, len, estimate + at);
     }
 };
 
@@ -856,7 +855,7 @@ void ec_gelu_steps(const float* x, float* cum, float* prev, bool fresh, bool kee
     {
         std::vector<int64_t> local(neuron ? K : 0, 0);
         const bool per_channel = neuron && neuron->channels.per_channel();
-        std::vector<float> lv(level_floats(per_channel, neuron ? neuron->width : 0));
+        std::vector<float> lv(per_channel ? static_cast<size_t>(4 * neuron->width * kTile) : 0);
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; ++item) {
             const int64_t end = std::min(n, (item + 1) * kItem);
@@ -869,7 +868,10 @@ void ec_gelu_steps(const float* x, float* cum, float* prev, bool fresh, bool kee
                     c[j] = fresh ? 0.0f : cum[col + j];
                     p[j] = fresh ? 0.0f : prev[col + j];
                 }
-                if (neuron) neuron->start(col, len, v, r);
+                if (neuron)
+                    for (int64_t j = 0; j < len; ++j) v[j] = neuron->fresh ? 0.0f : neuron->membrane[col + j];
+                if (neuron && neuron->differential)
+                    for (int64_t j = 0; j < len; ++j) r[j] = neuron->fresh ? 0.0f : neuron->estimate[col + j];
                 for (int64_t k = 0; k < K; ++k) {
                     const float steps = t0 + static_cast<float>(k + 1);
                     const float* xk = x + k * n + col;
@@ -881,7 +883,16 @@ void ec_gelu_steps(const float* x, float* cum, float* prev, bool fresh, bool kee
                         ok[j] = total - p[j];
                         p[j] = total;
                     }
-                    if (neuron) neuron->step<W>(k, n, col, len, v, r, d, steps, local[k], lv.data());
+                    if (per_channel)
+                        neuron_tile<W, true>(neuron->differential, v, r, d, neuron->table, neuron->width,
+                                             neuron->spike + k * n + col,
+                                             neuron->sent ? neuron->sent + k * n + col : nullptr, len, steps,
+                                             local[k], lv.data());
+                    else if (neuron)
+                        neuron_tile<W, false>(neuron->differential, v, r, d, neuron->table, neuron->width,
+                                              neuron->spike + k * n + col,
+                                              neuron->sent ? neuron->sent + k * n + col : nullptr, len, steps,
+                                              local[k]);
                 }
                 if (keep) {
                     for (int64_t j = 0; j < len; ++j) {
@@ -889,7 +900,11 @@ void ec_gelu_steps(const float* x, float* cum, float* prev, bool fresh, bool kee
                         prev[col + j] = p[j];
                     }
                 }
-                if (neuron) neuron->finish(col, len, v, r);
+                if (neuron && neuron->keep) {
+                    for (int64_t j = 0; j < len; ++j) neuron->membrane[col + j] = v[j];
+                    if (neuron->differential)
+                        for (int64_t j = 0; j < len; ++j) neuron->estimate[col + j] = r[j];
+                }
             }
         }
         if (neuron) {
@@ -1022,7 +1037,7 @@ void ec_row_steps(const float* x, float* cum, float* prev, bool fresh, bool keep
         std::vector<float> c(cols), p(cols), v(neuron ? cols : 0), d(neuron ? cols : 0), e(differential ? cols : 0);
         const bool per_channel = neuron && neuron->channels.per_channel();
         const int64_t chunks = (cols + kTile - 1) / kTile;  // a row's tiles, each its own levels
-        std::vector<float> lv(level_floats(per_channel, neuron ? neuron->width : 0, chunks));
+        std::vector<float> lv(per_channel ? static_cast<size_t>(4 * neuron->width * kTile * chunks) : 0);
         std::vector<int64_t> local(neuron ? K : 0, 0);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; ++r) {
