@@ -305,13 +305,16 @@ def _qkv_pass(name: str, qkv: torch.Tensor, heads: int, tables, membranes, keep:
     if any(calls[p].table.shape[-1] != width for p in active):
         raise ValueError(f'{name}: the tables must be [C, 4, width] tensors of one width')
 
-    def pointers(field: str) -> list:  # per part (None for a part not asked for)
-        return [None if call is None else _ptr(getattr(call, field)) for call in calls]
+    # per part (None for a part not asked for)
+    table_ptrs, membrane_ptrs, spike_ptrs, estimate_ptrs, sent_ptrs = zip(*[
+        (None,) * 5 if call is None else
+        (_ptr(call.table), _ptr(call.membrane), _ptr(call.spike), _ptr(call.estimate), _ptr(call.sent))
+        for call in calls])
     maps = (ctypes.c_int64 * 9)(*[c for call in calls for c in ((1, 1, 1) if call is None else call.channels)])
-    status = library().ecmt_qkv_mt_steps(qkv.data_ptr(), K, B, N, heads, D, *pointers('table'), width,
-                                         *pointers('membrane'), int(first.fresh), int(first.keep), *pointers('spike'),
-                                         counts.data_ptr(), torch.get_num_threads(), int(first.differential),
-                                         *pointers('estimate'), float(t0), *pointers('sent'), maps)
+    status = library().ecmt_qkv_mt_steps(qkv.data_ptr(), K, B, N, heads, D, *table_ptrs, width, *membrane_ptrs,
+                                         int(first.fresh), int(first.keep), *spike_ptrs, counts.data_ptr(),
+                                         torch.get_num_threads(), int(first.differential), *estimate_ptrs, float(t0),
+                                         *sent_ptrs, maps)
     if status != 0:
         raise RuntimeError(f'ecmt_qkv_mt_steps rejected its arguments (status {status})')
     return [None if call is None else call.result() for call in calls]
