@@ -24,7 +24,7 @@ import importlib
 import math
 import warnings
 from types import ModuleType
-from typing import Callable, Dict, Optional, Protocol, Sequence, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import torch
 
@@ -32,7 +32,8 @@ from options import BACKEND_CHOICES, BACKENDS, CODINGS, FIRE_RULES
 
 __all__ = ['BACKENDS', 'BACKEND_CHOICES', 'BACKEND_TABLE', 'Backend', 'ConversionError', 'Kernels', 'kernels_of',
            'backend_problem', 'resolve_backend', 'set_default_backend', 'default_backend', 'level_table',
-           'level_width', 'channel_map', 'channel_table', 'part_channels', 'differential_coding', 'parts_mt_steps']
+           'level_width', 'channel_map', 'channel_table', 'part_channels', 'differential_coding', 'NeuronCall',
+           'neuron_call', 'parts_mt_steps']
 
 
 class ConversionError(ValueError):
@@ -330,11 +331,64 @@ def differential_coding(name: str, coding: str, membrane: Optional[torch.Tensor]
     return coding == 'differential'
 
 
+class NeuronCall(NamedTuple):
+    """One call of a neuron kernel (``mt_steps``, ``qkv_mt_steps``, ``ec_mt_steps`` of the
+    backends that run a kernel of their own), its arguments prepared by :func:`neuron_call`: the
+    checked table and channel map, the state the kernel reads and/or writes (the given tensors, a
+    new one for a fresh state that is kept, None for one that is not) and the outputs it writes."""
+    table: torch.Tensor
+    channels: Tuple[int, int, int]
+    differential: bool
+    keep: bool
+    membrane: Optional[torch.Tensor]
+    fresh: bool  # the states start at zero (not read)
+    estimate: Optional[torch.Tensor]  # differential only
+    spike: torch.Tensor  # rate: the spikes; differential: the outputs r + s
+    sent: Optional[torch.Tensor]  # differential with ``sent`` only: the spikes s
+    counts: torch.Tensor
+
+    def at_rest(self) -> None:
+        """A chunk of no step (or of empty steps) leaves a fresh state at zero: a kept one is
+        zeroed here, for the kernels that write nothing then."""
+        if self.keep and self.fresh:
+            self.membrane.zero_()
+            if self.differential:
+                self.estimate.zero_()
+
+    def result(self, *ec_state) -> tuple:
+        """What the kernel function returns: (spikes, counts, ``*ec_state``, membrane) for the
+        rate neuron, (outputs, counts, ``*ec_state``, membrane, estimate, spikes s or None) for the
+        differential one; the states None without ``keep``."""
+        membrane, estimate = (self.membrane, self.estimate) if self.keep else (None, None)
+        if self.differential:
+            return self.spike, self.counts, *ec_state, membrane, estimate, self.sent
+        return self.spike, self.counts, *ec_state, membrane
+
+
+def neuron_call(name: str, table: torch.Tensor, channels: Tuple[int, int, int], coding: str,
+                membrane: Optional[torch.Tensor], estimate: Optional[torch.Tensor], sent: bool, keep: bool,
+                shape: Sequence[int], n: int, state: Callable, counts: torch.Tensor) -> NeuronCall:
+    """The :class:`NeuronCall` of a neuron kernel writing outputs of ``shape`` ([K, ...], float32
+    on ``counts``' device) from states of ``n`` elements: the coding checked
+    (:func:`differential_coding`), the states through the backend's ``state(given, n, keep)`` ->
+    (tensor or None, fresh), the outputs allocated; ``table`` and ``channels`` as the backend
+    checked them."""
+    differential = differential_coding(name, coding, membrane, estimate)
+    membrane, fresh = state(membrane, n, keep)
+    estimate = state(estimate, n, keep)[0] if differential else None
+    spike = torch.empty(shape, dtype=torch.float32, device=counts.device)
+    spikes_sent = torch.empty_like(spike) if differential and sent else None
+    return NeuronCall(table, channels, differential, bool(keep), membrane, fresh, estimate, spike, spikes_sent, counts)
+
+
 def parts_mt_steps(qkv_mt_steps: Callable, qkv: torch.Tensor, heads: int, tables, membranes, keep: bool, *,
-                   coding: str = 'rate', estimates=(None, None, None), t0: int = 0, sents=(False, False, False)):
+                   coding: str = 'rate', estimates=(None, None, None), t0: int = 0, sents=(False, False, False),
+                   channels=(1, 1, 1)):
     """``qkv_parts_mt_steps`` as one ``qkv_mt_steps`` call per part that has a table, for the
     backends without a joint kernel (``native`` reads each row once): per part what
-    ``qkv_mt_steps`` returns, or None. States as every kernel's (updated in place with ``keep``)."""
+    ``qkv_mt_steps`` returns, or None. ``channels``: one map for the three parts, or one per part
+    (:func:`part_channels`). States as every kernel's (updated in place with ``keep``)."""
+    maps = part_channels(channels)
     if not (len(tables) == len(membranes) == len(estimates) == len(sents) == 3):
         raise ValueError('qkv_parts_mt_steps: give one table, membrane, estimate and sent flag per part')
     if all(table is None for table in tables):
@@ -345,5 +399,5 @@ def parts_mt_steps(qkv_mt_steps: Callable, qkv: torch.Tensor, heads: int, tables
             continue
         extra = (dict(coding=coding, estimate=estimates[part], t0=t0, sent=sents[part])
                  if coding == 'differential' else {})
-        results[part] = qkv_mt_steps(qkv, part, heads, table, membranes[part], keep, **extra)
+        results[part] = qkv_mt_steps(qkv, part, heads, table, membranes[part], keep, channels=maps[part], **extra)
     return results

@@ -26,7 +26,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from kernels import channel_table, differential_coding, part_channels, parts_mt_steps
+from kernels import channel_table, differential_coding, parts_mt_steps
 
 #: EC kinds a module runs through this backend's own kernels: none, the eager backend calls the
 #: wrapped module itself (ec_function_steps) for every kind; ec_gelu/softmax/layer_norm_steps below
@@ -194,11 +194,7 @@ def qkv_parts_mt_steps(qkv: torch.Tensor, heads: int, tables, membranes, keep: b
                        channels=(1, 1, 1), **coding):
     """The q, k and v neurons on one fused qkv output (:func:`parts_mt_steps` over
     :func:`qkv_mt_steps`); ``channels``: one map for the three parts, or one per part."""
-    maps = part_channels(channels)
-
-    def one_part(qkv, part, heads, table, membrane, keep, **extra):
-        return qkv_mt_steps(qkv, part, heads, table, membrane, keep, channels=maps[part], **extra)
-    return parts_mt_steps(one_part, qkv, heads, tables, membranes, keep, **coding)
+    return parts_mt_steps(qkv_mt_steps, qkv, heads, tables, membranes, keep, channels=channels, **coding)
 
 
 def running_sums(x: torch.Tensor, carried: Optional[torch.Tensor]) -> torch.Tensor:

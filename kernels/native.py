@@ -17,6 +17,7 @@ reference implementations (``tests/reference.py``) and to the other paths.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import threading
 import warnings
@@ -24,7 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from kernels import channel_table, differential_coding, part_channels
+from kernels import channel_table, neuron_call, part_channels
 
 #: False: never build or load the library (``ECMT_NATIVE=0``); the callers' fallbacks run.
 ENABLED = os.environ.get('ECMT_NATIVE', '1') != '0'
@@ -199,6 +200,18 @@ def _table(name: str, table: torch.Tensor, channels) -> Tuple[torch.Tensor, Tupl
     return table, channels
 
 
+def _neuron_call(name: str, table: torch.Tensor, channels, coding: str, membrane: Optional[torch.Tensor],
+                 estimate: Optional[torch.Tensor], sent: bool, keep: bool, shape,
+                 counts: Optional[torch.Tensor] = None):
+    """``kernels.neuron_call`` for a native neuron kernel writing outputs of ``shape`` [K, ...] (its
+    table checked by :func:`_table`; the kernel zeroes the counts, [K] unless given)."""
+    table, channels = _table(name, table, channels)
+    steps = shape[0]
+    n = math.prod(shape[1:]) if steps else 0
+    counts = torch.empty(steps, dtype=torch.int64) if counts is None else counts
+    return neuron_call(name, table, channels, coding, membrane, estimate, sent, keep, shape, n, _state, counts)
+
+
 def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tensor], keep: bool, *,
              coding: str = 'rate', estimate: Optional[torch.Tensor] = None, t0: int = 0, sent: bool = False,
              channels: Tuple[int, int, int] = (1, 1, 1)):
@@ -219,26 +232,16 @@ def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tens
     s [K, ...] if ``sent`` else None)."""
     if x.dim() < 1 or x.dim() > MAX_DIMS + 1:
         raise ValueError(f'mt_steps: x must have 1 to {MAX_DIMS + 1} dimensions')
-    table, channels = _table('mt_steps', table, channels)
-    differential = differential_coding('mt_steps', coding, membrane, estimate)
-    steps = x.shape[0]
-    n = x[0].numel() if steps else 0
-    membrane, fresh = _state(membrane, n, keep)
-    estimate = _state(estimate, n, keep)[0] if differential else None
-    spike = torch.empty(x.shape, dtype=torch.float32)
-    spikes_sent = torch.empty(x.shape, dtype=torch.float32) if differential and sent else None
-    counts = torch.empty(steps, dtype=torch.int64)
+    call = _neuron_call('mt_steps', table, channels, coding, membrane, estimate, sent, keep, x.shape)
     shape = (ctypes.c_int64 * x.dim())(*x.shape)
     strides = (ctypes.c_int64 * x.dim())(*x.stride())
-    status = library().ecmt_mt_steps(x.data_ptr(), x.dim(), shape, strides, _ptr(membrane), int(fresh),
-                                     int(bool(keep)), table.data_ptr(), table.shape[2], spike.data_ptr(),
-                                     counts.data_ptr(), torch.get_num_threads(), int(differential), _ptr(estimate),
-                                     float(t0), _ptr(spikes_sent), *channels)
+    status = library().ecmt_mt_steps(x.data_ptr(), x.dim(), shape, strides, _ptr(call.membrane), int(call.fresh),
+                                     int(call.keep), call.table.data_ptr(), call.table.shape[2], call.spike.data_ptr(),
+                                     call.counts.data_ptr(), torch.get_num_threads(), int(call.differential),
+                                     _ptr(call.estimate), float(t0), _ptr(call.sent), *call.channels)
     if status != 0:
         raise RuntimeError(f'ecmt_mt_steps rejected its arguments (status {status})')
-    if differential:
-        return spike, counts, membrane if keep else None, estimate if keep else None, spikes_sent
-    return spike, counts, membrane if keep else None
+    return call.result()
 
 
 def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
@@ -288,48 +291,33 @@ def _qkv_pass(name: str, qkv: torch.Tensor, heads: int, tables, membranes, keep:
     active = [p for p in range(3) if tables[p] is not None]
     if not active:
         raise ValueError(f'{name}: no part has a table')
-    tables, channels = list(tables), list(channels)
-    for p in active:
-        tables[p], channels[p] = _table(name, tables[p], channels[p])
-    width = tables[active[0]].shape[-1]
-    if any(tables[p].shape[-1] != width for p in active):
-        raise ValueError(f'{name}: the tables must be [C, 4, width] tensors of one width')
     if len({membranes[p] is None for p in active}) > 1:
         raise ValueError(f'{name}: the parts\' membranes must all be given or all be None')
-    differential = any([differential_coding(name, coding, membranes[p], estimates[p]) for p in active])
     K, B, N, _ = qkv.shape
     D = qkv.shape[-1] // (3 * heads)
-    n = B * heads * N * D if K else 0
-    fresh = membranes[active[0]] is None
-
-    def state_of(given):  # the tensor the kernel reads and (with keep) writes
-        return _state(given, n, keep)[0]
-    table_ptrs, membrane_ptrs, spike_ptrs, estimate_ptrs, sent_ptrs = ([None] * 3 for _ in range(5))
-    outs = [None] * 3
-    for p in active:
-        membrane = state_of(membranes[p])
-        estimate = state_of(estimates[p]) if differential else None
-        spike = torch.empty(K, B, heads, N, D, dtype=torch.float32)
-        sent = torch.empty_like(spike) if differential and sents[p] else None
-        outs[p] = (spike, membrane, estimate, sent)
-        table_ptrs[p], membrane_ptrs[p], spike_ptrs[p] = tables[p].data_ptr(), _ptr(membrane), spike.data_ptr()
-        estimate_ptrs[p], sent_ptrs[p] = _ptr(estimate), _ptr(sent)
     counts = torch.empty(3, K, dtype=torch.int64)
-    maps = (ctypes.c_int64 * 9)(*[int(c) for p in range(3) for c in (channels[p] if p in active else (1, 1, 1))])
+    calls = [None] * 3
+    for p in active:
+        calls[p] = _neuron_call(name, tables[p], channels[p], coding, membranes[p], estimates[p], sents[p], keep,
+                                (K, B, heads, N, D), counts[p])
+    first = calls[active[0]]
+    width = first.table.shape[-1]
+    if any(calls[p].table.shape[-1] != width for p in active):
+        raise ValueError(f'{name}: the tables must be [C, 4, width] tensors of one width')
+
+    # per part (None for a part not asked for)
+    table_ptrs, membrane_ptrs, spike_ptrs, estimate_ptrs, sent_ptrs = zip(*[
+        (None,) * 5 if call is None else
+        (_ptr(call.table), _ptr(call.membrane), _ptr(call.spike), _ptr(call.estimate), _ptr(call.sent))
+        for call in calls])
+    maps = (ctypes.c_int64 * 9)(*[c for call in calls for c in ((1, 1, 1) if call is None else call.channels)])
     status = library().ecmt_qkv_mt_steps(qkv.data_ptr(), K, B, N, heads, D, *table_ptrs, width, *membrane_ptrs,
-                                         int(fresh), int(bool(keep)), *spike_ptrs, counts.data_ptr(),
-                                         torch.get_num_threads(), int(differential), *estimate_ptrs, float(t0),
+                                         int(first.fresh), int(first.keep), *spike_ptrs, counts.data_ptr(),
+                                         torch.get_num_threads(), int(first.differential), *estimate_ptrs, float(t0),
                                          *sent_ptrs, maps)
     if status != 0:
         raise RuntimeError(f'ecmt_qkv_mt_steps rejected its arguments (status {status})')
-    results = [None] * 3
-    for p in active:
-        spike, membrane, estimate, sent = outs[p]
-        if differential:
-            results[p] = (spike, counts[p], membrane if keep else None, estimate if keep else None, sent)
-        else:
-            results[p] = (spike, counts[p], membrane if keep else None)
-    return results
+    return [None if call is None else call.result() for call in calls]
 
 
 def _ec_arguments(name: str, x: torch.Tensor, cum, prev, keep: bool, rank: int, output: bool = True):
@@ -402,22 +390,16 @@ def ec_mt_steps(kind: str, x: torch.Tensor, cum: Optional[torch.Tensor], prev: O
     None unless ``keep``; with ``coding='differential'`` (the neuron's steps are the EC kernel's
     t0+1..t0+K): (outputs r + s, counts of s, cum, prev, membrane, estimate, the spikes s if
     ``sent`` else None)."""
-    table, channels = _table('ec_mt_steps', table, channels)
-    differential = differential_coding('ec_mt_steps', coding, membrane, estimate)
     rank = 2 if kind == 'gelu' else 3
     if kind == 'layer_norm':
         _check_affine(x, weight, bias)
     x, cum, prev, fresh, _ = _ec_arguments(f'ec_mt_steps({kind})', x, cum, prev, keep, rank, output=False)
-    n = x[0].numel() if x.shape[0] else 0
-    membrane, mfresh = _state(membrane, n, keep)
-    estimate = _state(estimate, n, keep)[0] if differential else None
-    spike = torch.empty(x.shape, dtype=torch.float32)
-    spikes_sent = torch.empty(x.shape, dtype=torch.float32) if differential and sent else None
-    counts = torch.empty(x.shape[0], dtype=torch.int64)
+    call = _neuron_call('ec_mt_steps', table, channels, coding, membrane, estimate, sent, keep, x.shape)
     lib, threads = library(), torch.get_num_threads()
     head = (x.data_ptr(), _ptr(cum), _ptr(prev), int(fresh), int(bool(keep)), float(t0))
-    neuron = (table.data_ptr(), table.shape[2], _ptr(membrane), int(mfresh), int(bool(keep)), spike.data_ptr(),
-              counts.data_ptr(), threads, int(differential), _ptr(estimate), _ptr(spikes_sent), *channels)
+    neuron = (call.table.data_ptr(), call.table.shape[2], _ptr(call.membrane), int(call.fresh), int(call.keep),
+              call.spike.data_ptr(), call.counts.data_ptr(), threads, int(call.differential), _ptr(call.estimate),
+              _ptr(call.sent), *call.channels)
     if kind == 'gelu':
         status = lib.ecmt_ec_gelu_mt_steps(*head, x.shape[0], x.shape[1], int(bool(approximate)), *neuron)
     elif kind == 'softmax':
@@ -428,11 +410,7 @@ def ec_mt_steps(kind: str, x: torch.Tensor, cum: Optional[torch.Tensor], prev: O
         raise ValueError(f'ec_mt_steps: unknown kind {kind!r}')
     if status != 0:
         raise RuntimeError(f'ecmt_ec_{kind}_mt_steps rejected its arguments (status {status})')
-    if not keep:
-        cum = prev = membrane = estimate = None
-    if differential:
-        return spike, counts, cum, prev, membrane, estimate, spikes_sent
-    return spike, counts, cum, prev, membrane
+    return call.result(cum, prev) if keep else call.result(None, None)
 
 
 def running_sums(x: torch.Tensor, carried: Optional[torch.Tensor]) -> torch.Tensor:

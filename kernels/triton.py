@@ -39,12 +39,13 @@ plain ``/`` is approximate on NVIDIA GPUs.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Tuple
 
 import torch
 
-from kernels import channel_table, differential_coding, part_channels, parts_mt_steps
+from kernels import NeuronCall, channel_table, neuron_call, parts_mt_steps
 
 try:
     import triton
@@ -160,41 +161,71 @@ if triton is not None:
         return u - s, r + tl.math.div_rn(s, step + tl.zeros_like(s))
 
     @triton.jit
+    def _neuron_start(membrane, estimate, at, mask, FRESH: tl.constexpr, DIFFERENTIAL: tl.constexpr):
+        """A tile's membrane and (DIFFERENTIAL) estimate before a chunk's first step, at offsets
+        ``at`` of the states: zero if FRESH, else read. Without DIFFERENTIAL the estimate returned
+        is a placeholder that nothing reads."""
+        if FRESH:
+            v = tl.zeros(at.shape, dtype=tl.float32)
+        else:
+            v = tl.load(membrane + at, mask=mask, other=0.0)
+        r = v
+        if DIFFERENTIAL:
+            if FRESH:
+                r = tl.zeros(at.shape, dtype=tl.float32)
+            else:
+                r = tl.load(estimate + at, mask=mask, other=0.0)
+        return v, r
+
+    @triton.jit
+    def _mt_step(v, r, d, mask, table, out_ptrs, sent_ptrs, count_ptr, step, DIFFERENTIAL: tl.constexpr,
+                 SENT: tl.constexpr, W: tl.constexpr):
+        """One step of the neuron of either coding (:func:`_neuron_step`, :func:`_differential_step`):
+        returns (membrane, estimate)."""
+        if DIFFERENTIAL:
+            v, r = _differential_step(v, r, d, mask, table, out_ptrs, sent_ptrs, count_ptr, step, SENT, W)
+        else:
+            v = _neuron_step(v, d, mask, table, out_ptrs, count_ptr, W)
+        return v, r
+
+    @triton.jit
+    def _neuron_keep(membrane, estimate, at, mask, v, r, KEEP: tl.constexpr, DIFFERENTIAL: tl.constexpr):
+        """With KEEP, a tile's membrane and (DIFFERENTIAL) estimate after the chunk, written."""
+        if KEEP:
+            tl.store(membrane + at, v, mask=mask)
+            if DIFFERENTIAL:
+                tl.store(estimate + at, r, mask=mask)
+
+    @triton.jit
+    def _neuron_chunk(x_ptrs, x_step, at, mask, table, membrane, spike, counts, K, n, estimate, sent, t0,
+                      FRESH: tl.constexpr, KEEP: tl.constexpr, W: tl.constexpr, DIFFERENTIAL: tl.constexpr,
+                      SENT: tl.constexpr):
+        """K steps of the neuron on a tile whose inputs lie at ``x_ptrs`` (``x_step`` apart from
+        step to step) and whose states and outputs ([K, n]) at offsets ``at``. DIFFERENTIAL: the
+        estimates are carried as the membrane is, ``spike`` receives the outputs r + s and ``sent``
+        (SENT) the spikes s; steps t0+1..t0+K."""
+        v, r = _neuron_start(membrane, estimate, at, mask, FRESH, DIFFERENTIAL)
+        spike_ptrs = spike + at
+        sent_ptrs = sent + at
+        for k in range(K):
+            d = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+            v, r = _mt_step(v, r, d, mask, table, spike_ptrs, sent_ptrs, counts + k, t0 + (k + 1), DIFFERENTIAL,
+                            SENT, W)
+            x_ptrs += x_step
+            spike_ptrs += n
+            sent_ptrs += n
+        _neuron_keep(membrane, estimate, at, mask, v, r, KEEP, DIFFERENTIAL)
+
+    @triton.jit
     def _mt_kernel(x, table, membrane, spike, counts, K, n, estimate, sent, t0, inner, groups, cwidth,
                    FRESH: tl.constexpr, KEEP: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr,
                    DIFFERENTIAL: tl.constexpr, SENT: tl.constexpr, PER_CHANNEL: tl.constexpr):
-        # DIFFERENTIAL: the estimates are carried as the membrane is, `spike` receives the
-        # outputs r + s and `sent` (SENT) the spikes s; steps t0+1..t0+K. PER_CHANNEL: each
-        # element's thresholds are its channel's (_levels_at).
+        # PER_CHANNEL: each element's thresholds are its channel's (_levels_at).
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         table = _levels_at(table, offs, inner, groups, cwidth, W, PER_CHANNEL)
-        if FRESH:
-            v = tl.zeros([BLOCK], dtype=tl.float32)
-        else:
-            v = tl.load(membrane + offs, mask=mask, other=0.0)
-        if DIFFERENTIAL:
-            if FRESH:
-                r = tl.zeros([BLOCK], dtype=tl.float32)
-            else:
-                r = tl.load(estimate + offs, mask=mask, other=0.0)
-        x_ptrs = x + offs
-        spike_ptrs = spike + offs
-        sent_ptrs = sent + offs
-        for k in range(K):
-            d = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-            if DIFFERENTIAL:
-                v, r = _differential_step(v, r, d, mask, table, spike_ptrs, sent_ptrs, counts + k, t0 + (k + 1),
-                                          SENT, W)
-            else:
-                v = _neuron_step(v, d, mask, table, spike_ptrs, counts + k, W)
-            x_ptrs += n
-            spike_ptrs += n
-            sent_ptrs += n
-        if KEEP:
-            tl.store(membrane + offs, v, mask=mask)
-            if DIFFERENTIAL:
-                tl.store(estimate + offs, r, mask=mask)
+        _neuron_chunk(x + offs, n, offs, mask, table, membrane, spike, counts, K, n, estimate, sent, t0, FRESH, KEEP,
+                      W, DIFFERENTIAL, SENT)
 
     @triton.jit
     def _qkv_kernel(qkv, table, membrane, spike, counts, part, K, N, H, D, n, estimate, sent, t0, inner, groups,
@@ -213,32 +244,8 @@ if triton is not None:
         source = row * (3 * width) + part * width + col
         target = (((row // N) * H + head) * N + token) * D + col % D
         table = _levels_at(table, target, inner, groups, cwidth, W, PER_CHANNEL)  # channels of the output
-        if FRESH:
-            v = tl.zeros([BLOCK], dtype=tl.float32)
-        else:
-            v = tl.load(membrane + target, mask=mask, other=0.0)
-        if DIFFERENTIAL:
-            if FRESH:
-                r = tl.zeros([BLOCK], dtype=tl.float32)
-            else:
-                r = tl.load(estimate + target, mask=mask, other=0.0)
-        x_ptrs = qkv + source
-        spike_ptrs = spike + target
-        sent_ptrs = sent + target
-        for k in range(K):
-            d = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-            if DIFFERENTIAL:
-                v, r = _differential_step(v, r, d, mask, table, spike_ptrs, sent_ptrs, counts + k, t0 + (k + 1),
-                                          SENT, W)
-            else:
-                v = _neuron_step(v, d, mask, table, spike_ptrs, counts + k, W)
-            x_ptrs += 3 * n
-            spike_ptrs += n
-            sent_ptrs += n
-        if KEEP:
-            tl.store(membrane + target, v, mask=mask)
-            if DIFFERENTIAL:
-                tl.store(estimate + target, r, mask=mask)
+        _neuron_chunk(qkv + source, 3 * n, target, mask, table, membrane, spike, counts, K, n, estimate, sent, t0,
+                      FRESH, KEEP, W, DIFFERENTIAL, SENT)
 
     @triton.jit
     def _gelu(a, APPROXIMATE: tl.constexpr):
@@ -252,6 +259,38 @@ if triton is not None:
             return a * 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
 
     @triton.jit
+    def _ec_start(cum, prev, at, mask, FRESH: tl.constexpr):
+        """A tile's EC running sum and last total before a chunk: zero if FRESH, else read."""
+        if FRESH:
+            c = tl.zeros(at.shape, dtype=tl.float32)
+            p = tl.zeros(at.shape, dtype=tl.float32)
+        else:
+            c = tl.load(cum + at, mask=mask, other=0.0)
+            p = tl.load(prev + at, mask=mask, other=0.0)
+        return c, p
+
+    @triton.jit
+    def _ec_output(v, r, d, mask, table, out_ptrs, sent_ptrs, count_ptr, step, FUSED: tl.constexpr,
+                   DIFFERENTIAL: tl.constexpr, SENT: tl.constexpr, W: tl.constexpr):
+        """A step's EC output d: written, or (FUSED) fed to the neuron, whose outputs are written
+        instead. Returns the neuron's (membrane, estimate)."""
+        if FUSED:
+            v, r = _mt_step(v, r, d, mask, table, out_ptrs, sent_ptrs, count_ptr, step, DIFFERENTIAL, SENT, W)
+        else:
+            tl.store(out_ptrs, d, mask=mask)
+        return v, r
+
+    @triton.jit
+    def _ec_keep(cum, prev, membrane, estimate, at, mask, c, p, v, r, KEEP: tl.constexpr, FUSED: tl.constexpr,
+                 DIFFERENTIAL: tl.constexpr):
+        """With KEEP, a tile's EC state after the chunk, and (FUSED) its neuron's, written."""
+        if KEEP:
+            tl.store(cum + at, c, mask=mask)
+            tl.store(prev + at, p, mask=mask)
+        if FUSED:
+            _neuron_keep(membrane, estimate, at, mask, v, r, KEEP, DIFFERENTIAL)
+
+    @triton.jit
     def _ec_gelu_kernel(x, cum, prev, out, t0, K, n, table, membrane, counts, estimate, sent, inner, groups, cwidth,
                         FRESH: tl.constexpr, KEEP: tl.constexpr, APPROXIMATE: tl.constexpr, FUSED: tl.constexpr,
                         NEURON_FRESH: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr,
@@ -260,23 +299,10 @@ if triton is not None:
         # P = total. FUSED: `out` receives the spikes of the MT neuron fed `total - P` instead.
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        if FRESH:
-            c = tl.zeros([BLOCK], dtype=tl.float32)
-            p = tl.zeros([BLOCK], dtype=tl.float32)
-        else:
-            c = tl.load(cum + offs, mask=mask, other=0.0)
-            p = tl.load(prev + offs, mask=mask, other=0.0)
-        if FUSED:
-            table = _levels_at(table, offs, inner, groups, cwidth, W, PER_CHANNEL)
-            if NEURON_FRESH:
-                v = tl.zeros([BLOCK], dtype=tl.float32)
-            else:
-                v = tl.load(membrane + offs, mask=mask, other=0.0)
-            if DIFFERENTIAL:
-                if NEURON_FRESH:
-                    r = tl.zeros([BLOCK], dtype=tl.float32)
-                else:
-                    r = tl.load(estimate + offs, mask=mask, other=0.0)
+        c, p = _ec_start(cum, prev, offs, mask, FRESH)
+        # Unfused, the neuron's state is zeros that nothing reads (NEURON_FRESH, one channel).
+        table = _levels_at(table, offs, inner, groups, cwidth, W, PER_CHANNEL)
+        v, r = _neuron_start(membrane, estimate, offs, mask, NEURON_FRESH, DIFFERENTIAL)
         x_ptrs = x + offs
         out_ptrs = out + offs
         sent_ptrs = sent + offs
@@ -286,24 +312,12 @@ if triton is not None:
             total = _gelu(tl.math.div_rn(c, steps + tl.zeros_like(c)), APPROXIMATE) * steps
             d = total - p
             p = total
-            if FUSED:
-                if DIFFERENTIAL:
-                    v, r = _differential_step(v, r, d, mask, table, out_ptrs, sent_ptrs, counts + k, steps, SENT, W)
-                else:
-                    v = _neuron_step(v, d, mask, table, out_ptrs, counts + k, W)
-            else:
-                tl.store(out_ptrs, d, mask=mask)
+            v, r = _ec_output(v, r, d, mask, table, out_ptrs, sent_ptrs, counts + k, steps, FUSED, DIFFERENTIAL, SENT,
+                              W)
             x_ptrs += n
             out_ptrs += n
             sent_ptrs += n
-        if KEEP:
-            tl.store(cum + offs, c, mask=mask)
-            tl.store(prev + offs, p, mask=mask)
-        if FUSED:
-            if KEEP:
-                tl.store(membrane + offs, v, mask=mask)
-                if DIFFERENTIAL:
-                    tl.store(estimate + offs, r, mask=mask)
+        _ec_keep(cum, prev, membrane, estimate, offs, mask, c, p, v, r, KEEP, FUSED, DIFFERENTIAL)
 
     @triton.jit
     def _ec_rows_kernel(x, cum, prev, out, t0, K, rows, cols, weight, bias, eps, table, membrane, counts,
@@ -321,23 +335,10 @@ if triton is not None:
         mask = (row < rows) & in_row
         offs = row * cols + col
         n = rows * cols
-        if FRESH:
-            c = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
-            p = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
-        else:
-            c = tl.load(cum + offs, mask=mask, other=0.0)
-            p = tl.load(prev + offs, mask=mask, other=0.0)
-        if FUSED:
-            table = _levels_at(table, offs, inner, groups, cwidth, W, PER_CHANNEL)
-            if NEURON_FRESH:
-                v = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
-            else:
-                v = tl.load(membrane + offs, mask=mask, other=0.0)
-            if DIFFERENTIAL:
-                if NEURON_FRESH:
-                    r = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
-                else:
-                    r = tl.load(estimate + offs, mask=mask, other=0.0)
+        c, p = _ec_start(cum, prev, offs, mask, FRESH)
+        # Unfused, the neuron's state is zeros that nothing reads (NEURON_FRESH, one channel).
+        table = _levels_at(table, offs, inner, groups, cwidth, W, PER_CHANNEL)
+        v, r = _neuron_start(membrane, estimate, offs, mask, NEURON_FRESH, DIFFERENTIAL)
         if LAYER_NORM:
             if HAS_WEIGHT:
                 w = tl.load(weight + col, mask=in_row, other=0.0)
@@ -368,24 +369,12 @@ if triton is not None:
                 total = e * tl.math.div_rn(steps + tl.zeros([ROWS], dtype=tl.float32), tl.sum(e, axis=1))[:, None]
             d = total - p
             p = total
-            if FUSED:
-                if DIFFERENTIAL:
-                    v, r = _differential_step(v, r, d, mask, table, out_ptrs, sent_ptrs, counts + k, steps, SENT, W)
-                else:
-                    v = _neuron_step(v, d, mask, table, out_ptrs, counts + k, W)
-            else:
-                tl.store(out_ptrs, d, mask=mask)
+            v, r = _ec_output(v, r, d, mask, table, out_ptrs, sent_ptrs, counts + k, steps, FUSED, DIFFERENTIAL, SENT,
+                              W)
             x_ptrs += n
             out_ptrs += n
             sent_ptrs += n
-        if KEEP:
-            tl.store(cum + offs, c, mask=mask)
-            tl.store(prev + offs, p, mask=mask)
-        if FUSED:
-            if KEEP:
-                tl.store(membrane + offs, v, mask=mask)
-                if DIFFERENTIAL:
-                    tl.store(estimate + offs, r, mask=mask)
+        _ec_keep(cum, prev, membrane, estimate, offs, mask, c, p, v, r, KEEP, FUSED, DIFFERENTIAL)
 
     @triton.jit
     def _running_sums_kernel(x, carried, sums, K, n, CARRIED: tl.constexpr, BLOCK: tl.constexpr):
@@ -464,15 +453,6 @@ def _state(state: Optional[torch.Tensor], n: int, keep: bool, device: torch.devi
     return (torch.empty(n, dtype=torch.float32, device=device) if keep else None), True
 
 
-def _check_table(name: str, table: torch.Tensor, device: torch.device, channels):
-    """(the [C, 4, width] table, the launch arguments of its channel map: (inner, groups, width),
-    PER_CHANNEL) after ``kernels.channel_table``'s checks and the kernels' own."""
-    table, channels = channel_table(name, table, channels)
-    if not table.is_contiguous() or table.dtype != torch.float32:
-        raise ValueError(f'{name}: table must be a contiguous float32 [C, 4, width] tensor')
-    if table.device != device:
-        raise ValueError(f'{name}: table must be on the input\'s device ({device})')
-    return table, channels, table.shape[0] > 1
 
 
 def _check_input(name: str, x: torch.Tensor) -> None:
@@ -488,12 +468,48 @@ def _step_elements(x: torch.Tensor) -> int:
 
 
 # ---- the neuron ---------------------------------------------------------------------------------
-def _coding_state(differential: bool, estimate, n: int, keep: bool, device, shape, sent: bool):
-    """(the estimate the kernel reads/writes, the tensor for the spikes s or None) of a neuron."""
-    if not differential:
-        return None, None
-    estimate, _ = _state(estimate, n, keep, device)
-    return estimate, (torch.empty(shape, dtype=torch.float32, device=device) if sent else None)
+def _neuron_call(name: str, x: torch.Tensor, table: torch.Tensor, channels, coding: str,
+                 membrane: Optional[torch.Tensor], estimate: Optional[torch.Tensor], sent: bool, keep: bool,
+                 shape) -> NeuronCall:
+    """``kernels.neuron_call`` for a neuron kernel reading ``x`` and writing outputs of ``shape``
+    [K, ...] on its device: the table after ``kernels.channel_table``'s checks and the kernels' own,
+    the counts zero (the kernels add to them)."""
+    table, channels = channel_table(name, table, channels)
+    if not table.is_contiguous() or table.dtype != torch.float32:
+        raise ValueError(f'{name}: table must be a contiguous float32 [C, 4, width] tensor')
+    if table.device != x.device:
+        raise ValueError(f'{name}: table must be on the input\'s device ({x.device})')
+    _require(x)
+
+    def state(given, n, keep):
+        return _state(given, n, keep, x.device)
+    counts = torch.zeros(shape[0], dtype=torch.int64, device=x.device)
+    return neuron_call(name, table, channels, coding, membrane, estimate, sent, keep, shape, math.prod(shape[1:]),
+                       state, counts)
+
+
+def _neuron_arguments(call: NeuronCall, spare: torch.Tensor) -> dict:
+    """The neuron's arguments of every kernel that runs one (``spare``: a tensor for the pointers
+    that a variant does not use)."""
+    inner, groups, cwidth = call.channels
+    return dict(table=call.table, membrane=spare if call.membrane is None else call.membrane, counts=call.counts,
+                estimate=spare if call.estimate is None else call.estimate,
+                sent=spare if call.sent is None else call.sent, inner=inner, groups=groups, cwidth=cwidth,
+                KEEP=call.keep, W=call.table.shape[2], DIFFERENTIAL=call.differential, SENT=call.sent is not None,
+                PER_CHANNEL=call.table.shape[0] > 1)
+
+
+def _launch_neuron(kernel, x: torch.Tensor, call: NeuronCall, t0: int, **geometry) -> None:
+    """One launch of a neuron kernel (:func:`_mt_kernel`, :func:`_qkv_kernel`: ``geometry``, the
+    arguments of its own) over the n elements of a step, or the state at rest for no step."""
+    steps, n = call.spike.shape[0], _step_elements(call.spike)
+    if n and steps:
+        block = _block(n)
+        kernel[(triton.cdiv(n, block),)](x, spike=call.spike, K=steps, n=n, t0=float(t0), FRESH=call.fresh,
+                                         BLOCK=block, num_warps=4, **geometry,
+                                         **_neuron_arguments(call, call.spike), **_OPTIONS)
+    else:
+        call.at_rest()
 
 
 def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tensor], keep: bool, *,
@@ -517,31 +533,9 @@ def mt_steps(x: torch.Tensor, table: torch.Tensor, membrane: Optional[torch.Tens
     if x.dim() < 1:
         raise ValueError('mt_steps: x must have at least one dimension (steps first)')
     _check_input('mt_steps', x)
-    table, channels, per_channel = _check_table('mt_steps', table, x.device, channels)
-    width = table.shape[2]
-    differential = differential_coding('mt_steps', coding, membrane, estimate)
-    _require(x)
-    x = x.contiguous()
-    steps, n = x.shape[0], _step_elements(x)
-    membrane, fresh = _state(membrane, n, keep, x.device)
-    estimate, spikes_sent = _coding_state(differential, estimate, n, keep, x.device, x.shape, sent)
-    spike = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    counts = torch.zeros(steps, dtype=torch.int64, device=x.device)
-    if n and steps:
-        block = _block(n)
-        _mt_kernel[(triton.cdiv(n, block),)](x, table, spike if membrane is None else membrane, spike, counts,
-                                            steps, n, spike if estimate is None else estimate,
-                                            spike if spikes_sent is None else spikes_sent, float(t0), *channels,
-                                            FRESH=fresh, KEEP=bool(keep), W=width, BLOCK=block,
-                                            DIFFERENTIAL=differential, SENT=spikes_sent is not None,
-                                            PER_CHANNEL=per_channel, num_warps=4, **_OPTIONS)
-    elif keep and fresh:
-        membrane.zero_()  # no step: still at rest
-        if differential:
-            estimate.zero_()
-    if differential:
-        return spike, counts, membrane if keep else None, estimate if keep else None, spikes_sent
-    return spike, counts, membrane if keep else None
+    call = _neuron_call('mt_steps', x, table, channels, coding, membrane, estimate, sent, keep, x.shape)
+    _launch_neuron(_mt_kernel, x.contiguous(), call, t0)
+    return call.result()
 
 
 def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
@@ -562,32 +556,12 @@ def qkv_mt_steps(qkv: torch.Tensor, part: int, heads: int, table: torch.Tensor,
                          'tensor')
     if part not in (0, 1, 2):
         raise ValueError(f'qkv_mt_steps: part must be 0 (q), 1 (k) or 2 (v), got {part}')
-    table, channels, per_channel = _check_table('qkv_mt_steps', table, qkv.device, channels)
-    width = table.shape[2]
-    differential = differential_coding('qkv_mt_steps', coding, membrane, estimate)
-    _require(qkv)
     K, B, N, _ = qkv.shape
     D = qkv.shape[-1] // (3 * heads)
-    n = B * heads * N * D
-    membrane, fresh = _state(membrane, n, keep, qkv.device)
-    estimate, spikes_sent = _coding_state(differential, estimate, n, keep, qkv.device, (K, B, heads, N, D), sent)
-    spike = torch.empty(K, B, heads, N, D, dtype=torch.float32, device=qkv.device)
-    counts = torch.zeros(K, dtype=torch.int64, device=qkv.device)
-    if n and K:
-        block = _block(n)
-        _qkv_kernel[(triton.cdiv(n, block),)](qkv, table, spike if membrane is None else membrane, spike, counts,
-                                             part, K, N, heads, D, n, spike if estimate is None else estimate,
-                                             spike if spikes_sent is None else spikes_sent, float(t0), *channels,
-                                             FRESH=fresh, KEEP=bool(keep), W=width, BLOCK=block,
-                                             DIFFERENTIAL=differential, SENT=spikes_sent is not None,
-                                             PER_CHANNEL=per_channel, num_warps=4, **_OPTIONS)
-    elif keep and fresh:
-        membrane.zero_()
-        if differential:
-            estimate.zero_()
-    if differential:
-        return spike, counts, membrane if keep else None, estimate if keep else None, spikes_sent
-    return spike, counts, membrane if keep else None
+    call = _neuron_call('qkv_mt_steps', qkv, table, channels, coding, membrane, estimate, sent, keep,
+                        (K, B, heads, N, D))
+    _launch_neuron(_qkv_kernel, qkv, call, t0, part=part, N=N, H=heads, D=D)
+    return call.result()
 
 
 def qkv_parts_mt_steps(qkv: torch.Tensor, heads: int, tables, membranes, keep: bool, *, channels=(1, 1, 1),
@@ -595,11 +569,7 @@ def qkv_parts_mt_steps(qkv: torch.Tensor, heads: int, tables, membranes, keep: b
     """The q, k and v neurons on one fused qkv output: :func:`qkv_mt_steps` per part
     (``kernels.parts_mt_steps``; on a GPU each part is its own launch); ``channels``: one map for
     the three parts, or one per part."""
-    maps = part_channels(channels)
-
-    def one_part(qkv, part, heads, table, membrane, keep, **extra):
-        return qkv_mt_steps(qkv, part, heads, table, membrane, keep, channels=maps[part], **extra)
-    return parts_mt_steps(one_part, qkv, heads, tables, membranes, keep, **coding)
+    return parts_mt_steps(qkv_mt_steps, qkv, heads, tables, membranes, keep, channels=channels, **coding)
 
 # ---- expectation compensation -------------------------------------------------------------------
 def _ec_arguments(name: str, x: torch.Tensor, cum, prev, keep: bool, rank: int):
@@ -623,37 +593,33 @@ def _check_affine(name: str, x: torch.Tensor, weight: Optional[torch.Tensor], bi
             raise ValueError(f'{name}: weight and bias must be contiguous float32 of cols elements on x\'s device')
 
 
-def _launch_ec(kind: str, x, cum, prev, fresh, keep, t0, out, neuron, *, approximate=False, weight=None,
-               bias=None, eps=0.0):
-    """Run one EC kernel over the chunk ``x``; ``neuron`` = (table, width, membrane, fresh, counts,
-    estimate or None, sent or None, differential, channels, per_channel) fuses the MT neuron after
-    it (``out`` then receives its outputs)."""
+def _launch_ec(kind: str, x, cum, prev, fresh, keep, t0, out, neuron: Optional[NeuronCall], *, approximate=False,
+               weight=None, bias=None, eps=0.0):
+    """Run one EC kernel over the chunk ``x``; ``neuron`` fuses the MT neuron after it (``out``
+    then receives its outputs)."""
     steps = x.shape[0]
     if steps == 0 or x[0].numel() == 0:
         if keep and fresh:
             cum.zero_()
             prev.zero_()
-        if neuron is not None and keep and neuron[3]:
-            neuron[2].zero_()
-            if neuron[7]:
-                neuron[5].zero_()
+        if neuron is not None:
+            neuron.at_rest()
         return
     fused = neuron is not None
-    table, width, membrane, neuron_fresh, counts, estimate, sent, differential, channels, per_channel = (
-        neuron if fused else (x, 1, x, True, x, None, None, False, (1, 1, 1), False))
-    state = dict(FRESH=fresh, KEEP=bool(keep), FUSED=fused, NEURON_FRESH=bool(neuron_fresh), W=width,
-                 DIFFERENTIAL=bool(differential), SENT=sent is not None, PER_CHANNEL=per_channel)
+    if fused:
+        neuron_arguments = _neuron_arguments(neuron, x)
+    else:  # the neuron's arguments, unused
+        neuron_arguments = dict(table=x, membrane=x, counts=x, estimate=x, sent=x, inner=1, groups=1, cwidth=1,
+                                KEEP=bool(keep), W=1, DIFFERENTIAL=False, SENT=False, PER_CHANNEL=False)
+    state = dict(FRESH=fresh, FUSED=fused, NEURON_FRESH=neuron.fresh if fused else True, **neuron_arguments)
     cum_arg = x if cum is None else cum
     prev_arg = x if prev is None else prev
-    membrane_arg = x if membrane is None else membrane
-    coding_args = (x if estimate is None else estimate, x if sent is None else sent, *channels)
     if kind == 'gelu':
         n = x.shape[1]
         block = _block(n)
-        _ec_gelu_kernel[(triton.cdiv(n, block),)](x, cum_arg, prev_arg, out, float(t0), steps, n, table,
-                                                 membrane_arg, counts, *coding_args,
-                                                 APPROXIMATE=bool(approximate),
-                                                 BLOCK=block, num_warps=4, **state, **_OPTIONS)
+        _ec_gelu_kernel[(triton.cdiv(n, block),)](x, cum_arg, prev_arg, out, float(t0), steps, n,
+                                                 APPROXIMATE=bool(approximate), BLOCK=block, num_warps=4, **state,
+                                                 **_OPTIONS)
         return
     rows, cols = x.shape[1], x.shape[2]
     if cols > MAX_ROW:
@@ -664,8 +630,7 @@ def _launch_ec(kind: str, x, cum, prev, fresh, keep, t0, out, neuron, *, approxi
     rows_per_program = max(1, min(_next_power_of_2(rows), tile // block_c))
     _ec_rows_kernel[(triton.cdiv(rows, rows_per_program),)](
         x, cum_arg, prev_arg, out, float(t0), steps, rows, cols, x if weight is None else weight,
-        x if bias is None else bias, float(eps), table, membrane_arg, counts, *coding_args,
-        LAYER_NORM=kind == 'layer_norm',
+        x if bias is None else bias, float(eps), LAYER_NORM=kind == 'layer_norm',
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ROWS=rows_per_program, BLOCK_C=block_c,
         num_warps=_warps(rows_per_program * block_c), **state, **_OPTIONS)
 
@@ -723,25 +688,13 @@ def ec_mt_steps(kind: str, x: torch.Tensor, cum: Optional[torch.Tensor], prev: O
     if kind not in ('gelu', 'softmax', 'layer_norm'):
         raise ValueError(f'ec_mt_steps: unknown kind {kind!r} (gelu, softmax or layer_norm)')
     name = f'ec_mt_steps({kind})'
-    table, channels, per_channel = _check_table(name, table, x.device, channels)
-    width = table.shape[2]
     if kind == 'layer_norm':
         _check_affine(name, x, weight, bias)
-    differential = differential_coding(name, coding, membrane, estimate)
     x, cum, prev, fresh = _ec_arguments(name, x, cum, prev, keep, 2 if kind == 'gelu' else 3)
-    membrane, neuron_fresh = _state(membrane, _step_elements(x), keep, x.device)
-    estimate, spikes_sent = _coding_state(differential, estimate, _step_elements(x), keep, x.device, x.shape, sent)
-    spike = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    counts = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-    _launch_ec(kind, x, cum, prev, fresh, keep, t0, spike,
-               (table, width, membrane, neuron_fresh, counts, estimate, spikes_sent, differential, channels,
-                per_channel),
-               approximate=approximate, weight=weight, bias=bias, eps=eps)
-    if not keep:
-        cum = prev = membrane = estimate = None
-    if differential:
-        return spike, counts, cum, prev, membrane, estimate, spikes_sent
-    return spike, counts, cum, prev, membrane
+    call = _neuron_call(name, x, table, channels, coding, membrane, estimate, sent, keep, x.shape)
+    _launch_ec(kind, x, cum, prev, fresh, keep, t0, call.spike, call, approximate=approximate, weight=weight,
+               bias=bias, eps=eps)
+    return call.result(cum, prev) if keep else call.result(None, None)
 
 
 # ---- EC products and the energy monitor -----------------------------------------------------------

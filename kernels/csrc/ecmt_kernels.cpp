@@ -431,6 +431,19 @@ std::vector<float> channel_major(const float* table, int64_t C, int64_t rows) {
     return out;
 }
 
+// `m` = the channel map (inner, groups, cwidth) of a [C, 4, width] table, with (several channels)
+// its channel-major copy made in `levels`, where m.levels points; false if a size is not positive.
+inline bool make_channel_map(int64_t inner, int64_t groups, int64_t cwidth, const float* table, int64_t width,
+                             ChannelMap& m, std::vector<float>& levels) {
+    if (inner < 1 || groups < 1 || cwidth < 1) return false;
+    m = ChannelMap{inner, groups, cwidth};
+    if (m.per_channel()) {
+        levels = channel_major(table, groups * cwidth, 4 * width);
+        m.levels = levels.data();
+    }
+    return true;
+}
+
 // lv[q * kTile + i] = row q (< rows = 4 * width) of the level block of element first + i's
 // channel, i < len <= kTile: copied by runs of consecutive channels (a tile of a token's features
 // or of a head's channels is one run or two). The row stride is the constant kTile: with a
@@ -527,6 +540,15 @@ inline void neuron_tile(bool differential, float* v, float* r, const float* x, c
                         float* out, float* sent, int64_t len, float step, int64_t& count, const float* lv = nullptr) {
     if (differential) mt_tile<W, true, PerChannel>(v, x, table, width, out, len, count, r, step, sent, lv);
     else mt_tile<W, false, PerChannel>(v, x, table, width, out, len, count, nullptr, 1.0f, nullptr, lv);
+}
+
+// The same with the kind of table known at run time (per_channel: the levels lv, else the table).
+template <int W>
+inline void neuron_tile(bool per_channel, bool differential, float* v, float* r, const float* x, const float* table,
+                        int64_t width, float* out, float* sent, int64_t len, float step, int64_t& count,
+                        const float* lv) {
+    if (per_channel) neuron_tile<W, true>(differential, v, r, x, table, width, out, sent, len, step, count, lv);
+    else neuron_tile<W, false>(differential, v, r, x, table, width, out, sent, len, step, count);
 }
 
 // The levels of one run of elements first .. first + len - 1 (len <= kTile) kept in a slot of
@@ -786,6 +808,32 @@ struct FusedNeuron {
     float* estimate = nullptr;
     float* sent = nullptr;
     ChannelMap channels;  // per-channel thresholds (ECMT_SPEC 15) when channels.per_channel()
+
+    // The membrane (and estimate) of elements at .. at + len - 1 before the chunk, into v (and r).
+    void start(int64_t at, int64_t len, float* v, float* r) const {
+        if (fresh) std::fill_n(v, len, 0.0f);
+        else std::copy_n(membrane + at, len, v);
+        if (differential) {
+            if (fresh) std::fill_n(r, len, 0.0f);
+            else std::copy_n(estimate + at, len, r);
+        }
+    }
+
+    // Step k of a tile of len <= kTile elements from `at` (of n a step) fed d: outputs written,
+    // non-zero spikes added to count; lv: the tile's levels (tile_levels' layout) if per channel.
+    template <int W>
+    void step(int64_t k, int64_t n, int64_t at, int64_t len, float* v, float* r, const float* d, float steps,
+              int64_t& count, const float* lv) const {
+        neuron_tile<W>(channels.per_channel(), differential, v, r, d, table, width, spike + k * n + at,
+                       sent ? sent + k * n + at : nullptr, len, steps, count, lv);
+    }
+
+    // With keep, the membrane (and estimate) of elements at .. at + len - 1 after the chunk.
+    void finish(int64_t at, int64_t len, const float* v, const float* r) const {
+        if (!keep) return;
+        std::copy_n(v, len, membrane + at);
+        if (differential) std::copy_n(r, len, estimate + at);
+    }
 };
 
 // Runs CALL (a statement using the compile-time table width W) for a neuron's table width.
@@ -1005,40 +1053,21 @@ void ec_row_steps(const float* x, float* cum, float* prev, bool fresh, bool keep
                 for (int64_t off = 0, t = 0; off < cols; off += kTile, ++t)
                     tile_levels(neuron->channels, 4 * neuron->width, at + off, std::min(kTile, cols - off),
                                 lv.data() + t * 4 * neuron->width * kTile);
-            if (neuron) {
-                if (neuron->fresh) std::fill(v.begin(), v.end(), 0.0f);
-                else std::copy_n(neuron->membrane + at, cols, v.data());
-            }
-            if (differential) {
-                if (neuron->fresh) std::fill(e.begin(), e.end(), 0.0f);
-                else std::copy_n(neuron->estimate + at, cols, e.data());
-            }
+            if (neuron) neuron->start(at, cols, v.data(), e.data());
             for (int64_t k = 0; k < K; ++k) {
                 const float steps = t0 + static_cast<float>(k + 1);
                 row_step(c.data(), x + k * n + at, p.data(), steps, neuron ? d.data() : out + k * n + at, cols);
                 if (!neuron) continue;
-                for (int64_t off = 0; off < cols; off += kTile) {
-                    if (per_channel)
-                        neuron_tile<W, true>(differential, v.data() + off, e.data() + off, d.data() + off,
-                                             neuron->table, neuron->width, neuron->spike + k * n + at + off,
-                                             neuron->sent ? neuron->sent + k * n + at + off : nullptr,
-                                             std::min(kTile, cols - off), steps, local[k],
-                                             lv.data() + off / kTile * 4 * neuron->width * kTile);
-                    else
-                        neuron_tile<W, false>(differential, v.data() + off, e.data() + off, d.data() + off,
-                                              neuron->table, neuron->width, neuron->spike + k * n + at + off,
-                                              neuron->sent ? neuron->sent + k * n + at + off : nullptr,
-                                              std::min(kTile, cols - off), steps, local[k]);
-                }
+                for (int64_t off = 0; off < cols; off += kTile)
+                    neuron->step<W>(k, n, at + off, std::min(kTile, cols - off), v.data() + off, e.data() + off,
+                                    d.data() + off, steps, local[k],
+                                    per_channel ? lv.data() + off / kTile * 4 * neuron->width * kTile : nullptr);
             }
             if (keep) {
                 std::copy_n(c.data(), cols, cum + at);
                 std::copy_n(p.data(), cols, prev + at);
             }
-            if (neuron && neuron->keep) {
-                std::copy_n(v.data(), cols, neuron->membrane + at);
-                if (differential) std::copy_n(e.data(), cols, neuron->estimate + at);
-            }
+            if (neuron) neuron->finish(at, cols, v.data(), e.data());
         }
         if (neuron) {
 #pragma omp critical(ecmt_fused_counts)
@@ -1069,13 +1098,11 @@ int ecmt_mt_steps(const float* x, int ndim, const int64_t* sizes, const int64_t*
     if (!make_layout(ndim, sizes, strides, l)) return -1;
     if ((!fresh || keep) && membrane == nullptr) return -1;
     if (differential && (!fresh || keep) && estimate == nullptr) return -1;
-    if (inner < 1 || groups < 1 || cwidth < 1) return -1;
-    const bool d = differential != 0;
-    ChannelMap channels{inner, groups, cwidth};
+    ChannelMap channels;
     std::vector<float> levels;
+    if (!make_channel_map(inner, groups, cwidth, table, width, channels, levels)) return -1;
+    const bool d = differential != 0;
     if (channels.per_channel()) {
-        levels = channel_major(table, groups * cwidth, 4 * width);
-        channels.levels = levels.data();
         ECMT_WITH_WIDTH(width, (mt_steps<W, true>(x, l, membrane, fresh, keep, table, width, spike, counts, threads,
                                                   d, estimate, t0, d ? sent : nullptr, channels)))
     } else {
@@ -1115,14 +1142,10 @@ int ecmt_qkv_mt_steps(const float* x, int64_t K, int64_t B, int64_t N, int64_t H
         ++parts;
         if (spikes[p] == nullptr || ((!fresh || keep) && membranes[p] == nullptr)) return -1;
         if (differential && (!fresh || keep) && estimates[p] == nullptr) return -1;
-        if (channel_maps != nullptr) {
-            channels[p] = ChannelMap{channel_maps[3 * p], channel_maps[3 * p + 1], channel_maps[3 * p + 2]};
-            if (channels[p].inner < 1 || channels[p].groups < 1 || channels[p].width < 1) return -1;
-            if (channels[p].per_channel()) {
-                levels[p] = channel_major(tables[p], channels[p].groups * channels[p].width, 4 * width);
-                channels[p].levels = levels[p].data();
-            }
-        }
+        if (channel_maps != nullptr && !make_channel_map(channel_maps[3 * p], channel_maps[3 * p + 1],
+                                                         channel_maps[3 * p + 2], tables[p], width, channels[p],
+                                                         levels[p]))
+            return -1;
     }
     if (parts == 0) return -1;
     ECMT_WITH_WIDTH(width, (qkv_mt_steps<W>(x, K, B, N, H, D, tables, width, membranes, fresh, keep, spikes, counts,
@@ -1165,13 +1188,9 @@ void ecmt_ec_layer_norm_steps(const float* x, float* cum, float* prev, int fresh
 #define ECMT_FUSED_NEURON                                                                                  \
     if (table == nullptr || ((!mfresh || mkeep) && membrane == nullptr)) return -1;                       \
     if (differential && (!mfresh || mkeep) && estimate == nullptr) return -1;                             \
-    if (inner < 1 || groups < 1 || cwidth < 1) return -1;                                                 \
-    ChannelMap channels{inner, groups, cwidth};                                                           \
+    ChannelMap channels;                                                                                  \
     std::vector<float> levels;                                                                            \
-    if (channels.per_channel()) {                                                                         \
-        levels = channel_major(table, groups * cwidth, 4 * width);                                        \
-        channels.levels = levels.data();                                                                  \
-    }                                                                                                     \
+    if (!make_channel_map(inner, groups, cwidth, table, width, channels, levels)) return -1;              \
     const FusedNeuron neuron{table, width, membrane, mfresh != 0, mkeep != 0, spike, counts,              \
                              differential != 0, estimate, differential ? sent : nullptr, channels};
 
