@@ -11,7 +11,8 @@ a search run on the evaluation images themselves: tuning on the test set, shown 
 on what a choice of thresholds can reach on them (if even that misses the ANN, the gap is the
 neuron's, not the calibration's). ``--coding rate differential`` runs every calibration for each
 neuron coding (ECMT_SPEC 14; the searches simulate the coding that will run), one curve per coding
-in the figure. A benchmark, not a test:
+in the figure. ``--bench_scales A ...`` adds, per option and coding, the calibrated thresholds times
+each global scale A without any search (the frontier of the scale alone). A benchmark, not a test:
 
     python benchmarks/low_latency.py --model vit_tiny_patch16_224 \\
         --model_kwargs patch_size=4 embed_dim=96 depth=4 num_heads=3 --input_size 32 --nb_classes 10 \\
@@ -47,12 +48,15 @@ def get_args_parser():
             action.nargs, action.default = '+', ['rate']
             action.help = 'the neuron codings to compare (default: rate)'
     g = parser.add_argument_group('benchmark')
-    g.add_argument('--bench_targets', nargs='+', type=int, default=[1, 2, 4], metavar='N',
-                   help='the --target_T values to compare with the published calibration')
+    g.add_argument('--bench_targets', nargs='*', type=int, default=[1, 2, 4], metavar='N',
+                   help='the --target_T values to compare with the published calibration (no value: no search)')
     g.add_argument('--bench_T', default=8, type=int, help='time steps simulated on the evaluation images')
     g.add_argument('--bench_options', nargs='+', default=['published', 'channel+round'], choices=list(OPTION_SETS),
                    help='the ECMT_SPEC 15 options to compare: published (place thresholds, ecmt rule), channel, '
                         'round, channel+round (each calibrated and searched on its own)')
+    g.add_argument('--bench_scales', nargs='*', type=float, default=[], metavar='A',
+                   help='also run the calibrated thresholds times each global scale A, without search '
+                        '(threshold_scale A at conversion): the accuracy/energy frontier of the scale alone')
     g.add_argument('--bench_out', default='bench_low_latency', type=str, help='folder of the outputs')
     g.add_argument('--bench_oracle', nargs='?', const='also', default=None, choices=('also', 'only'),
                    help='also (or, with "only", instead) search every target on the EVALUATION images '
@@ -80,6 +84,9 @@ def run_snn(model, args, loader, device, amp, conversion, record=None):
 def main(args):
     args.test_mode, args.target_T = 'for_v', None
     cli.check_args(args)
+    bad = [a for a in args.bench_scales if not (a > 0 and a < float('inf'))]
+    if bad:
+        raise utils.UserError(f'--bench_scales must be positive numbers, got {bad[0]}')
     for target in args.bench_targets:
         low_latency.check_search_args(target, args.target_percents, args.search_budget, args.search_images,
                                       args.search_cache_mb, args.search_prefix_weight,
@@ -126,6 +133,12 @@ def main(args):
                      'calibration_seconds': calib_seconds,
                      **run_snn(copy.deepcopy(published), args, eval_loader, device, amp, conversion)})
         print_row(rows[-1], ann_acc1)
+        for scale in args.bench_scales:  # the same thresholds times one global scale, no search
+            rows.append({'coding': coding, 'options': option, 'calibration': f'{option}, threshold_scale {scale:g}',
+                         'target_T': None, 'threshold_scale': scale, 'calibration_seconds': calib_seconds,
+                         **run_snn(copy.deepcopy(published), args, eval_loader, device, amp,
+                                   dict(conversion, threshold_scale=scale))})
+            print_row(rows[-1], ann_acc1)
         for target in args.bench_targets:
             for oracle, loader in searches:
                 model = copy.deepcopy(base)
