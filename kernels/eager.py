@@ -274,9 +274,9 @@ def ec_function_steps(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     steps = _steps(t0, x.shape[0], means.dim(), means.device)
     means.div_(steps)
     folded = means.flatten(0, 1) if means.dim() > 1 else means
+    # The running means are not read after f: an in-place f (or one returning its input) may
+    # have written them, and the totals may share their memory.
     totals = f(folded).float().view(means.shape)
-    if totals.data_ptr() == means.data_ptr():  # an in-place f: the totals are its own
-        totals = totals.clone()
     totals.mul_(steps)
     out = _differences(totals, prev)  # before prev is written
     new_prev = _kept(prev, totals[-1].clone()) if keep else None

@@ -171,3 +171,19 @@ def test_at_neuron_reset_clears_state(fast):
     assert at.steps == 0 and at.cum_a is None
     for (a, b), want in zip(zip(as_, bs), first):
         torch.testing.assert_close(at(a, b), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('f', [torch.nn.ReLU(inplace=True), torch.nn.Identity()], ids=['relu_inplace', 'identity'])
+def test_ec_of_a_function_that_writes_or_returns_its_input(f):
+    """eager ec_function_steps with an f that works in place or returns its input: the same
+    outputs as ECMT_SPEC 5 written out, and the input untouched."""
+    from kernels.eager import ec_function_steps
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5)
+    before = x.clone()
+    out, _, _ = ec_function_steps(f, x, None, None, 0, keep=False)
+    plain = torch.relu if isinstance(f, torch.nn.ReLU) else (lambda v: v)
+    sums = x.cumsum(0)
+    want = torch.stack([(s + 1) * plain(sums[s] / (s + 1)) - (s * plain(sums[s - 1] / s) if s else 0)
+                        for s in range(4)])
+    assert torch.allclose(out, want, atol=1e-6) and torch.equal(x, before)
