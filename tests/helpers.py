@@ -95,21 +95,26 @@ FAMILY_CONFIGS = {
 }
 
 
+@torch.no_grad()
+def trained_scale_(model: nn.Module) -> nn.Module:
+    """Give ``model``'s linear layers weights of the scale of trained ones (std 1/sqrt(fan-in),
+    biases std 0.1), in place, and return it: timm initialises them small (std 0.02; heads
+    smaller, GLU gates near zero), so attention would be near uniform and rotary embeddings near
+    invisible; with these the logits are O(1)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0, module.in_features ** -0.5)
+            if module.bias is not None:
+                module.bias.normal_(0, 0.1)
+    return model
+
+
 def build_family(config, seed=0):
     """(convertible model, plain timm model) with the same random weights, O(1) logits."""
     name, kwargs, _, _ = FAMILY_CONFIGS[config]
     kwargs = dict(TINY, **kwargs)
     torch.manual_seed(seed)
-    plain = timm.create_model(name, pretrained=False, **kwargs).eval()
-    with torch.no_grad():
-        # timm initialises linear layers small (std 0.02; heads smaller, GLU gates near zero):
-        # attention would be near uniform and rotary embeddings near invisible. Weights of the
-        # scale of trained ones instead (std 1/sqrt(fan-in)), O(1) logits.
-        for module in plain.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.normal_(0, module.in_features ** -0.5)
-                if module.bias is not None:
-                    module.bias.normal_(0, 0.1)
+    plain = trained_scale_(timm.create_model(name, pretrained=False, **kwargs).eval())
     model = model_vit.create_model(name, **kwargs).eval()
     model.load_state_dict(plain.state_dict(), strict=True)
     return model, plain

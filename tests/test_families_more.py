@@ -18,7 +18,7 @@ from timm.models.vision_transformer import ParallelScalingBlock
 import model_base
 import model_vit
 import trans_utils
-from helpers import calibrate as calibrated, feeds_that_run, images as pictures
+from helpers import calibrate as calibrated, feeds_that_run, images as pictures, trained_scale_
 from reference import ref_simulate
 from trans_utils import (AtNeuron, ConversionError, MultiStep, SOPMonitor, TwoSideNeuron, convert_to_snn,
                          exp_comp_neuron, get_modules, reset_net)
@@ -66,16 +66,11 @@ def make(config, seed=0):
     """(convertible model, plain timm model) with the same random weights of trained scale."""
     name, kwargs, _ = CONFIGS[config]
     torch.manual_seed(seed)
-    plain = timm.create_model(name, pretrained=False, **kwargs).eval()
+    # timm starts linear layers small, position tables at zero, BEiT v2's LayerScale at 1e-5 and
+    # Swin V2's post-norms at zero (blocks that add nothing): the comparison would be blind to the
+    # blocks. Scales of trained weights instead, O(1) logits.
+    plain = trained_scale_(timm.create_model(name, pretrained=False, **kwargs).eval())
     with torch.no_grad():
-        # timm starts linear layers small, position tables at zero, BEiT v2's LayerScale at 1e-5
-        # and Swin V2's post-norms at zero (blocks that add nothing): the comparison would be blind
-        # to the blocks. Scales of trained weights instead, O(1) logits.
-        for module in plain.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.normal_(0, module.in_features ** -0.5)
-                if module.bias is not None:
-                    module.bias.normal_(0, 0.1)
         for param_name, param in plain.named_parameters():
             leaf = param_name.rsplit('.', 1)[-1]
             if leaf == 'relative_position_bias_table':
